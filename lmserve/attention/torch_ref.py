@@ -1,0 +1,102 @@
+"""Paged attention in plain torch: the CPU backend, and the oracle for every other backend.
+
+Requests are grouped into decode rows (one query token) and the rest (prefill chunks, with or
+without cached context). Each group is padded into one batched SDPA call: K/V are gathered
+block-wise through the block table, and a boolean mask hides padding and future positions.
+Padded block-table entries point at the null block, which stays zero, so no NaN leaks in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows attended in one SDPA call."""
+
+    query_index: torch.Tensor  # [rows, max_q] token index of each padded query (pad: 0)
+    block_table: torch.Tensor  # [rows, max_blocks] int64
+    mask: torch.Tensor  # [rows, 1, max_q, max_blocks * block_size] True = attend
+    valid: torch.Tensor  # [rows, max_q] True where the query is real
+    token_index: torch.Tensor  # [num_valid] token index of each real query, in valid order
+
+
+@dataclass(frozen=True)
+class TorchRefMetadata:
+    backend: TorchRefBackend
+    slot_mapping: torch.Tensor
+    groups: tuple[_Group, ...]
+
+
+class TorchRefBackend(AttentionBackend):
+    def build_metadata(self, common: CommonAttentionMetadata) -> TorchRefMetadata:
+        query_lens = common.query_lens
+        is_decode = query_lens == 1
+        groups = []
+        for rows in (np.flatnonzero(is_decode), np.flatnonzero(~is_decode)):
+            if len(rows):
+                groups.append(self._build_group(common, rows))
+        return TorchRefMetadata(self, common.slot_mapping, tuple(groups))
+
+    def _build_group(self, common: CommonAttentionMetadata, rows: np.ndarray) -> _Group:
+        starts = common.query_start_loc[rows]
+        query_lens = common.query_lens[rows]
+        seq_lens = common.seq_lens[rows]
+        max_q = int(query_lens.max())
+        num_blocks = -(-int(seq_lens.max()) // common.block_size)
+        q_offsets = np.arange(max_q)
+        valid = q_offsets[None, :] < query_lens[:, None]  # [rows, max_q]
+        query_index = np.where(valid, starts[:, None] + q_offsets[None, :], 0)
+        # Position of each query in its sequence; keys at positions <= it are visible.
+        q_pos = (seq_lens - query_lens)[:, None] + q_offsets[None, :]
+        k_pos = np.arange(num_blocks * common.block_size)
+        mask = k_pos[None, None, :] <= q_pos[:, :, None]
+        mask[~valid] = False
+        mask[~valid, 0] = True  # padded queries see one key, so softmax stays finite
+        dev = self.device
+        return _Group(
+            query_index=torch.from_numpy(query_index).to(dev),
+            block_table=torch.from_numpy(common.block_table[rows, :num_blocks].astype(np.int64)).to(
+                dev
+            ),
+            mask=torch.from_numpy(mask[:, None]).to(dev),
+            valid=torch.from_numpy(valid).to(dev),
+            token_index=torch.from_numpy(query_index[valid]).to(dev),
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchRefMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, kv_heads, d]
+        num_kv_heads, head_dim = key_cache.shape[-2:]
+        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
+        value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
+        out = torch.empty_like(q)
+        for group in metadata.groups:
+            rows = group.block_table.shape[0]
+            query = q[group.query_index].transpose(1, 2)  # [rows, heads, max_q, d]
+            keys = key_cache[group.block_table].view(rows, -1, num_kv_heads, head_dim)
+            values = value_cache[group.block_table].view(rows, -1, num_kv_heads, head_dim)
+            attn = F.scaled_dot_product_attention(
+                query,
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                attn_mask=group.mask,
+                scale=scale,
+                enable_gqa=True,
+            )  # [rows, heads, max_q, d]
+            out[group.token_index] = attn.transpose(1, 2)[group.valid]
+        return out

@@ -1,0 +1,127 @@
+"""THE owner of KV blocks: which blocks each request holds, prefix-cache hits, and freeing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from lmserve.core.block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block
+from lmserve.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self._req_blocks: dict[str, list[KVBlock]] = {}
+        self._num_published: dict[str, int] = {}  # leading blocks of a request already cached
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by requests (0..1)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_usable_blocks
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self._req_blocks.get(req_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> list[KVBlock]:
+        """The longest run of cached full blocks that prefixes the request. Pure: takes no refs.
+
+        The last token is never a hit, since it must run through the model to be sampled from;
+        requests that want prompt logprobs take no hits, since hit positions produce no logits.
+        """
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return []
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        self._update_block_hashes(request, max_hit_blocks)
+        hits = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()
+    ) -> bool:
+        """Hold enough blocks for the request's computed tokens, its hits and `num_new_tokens`.
+
+        Returns False and changes nothing when the pool is short; the caller preempts or waits.
+        Blocks that will be full after this step are published to the prefix cache right away, so
+        a later request in the same step can hit them: KV is stored for the whole batch before
+        attention reads it, layer by layer.
+        """
+        held = self._req_blocks.get(request.req_id, [])
+        num_tokens = (
+            request.num_computed_tokens
+            + len(new_computed_blocks) * self.block_size
+            + num_new_tokens
+        )
+        num_new_blocks = cdiv(num_tokens, self.block_size) - len(held) - len(new_computed_blocks)
+        # Hits with no holder sit in the free queue: taking them uses up free blocks too.
+        num_idle_hits = sum(block.ref_cnt == 0 for block in new_computed_blocks)
+        if max(num_new_blocks, 0) + num_idle_hits > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(new_computed_blocks)
+        held = self._req_blocks.setdefault(request.req_id, held)
+        held.extend(new_computed_blocks)
+        if num_new_blocks > 0:
+            held.extend(self.pool.take_new_blocks(num_new_blocks))
+        self._publish_full_blocks(request, num_tokens)
+        return True
+
+    def free(self, request: Request) -> None:
+        """Release every block the request holds, tail first so shared prefixes stay cached."""
+        blocks = self._req_blocks.pop(request.req_id, [])
+        self._num_published.pop(request.req_id, None)
+        self.pool.release(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+        self._num_published = dict.fromkeys(self._num_published, 0)
+
+    def _publish_full_blocks(self, request: Request, num_tokens: int) -> None:
+        if not self.enable_caching:
+            return
+        num_full = num_tokens // self.block_size
+        start = self._num_published.get(request.req_id, 0)
+        if num_full <= start:
+            return
+        self._update_block_hashes(request, num_full)
+        blocks = self._req_blocks[request.req_id]
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self._num_published[request.req_id] = num_full
+
+    def _update_block_hashes(self, request: Request, num_blocks: int) -> None:
+        """Extend the request's hash chain to `num_blocks` full blocks (salted at the root)."""
+        hashes = request.block_hashes
+        size = self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else ROOT_HASH
+            salt = request.cache_salt if i == 0 else None
+            hashes.append(
+                hash_block(parent, request.all_token_ids[i * size : (i + 1) * size], salt)
+            )
+
+    def check_invariants(self) -> None:
+        """Pool invariants, and every block's ref count equals the requests holding it."""
+        self.pool.check_invariants()
+        holders = Counter(b.block_id for blocks in self._req_blocks.values() for b in blocks)
+        for block in self.pool.blocks[1:]:
+            assert block.ref_cnt == holders[block.block_id], (
+                f"block {block.block_id}: ref_cnt {block.ref_cnt} != {holders[block.block_id]} holders"
+            )
+        for blocks in self._req_blocks.values():
+            assert len({b.block_id for b in blocks}) == len(blocks), "request holds a block twice"

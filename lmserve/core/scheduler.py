@@ -1,0 +1,217 @@
+"""Continuous batching with no prefill/decode phases.
+
+Each step, every running request's `num_computed_tokens` catches up towards `num_tokens` under a
+token budget; a long prompt simply takes several steps (chunked prefill). When blocks run out the
+newest running request is preempted by recompute: its blocks are freed and it restarts from the
+waiting queue, usually hitting its own blocks in the prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lmserve.config import SchedulerConfig
+from lmserve.core.kv_cache_manager import KVCacheManager
+from lmserve.core.request import Request, RequestStatus
+from lmserve.core.scheduler_output import (
+    CachedRequestData,
+    NewRequestData,
+    SampledTokens,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """A request's progress after one step, for the engine to report to the frontend."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_cached_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()  # to tell the worker at the next step
+        self._known_to_worker: set[str] = set()
+
+    # ---- queue management -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, req_ids: Iterable[str]) -> list[Request]:
+        """Finish the given requests now and free their blocks; unknown ids are ignored."""
+        aborted = []
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is not None and not request.status.finished:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(request)
+        return aborted
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- scheduling -------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_held = len(self.kv.block_ids(request.req_id))
+            while not self.kv.allocate_slots(request, num_new):
+                preempted = True
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is request:
+                    break
+            else:
+                new_block_ids = self.kv.block_ids(request.req_id)[num_held:]
+                cached_reqs.append(
+                    CachedRequestData(request.req_id, new_block_ids, request.num_computed_tokens)
+                )
+                num_scheduled[request.req_id] = num_new
+                budget -= num_new
+                i += 1
+
+        # Admit waiting requests only when nothing had to be preempted this step.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits = self.kv.get_computed_blocks(request)
+            num_computed = len(hits) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            new_reqs.append(
+                NewRequestData(
+                    req_id=request.req_id,
+                    token_ids=list(request.all_token_ids),
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    sampling_params=request.sampling_params,
+                    block_ids=self.kv.block_ids(request.req_id),
+                    num_computed_tokens=num_computed,
+                    eos_token_id=request.eos_token_id,
+                )
+            )
+            num_scheduled[request.req_id] = num_new
+            budget -= num_new
+
+        for request in self.running:
+            if request.req_id in num_scheduled:
+                request.num_computed_tokens += num_scheduled[request.req_id]
+                self._known_to_worker.add(request.req_id)
+        finished, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(
+            new_reqs=new_reqs,
+            cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._forget_in_worker(request.req_id)
+
+    # ---- results ----------------------------------------------------------------------------
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, SampledTokens]
+    ) -> list[RequestUpdate]:
+        """Append sampled tokens, apply token-level stops, free finished requests' blocks."""
+        updates = []
+        for req_id in output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.status.finished:
+                continue  # aborted while the step ran
+            result = sampled.get(req_id)
+            new_tokens: list[int] = []
+            if result is not None:
+                for token_id in result.token_ids:
+                    request.append_output_token(token_id)
+                    new_tokens.append(token_id)
+                    if self._check_stop(request, token_id):
+                        break
+            if new_tokens or (result is not None and result.prompt_logprobs is not None):
+                updates.append(
+                    RequestUpdate(
+                        req_id=req_id,
+                        new_token_ids=new_tokens,
+                        finish_reason=request.status.finish_reason,
+                        stop_reason=request.stop_reason,
+                        num_cached_tokens=max(request.num_cached_tokens, 0),
+                        logprobs=result.logprobs if result else None,
+                        prompt_logprobs=result.prompt_logprobs if result else None,
+                    )
+                )
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id == request.eos_token_id:
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                return True
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                return True
+        max_tokens = params.max_tokens
+        if (
+            max_tokens is not None and request.num_output_tokens >= max_tokens
+        ) or request.num_tokens >= self.config.max_model_len:
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+            return True
+        return False
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """The only exit: status set, blocks freed, removed from the queues at once."""
+        request.status = status
+        self.kv.free(request)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        del self.requests[request.req_id]
+        self._forget_in_worker(request.req_id)
+
+    def _forget_in_worker(self, req_id: str) -> None:
+        if req_id in self._known_to_worker:
+            self._known_to_worker.discard(req_id)
+            self._finished_ids.add(req_id)

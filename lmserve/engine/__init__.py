@@ -1,0 +1,1 @@
+"""Request lifecycle around the engine core: tokenization in, detokenization and stops out."""

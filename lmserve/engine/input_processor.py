@@ -1,0 +1,99 @@
+"""Prompts in, validated EngineCoreRequests out: tokenize, check limits, attach the stop token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.config import ModelConfig
+from lmserve.engine.messages import EngineCoreRequest
+from lmserve.sampling_params import SamplingParams
+
+# A prompt: text, or pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text).
+PromptType = str | dict[str, Any]
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any | None) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.eos_token_id = _eos_token_id(model_config, tokenizer)
+
+    def tokenize_prompt(
+        self, prompt: PromptType, add_special_tokens: bool = True
+    ) -> ProcessedPrompt:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{self.model_config.path} has no tokenizer; pass {{'prompt_token_ids': [...]}}"
+                )
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return ProcessedPrompt(prompt, list(ids))
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return ProcessedPrompt(
+                prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            )
+        raise TypeError(
+            f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+        )
+
+    def make_request(
+        self,
+        req_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> EngineCoreRequest:
+        self._validate(prompt.prompt_token_ids, params)
+        return EngineCoreRequest(
+            req_id=req_id,
+            prompt_token_ids=prompt.prompt_token_ids,
+            sampling_params=params,
+            eos_token_id=self.eos_token_id,
+            arrival_time=time.time(),
+            cache_salt=cache_salt,
+        )
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        max_len = self.model_config.max_model_len
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty: it must have at least one token")
+        if len(ids) > max_len:
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens long, longer than the maximum model length of "
+                f"{max_len}; shorten it or raise max_model_len"
+            )
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(
+                f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+        bad = [
+            t
+            for t in [*(params.logit_bias or {}), *(params.stop_token_ids or [])]
+            if not 0 <= t < vocab
+        ]
+        if bad:
+            raise ValueError(f"token ids in logit_bias/stop_token_ids out of vocabulary: {bad[:5]}")
+
+
+def _eos_token_id(model_config: ModelConfig, tokenizer: Any | None) -> int | None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    eos = model_config.hf_config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos

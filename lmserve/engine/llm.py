@@ -1,0 +1,151 @@
+"""Offline batch inference: `LLM(...).generate(prompts, params)` and `.chat(messages, params)`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from lmserve.config import EngineConfig
+from lmserve.engine.core import EngineCore
+from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.output_processor import OutputProcessor
+from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class LLM:
+    """vLLM's offline entry point over an in-process EngineCore. `model=None` is the bundled
+    SmolLM2-135M-Instruct; every keyword is an engine argument with vLLM's name."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.config = EngineConfig.create(model, **engine_args)
+        self.tokenizer = (
+            load_tokenizer(self.config.model.path) if self.config.model.has_tokenizer else None
+        )
+        self.input_processor = InputProcessor(self.config.model, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine_core = EngineCore.from_config(self.config)
+        self._counter = itertools.count()
+        # Called after every engine step (tests check block-pool invariants with it).
+        self.step_hook: Callable[[], None] | None = None
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's generation_config.json sampling defaults, as vLLM's --generation-config auto."""
+        path = self.config.model.path / "generation_config.json"
+        config = json.loads(path.read_text()) if path.exists() else {}
+        kwargs = {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
+        return SamplingParams(**kwargs)
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        processed = [self.input_processor.tokenize_prompt(p) for p in prompts]
+        return self._run(processed, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model.path} has no tokenizer, so it cannot chat")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message are exclusive")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if chat_template is None and not self.tokenizer.chat_template:
+            raise ValueError(
+                "the model has no chat template; pass chat_template=... (a Jinja string)"
+            )
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                list(conversation),
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+            prompts.append(self.input_processor.tokenize_prompt(text, add_special_tokens=False))
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list, sampling_params: Any, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts"
+                )
+        # Validate all before adding any, so a bad prompt leaves nothing half-queued.
+        requests = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            request_id = str(next(self._counter))
+            children = [
+                self.input_processor.make_request(
+                    f"{request_id}-{i}" if params.n > 1 else request_id,
+                    prompt,
+                    params.for_child(i) if params.n > 1 else params,
+                )
+                for i in range(params.n)
+            ]
+            requests.append((request_id, prompt, params, children))
+        for request_id, prompt, params, children in requests:
+            self.output_processor.add_request(
+                request_id,
+                prompt.prompt,
+                prompt.prompt_token_ids,
+                params,
+                [c.req_id for c in children],
+            )
+            for child in children:
+                self.engine_core.add_request(child)
+        return self._run_engine(len(requests), use_tqdm)
+
+    def _run_engine(self, num_requests: int, use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=num_requests, desc="Processed prompts", disable=not use_tqdm)
+        num_output_tokens = 0
+        try:
+            while self.engine_core.has_unfinished_requests():
+                core_outputs = self.engine_core.step()
+                if self.step_hook is not None:
+                    self.step_hook()
+                done, to_abort = self.output_processor.process(core_outputs)
+                if to_abort:
+                    self.engine_core.abort_requests(to_abort)
+                for output in done:
+                    finished[output.request_id] = output
+                    num_output_tokens += sum(len(o.token_ids) for o in output.outputs)
+                if done and use_tqdm:
+                    bar.update(len(done))
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} tok/s")
+        finally:
+            bar.close()
+        return sorted(finished.values(), key=lambda o: int(o.request_id))

@@ -1,0 +1,191 @@
+"""Engine-core outputs -> RequestOutputs: incremental detokenization, stop strings, logprobs, and
+the gathering of a request's `n` samples (each its own engine request) into one output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmserve.core.scheduler_output import TokenLogprobs
+from lmserve.engine.messages import EngineCoreOutput
+from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+
+@dataclass
+class _Sample:
+    """One of a request's n samples, as the engine core sees it (one child request)."""
+
+    index: int
+    params: SamplingParams
+    decoder: Any  # tokenizers DecodeStream, or None without a tokenizer
+    output: CompletionOutput
+    stop_checked_upto: int = 0  # text before this index has been searched for stop strings
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: dict[str, _Sample]  # child req id -> sample
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int = 0
+    pending_children: set[str] = field(default_factory=set)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer
+        self._requests: dict[str, _RequestState] = {}
+        self._parent_of: dict[str, str] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        child_ids: list[str],
+    ) -> None:
+        samples = {
+            child: _Sample(
+                i, params, self._decoder(params, prompt_token_ids), _empty_output(i, params)
+            )
+            for i, child in enumerate(child_ids)
+        }
+        state = _RequestState(request_id, prompt, prompt_token_ids, params, samples)
+        state.pending_children = set(child_ids)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
+        self._requests[request_id] = state
+        self._parent_of.update(dict.fromkeys(child_ids, request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the requests that finished this step, and child ids to abort in the core
+        because a stop string ended them."""
+        to_abort: list[str] = []
+        finished: list[RequestOutput] = []
+        for out in outputs:
+            parent_id = self._parent_of.get(out.req_id)
+            if parent_id is None:
+                continue
+            state = self._requests[parent_id]
+            sample = state.samples[out.req_id]
+            state.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs and state.prompt_logprobs is not None:
+                state.prompt_logprobs.extend(self._logprob_dicts(out.prompt_logprobs))
+            stopped_by_string = self._update_sample(sample, out)
+            if stopped_by_string and out.finish_reason is None:
+                to_abort.append(out.req_id)
+            if sample.output.finish_reason is not None:
+                state.pending_children.discard(out.req_id)
+                self._parent_of.pop(out.req_id, None)
+            if not state.pending_children:
+                finished.append(self._finish(state))
+        return finished, to_abort
+
+    def abort(self, request_id: str) -> list[str]:
+        """Forget a request; returns its child ids for the core to abort."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return []
+        for child in state.samples:
+            self._parent_of.pop(child, None)
+        return list(state.samples)
+
+    def _finish(self, state: _RequestState) -> RequestOutput:
+        del self._requests[state.request_id]
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            prompt_logprobs=state.prompt_logprobs,
+            outputs=[s.output for s in state.samples.values()],
+            finished=True,
+            num_cached_tokens=state.num_cached_tokens,
+        )
+
+    def _update_sample(self, sample: _Sample, out: EngineCoreOutput) -> bool:
+        """Append tokens and text; True when a stop string ended the sample."""
+        output, params = sample.output, sample.params
+        for i, token_id in enumerate(out.new_token_ids):
+            output.token_ids.append(token_id)
+            if out.logprobs is not None and output.logprobs is not None:
+                entry = self._logprob_dicts([out.logprobs[i]])[0]
+                output.logprobs.append(entry)
+                output.cumulative_logprob = (output.cumulative_logprob or 0.0) + out.logprobs[
+                    i
+                ].logprobs[0]
+            is_last = i == len(out.new_token_ids) - 1
+            stop_token = is_last and out.finish_reason == "stop"
+            if sample.decoder is not None and not (
+                stop_token and not params.include_stop_str_in_output
+            ):
+                text = sample.decoder.step(self.tokenizer._tokenizer, token_id)
+                if text:
+                    output.text += text
+            if self._check_stop_strings(sample):
+                return True
+        if out.finish_reason is not None:
+            output.finish_reason = out.finish_reason
+            output.stop_reason = out.stop_reason
+        return False
+
+    def _check_stop_strings(self, sample: _Sample) -> bool:
+        output, params = sample.output, sample.params
+        if not params.stop_strings or len(output.token_ids) <= params.min_tokens:
+            return False
+        longest = max(len(s) for s in params.stop_strings)
+        start = max(0, sample.stop_checked_upto - longest + 1)
+        found = [(i, s) for s in params.stop_strings if (i := output.text.find(s, start)) >= 0]
+        sample.stop_checked_upto = len(output.text)
+        if not found:
+            return False
+        index, stop = min(found)
+        end = index + len(stop) if params.include_stop_str_in_output else index
+        output.text = output.text[:end]
+        output.finish_reason = "stop"
+        output.stop_reason = stop
+        return True
+
+    def _decoder(self, params: SamplingParams, prompt_token_ids: list[int]) -> Any:
+        if self.tokenizer is None:
+            return None
+        from tokenizers.decoders import DecodeStream
+
+        # Primed with the prompt's tail so the first token's leading space decodes as in context.
+        return DecodeStream(
+            ids=prompt_token_ids[-8:], skip_special_tokens=params.skip_special_tokens
+        )
+
+    def _logprob_dicts(self, entries: list[TokenLogprobs]) -> list[dict[int, Logprob]]:
+        dicts = []
+        for entry in entries:
+            d: dict[int, Logprob] = {}
+            for j, (token_id, logprob) in enumerate(
+                zip(entry.token_ids, entry.logprobs, strict=True)
+            ):
+                if token_id in d:
+                    continue
+                rank = entry.rank if j == 0 else j
+                d[token_id] = Logprob(logprob, rank, self._decode_one(token_id))
+            dicts.append(d)
+        return dicts
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+
+def _empty_output(index: int, params: SamplingParams) -> CompletionOutput:
+    return CompletionOutput(
+        index=index,
+        text="",
+        token_ids=[],
+        cumulative_logprob=None,
+        logprobs=[] if params.logprobs is not None else None,
+    )

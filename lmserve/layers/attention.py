@@ -1,0 +1,27 @@
+"""The attention layer: stores this step's K/V into its paged cache, then attends through the
+backend chosen for the device, with metadata from the forward context."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmserve.forward_context import get_attn_metadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the worker after profiling
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        if self.kv_cache is None:
+            raise RuntimeError("attention layer has no KV cache bound")
+        metadata = get_attn_metadata()
+        return metadata.backend.forward(q, k, v, self.kv_cache, metadata, self.scale)

@@ -1,0 +1,1 @@
+"""Model implementations, their registry and weight loading (imported lazily: they need torch)."""

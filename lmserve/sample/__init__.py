@@ -1,0 +1,1 @@
+"""Turning logits into tokens: penalties, bias, temperature, min-p/top-k/top-p, seeds, logprobs."""

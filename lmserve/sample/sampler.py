@@ -1,0 +1,123 @@
+"""The sampler: vLLM's order of operations, batched over rows, host syncs left to the caller.
+
+Order: raw logprobs -> logit bias / min-tokens bans -> penalties -> temperature -> min-p ->
+top-k/top-p -> sample. Sampling is an exponential race (argmax of probs / Exp(1) noise), which
+lets a seeded row draw its noise from its own generator while the rest share one draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.sample.metadata import PenaltyInputs, SamplingMetadata
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [R] int64
+    # When logprobs were asked for: [R, 1 + k] ids and logprobs (sampled first, then top-k),
+    # and [R] rank of the sampled token (1 = most likely).
+    logprob_token_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator  # for rows without a seed
+
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = (
+            torch.log_softmax(logits, dim=-1) if md.max_num_logprobs is not None else None
+        )
+        logits = _apply_bias_and_bans(logits, md)
+        if md.penalties is not None:
+            logits = _apply_penalties(logits, md.penalties)
+        sampled = self._sample(logits, md)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled)
+        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+
+    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if md.all_greedy:
+            return greedy
+        is_greedy = md.temperature == 0
+        temperature = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
+        logits = logits / temperature.unsqueeze(1)
+        if md.min_p is not None:
+            logits = _apply_min_p(logits, md.min_p)
+        if md.top_k is not None or md.top_p is not None:
+            logits = _apply_top_k_top_p(logits, md.top_k, md.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in md.generators.items():
+            noise[row].exponential_(generator=generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(is_greedy, greedy, sampled)
+
+
+def _apply_bias_and_bans(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    for row, token_ids, biases in md.logit_bias:
+        ids = torch.tensor(token_ids, device=logits.device)
+        logits[row, ids] += torch.tensor(biases, device=logits.device, dtype=logits.dtype)
+    for row, token_ids in md.banned_tokens:
+        logits[row, torch.tensor(token_ids, device=logits.device)] = float("-inf")
+    return logits
+
+
+def _apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
+    """OpenAI presence/frequency penalties on output tokens; repetition on prompt and output."""
+    num_rows, vocab = p.rows.shape[0], logits.shape[1]
+    sub = logits[p.rows]
+    counts = torch.zeros(num_rows, vocab + 1, device=logits.device, dtype=sub.dtype)
+    counts.scatter_add_(1, p.output_token_ids, torch.ones_like(p.output_token_ids, dtype=sub.dtype))
+    counts = counts[:, :vocab]
+    seen = torch.zeros(num_rows, vocab + 1, device=logits.device, dtype=torch.bool)
+    seen.scatter_(1, p.prompt_token_ids, True)
+    seen = seen[:, :vocab] | (counts > 0)
+    rep = p.repetition.unsqueeze(1)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - p.frequency.unsqueeze(1) * counts - p.presence.unsqueeze(1) * (counts > 0)
+    logits[p.rows] = sub
+    return logits
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask all but the top-k tokens, then the tail beyond top-p mass (always keeping one)."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = sorted_logits.gather(1, (vocab - k).long().unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def gather_logprobs(raw: torch.Tensor, sampled: torch.Tensor, k: int) -> SamplerOutput:
+    """Logprobs of `sampled` (one token per row) and of each row's top-k, with the rank."""
+    sampled_lp = raw.gather(1, sampled.unsqueeze(1))  # [R, 1]
+    ranks = (raw > sampled_lp).sum(dim=-1) + 1
+    if k > 0:
+        top_lp, top_ids = raw.topk(k, dim=-1)
+        ids = torch.cat([sampled.unsqueeze(1), top_ids], dim=1)
+        lps = torch.cat([sampled_lp, top_lp], dim=1)
+    else:
+        ids, lps = sampled.unsqueeze(1), sampled_lp
+    return SamplerOutput(sampled, ids, lps, ranks)

@@ -1,0 +1,1 @@
+"""Turns SchedulerOutput into tensors, runs the model and samples; never schedules or frees blocks."""

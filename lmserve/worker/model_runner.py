@@ -1,0 +1,210 @@
+"""One step of the model: SchedulerOutput -> tensors -> forward -> logits -> sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata, get_backend
+from lmserve.config import EngineConfig
+from lmserve.core.scheduler_output import SampledTokens, SchedulerOutput, TokenLogprobs
+from lmserve.forward_context import set_forward_context
+from lmserve.models.loader import load_model, torch_dtype
+from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
+from lmserve.worker.input_batch import InputBatch
+from lmserve.worker.kv_cache import (
+    allocate_kv_caches,
+    cuda_kv_budget_bytes,
+    num_blocks_from_budget,
+)
+from lmserve.worker.sampling_inputs import build_sampling_metadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    req_ids: list[str]  # batch order
+    rows: np.ndarray  # [num_reqs] input-batch row of each request
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    common: CommonAttentionMetadata
+    sample_mask: np.ndarray  # [num_reqs] True where this step's chunk reaches the last token
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.kv_caches = kv_caches
+        self.num_blocks = kv_caches[0].shape[1]
+        self.backend = backend
+        self.device = device
+        self.block_size = config.cache.block_size
+        self.vocab_size = config.model.vocab_size
+        max_len = config.scheduler.max_model_len
+        self.batch = InputBatch(
+            config.scheduler.max_num_seqs, max_len, -(-(max_len + 1) // self.block_size)
+        )
+        generator = torch.Generator(device=device).manual_seed(config.model.seed)
+        self.sampler = Sampler(generator)
+        for layer, cache in zip(model.attention_layers(), kv_caches, strict=True):
+            layer.kv_cache = cache
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> ModelRunner:
+        """Load the model, size the KV cache from the budget, allocate it."""
+        device = torch.device(config.device)
+        torch.manual_seed(config.model.seed)
+        model = load_model(config.model, device)
+        dtype = torch_dtype(config.model.dtype)
+        num_blocks = config.cache.num_kv_blocks
+        if num_blocks is None:
+            if device.type == "cuda":
+                budget = cuda_kv_budget_bytes(config.cache, device)
+            else:
+                budget = config.cache.cpu_kv_cache_bytes
+            num_blocks = num_blocks_from_budget(config.model, config.cache, dtype, budget)
+        caches = allocate_kv_caches(
+            config.model, num_blocks, config.cache.block_size, dtype, device
+        )
+        return cls(config, model, caches, get_backend("torch_ref", device), device)
+
+    # ---- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> dict[str, SampledTokens]:
+        self._update_states(so)
+        if so.is_empty:
+            return {}
+        inputs = self._prepare_inputs(so)
+        metadata = self.backend.build_metadata(inputs.common)
+        with set_forward_context(metadata):
+            hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
+        results: dict[str, SampledTokens] = {}
+        sample_idx = np.flatnonzero(inputs.sample_mask)
+        if len(sample_idx):
+            last_token = inputs.common.query_start_loc[1:] - 1
+            logits = self.model.compute_logits(hidden[torch.from_numpy(last_token[sample_idx])])
+            rows = inputs.rows[sample_idx]
+            md = build_sampling_metadata(self.batch, rows, self.vocab_size, self.device)
+            out = self.sampler(logits, md)
+            self._collect_samples(inputs, sample_idx, out, results)
+        self._collect_prompt_logprobs(inputs, hidden, results)
+        return results
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        batch = self.batch
+        for req_id in so.finished_req_ids:
+            batch.remove(req_id)
+        for new in so.new_reqs:
+            batch.add(new)
+        for cached in so.cached_reqs:
+            row = batch.row_of[cached.req_id]
+            batch.append_blocks(row, cached.new_block_ids)
+            batch.num_computed_tokens[row] = cached.num_computed_tokens
+
+    def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        batch = self.batch
+        req_ids = list(so.num_scheduled_tokens)
+        rows = batch.rows_of(req_ids)
+        num_scheduled = np.fromiter(so.num_scheduled_tokens.values(), np.int64, len(req_ids))
+        query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int64)
+        np.cumsum(num_scheduled, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        token_req = np.repeat(np.arange(len(req_ids)), num_scheduled)  # [num_tokens]
+        token_rows = rows[token_req]
+        start = batch.num_computed_tokens[rows]
+        positions = start[token_req] + np.arange(num_tokens) - query_start_loc[:-1][token_req]
+        input_ids = batch.token_ids[token_rows, positions]
+        block_ids = batch.block_table[token_rows, positions // self.block_size].astype(np.int64)
+        slot_mapping = block_ids * self.block_size + positions % self.block_size
+        seq_lens = start + num_scheduled
+        batch.num_computed_tokens[rows] = seq_lens
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_table=batch.block_table[rows],
+            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
+            block_size=self.block_size,
+        )
+        return StepInputs(
+            req_ids=req_ids,
+            rows=rows,
+            input_ids=torch.from_numpy(input_ids).to(self.device),
+            positions=torch.from_numpy(positions).to(self.device),
+            common=common,
+            sample_mask=seq_lens == batch.num_tokens[rows],
+        )
+
+    def _collect_samples(
+        self,
+        inputs: StepInputs,
+        sample_idx: np.ndarray,
+        out: SamplerOutput,
+        results: dict[str, SampledTokens],
+    ) -> None:
+        sampled = out.sampled_token_ids.tolist()  # the step's one host sync
+        logprobs = _to_token_logprobs(out) if out.logprobs is not None else None
+        for i, idx in enumerate(sample_idx.tolist()):
+            row = int(inputs.rows[idx])
+            self.batch.append_token(row, sampled[i])
+            state = self.batch.state(row)
+            wanted = state.params.logprobs
+            entry = None
+            if logprobs is not None and wanted is not None:
+                lp = logprobs[i]
+                entry = [
+                    TokenLogprobs(lp.token_ids[: 1 + wanted], lp.logprobs[: 1 + wanted], lp.rank)
+                ]
+            results[inputs.req_ids[idx]] = SampledTokens([sampled[i]], logprobs=entry)
+
+    def _collect_prompt_logprobs(
+        self, inputs: StepInputs, hidden: torch.Tensor, results: dict[str, SampledTokens]
+    ) -> None:
+        """For requests asking for prompt logprobs: each prompt position in this chunk scores the
+        prompt token that follows it (the last prompt position predicts the first output)."""
+        qsl = inputs.common.query_start_loc
+        for i, row in enumerate(inputs.rows.tolist()):
+            state = self.batch.state(row)
+            k = state.params.prompt_logprobs
+            if k is None:
+                continue
+            first_pos = int(inputs.common.seq_lens[i] - (qsl[i + 1] - qsl[i]))
+            last_pos = min(int(inputs.common.seq_lens[i]), state.num_prompt_tokens - 1)
+            if last_pos <= first_pos:
+                continue
+            token_slice = slice(int(qsl[i]), int(qsl[i]) + last_pos - first_pos)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[token_slice]).float(), -1)
+            targets = torch.from_numpy(self.batch.token_ids[row, first_pos + 1 : last_pos + 1])
+            entries = _to_token_logprobs(gather_logprobs(logprobs, targets.to(self.device), k))
+            prev = results.get(inputs.req_ids[i])
+            results[inputs.req_ids[i]] = SampledTokens(
+                prev.token_ids if prev else [],
+                logprobs=prev.logprobs if prev else None,
+                prompt_logprobs=entries,
+            )
+
+
+def _to_token_logprobs(out: SamplerOutput) -> list[TokenLogprobs]:
+    assert out.logprob_token_ids is not None and out.logprobs is not None
+    assert out.sampled_ranks is not None
+    return [
+        TokenLogprobs(ids, lps, rank)
+        for ids, lps, rank in zip(
+            out.logprob_token_ids.tolist(),
+            out.logprobs.tolist(),
+            out.sampled_ranks.tolist(),
+            strict=True,
+        )
+    ]

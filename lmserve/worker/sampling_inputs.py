@@ -1,0 +1,92 @@
+"""Build the sampler's per-step inputs from the input batch's rows (vectorized where common)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmserve.sample.metadata import PenaltyInputs, SamplingMetadata
+from lmserve.worker.input_batch import InputBatch
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def step_generator(seed: int, num_output_tokens: int) -> torch.Generator:
+    """A seeded request's noise for its n-th token depends on (seed, n) only: batch mates and
+    preemption cannot change it."""
+    mixed = (seed * _SEED_MIX + num_output_tokens) % (1 << 63)
+    return torch.Generator().manual_seed(mixed)
+
+
+def build_sampling_metadata(
+    batch: InputBatch, rows: np.ndarray, vocab_size: int, device: torch.device
+) -> SamplingMetadata:
+    temperature = batch.temperature[rows]
+    top_k = batch.top_k[rows]
+    top_p = batch.top_p[rows]
+    min_p = batch.min_p[rows]
+    generators: dict[int, torch.Generator] = {}
+    logit_bias = []
+    banned = []
+    penalty_rows = []
+    max_logprobs: int | None = None
+    for i, row in enumerate(rows.tolist()):
+        state = batch.state(row)
+        params = state.params
+        num_out = int(batch.num_tokens[row]) - state.num_prompt_tokens
+        if params.seed is not None and not params.greedy:
+            generators[i] = step_generator(params.seed, num_out)
+        if params.logit_bias:
+            logit_bias.append((i, list(params.logit_bias), list(params.logit_bias.values())))
+        if num_out < params.min_tokens:
+            stop_ids = list(params.stop_token_ids or [])
+            if state.eos_token_id is not None and not params.ignore_eos:
+                stop_ids.append(state.eos_token_id)
+            if stop_ids:
+                banned.append((i, stop_ids))
+        if (
+            params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+            or params.repetition_penalty != 1.0
+        ):
+            penalty_rows.append(i)
+        if params.logprobs is not None:
+            max_logprobs = max(max_logprobs or 0, params.logprobs)
+    return SamplingMetadata(
+        temperature=torch.from_numpy(temperature).to(device),
+        all_greedy=bool((temperature == 0).all()),
+        top_k=torch.from_numpy(top_k).to(device) if top_k.any() else None,
+        top_p=torch.from_numpy(top_p).to(device) if (top_p < 1).any() else None,
+        min_p=torch.from_numpy(min_p).to(device) if min_p.any() else None,
+        generators=generators,
+        penalties=_penalty_inputs(batch, rows, penalty_rows, vocab_size, device),
+        logit_bias=logit_bias,
+        banned_tokens=banned,
+        max_num_logprobs=max_logprobs,
+    )
+
+
+def _penalty_inputs(
+    batch: InputBatch, rows: np.ndarray, penalty_rows: list[int], vocab: int, device: torch.device
+) -> PenaltyInputs | None:
+    if not penalty_rows:
+        return None
+    params = [batch.state(int(rows[i])).params for i in penalty_rows]
+    outputs = [batch.output_token_ids(int(rows[i])) for i in penalty_rows]
+    prompts = [batch.prompt_token_ids(int(rows[i])) for i in penalty_rows]
+    return PenaltyInputs(
+        rows=torch.tensor(penalty_rows, device=device),
+        presence=torch.tensor([p.presence_penalty for p in params], device=device),
+        frequency=torch.tensor([p.frequency_penalty for p in params], device=device),
+        repetition=torch.tensor([p.repetition_penalty for p in params], device=device),
+        output_token_ids=_pad(outputs, vocab, device),
+        prompt_token_ids=_pad(prompts, vocab, device),
+    )
+
+
+def _pad(seqs: list[np.ndarray], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(s) for s in seqs))
+    out = np.full((len(seqs), width), pad, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return torch.from_numpy(out).to(device)

@@ -1,0 +1,187 @@
+"""gguf_to_hf_dir checked against transformers loading the same GGUF file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from lmserve.models.gguf import _llama3_rope_scaling, bundled_smollm2_gguf, gguf_to_hf_dir
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "Hello world, this is a test.",
+    "héllo wörld 🤗 日本語 — ünïcödé  \n\n  spaces\ttabs 12345",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+]
+CHATS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? 🤔"}],
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_file() -> Path:
+    return bundled_smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_file: Path, cache_root: Path) -> Path:
+    return gguf_to_hf_dir(gguf_file, cache_root)
+
+
+@pytest.fixture(scope="module")
+def hf_model(gguf_file: Path) -> torch.nn.Module:
+    """transformers' own GGUF conversion of the file.
+
+    `from_pretrained(gguf_file=...)` insists on `accelerate` (not a dependency) and then calls
+    `load_gguf_checkpoint` for llama-arch files; we call that directly.
+    """
+    config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    checkpoint = load_gguf_checkpoint(
+        str(gguf_file), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
+    )
+    missing, unexpected = model.load_state_dict(checkpoint["tensors"], strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(gguf_file: Path):
+    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+
+@pytest.fixture(scope="module")
+def our_tokenizer(converted: Path):
+    return AutoTokenizer.from_pretrained(converted)
+
+
+def test_weights_match_transformers(converted: Path, hf_model: torch.nn.Module) -> None:
+    ours = load_file(converted / "model.safetensors")
+    theirs = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == np.float32, name
+        np.testing.assert_array_equal(ours[name], tensor.numpy(), err_msg=name)  # bitwise
+
+
+def test_config_matches_transformers(converted: Path, hf_model: torch.nn.Module) -> None:
+    ours = json.loads((converted / "config.json").read_text())
+    hf = hf_model.config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        assert ours[key] == getattr(hf, key), key
+    assert ours["vocab_size"] == hf.vocab_size
+    assert ours["tie_word_embeddings"] is hf.tie_word_embeddings is True
+    assert ours["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps, rel=1e-6)
+    assert ours["rope_theta"] == pytest.approx(hf.rope_parameters["rope_theta"])
+    assert ours["architectures"] == ["LlamaForCausalLM"]
+    assert (ours["bos_token_id"], ours["eos_token_id"]) == (1, 2)
+    assert "rope_scaling" not in ours
+
+
+def test_converted_dir_generates_like_transformers(
+    converted: Path, hf_model: torch.nn.Module, our_tokenizer
+) -> None:
+    """End to end, and independent of transformers' permutation: the model must still know facts."""
+    model = AutoModelForCausalLM.from_pretrained(converted).eval()
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = our_tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, hf_model(**inputs).logits)
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert "Paris" in our_tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_encodes_like_transformers(
+    converted: Path, hf_tokenizer, our_tokenizer, text: str
+) -> None:
+    expected = hf_tokenizer(text)["input_ids"]
+    assert our_tokenizer(text)["input_ids"] == expected
+    assert Tokenizer.from_file(str(converted / "tokenizer.json")).encode(text).ids == expected
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_chat_template_matches_transformers(hf_tokenizer, our_tokenizer, chat) -> None:
+    expected = hf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert our_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        expected
+    )
+
+
+def test_special_tokens_follow_metadata(converted: Path, our_tokenizer) -> None:
+    assert (our_tokenizer.bos_token, our_tokenizer.bos_token_id) == ("<|im_start|>", 1)
+    assert (our_tokenizer.eos_token, our_tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    assert our_tokenizer("hi")["input_ids"][0] != 1  # add_bos_token is false in the metadata
+    config = json.loads((converted / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False
+    assert config["chat_template"] == our_tokenizer.chat_template
+    generation = json.loads((converted / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+
+
+def test_second_call_reuses_cache(gguf_file: Path, cache_root: Path, converted: Path) -> None:
+    weights = converted / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    again = gguf_to_hf_dir(str(gguf_file), cache_root)
+    assert time.perf_counter() - start < 1.0
+    assert again == converted
+    assert weights.stat().st_mtime_ns == mtime
+    assert list(cache_root.iterdir()) == [converted]  # no temp dirs left behind
+
+
+def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"'gpt2'.*llama"):
+        gguf_to_hf_dir(path, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs() -> None:
+    """llama.cpp stores llama3 scaling as per-frequency divisors; transformers computes the same."""
+    params = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=dict(params),
+    )
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    plain = 500000.0 ** -(torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    rope_freqs = (plain / scaled.double()).float().numpy()
+    assert _llama3_rope_scaling(rope_freqs, 500000.0, 128) == params
+    with pytest.raises(ValueError, match="rope_freqs"):
+        _llama3_rope_scaling(rope_freqs * 1.5, 500000.0, 128)
