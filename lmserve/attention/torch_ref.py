@@ -22,7 +22,7 @@ class _Group:
     """Rows attended in one SDPA call."""
 
     query_index: torch.Tensor  # [rows, max_q] token index of each padded query (pad: 0)
-    block_table: torch.Tensor  # [rows, max_blocks] int64
+    block_table: torch.Tensor  # [rows * max_blocks] int64, flattened
     mask: torch.Tensor  # [rows, 1, max_q, max_blocks * block_size] True = attend
     valid: torch.Tensor  # [rows, max_q] True where the query is real
     token_index: torch.Tensor  # [num_valid] token index of each real query, in valid order
@@ -63,9 +63,9 @@ class TorchRefBackend(AttentionBackend):
         dev = self.device
         return _Group(
             query_index=torch.from_numpy(query_index).to(dev),
-            block_table=torch.from_numpy(common.block_table[rows, :num_blocks].astype(np.int64)).to(
-                dev
-            ),
+            block_table=torch.from_numpy(
+                common.block_table[rows, :num_blocks].astype(np.int64).reshape(-1)
+            ).to(dev),
             mask=torch.from_numpy(mask[:, None]).to(dev),
             valid=torch.from_numpy(valid).to(dev),
             token_index=torch.from_numpy(query_index[valid]).to(dev),
@@ -86,10 +86,19 @@ class TorchRefBackend(AttentionBackend):
         value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
         out = torch.empty_like(q)
         for group in metadata.groups:
-            rows = group.block_table.shape[0]
-            query = q[group.query_index].transpose(1, 2)  # [rows, heads, max_q, d]
-            keys = key_cache[group.block_table].view(rows, -1, num_kv_heads, head_dim)
-            values = value_cache[group.block_table].view(rows, -1, num_kv_heads, head_dim)
+            rows = group.valid.shape[0]
+            query = (
+                q.index_select(0, group.query_index.view(-1))
+                .view(rows, -1, *q.shape[1:])
+                .transpose(1, 2)
+            )  # [rows, heads, max_q, d]
+            # index_select on the flattened table: far cheaper than advanced indexing on CPU
+            keys = key_cache.index_select(0, group.block_table).view(
+                rows, -1, num_kv_heads, head_dim
+            )
+            values = value_cache.index_select(0, group.block_table).view(
+                rows, -1, num_kv_heads, head_dim
+            )
             attn = F.scaled_dot_product_attention(
                 query,
                 keys.transpose(1, 2),

@@ -46,6 +46,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # to tell the worker at the next step
         self._known_to_worker: set[str] = set()
+        self.num_preemptions = 0  # since start, for metrics and tests
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -147,6 +148,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
         self._forget_in_worker(request.req_id)
 

@@ -1,0 +1,78 @@
+"""The throughput benchmark on a tiny random Llama with no tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from lmserve.benchmarks.throughput import add_arguments, main
+
+FIELDS = {
+    "engine", "model", "num_prompts", "input_len", "output_len", "elapsed_s", "requests_per_s",
+    "output_tok_per_s", "total_tok_per_s", "peak_rss_mb", "torch_threads", "device",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _run(model: Path, *extra: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--model", str(model), "--num-prompts", "3", "--input-len", "8", "--output-len", "4"]
+    return main(parser.parse_args([*argv, "--kv-cache-memory-gb", "0.01", *extra]))
+
+
+def _json_lines(capsys: pytest.CaptureFixture[str]) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+
+
+def test_lmserve_only(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = _run(tiny_model)
+    (line,) = _json_lines(capsys)
+    assert line == results["lmserve"]
+    assert line.keys() >= FIELDS
+    assert line["engine"] == "lmserve" and line["device"] == "cpu"
+    assert (line["num_prompts"], line["input_len"], line["output_len"]) == (3, 8, 4)
+    assert line["num_output_tokens"] == 3 * 4 and line["num_prompt_tokens"] == 3 * 8
+    assert line["elapsed_s"] > 0 and line["output_tok_per_s"] > 0 and line["peak_rss_mb"] > 0
+
+
+def test_hf_peer(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = _run(tiny_model, "--peer", "hf", "--peer-batch-size", "2")
+    lmserve, hf, ratio = _json_lines(capsys)
+    assert hf.keys() >= FIELDS and hf == results["hf"] and hf["engine"] == "hf"
+    assert lmserve["num_output_tokens"] == hf["num_output_tokens"] == 3 * 4
+    assert ratio["ratio_output_tok_per_s"] == results["ratio_output_tok_per_s"] > 0
+
+
+def test_dataset_of_token_ids(tiny_model: Path, tmp_path: Path) -> None:
+    dataset = tmp_path / "prompts.jsonl"
+    rows = [{"prompt_token_ids": [101, 102, 103]}, {"prompt_token_ids": [201] * 5, "output_len": 6}]
+    dataset.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    results = _run(tiny_model, "--dataset", str(dataset), "--peer", "hf")
+    for engine in ("lmserve", "hf"):
+        line = results[engine]
+        assert line["num_prompts"] == 2
+        assert line["num_prompt_tokens"] == 3 + 5
+        assert line["num_output_tokens"] == 4 + 6

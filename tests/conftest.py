@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random-weight models from real configs, and the bundled SmolLM2.
+
+Slow loads (GGUF conversion, HF's own GGUF loading) happen once per test run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TINY_VOCAB = 512
+_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+TINY_KINDS = {
+    # untied embeddings, Llama-3 rope scaling
+    "llama": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **_COMMON,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    ),
+    # qkv bias, tied embeddings
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=True)),
+    # q/k norm, explicit head_dim != hidden / heads
+    "qwen3": lambda: Qwen3ForCausalLM(
+        Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True)
+    ),
+}
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Weights large enough that logits are spread (greedy ties would make comparisons flaky)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+            elif param.dim() == 1:
+                param.normal_(0.0, 0.05)
+            else:
+                param.normal_(0.0, 0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    dirs = {}
+    for i, (kind, build) in enumerate(TINY_KINDS.items()):
+        torch.manual_seed(i)
+        model = build()
+        _randomize(model)
+        model.save_pretrained(root / kind)
+        dirs[kind] = root / kind
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled model converted to an HF directory (cached across runs in the user cache)."""
+    from lmserve.config import default_cache_dir
+    from lmserve.models.source import resolve_model_dir
+
+    return resolve_model_dir(None, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2() -> torch.nn.Module:
+    """HF transformers loading the same GGUF file itself: the independent reference."""
+    from lmserve.models.gguf import bundled_smollm2_gguf
+
+    path = bundled_smollm2_gguf()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_dir: Path):
+    from lmserve import LLM
+
+    llm = LLM(max_model_len=2048, kv_cache_memory_gb=0.25)
+    llm.step_hook = llm.engine_core.check_invariants
+    return llm

@@ -1,0 +1,168 @@
+"""End to end through `LLM`: greedy tokens must equal HF transformers in fp32, whatever the
+batching, chunking, prefix caching or preemption; the block pool stays consistent every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmserve import LLM, SamplingParams
+from tests.conftest import TINY_VOCAB
+
+NUM_NEW = 20
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY_VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], num_new: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=num_new, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+class PreemptionCounter:
+    """Step hook: checks the block pool's invariants and records whether anything was preempted."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.preempted = False
+
+    def __call__(self) -> None:
+        scheduler = self.llm.engine_core.scheduler
+        self.llm.engine_core.check_invariants()
+        self.preempted |= scheduler.num_preemptions > 0
+
+
+def run_greedy(llm: LLM, prompts: list[list[int]], num_new: int = NUM_NEW) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_no_blocks_held(llm: LLM) -> None:
+    kv = llm.engine_core.scheduler.kv
+    kv.check_invariants()
+    assert kv.num_free_blocks == kv.pool.num_usable_blocks
+
+
+SCENARIOS = {
+    "batched": dict(),
+    "chunked_prefill": dict(max_num_batched_tokens=16),
+    "no_prefix_caching": dict(enable_prefix_caching=False, max_num_batched_tokens=8),
+    "preemption": dict(num_kv_blocks=30, block_size=4, max_model_len=100),
+    "preemption_chunked": dict(
+        num_kv_blocks=30, block_size=4, max_model_len=100, max_num_batched_tokens=8
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_model_dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
+    return {
+        kind: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for kind, path in tiny_model_dirs.items()
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str, scenario: str) -> None:
+    prompts = random_prompts([5, 17, 33, 64, 3, 1])
+    expected = [hf_greedy(hf_models[kind], p, NUM_NEW) for p in prompts]
+    llm = LLM(str(tiny_model_dirs[kind]), kv_cache_memory_gb=0.01, **SCENARIOS[scenario])
+    hook = PreemptionCounter(llm)
+    llm.step_hook = hook
+    single = run_greedy(llm, prompts[:1])
+    assert single == expected[:1]
+    assert run_greedy(llm, prompts) == expected
+    assert hook.preempted == scenario.startswith("preemption")
+    assert_no_blocks_held(llm)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_prefix_cache_hits_match_hf(tiny_model_dirs, hf_models, kind: str) -> None:
+    shared = random_prompts([40], seed=1)[0]
+    tails = random_prompts([3, 9, 21], seed=2)
+    prompts = [shared + t for t in tails]
+    expected = [hf_greedy(hf_models[kind], p, NUM_NEW) for p in prompts]
+    llm = LLM(str(tiny_model_dirs[kind]), block_size=8, kv_cache_memory_gb=0.01)
+    llm.step_hook = llm.engine_core.check_invariants
+    first = llm.generate(
+        [{"prompt_token_ids": prompts[0]}],
+        SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert first[0].num_cached_tokens == 0
+    # Repeated prompt and shared-prefix prompts now hit the cache: the 40 shared tokens hold 5
+    # full blocks of 8.
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+    again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == expected
+    assert all(o.num_cached_tokens == 40 for o in again)
+    assert_no_blocks_held(llm)
+
+
+def test_smollm2_greedy_matches_hf_on_gguf(smollm2_llm: LLM, hf_smollm2) -> None:
+    tokenizer = smollm2_llm.get_tokenizer()
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "Explain what a KV cache is in one sentence.",
+    ]
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )
+        for q in questions
+    ]
+    expected = []
+    for p in prompts:
+        out = hf_smollm2.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)
+        expected.append(out[0, len(p) :].tolist())
+    params = SamplingParams(temperature=0, max_tokens=24)
+    outputs = smollm2_llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert_no_blocks_held(smollm2_llm)
+
+
+def test_chat_answers_paris(smollm2_llm: LLM) -> None:
+    out = smollm2_llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=32),
+        use_tqdm=False,
+    )
+    completion = out[0].outputs[0]
+    assert "Paris" in completion.text
+    assert completion.finish_reason == "stop"
+
+
+def test_prompt_longer_than_max_model_len_is_an_error(tiny_model_dirs) -> None:
+    llm = LLM(str(tiny_model_dirs["llama"]), max_model_len=32, kv_cache_memory_gb=0.01)
+    with pytest.raises(ValueError, match="longer than the maximum model length of 32"):
+        llm.generate([{"prompt_token_ids": [1] * 10}, {"prompt_token_ids": [1] * 40}])
+    # the valid prompt was not left queued
+    assert not llm.engine_core.has_unfinished_requests()
+    assert_no_blocks_held(llm)
+    out = run_greedy(llm, [[1, 2, 3]], num_new=40)
+    assert len(out[0]) == 29  # stops at max_model_len: 3 prompt + 29 outputs = 32
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["GPT2LMHeadModel"], "vocab_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8}'
+    )
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        LLM(str(tmp_path), load_format="dummy")
