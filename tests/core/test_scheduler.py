@@ -228,9 +228,11 @@ def test_max_num_seqs_caps_running_requests() -> None:
     out, _ = h.step()
     assert out.finished_req_ids == {"r0"}
     assert [r.req_id for r in out.new_reqs] == ["r2"]
-    while h.sched.num_unfinished:
+    for _ in range(50):
         h.step()
         assert len(h.sched.running) <= 2
+        if not h.sched.num_unfinished:
+            break
     assert sorted(h.finished) == [f"r{i}" for i in range(5)]
     assert h.all_blocks_free()
 
@@ -456,9 +458,10 @@ def test_preemption_with_a_tiny_pool() -> None:
 
 
 def test_preemption_evicts_the_newest_running_request() -> None:
-    h = Harness(num_blocks=5)  # 4 usable
+    h = Harness(num_blocks=5, max_num_seqs=2)  # 4 usable
     old = h.add("old", range(4), max_tokens=8)
     new = h.add("new", range(100, 104), max_tokens=8)
+    late = h.add("late", range(200, 204), max_tokens=1)
     h.step()  # 1 block each, both sample
     h.step()  # both need a second block: 4 used
     assert h.kv.num_free_blocks == 0
@@ -467,10 +470,17 @@ def test_preemption_evicts_the_newest_running_request() -> None:
     out = h.schedule()  # old's 9th token needs a third block: new is preempted
     assert out.finished_req_ids == {"new"}
     assert new.status == RequestStatus.PREEMPTED and new.num_computed_tokens == 0
-    assert h.sched.running == [old] and list(h.sched.waiting) == [new]
+    # The victim goes back to the head of the queue, ahead of later arrivals.
+    assert h.sched.running == [old] and list(h.sched.waiting) == [new, late]
     assert out.num_scheduled_tokens == {"old": 1}
     h.update(out, h.sample(out))
-    h.run_until_done()
+    admitted = []
+    for _ in range(50):
+        out, _ = h.step()
+        admitted += [r.req_id for r in out.new_reqs]
+        if not h.sched.num_unfinished:
+            break
+    assert admitted == ["new", "late"]
     assert h.finished["new"].output_token_ids == [1000 + i for i in range(8)]
     assert h.all_blocks_free()
 
@@ -480,18 +490,45 @@ def test_preempted_request_resumes_from_its_own_cached_blocks() -> None:
     h.add("old", range(4), max_tokens=12)
     victim = h.add("victim", range(100, 112), max_tokens=8)
     h.step()
-    while victim.status != RequestStatus.PREEMPTED:
+    for _ in range(5):  # old's 9th token needs a third block at step 6: victim goes
+        assert victim.status == RequestStatus.RUNNING
         h.step()
-        assert h.sched.num_unfinished == 2
-    out, _ = h.step()
-    while not out.new_reqs:
+    assert victim.status == RequestStatus.PREEMPTED
+    for _ in range(20):  # back once old has finished
         out, _ = h.step()
+        if out.new_reqs:
+            break
     (resumed,) = out.new_reqs
     assert resumed.req_id == "victim"
     assert resumed.num_computed_tokens > 0  # its freed blocks were still cached
     h.run_until_done()
     assert h.finished["victim"].output_token_ids == [1000 + i for i in range(8)]
     assert h.finished["victim"].num_cached_tokens == 0  # from its first scheduling only
+
+
+def test_no_admission_in_a_step_that_preempted() -> None:
+    # Without caching a victim needs no hits, so it would fit right back into a small chunk.
+    h = Harness(num_blocks=4, max_num_batched_tokens=5, enable_caching=False)  # 3 usable
+    a = h.add("a", range(3), max_tokens=10)
+    b = h.add("b", range(100, 106), max_tokens=10)
+    out, _ = h.step()
+    assert out.num_scheduled_tokens == {"a": 3, "b": 2}
+    out, _ = h.step()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 4}
+    assert h.kv.num_free_blocks == 0 and b.num_output_tokens == 1
+
+    out, _ = h.step()  # a's 5th token needs a second block: b is preempted
+    assert out.finished_req_ids == {"b"}
+    assert out.new_reqs == [] and out.num_scheduled_tokens == {"a": 1}
+    assert b.status == RequestStatus.PREEMPTED and list(h.sched.waiting) == [b]
+    assert h.kv.num_free_blocks == 1  # b's first chunk would fit, but must wait a step
+
+    out, _ = h.step()
+    (resumed,) = out.new_reqs
+    assert resumed.req_id == "b" and resumed.num_computed_tokens == 0
+    assert resumed.token_ids == [*range(100, 106), 1000]
+    assert out.num_scheduled_tokens == {"a": 1, "b": 4}
+    assert a.status == RequestStatus.RUNNING
 
 
 def test_running_request_that_cannot_grow_preempts_itself() -> None:
@@ -549,6 +586,25 @@ def test_prompt_logprobs_request_recomputes_the_prompt() -> None:
     out, _ = h.step()
     assert [r.num_computed_tokens for r in out.new_reqs] == [0, 0]
     assert out.num_scheduled_tokens == {"a": 10, "b": 10}
+
+
+def test_tokens_after_a_stop_in_the_same_step_are_dropped() -> None:
+    h = Harness()
+    request = h.add("a", range(5), max_tokens=10)
+    out = h.schedule()
+    updates = h.update(out, {"a": SampledTokens([7, EOS, 9])})
+    assert [(u.new_token_ids, u.finish_reason) for u in updates] == [([7, EOS], "stop")]
+    assert request.output_token_ids == [7, EOS]
+    assert request.all_token_ids == [*range(5), 7, EOS]
+
+
+def test_max_tokens_caps_a_multi_token_step() -> None:
+    h = Harness()
+    request = h.add("a", range(5), max_tokens=2)
+    out = h.schedule()
+    updates = h.update(out, {"a": SampledTokens([7, 8, 9])})
+    assert [(u.new_token_ids, u.finish_reason) for u in updates] == [([7, 8], "length")]
+    assert request.output_token_ids == [7, 8]
 
 
 # ---- a randomized workload ----------------------------------------------------------------------
