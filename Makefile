@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 
 # pytest exits 5 when it collects nothing: say so and fail, an empty suite is a broken suite.
 test: setup
-	$(VENV)/bin/lint-imports --no-cache -q 2>/dev/null || $(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_LOAD_FORMATS = ("auto", "safetensors", "dummy")
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEFAULT_CPU_KV_CACHE_GB = 2.0
 
 
@@ -116,94 +113,3 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
-
-    @classmethod
-    def create(
-        cls,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        load_format: str = "auto",
-        seed: int = 0,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_gb: float | None = None,
-        gpu_memory_utilization: float = 0.9,
-        device: str = "auto",
-        cache_dir: str | os.PathLike | None = None,
-    ) -> EngineConfig:
-        """Build from user-facing arguments (vLLM's names); resolves the model directory."""
-        from lmserve.models.source import DEFAULT_MODEL, resolve_model_dir
-
-        if load_format not in _LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {load_format!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-        device = _resolve_device(device)
-        path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
-        hf_config = json.loads((path / "config.json").read_text())
-        model_max_len = _model_max_len(hf_config)
-        if max_model_len is None:
-            max_model_len = model_max_len
-        elif max_model_len > model_max_len:
-            raise ValueError(
-                f"max_model_len={max_model_len} exceeds the model's limit of {model_max_len} tokens"
-            )
-        model_config = ModelConfig(
-            model=model or DEFAULT_MODEL,
-            path=path,
-            hf_config=hf_config,
-            dtype=_resolve_dtype(dtype, hf_config, device),
-            load_format=load_format,
-            max_model_len=max_model_len,
-            seed=seed,
-        )
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = 2048
-        return cls(
-            model=model_config,
-            cache=CacheConfig(
-                block_size=block_size,
-                num_kv_blocks=num_kv_blocks,
-                kv_cache_memory_gb=kv_cache_memory_gb,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len,
-            ),
-            device=device,
-        )
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> str:
-    """auto: float32 on CPU (exact, and fastest without bf16 hardware); the config's dtype on CUDA."""
-    if dtype != "auto":
-        return dtype
-    if device == "cpu":
-        return "float32"
-    configured = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
-    return "bfloat16" if configured == "float32" else configured
-
-
-def _model_max_len(hf_config: dict[str, Any]) -> int:
-    """The longest context the model supports; sliding-window attention caps it (not implemented)."""
-    length = int(hf_config.get("max_position_embeddings") or 2048)
-    window = hf_config.get("sliding_window")
-    if window and hf_config.get("use_sliding_window", True):
-        length = min(length, int(window))
-    return length

@@ -8,16 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 TINY_VOCAB = 512
 _COMMON = dict(
@@ -29,32 +19,33 @@ _COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
-TINY_KINDS = {
-    # untied embeddings, Llama-3 rope scaling
-    "llama": lambda: LlamaForCausalLM(
-        LlamaConfig(
-            **_COMMON,
-            tie_word_embeddings=False,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
+TINY_KINDS = ("llama", "qwen2", "qwen3")
+
+
+def _build_tiny(kind: str):
+    """llama: untied, Llama-3 rope scaling; qwen2: qkv bias, tied; qwen3: q/k norm, head_dim 32."""
+    import transformers as tf
+
+    if kind == "llama":
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return tf.LlamaForCausalLM(
+            tf.LlamaConfig(**_COMMON, tie_word_embeddings=False, rope_scaling=scaling)
         )
-    ),
-    # qkv bias, tied embeddings
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=True)),
-    # q/k norm, explicit head_dim != hidden / heads
-    "qwen3": lambda: Qwen3ForCausalLM(
-        Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True)
-    ),
-}
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON, tie_word_embeddings=True))
+    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True))
 
 
-def _randomize(model: torch.nn.Module) -> None:
+def _randomize(model) -> None:
     """Weights large enough that logits are spread (greedy ties would make comparisons flaky)."""
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -67,11 +58,13 @@ def _randomize(model: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+
     root = tmp_path_factory.mktemp("tiny_models")
     dirs = {}
-    for i, (kind, build) in enumerate(TINY_KINDS.items()):
+    for i, kind in enumerate(TINY_KINDS):
         torch.manual_seed(i)
-        model = build()
+        model = _build_tiny(kind)
         _randomize(model)
         model.save_pretrained(root / kind)
         dirs[kind] = root / kind
@@ -88,8 +81,11 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2() -> torch.nn.Module:
+def hf_smollm2():
     """HF transformers loading the same GGUF file itself: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from lmserve.models.gguf import bundled_smollm2_gguf
 
     path = bundled_smollm2_gguf()

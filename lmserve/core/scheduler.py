@@ -185,20 +185,22 @@ class Scheduler:
         return updates
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
+        """vLLM's order: the length limits first, then (past min_tokens) EOS and stop ids."""
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id == request.eos_token_id:
-                self._finish(request, RequestStatus.FINISHED_STOPPED)
-                return True
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                self._finish(request, RequestStatus.FINISHED_STOPPED)
-                return True
         max_tokens = params.max_tokens
         if (
             max_tokens is not None and request.num_output_tokens >= max_tokens
         ) or request.num_tokens >= self.config.max_model_len:
             self._finish(request, RequestStatus.FINISHED_LENGTH)
+            return True
+        if request.num_output_tokens < params.min_tokens:
+            return False
+        if not params.ignore_eos and token_id == request.eos_token_id:
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            return True
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
             return True
         return False
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmserve.config import EngineConfig
+from lmserve.engine.args import create_engine_config
 from lmserve.engine.core import EngineCore
 from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.output_processor import OutputProcessor
@@ -26,7 +26,7 @@ class LLM:
     SmolLM2-135M-Instruct; every keyword is an engine argument with vLLM's name."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.config = EngineConfig.create(model, **engine_args)
+        self.config = create_engine_config(model, **engine_args)
         self.tokenizer = (
             load_tokenizer(self.config.model.path) if self.config.model.has_tokenizer else None
         )

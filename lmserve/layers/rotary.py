@@ -40,7 +40,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin for every position; forward indexes them by each token's position."""
+    """Precomputed cos/sin for every position. Computed once per forward pass and shared by all
+    layers; the sign of rotate-half is folded into the sin table so applying it is three ops."""
 
     def __init__(
         self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None
@@ -48,19 +49,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
-        self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self.register_buffer("cos_cache", torch.cat((freqs, freqs), -1).cos(), persistent=False)
+        # [-sin, sin]: x * cos + roll(x, half) * signed_sin == x * cos + rotate_half(x) * sin
+        self.register_buffer(
+            "signed_sin_cache", torch.cat((-freqs.sin(), freqs.sin()), -1), persistent=False
+        )
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, signed_sin), each [num_tokens, 1, head_dim], to broadcast over heads."""
+        cos = self.cos_cache.index_select(0, positions).unsqueeze(1).to(dtype)
+        sin = self.signed_sin_cache.index_select(0, positions).unsqueeze(1).to(dtype)
+        return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x: [num_tokens, heads, head_dim]; rope from RotaryEmbedding.forward."""
+    cos, signed_sin = rope
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.layers.attention import Attention
+from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
-from lmserve.layers.rotary import RotaryEmbedding
+from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
 
 # HF checkpoint name suffix -> (our fused parameter, shard index)
 _FUSED = {
@@ -38,27 +39,27 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=bool(cfg.get("attention_bias", False)))
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=bool(cfg.get("attention_bias", False)))
         self.qk_norm = cfg.get("model_type") == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
-        theta, scaling = _rope_config(cfg)
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, cfg.get("max_position_embeddings", 2048), theta, scaling
-        )
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+            q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), rope)
+            k = apply_rotary(self.k_norm(k.view(num_tokens, -1, self.head_dim)), rope)
+        else:
+            # q and k heads are adjacent: rotate them in one go
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
+            qk = apply_rotary(qk, rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.view(num_tokens, self.q_size))
 
@@ -68,8 +69,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = bool(cfg.get("mlp_bias", False))
         self.intermediate_size = cfg["intermediate_size"]
-        self.gate_up_proj = nn.Linear(cfg["hidden_size"], 2 * self.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(self.intermediate_size, cfg["hidden_size"], bias=bias)
+        self.gate_up_proj = Linear(cfg["hidden_size"], 2 * self.intermediate_size, bias=bias)
+        self.down_proj = Linear(self.intermediate_size, cfg["hidden_size"], bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -84,8 +85,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -95,11 +96,17 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
+        theta, scaling = _rope_config(cfg)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        self.rotary_emb = RotaryEmbedding(
+            head_dim, cfg.get("max_position_embeddings", 2048), theta, scaling
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(rope, x)
         return self.norm(x)
 
 
@@ -112,50 +119,67 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        # With tied embeddings this is a transposed copy of embed_tokens, filled at load time:
+        # the embedding wants rows per token, the LM head wants [in, out] for fast decode.
+        self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; returns the parameters loaded."""
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            if "rotary_emb.inv_freq" in name or (
+                name == "lm_head.weight" and self.tie_word_embeddings
+            ):
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            target, shard = _fused_target(name)
-            if target not in params:
+            module_name, _, kind = name.rpartition(".")
+            parent, _, leaf = module_name.rpartition(".")
+            if leaf in _FUSED:
+                fused, shard = _FUSED[leaf]
+                module_name = f"{parent}.{fused}"
+                start, size = self._shard_range(fused, shard)
+            else:
+                start, size = 0, tensor.shape[0]
+            module = modules.get(module_name)
+            if isinstance(module, Linear):
+                module.load_rows(kind, tensor, start, size)
+                loaded.add(f"{module_name}.{kind}")
+            elif name in params:
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+            else:
                 raise ValueError(
                     f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
                 )
-            param = params[target]
-            with torch.no_grad():
-                if shard is None:
-                    param.copy_(tensor)
-                else:
-                    self._shard_view(target, param, shard).copy_(tensor)
-            loaded.add(target)
+        if self.tie_word_embeddings:
+            self.tie_weights()
+            loaded.add("lm_head.weight")
         return loaded
 
-    def _shard_view(self, target: str, param: torch.Tensor, shard: int) -> torch.Tensor:
-        if ".qkv_proj." in target:
+    def tie_weights(self) -> None:
+        """Refresh the LM head's transposed copy of the embedding (tied models only)."""
+        if self.tie_word_embeddings:
+            with torch.no_grad():
+                self.lm_head.weight.copy_(self.model.embed_tokens.weight.t())
+
+    def _shard_range(self, fused: str, shard: int) -> tuple[int, int]:
+        if fused == "qkv_proj":
             attn = self.model.layers[0].self_attn
             sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         else:
             sizes = [self.config["intermediate_size"]] * 2
-        start = sum(sizes[:shard])
-        return param.narrow(0, start, sizes[shard])
+        return sum(sizes[:shard]), sizes[shard]
 
 
 def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -167,11 +191,3 @@ def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
     return theta, scaling
-
-
-def _fused_target(name: str) -> tuple[str, int | None]:
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-2] in _FUSED:
-        fused, shard = _FUSED[parts[-2]]
-        return ".".join([*parts[:-2], fused, parts[-1]]), shard
-    return name, None

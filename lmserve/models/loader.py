@@ -36,6 +36,7 @@ def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
         torch.set_default_dtype(default_dtype)
     if config.load_format == "dummy":
         _init_dummy(model, config.seed)
+        model.tie_weights()
     else:
         _load_safetensors(model, config.path)
     model.eval().requires_grad_(False)

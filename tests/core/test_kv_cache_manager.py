@@ -194,6 +194,22 @@ def test_hits_require_the_whole_prefix_chain() -> None:
     assert kv.get_computed_blocks(b) == []
 
 
+def test_hits_stop_at_the_first_missing_block() -> None:
+    kv = make_manager(num_blocks=5)  # 4 usable
+    a = make_request("a", range(9))
+    prefill(kv, a)
+    _, b2, _ = (kv.pool.blocks[i] for i in kv.block_ids("a"))
+    kv.free(a)  # free queue: 4, b3, b2, b1
+    # Reorder by hand (the manager never evicts a head before its tail): b1 ahead of b2.
+    kv.pool.touch([b2])
+    kv.pool.release([b2])  # free queue: 4, b3, b1, b2
+    assert kv.allocate_slots(make_request("other", range(500, 511)), 11)  # takes 4, b3, b1
+    assert kv.pool.get_cached_block(a.block_hashes[0]) is None
+    assert kv.pool.get_cached_block(a.block_hashes[1]) is b2
+    assert kv.get_computed_blocks(make_request("probe", range(9))) == []
+    kv.check_invariants()
+
+
 def test_cache_salt_isolates_requests() -> None:
     kv = make_manager()
     prefill(kv, make_request("a", range(10), cache_salt="tenant-a"))

@@ -20,11 +20,11 @@ from lmserve.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 EOS = 2
-# Default fake model: emits 1000, 1001, ... so it never hits EOS or a stop id by accident.
 TokenFn = Callable[[Request], int]
 
 
 def count_up(request: Request) -> int:
+    """The default fake model: 1000, 1001, ... never EOS or a stop id by accident."""
     return 1000 + request.num_output_tokens
 
 
@@ -420,14 +420,17 @@ def test_preemption_with_a_tiny_pool() -> None:
     resumed: list[str] = []
     for _ in range(200):
         out = h.schedule()
-        for req_id in out.finished_req_ids:
-            request = h.sched.requests.get(req_id)
-            if request is not None and request.status == RequestStatus.PREEMPTED:
-                assert request.num_computed_tokens == 0
-                assert request in h.sched.waiting and request not in h.sched.running
-                assert request.num_preemptions >= 1
-                preempted.append((req_id, list(request.all_token_ids)))
-        if any(req_id for req_id, _ in preempted if req_id in out.finished_req_ids):
+        preempted_now = [
+            h.sched.requests[req_id]
+            for req_id in out.finished_req_ids
+            if req_id in h.sched.requests  # finished ones are gone: these were preempted
+        ]
+        for request in preempted_now:
+            assert request.status == RequestStatus.PREEMPTED
+            assert request.num_computed_tokens == 0 and request.num_preemptions >= 1
+            assert request in h.sched.waiting and request not in h.sched.running
+            preempted.append((request.req_id, list(request.all_token_ids)))
+        if preempted_now:
             assert out.new_reqs == []  # nothing admitted in a step that preempted
         for new in out.new_reqs:
             if h.sched.requests[new.req_id].num_preemptions:

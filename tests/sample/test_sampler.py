@@ -1,0 +1,115 @@
+"""The sampler on hand-made logits: distributions, filters, penalties, bias and logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.sample.metadata import PenaltyInputs, SamplingMetadata
+from lmserve.sample.sampler import Sampler, _apply_penalties
+
+PROBS = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4])
+
+
+def metadata(rows: int, **overrides) -> SamplingMetadata:
+    fields = dict(
+        temperature=torch.ones(rows),
+        all_greedy=False,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        generators={},
+        penalties=None,
+        logit_bias=[],
+        banned_tokens=[],
+        max_num_logprobs=None,
+    )
+    fields.update(overrides)
+    return SamplingMetadata(**fields)
+
+
+def sample_counts(rows: int = 20000, **overrides) -> torch.Tensor:
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = PROBS.log().expand(rows, -1).clone()
+    tokens = sampler(logits, metadata(rows, **overrides)).sampled_token_ids
+    return torch.bincount(tokens, minlength=len(PROBS)).float() / rows
+
+
+def test_samples_follow_the_distribution() -> None:
+    assert torch.allclose(sample_counts(), PROBS, atol=0.015)
+
+
+def test_temperature_sharpens() -> None:
+    freq = sample_counts(temperature=torch.full((20000,), 0.25))
+    sharpened = torch.softmax(PROBS.log() / 0.25, -1)
+    assert torch.allclose(freq, sharpened, atol=0.015)
+
+
+def test_top_k_top_p_min_p_filter() -> None:
+    rows = 5000
+    top_k = sample_counts(rows, top_k=torch.full((rows,), 2))
+    assert top_k[:3].sum() == 0 and torch.allclose(
+        top_k[3:], torch.tensor([3 / 7, 4 / 7]), atol=0.03
+    )
+    top_p = sample_counts(rows, top_p=torch.full((rows,), 0.5))  # 0.4 + 0.3 covers it
+    assert top_p[:3].sum() == 0
+    min_p = sample_counts(rows, min_p=torch.full((rows,), 0.5))  # keeps p >= 0.2
+    assert min_p[:3].sum() == 0 and min_p[3:].sum() == 1
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
+    temperature = torch.tensor([0.0, 1.0] * 500)
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = PROBS.log().expand(1000, -1).clone()
+    tokens = sampler(logits, metadata(1000, temperature=temperature)).sampled_token_ids
+    assert (tokens[::2] == 4).all()
+    assert (tokens[1::2] != 4).any()
+
+
+def test_seeded_rows_repeat() -> None:
+    logits = torch.randn(3, 1000)
+
+    def draw() -> list[int]:
+        gens = {0: torch.Generator().manual_seed(7), 2: torch.Generator().manual_seed(8)}
+        sampler = Sampler(torch.Generator().manual_seed(torch.seed() % 2**32))
+        return sampler(logits.clone(), metadata(3, generators=gens)).sampled_token_ids.tolist()
+
+    first, second = draw(), draw()
+    assert first[0] == second[0] and first[2] == second[2]
+
+
+def test_bias_bans_and_penalties() -> None:
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    greedy = metadata(1, temperature=torch.zeros(1), all_greedy=True)
+    biased = metadata(1, temperature=torch.zeros(1), all_greedy=True, logit_bias=[(0, [2], [10.0])])
+    assert sampler(logits.clone(), biased).sampled_token_ids.item() == 2
+    banned = metadata(1, temperature=torch.zeros(1), all_greedy=True, banned_tokens=[(0, [0])])
+    assert sampler(logits.clone(), banned).sampled_token_ids.item() == 1
+    penalties = PenaltyInputs(
+        rows=torch.tensor([0]),
+        presence=torch.tensor([0.5]),
+        frequency=torch.tensor([0.25]),
+        repetition=torch.tensor([2.0]),
+        output_token_ids=torch.tensor([[0, 0, 4]]),  # 4 = padding (vocab size)
+        prompt_token_ids=torch.tensor([[2, 4]]),
+    )
+    out = logits.clone()
+    _apply_penalties(out, penalties)
+    # token 0: seen twice in output: 2.0 / 2 - 0.25 * 2 - 0.5; token 2: prompt only: -1.0 * 2
+    assert out[0].tolist() == pytest.approx([1.0 - 0.5 - 0.5, 1.0, -2.0, 0.5])
+    assert sampler(logits.clone(), greedy).sampled_token_ids.item() == 0
+
+
+def test_logprobs_are_raw_with_rank() -> None:
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    md = metadata(
+        1, temperature=torch.zeros(1), all_greedy=True, max_num_logprobs=2, banned_tokens=[(0, [1])]
+    )
+    out = sampler(logits.clone(), md)
+    raw = torch.log_softmax(logits, -1)
+    assert out.sampled_token_ids.item() == 2  # token 1 banned
+    assert out.logprob_token_ids.tolist() == [[2, 1, 2]]
+    assert torch.allclose(out.logprobs, raw[0, [2, 1, 2]].unsqueeze(0))
+    assert out.sampled_ranks.item() == 2
