@@ -146,6 +146,10 @@ class LLM:
                     bar.update(len(done))
                     elapsed = bar.format_dict["elapsed"] or 1e-9
                     bar.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} tok/s")
+        except BaseException:
+            # Interrupted (Ctrl-C, a failing step hook): leave no request queued or holding blocks.
+            self.engine_core.abort_requests(self.output_processor.abort_all())
+            raise
         finally:
             bar.close()
         return sorted(finished.values(), key=lambda o: int(o.request_id))

@@ -98,6 +98,10 @@ class OutputProcessor:
             self._parent_of.pop(child, None)
         return list(state.samples)
 
+    def abort_all(self) -> list[str]:
+        """Forget every request; returns all their child ids."""
+        return [child for request_id in list(self._requests) for child in self.abort(request_id)]
+
     def _finish(self, state: _RequestState) -> RequestOutput:
         del self._requests[state.request_id]
         return RequestOutput(

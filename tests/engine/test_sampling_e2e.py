@@ -189,3 +189,27 @@ def test_abort_frees_blocks_at_once(tiny_llm: LLM) -> None:
         [{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False
     )
     assert not {"abort-0", "abort-1"} & set(core.runner.batch.row_of)
+
+
+def test_interrupted_generate_leaves_nothing_queued(tiny_llm: LLM) -> None:
+    steps = 0
+
+    def interrupt() -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            raise KeyboardInterrupt
+
+    tiny_llm.step_hook = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tiny_llm.generate(
+                [{"prompt_token_ids": p} for p in random_prompts([20, 9], seed=6)],
+                SamplingParams(max_tokens=30),
+                use_tqdm=False,
+            )
+    finally:
+        tiny_llm.step_hook = tiny_llm.engine_core.check_invariants
+    assert not tiny_llm.engine_core.has_unfinished_requests()
+    assert not tiny_llm.output_processor.has_unfinished()
+    assert_no_blocks_held(tiny_llm)
