@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lmserve.config import EngineConfig
+from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.sampling_params import SamplingParams
 
@@ -30,10 +31,12 @@ class Workload:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    add_engine_cli_args(parser)
+    parser.set_defaults(max_num_seqs=64)
+    parser.add_argument("--num-prompts", type=int, default=64, help="requests in the batch")
+    parser.add_argument("--input-len", type=int, default=128, help="random prompt tokens each")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens generated each")
     parser.add_argument(
         "--dataset",
         type=Path,
@@ -41,31 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='JSONL of {"prompt": str} or {"prompt_token_ids": [...]}, optional "output_len"; '
         "overrides --input-len",
     )
-    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
     parser.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
+        "--peer",
+        choices=["none", "hf"],
+        default="none",
+        help="hf: also run HF transformers generate on the same prompts, and print the ratio",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--peer-batch-size", type=int, default=8, help="prompts per HF generate")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Time lmserve (and the peer); print one JSON line per engine, plus the ratio with a peer."""
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        seed=args.seed,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
-        enable_prefix_caching=args.enable_prefix_caching,
-    )
+    llm = LLM(args.model, **engine_kwargs_from_cli(args))
     config, vocab_size = llm.config, llm.config.model.vocab_size
     rng = np.random.default_rng(args.seed)
     workload = _load_workload(args, vocab_size, llm.get_tokenizer(), rng)

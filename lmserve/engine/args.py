@@ -6,6 +6,7 @@ This is where the model directory is resolved, the device probed and config.json
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,10 @@ from lmserve.config import (
 )
 from lmserve.models.source import DEFAULT_MODEL, resolve_model_dir
 
+MODEL_HELP = (
+    "HF model directory, .gguf file, or HF id in the local cache "
+    "(default: the bundled SmolLM2-135M-Instruct)"
+)
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -110,3 +115,71 @@ def _model_max_len(hf_config: dict[str, Any]) -> int:
     if window and hf_config.get("use_sliding_window", True):
         length = min(length, int(window))
     return length
+
+
+def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The engine arguments, with vLLM's flag names and meanings (the model is the caller's)."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights and activations dtype; auto = float32 on CPU, the config's dtype on CUDA",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=256, help="most requests running at once"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="most tokens computed per step; longer prompts are prefilled in chunks (default 2048)",
+    )
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of shared prompt prefixes",
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        default=None,
+        help="KV cache size on CPU in GiB (default 2)",
+    )
+    parser.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides memory)"
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory for weights, activations and KV cache",
+    )
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "safetensors", "dummy"],
+        help="dummy = random weights with the model's real shapes (benchmarks)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
+
+
+def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `LLM` / `create_engine_config` from parsed engine flags."""
+    return dict(
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        block_size=args.block_size,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        load_format=args.load_format,
+        seed=args.seed,
+    )
