@@ -23,9 +23,12 @@ class _Group:
 
     query_index: torch.Tensor  # [rows, max_q] token index of each padded query (pad: 0)
     block_table: torch.Tensor  # [rows * max_blocks] int64, flattened
-    mask: torch.Tensor  # [rows, 1, max_q, max_blocks * block_size] True = attend
+    mask: torch.Tensor | None  # [rows, 1, max_q, num_keys] True = attend; None: see is_causal
+    is_causal: bool  # no mask needed: one row whose keys are exactly its queries (or one query)
+    num_keys: int  # keys attended per row (gathered blocks are cut to this)
     valid: torch.Tensor  # [rows, max_q] True where the query is real
     token_index: torch.Tensor  # [num_valid] token index of each real query, in valid order
+    covers_batch: bool  # the group is the whole batch, unpadded: no gather/scatter of queries
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,20 @@ class TorchRefBackend(AttentionBackend):
         mask[~valid] = False
         mask[~valid, 0] = True  # padded queries see one key, so softmax stays finite
         dev = self.device
+        # A lone row needs no mask: cut its keys to its length; causal iff it has no context.
+        lone = len(rows) == 1 and (max_q == 1 or int(seq_lens[0]) == max_q)
+        num_tokens = int(common.query_start_loc[-1])
         return _Group(
             query_index=torch.from_numpy(query_index).to(dev),
             block_table=torch.from_numpy(
                 common.block_table[rows, :num_blocks].astype(np.int64).reshape(-1)
             ).to(dev),
-            mask=torch.from_numpy(mask[:, None]).to(dev),
+            mask=None if lone else torch.from_numpy(mask[:, None]).to(dev),
+            is_causal=lone and max_q > 1,
+            num_keys=int(seq_lens[0]) if lone else num_blocks * common.block_size,
             valid=torch.from_numpy(valid).to(dev),
             token_index=torch.from_numpy(query_index[valid]).to(dev),
+            covers_batch=bool(valid.all()) and len(rows) * max_q == num_tokens,
         )
 
     def forward(
@@ -87,11 +96,10 @@ class TorchRefBackend(AttentionBackend):
         out = torch.empty_like(q)
         for group in metadata.groups:
             rows = group.valid.shape[0]
-            query = (
-                q.index_select(0, group.query_index.view(-1))
-                .view(rows, -1, *q.shape[1:])
-                .transpose(1, 2)
-            )  # [rows, heads, max_q, d]
+            if group.covers_batch:
+                query = q.view(rows, -1, *q.shape[1:])
+            else:
+                query = q.index_select(0, group.query_index.view(-1)).view(rows, -1, *q.shape[1:])
             # index_select on the flattened table: far cheaper than advanced indexing on CPU
             keys = key_cache.index_select(0, group.block_table).view(
                 rows, -1, num_kv_heads, head_dim
@@ -100,12 +108,15 @@ class TorchRefBackend(AttentionBackend):
                 rows, -1, num_kv_heads, head_dim
             )
             attn = F.scaled_dot_product_attention(
-                query,
-                keys.transpose(1, 2),
-                values.transpose(1, 2),
+                query.transpose(1, 2),  # [rows, heads, max_q, d]
+                keys[:, : group.num_keys].transpose(1, 2),
+                values[:, : group.num_keys].transpose(1, 2),
                 attn_mask=group.mask,
+                is_causal=group.is_causal,
                 scale=scale,
                 enable_gqa=True,
-            )  # [rows, heads, max_q, d]
-            out[group.token_index] = attn.transpose(1, 2)[group.valid]
+            ).transpose(1, 2)  # [rows, max_q, heads, d]
+            if group.covers_batch:
+                return attn.reshape(q.shape)
+            out[group.token_index] = attn[group.valid]
         return out
