@@ -19,11 +19,12 @@ _COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
-TINY_KINDS = ("llama", "qwen2", "qwen3")
+TINY_KINDS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _build_tiny(kind: str):
-    """llama: untied, Llama-3 rope scaling; qwen2: qkv bias, tied; qwen3: q/k norm, head_dim 32."""
+    """llama: untied, Llama-3 rope scaling; qwen2: qkv bias, tied; qwen3: q/k norm, head_dim 32;
+    mistral: untied, default rope."""
     import transformers as tf
 
     if kind == "llama":
@@ -37,6 +38,8 @@ def _build_tiny(kind: str):
         return tf.LlamaForCausalLM(
             tf.LlamaConfig(**_COMMON, tie_word_embeddings=False, rope_scaling=scaling)
         )
+    if kind == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, sliding_window=None))
     if kind == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON, tie_word_embeddings=True))
     return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True))

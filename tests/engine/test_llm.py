@@ -71,7 +71,7 @@ def hf_models(tiny_model_dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
     }
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str, scenario: str) -> None:
     prompts = random_prompts([5, 17, 33, 64, 3, 1])
@@ -166,3 +166,19 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> No
     )
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
         LLM(str(tmp_path), load_format="dummy")
+
+
+def test_dummy_weights_are_seeded_random_with_the_real_shapes(tiny_model_dirs) -> None:
+    path = str(tiny_model_dirs["qwen3"])
+    prompts = random_prompts([9, 4])
+    first = run_greedy(LLM(path, load_format="dummy", seed=3, kv_cache_memory_gb=0.01), prompts)
+    again = run_greedy(LLM(path, load_format="dummy", seed=3, kv_cache_memory_gb=0.01), prompts)
+    other = run_greedy(LLM(path, load_format="dummy", seed=4, kv_cache_memory_gb=0.01), prompts)
+    real = run_greedy(LLM(path, kv_cache_memory_gb=0.01), prompts)
+    assert first == again and first != other and first != real
+    assert all(len(tokens) == NUM_NEW for tokens in first)
+
+
+def test_kv_cache_too_small_for_max_model_len_is_a_clear_error(tiny_model_dirs) -> None:
+    with pytest.raises(ValueError, match="fewer than max_model_len=512"):
+        LLM(str(tiny_model_dirs["llama"]), num_kv_blocks=4)
