@@ -3,7 +3,7 @@ the gathering of a request's `n` samples (each its own engine request) into one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmserve.core.scheduler_output import TokenLogprobs
@@ -65,11 +65,14 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the requests that finished this step, and child ids to abort in the core
-        because a stop string ended them."""
+    def process(
+        self, outputs: list[EngineCoreOutput], snapshots: bool = False
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's engine outputs. Returns RequestOutputs (every finished request, and
+        with `snapshots` a cumulative snapshot of each unfinished request that changed) and child
+        ids to abort in the core because a stop string ended them."""
         to_abort: list[str] = []
-        finished: list[RequestOutput] = []
+        changed: dict[str, _RequestState] = {}
         for out in outputs:
             parent_id = self._parent_of.get(out.req_id)
             if parent_id is None:
@@ -85,9 +88,42 @@ class OutputProcessor:
             if sample.output.finish_reason is not None:
                 state.pending_children.discard(out.req_id)
                 self._parent_of.pop(out.req_id, None)
+            changed[parent_id] = state
+        results = []
+        for state in changed.values():
             if not state.pending_children:
-                finished.append(self._finish(state))
-        return finished, to_abort
+                results.append(self._finish(state))
+            elif snapshots:
+                results.append(self._snapshot(state))
+        return results, to_abort
+
+    def _snapshot(self, state: _RequestState) -> RequestOutput:
+        """A copy of an unfinished request's progress. Text that could still turn out to be the
+        start of a stop string is held back, so streamed text never has to be taken back."""
+        outputs = []
+        for sample in state.samples.values():
+            out = sample.output
+            text = out.text
+            if out.finish_reason is None and sample.params.stop_strings:
+                holdback = max(len(s) for s in sample.params.stop_strings) - 1
+                text = text[: max(0, len(text) - holdback)]
+            outputs.append(
+                replace(
+                    out,
+                    text=text,
+                    token_ids=list(out.token_ids),
+                    logprobs=None if out.logprobs is None else list(out.logprobs),
+                )
+            )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            prompt_logprobs=state.prompt_logprobs,
+            outputs=outputs,
+            finished=False,
+            num_cached_tokens=state.num_cached_tokens,
+        )
 
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its child ids for the core to abort."""

@@ -1,0 +1,154 @@
+"""AsyncEngine: many concurrent `generate()` streams over one engine core in its own process.
+
+One task reads the core's outputs, detokenizes them and hands each request its snapshot through
+its own queue. A caller that stops iterating (a client gone away) aborts its request at once, so
+the core frees its blocks in the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lmserve.config import EngineConfig
+from lmserve.engine.args import create_engine_config
+from lmserve.engine.core_client import AsyncMPCoreClient
+from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.output_processor import OutputProcessor
+from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process is gone; requests cannot be served until a restart."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None, client: AsyncMPCoreClient):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.input_processor = InputProcessor(config.model, tokenizer)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.client = client
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._stats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._output_task: asyncio.Task[None] | None = None
+        self._dead: str | None = None
+        self._counter = itertools.count()
+
+    @classmethod
+    async def start(
+        cls, model: str | None = None, *, start_timeout_s: float = 600.0, **engine_args: Any
+    ) -> AsyncEngine:
+        """Resolve the model, start the core process, wait for it to load."""
+        config = create_engine_config(model, **engine_args)
+        tokenizer = load_tokenizer(config.model.path) if config.model.has_tokenizer else None
+        client = AsyncMPCoreClient(config)
+        await client.start(start_timeout_s)
+        engine = cls(config, tokenizer, client)
+        engine._output_task = asyncio.create_task(engine._output_loop(), name="lmserve-outputs")
+        return engine
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and self.client.is_alive
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative snapshots of the request until the finished one. Bad input raises
+        ValueError before anything is queued."""
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        request_id = request_id or f"req-{next(self._counter)}"
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        processed = self.input_processor.tokenize_prompt(prompt)
+        params = sampling_params
+        children = [
+            self.input_processor.make_request(
+                f"{request_id}-{i}" if params.n > 1 else request_id,
+                processed,
+                params.for_child(i) if params.n > 1 else params,
+                cache_salt,
+            )
+            for i in range(params.n)
+        ]
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self.output_processor.add_request(
+            request_id,
+            processed.prompt,
+            processed.prompt_token_ids,
+            params,
+            [c.req_id for c in children],
+        )
+        finished = False
+        try:
+            for child in children:
+                await self.client.send("add", child)
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are freed in the core's next step."""
+        child_ids = self.output_processor.abort(request_id)
+        self._queues.pop(request_id, None)
+        if child_ids and self._dead is None:
+            await self.client.send("abort", child_ids)
+
+    async def get_stats(self) -> dict[str, Any]:
+        """The core's counters: running/waiting requests, free blocks, preemptions."""
+        await self.client.send("stats")
+        return await asyncio.wait_for(self._stats.get(), timeout=30)
+
+    async def _output_loop(self) -> None:
+        while True:
+            kind, payload = await self.client.receive()
+            if kind == "outputs":
+                assert isinstance(payload, list)
+                outputs, to_abort = self.output_processor.process(payload, snapshots=True)
+                if to_abort:
+                    await self.client.send("abort", to_abort)
+                for output in outputs:
+                    queue = self._queues.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output)
+            elif kind == "stats":
+                assert isinstance(payload, dict)
+                self._stats.put_nowait(payload)
+            elif kind == "error":
+                self._fail(str(payload))
+                return
+
+    def _fail(self, reason: str) -> None:
+        """The core died: every waiting request gets EngineDeadError instead of hanging."""
+        logger.error("engine core died: %s", reason)
+        self._dead = reason
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait(EngineDeadError(reason))
+            self.output_processor.abort(request_id)
+
+    async def shutdown(self) -> None:
+        if self._output_task is not None:
+            self._output_task.cancel()
+            await asyncio.gather(self._output_task, return_exceptions=True)
+        await self.client.shutdown()

@@ -1,0 +1,169 @@
+"""The engine core in its own process, spoken to over ZMQ with msgspec-encoded messages.
+
+The core process owns the model, scheduler and KV blocks and runs `EngineCore.step()` whenever it
+has work; the API process keeps tokenization, detokenization and HTTP, so neither competes with
+the other for the GIL. Messages are `(kind, payload)` tuples:
+
+- to the core: ("add", EngineCoreRequest), ("abort", [req ids]), ("stats", None), ("shutdown", None)
+- from the core: ("ready", stats), ("outputs", [EngineCoreOutput]), ("stats", stats),
+  ("error", message)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import tempfile
+import traceback
+import uuid
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from lmserve.config import EngineConfig
+from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+_ToCore = tuple[str, EngineCoreRequest | list[str] | None]
+_FromCore = tuple[str, list[EngineCoreOutput] | dict[str, Any] | str]
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    """Entry point of the core process: load, report ready, then serve until told to stop."""
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(_ToCore)
+    try:
+        from lmserve.engine.core import EngineCore
+
+        core = EngineCore.from_config(config)
+        outbox.send(encoder.encode(("ready", _stats(core))))
+        _serve(core, inbox, outbox, encoder, decoder)
+    except Exception:  # noqa: BLE001 - whatever kills the core is reported, then it exits
+        outbox.send(encoder.encode(("error", traceback.format_exc())))
+    finally:
+        outbox.close(linger=1000)
+        inbox.close(linger=0)
+        ctx.term()
+
+
+def _serve(core: Any, inbox: zmq.Socket, outbox: zmq.Socket, encoder: Any, decoder: Any) -> None:
+    while True:
+        # Block for input only when idle; otherwise drain what has arrived and step.
+        timeout = 0 if core.has_unfinished_requests() else None
+        while inbox.poll(timeout):
+            kind, payload = decoder.decode(inbox.recv())
+            if kind == "add":
+                core.add_request(payload)
+            elif kind == "abort":
+                core.abort_requests(payload)
+            elif kind == "stats":
+                outbox.send(encoder.encode(("stats", _stats(core))))
+            elif kind == "shutdown":
+                return
+            timeout = 0
+        outputs = core.step()
+        if outputs:
+            outbox.send(encoder.encode(("outputs", outputs)))
+
+
+def _stats(core: Any) -> dict[str, Any]:
+    kv = core.scheduler.kv
+    return {
+        "num_running": len(core.scheduler.running),
+        "num_waiting": len(core.scheduler.waiting),
+        "num_free_blocks": kv.num_free_blocks,
+        "num_usable_blocks": kv.pool.num_usable_blocks,
+        "num_preemptions": core.scheduler.num_preemptions,
+    }
+
+
+class AsyncMPCoreClient:
+    """The API process's end: starts the core process and exchanges messages with it."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._ctx: zmq.asyncio.Context | None = None
+        self._to_core: zmq.asyncio.Socket | None = None
+        self._from_core: zmq.asyncio.Socket | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._ipc_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(_FromCore)
+
+    async def start(self, timeout_s: float) -> dict[str, Any]:
+        """Spawn the core and wait until its model is loaded; returns its first stats."""
+        self._ipc_dir = tempfile.TemporaryDirectory(prefix="lmserve-")
+        base = os.path.join(self._ipc_dir.name, uuid.uuid4().hex[:8])
+        input_addr, output_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        self._ctx = zmq.asyncio.Context()
+        self._to_core = self._ctx.socket(zmq.PUSH)
+        self._to_core.bind(input_addr)
+        self._from_core = self._ctx.socket(zmq.PULL)
+        self._from_core.bind(output_addr)
+        spawn = multiprocessing.get_context("spawn")
+        self._proc = spawn.Process(
+            target=run_engine_core,
+            args=(self.config, input_addr, output_addr),
+            name="lmserve-engine-core",
+            daemon=True,
+        )
+        self._proc.start()
+        kind, payload = await self.receive(timeout_s)
+        if kind != "ready":
+            await self.shutdown()
+            raise RuntimeError(f"the engine core failed to start:\n{payload}")
+        assert isinstance(payload, dict)
+        return payload
+
+    @property
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    async def send(self, kind: str, payload: EngineCoreRequest | list[str] | None = None) -> None:
+        assert self._to_core is not None, "start() the client first"
+        await self._to_core.send(self._encoder.encode((kind, payload)))
+
+    async def receive(self, timeout_s: float | None = None) -> _FromCore:
+        """The next message from the core; ("error", ...) if it died or went quiet too long."""
+        assert self._from_core is not None, "start() the client first"
+        waited = 0.0
+        while not await self._from_core.poll(timeout=1000):
+            waited += 1.0
+            if not self.is_alive:
+                return ("error", f"the engine core process exited (code {self._exit_code()})")
+            if timeout_s is not None and waited >= timeout_s:
+                return ("error", f"the engine core did not answer within {timeout_s:.0f} s")
+        return self._decoder.decode(await self._from_core.recv())
+
+    def _exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.exitcode
+
+    async def shutdown(self) -> None:
+        """Ask the core to stop, then make sure it has; close sockets."""
+        if self._proc is not None and self._proc.is_alive():
+            with contextlib.suppress(asyncio.TimeoutError, zmq.ZMQError):
+                await asyncio.wait_for(self.send("shutdown"), timeout=1.0)
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5)
+        for sock in (self._to_core, self._from_core):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._ipc_dir is not None:
+            self._ipc_dir.cleanup()
+        self._ctx = self._to_core = self._from_core = None
+        self._ipc_dir = None
