@@ -24,7 +24,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 serve: setup
-	$(VENV)/bin/lmserve chat
+	$(VENV)/bin/lmserve serve
 
 bench: setup
 	$(VENV)/bin/lmserve bench throughput --num-prompts 64 --input-len 128 --output-len 128 --peer hf

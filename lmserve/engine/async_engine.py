@@ -18,6 +18,7 @@ from lmserve.engine.args import create_engine_config
 from lmserve.engine.core_client import AsyncMPCoreClient
 from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.output_processor import OutputProcessor
+from lmserve.engine.protocol import EngineClient, EngineDeadError
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -25,11 +26,7 @@ from lmserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine core process is gone; requests cannot be served until a restart."""
-
-
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     def __init__(self, config: EngineConfig, tokenizer: Any | None, client: AsyncMPCoreClient):
         self.config = config
         self.tokenizer = tokenizer

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP layer: FastAPI app, pydantic protocol, one module per endpoint."""

@@ -1,0 +1,156 @@
+"""The FastAPI app: routes, auth, CORS, error handlers, over one EngineClient."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import lmserve
+from lmserve.api.errors import APIError, error_response, install_error_handlers
+from lmserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from lmserve.api.serving import common
+from lmserve.api.serving.chat import ChatServing, apply_chat_template
+from lmserve.api.serving.completions import CompletionServing
+from lmserve.engine.protocol import EngineClient
+
+
+def build_app(
+    engine: EngineClient,
+    config: common.ServingConfig,
+    api_key: str | None = None,
+    allowed_origins: list[str] | None = None,
+    disable_docs: bool = False,
+    root_path: str = "",
+) -> FastAPI:
+    docs = {} if not disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="lmserve", version=lmserve.__version__, root_path=root_path, **docs)
+    install_error_handlers(app)
+    if allowed_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    if api_key:
+        _install_auth(app, api_key)
+    chat = ChatServing(engine, config)
+    completions = CompletionServing(engine, config)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest) -> Response:
+        return _respond(await chat.create(request))
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest) -> Response:
+        return _respond(await completions.create(request))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [_model_card(engine, name) for name in config.served_model_names],
+        }
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        common.check_model(config, model)
+        return _model_card(engine, model)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
+        common.check_model(config, request.model)
+        tokenizer = engine.tokenizer
+        if tokenizer is None:
+            raise APIError("this model has no tokenizer")
+        if request.messages is not None:
+            text = apply_chat_template(
+                engine,
+                request.messages,
+                config.chat_template,
+                request.add_generation_prompt,
+                request.continue_final_message,
+                request.chat_template_kwargs,
+            )
+            add_special = bool(request.add_special_tokens)
+        elif request.prompt is not None:
+            text, add_special = request.prompt, request.add_special_tokens is not False
+        else:
+            raise APIError("give either 'prompt' or 'messages'", param="prompt")
+        ids = tokenizer.encode(text, add_special_tokens=add_special)
+        body: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": engine.config.scheduler.max_model_len,
+            "tokens": ids,
+        }
+        if request.return_token_strs:
+            body["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> dict[str, Any]:
+        common.check_model(config, request.model)
+        if engine.tokenizer is None:
+            raise APIError("this model has no tokenizer")
+        vocab = engine.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in request.tokens):
+            raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(request.tokens)}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_healthy:
+            return error_response("The engine is not running", 503)
+        return Response(status_code=200)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": lmserve.__version__}
+
+    @app.get("/load")
+    async def load() -> dict[str, int]:
+        stats = await engine.get_stats()
+        return {"server_load": stats["num_running"] + stats["num_waiting"]}
+
+    return app
+
+
+def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+def _model_card(engine: EngineClient, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": common.now(),
+        "owned_by": "lmserve",
+        "root": str(engine.config.model.model),
+        "parent": None,
+        "max_model_len": engine.config.scheduler.max_model_len,
+    }
+
+
+def _install_auth(app: FastAPI, api_key: str) -> None:
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Any) -> Response:
+        if request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response("Invalid or missing API key", 401)
+        return await call_next(request)

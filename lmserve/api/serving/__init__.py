@@ -1,0 +1,1 @@
+"""One module per endpoint, each written against EngineClient."""

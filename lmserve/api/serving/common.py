@@ -1,0 +1,117 @@
+"""What every generation endpoint shares: prompt checks, streaming, usage, ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.api.errors import APIError
+from lmserve.engine.protocol import EngineClient
+from lmserve.outputs import RequestOutput
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    served_model_names: list[str]
+    response_role: str = "assistant"
+    chat_template: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+
+def check_model(config: ServingConfig, model: str | None) -> str:
+    if model is None or model in config.served_model_names:
+        return config.model_name
+    raise APIError(
+        f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found"
+    )
+
+
+def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int | None) -> None:
+    """vLLM's wording, so clients that parse it keep working."""
+    limit = engine.config.scheduler.max_model_len
+    if num_prompt > limit:
+        raise APIError(
+            f"This model's maximum context length is {limit} tokens. However, your request has "
+            f"{num_prompt} input tokens. Please reduce the length of the input messages.",
+            param="messages",
+        )
+    if max_tokens is not None and num_prompt + max_tokens > limit:
+        raise APIError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in "
+            "the completion). Please reduce the length of the messages or completion.",
+            param="max_tokens",
+        )
+
+
+def new_id(prefix: str, request_id: str | None) -> str:
+    return f"{prefix}-{request_id or uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+async def run_to_end(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for output in stream:
+        last = output
+    assert last is not None
+    return last
+
+
+async def merge_streams(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' snapshots as they come, tagged with the stream's index."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((i, output))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def truncate(ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
+    return ids[-truncate_prompt_tokens:] if truncate_prompt_tokens else ids

@@ -1,0 +1,163 @@
+"""POST /v1/completions: prompts as text, token ids or lists of either; streaming or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lmserve.api.errors import APIError
+from lmserve.api.protocol import CompletionRequest
+from lmserve.api.serving import common
+from lmserve.engine.protocol import EngineClient
+from lmserve.outputs import CompletionOutput, RequestOutput
+
+
+class CompletionServing:
+    def __init__(self, engine: EngineClient, config: common.ServingConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    def _prompts(self, request: CompletionRequest) -> list[dict[str, Any]]:
+        """Each prompt as {"prompt_token_ids", "prompt"}; vLLM's four prompt shapes."""
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            items: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            items = [prompt]  # type: ignore[list-item]
+        else:
+            items = list(prompt)  # type: ignore[arg-type]
+        if not items:
+            raise APIError("prompt must not be empty", param="prompt")
+        tokenizer = self.engine.tokenizer
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise APIError("this model has no tokenizer: send token ids", param="prompt")
+                ids = tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                text: str | None = item
+            else:
+                ids, text = list(item), None
+            ids = common.truncate(ids, request.truncate_prompt_tokens)
+            common.check_prompt_length(self.engine, len(ids), request.max_tokens)
+            prompts.append({"prompt_token_ids": ids, "prompt": text})
+        return prompts
+
+    async def create(self, request: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        request.check_supported()
+        model = common.check_model(self.config, request.model)
+        prompts = self._prompts(request)
+        params = request.sampling_params(request.max_tokens or 16, request.logprobs)
+        base_id = common.new_id("cmpl", request.request_id)
+        streams = [
+            self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt)
+            for i, p in enumerate(prompts)
+        ]
+        if request.stream:
+            return self._stream(request, model, base_id, prompts, streams)
+        finals = [await common.run_to_end(s) for s in streams]
+        choices = []
+        for i, final in enumerate(finals):
+            for out in final.outputs:
+                choices.append(self._choice(request, i * params.n + out.index, final, out))
+        num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
+        num_completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        return {
+            "id": base_id,
+            "object": "text_completion",
+            "created": common.now(),
+            "model": model,
+            "choices": choices,
+            "usage": common.usage(num_prompt, num_completion),
+        }
+
+    def _choice(
+        self, request: CompletionRequest, index: int, final: RequestOutput, out: CompletionOutput
+    ) -> dict[str, Any]:
+        text = (final.prompt or "") + out.text if request.echo else out.text
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": text,
+            "logprobs": self._logprobs(out, 0, len(out.token_ids))
+            if request.logprobs is not None
+            else None,
+            "finish_reason": out.finish_reason,
+            "stop_reason": out.stop_reason,
+        }
+        if request.return_token_ids:
+            choice["prompt_token_ids"] = final.prompt_token_ids
+            choice["token_ids"] = out.token_ids
+        return choice
+
+    def _logprobs(self, out: CompletionOutput, start: int, end: int) -> dict[str, Any]:
+        tokens, token_logprobs, top = [], [], []
+        for token_id, entry in zip(
+            out.token_ids[start:end], (out.logprobs or [])[start:end], strict=False
+        ):
+            chosen = entry[token_id]
+            tokens.append(chosen.decoded_token or "")
+            token_logprobs.append(chosen.logprob)
+            top.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": [],
+        }
+
+    async def _stream(
+        self,
+        request: CompletionRequest,
+        model: str,
+        base_id: str,
+        prompts: list[dict[str, Any]],
+        streams: list[AsyncIterator[RequestOutput]],
+    ) -> AsyncIterator[str]:
+        n = request.n or 1
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        created = common.now()
+        num_completion = 0
+        async for i, snapshot in common.merge_streams(streams):
+            for out in snapshot.outputs:
+                index = i * n + out.index
+                text_start, token_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                delta = out.text[text_start:]
+                if index not in sent_text and request.echo:
+                    delta = (snapshot.prompt or "") + delta
+                if not delta and out.finish_reason is None:
+                    continue
+                sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
+                choice = {
+                    "index": index,
+                    "text": delta,
+                    "logprobs": self._logprobs(out, token_start, len(out.token_ids))
+                    if request.logprobs is not None
+                    else None,
+                    "finish_reason": out.finish_reason,
+                    "stop_reason": out.stop_reason,
+                }
+                if out.finish_reason is not None:
+                    num_completion += len(out.token_ids)
+                yield common.sse(
+                    {
+                        "id": base_id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [choice],
+                    }
+                )
+        if request.stream_options and request.stream_options.include_usage:
+            num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
+            yield common.sse(
+                {
+                    "id": base_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": common.usage(num_prompt, num_completion),
+                }
+            )
+        yield common.sse("[DONE]")

@@ -1,0 +1,40 @@
+"""EngineClient: what the HTTP and Ray layers depend on, never a concrete engine."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lmserve.config import EngineConfig
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process is gone; requests cannot be served until a restart."""
+
+
+class EngineClient(abc.ABC):
+    config: EngineConfig
+    tokenizer: Any | None
+
+    @property
+    @abc.abstractmethod
+    def is_healthy(self) -> bool: ...
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompt: str | dict[str, Any],
+        sampling_params: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative snapshots of one request, the last one finished."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_stats(self) -> dict[str, Any]: ...

@@ -1,0 +1,222 @@
+"""`lmserve serve` end to end with the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.api.conftest import Server, start_server, stop_server
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smollm2_server.url}/v1", api_key="unused")
+
+
+def test_models(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_answers_with_exact_usage(client: openai.OpenAI, smollm2_server: Server) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=32
+    )
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content and choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    counted = httpx.post(f"{smollm2_server.url}/tokenize", json={"messages": QUESTION}).json()
+    assert reply.usage.prompt_tokens == counted["count"]
+    completion_ids = httpx.post(
+        f"{smollm2_server.url}/tokenize",
+        json={"prompt": choice.message.content, "add_special_tokens": False},
+    ).json()["count"]
+    # the generated text plus the end-of-turn token
+    assert reply.usage.completion_tokens == completion_ids + 1
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=32
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=32,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishing[-1] == "stop" and all(f is None for f in finishing[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_shapes_n_logprobs_and_seed(client: openai.OpenAI) -> None:
+    batch = client.completions.create(
+        model=MODEL, prompt=["The sky is", "One, two,"], max_tokens=5, temperature=0
+    )
+    assert [c.index for c in batch.choices] == [0, 1] and all(c.text for c in batch.choices)
+    ids = client.completions.create(
+        model=MODEL, prompt=[504, 3681, 314], max_tokens=3, temperature=0
+    )
+    assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+    sampled = dict(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, n=2, seed=7, temperature=1.0
+    )
+    first, second = client.completions.create(**sampled), client.completions.create(**sampled)
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len(first.choices) == 2
+    with_lp = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=3, logprobs=2, temperature=0, echo=True
+    )
+    lp = with_lp.choices[0].logprobs
+    assert len(lp.tokens) == 3 and all(len(t) >= 2 for t in lp.top_logprobs)
+    assert with_lp.choices[0].text.startswith("Hello")
+    stopped = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"]
+    )
+    assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(
+        len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"messages": QUESTION, "no_such_field": 1}, 400, "no_such_field"),
+        ({"messages": QUESTION, "temperature": -1}, 400, "temperature"),
+        ({"messages": QUESTION, "model": "nope"}, 404, "does not exist"),
+        (
+            {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "tools",
+        ),
+        ({"messages": QUESTION, "guided_regex": "a+"}, 400, "guided_regex"),
+        (
+            {"messages": QUESTION, "add_generation_prompt": True, "continue_final_message": True},
+            400,
+            "continue_final_message",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "word " * 3000}]},
+            400,
+            "maximum context length is 2048 tokens",
+        ),
+        ({"messages": QUESTION, "max_tokens": 5000}, 400, "maximum context length"),
+    ],
+)
+def test_chat_errors(smollm2_server: Server, body: dict, status: int, needle: str) -> None:
+    response = httpx.post(f"{smollm2_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] and {"message", "type", "param", "code"} <= error.keys()
+
+
+def test_malformed_json_and_suffix(smollm2_server: Server) -> None:
+    bad = httpx.post(
+        f"{smollm2_server.url}/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    suffix = httpx.post(f"{smollm2_server.url}/v1/completions", json={"prompt": "a", "suffix": "b"})
+    assert suffix.status_code == 400 and "suffix" in suffix.json()["error"]["message"]
+
+
+def test_tokenize_detokenize_and_probes(smollm2_server: Server) -> None:
+    url = smollm2_server.url
+    tokens = httpx.post(
+        f"{url}/tokenize", json={"prompt": "Hello world", "return_token_strs": True}
+    ).json()
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 2048
+    assert (
+        httpx.post(f"{url}/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+        == "Hello world"
+    )
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/ping").status_code == 200
+    assert httpx.get(f"{url}/version").json()["version"]
+    assert httpx.get(f"{url}/load").json() == {"server_load": 0}
+
+
+def test_disconnect_mid_stream_frees_the_request(smollm2_server: Server) -> None:
+    body = {"prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{smollm2_server.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 1
+    for _ in range(100):
+        if httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0
+
+
+def test_concurrent_streaming_clients(smollm2_server: Server) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Say the number {i}."}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+        text, finish = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def run() -> list[tuple[str, str | None]]:
+        client = openai.AsyncOpenAI(base_url=f"{smollm2_server.url}/v1", api_key="x")
+        return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    results = asyncio.run(run())
+    assert all(text and finish in ("stop", "length") for text, finish in results)
+
+
+def test_api_key(tiny_model_dirs) -> None:
+    server = start_server(
+        str(tiny_model_dirs["llama"]), "--api-key", "sekret", "--kv-cache-memory-gb", "0.01"
+    )
+    try:
+        body = {"prompt": [1, 2, 3], "max_tokens": 2}
+        missing = httpx.post(f"{server.url}/v1/completions", json=body)
+        wrong = httpx.post(
+            f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}
+        )
+        right = httpx.post(
+            f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer sekret"}
+        )
+        assert missing.status_code == wrong.status_code == 401
+        assert json.loads(missing.text)["error"]["code"] == 401
+        assert right.status_code == 200 and right.json()["usage"]["completion_tokens"] == 2
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+    finally:
+        stop_server(server)
