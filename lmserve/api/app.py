@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import lmserve
 from lmserve.api.errors import APIError, error_response, install_error_handlers
@@ -121,7 +122,12 @@ def build_app(
     @app.get("/load")
     async def load() -> dict[str, int]:
         stats = await engine.get_stats()
-        return {"server_load": stats["num_running"] + stats["num_waiting"]}
+        return {"server_load": stats.num_running + stats.num_waiting}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        await engine.get_stats()  # fresh gauges even when idle
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -53,6 +53,7 @@ class Request:
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit length on first scheduling; -1 until then
+    first_scheduled_time: float | None = None
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)

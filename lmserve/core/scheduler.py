@@ -8,6 +8,7 @@ waiting queue, usually hitting its own blocks in the prefix cache.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,20 @@ from lmserve.core.scheduler_output import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A snapshot of the scheduler: gauges now, counters since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of usable KV blocks held by requests
+    num_free_blocks: int
+    num_usable_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
 @dataclass(slots=True)
 class RequestUpdate:
     """A request's progress after one step, for the engine to report to the frontend."""
@@ -33,6 +48,7 @@ class RequestUpdate:
     finish_reason: str | None
     stop_reason: int | str | None
     num_cached_tokens: int
+    first_scheduled_time: float | None = None  # wall clock, on the request's first update
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None
 
@@ -46,7 +62,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # to tell the worker at the next step
         self._known_to_worker: set[str] = set()
-        self.num_preemptions = 0  # since start, for metrics and tests
+        # cumulative counters since start, for metrics and tests
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of which found
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -113,6 +132,9 @@ class Scheduler:
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
+                request.first_scheduled_time = time.time()
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_computed
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -178,11 +200,24 @@ class Scheduler:
                         finish_reason=request.status.finish_reason,
                         stop_reason=request.stop_reason,
                         num_cached_tokens=max(request.num_cached_tokens, 0),
+                        first_scheduled_time=request.first_scheduled_time,
                         logprobs=result.logprobs if result else None,
                         prompt_logprobs=result.prompt_logprobs if result else None,
                     )
                 )
         return updates
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_usable_blocks=self.kv.pool.num_usable_blocks,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+        )
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """vLLM's order: the length limits first, then (past min_tokens) EOS and stop ids."""

@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve.config import EngineConfig
+from lmserve.core.scheduler import SchedulerStats
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.core_client import AsyncMPCoreClient
 from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.protocol import EngineClient, EngineDeadError
 from lmserve.engine.tokenizer import load_tokenizer
@@ -34,8 +36,10 @@ class AsyncEngine(EngineClient):
         self.output_processor = OutputProcessor(tokenizer)
         self.client = client
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._stats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._stats: asyncio.Queue[SchedulerStats] = asyncio.Queue()
+        self.metrics = EngineMetrics(config.model.model)
         self._output_task: asyncio.Task[None] | None = None
+        self._log_task: asyncio.Task[None] | None = None
         self._dead: str | None = None
         self._counter = itertools.count()
 
@@ -50,6 +54,7 @@ class AsyncEngine(EngineClient):
         await client.start(start_timeout_s)
         engine = cls(config, tokenizer, client)
         engine._output_task = asyncio.create_task(engine._output_loop(), name="lmserve-outputs")
+        engine._log_task = asyncio.create_task(engine._log_loop(), name="lmserve-stats-log")
         return engine
 
     @property
@@ -93,6 +98,7 @@ class AsyncEngine(EngineClient):
         finished = False
         try:
             for child in children:
+                self.metrics.record_arrival(child.req_id, len(child.prompt_token_ids))
                 await self.client.send("add", child)
             while not finished:
                 item = await queue.get()
@@ -109,10 +115,12 @@ class AsyncEngine(EngineClient):
         """Stop a request now; its KV blocks are freed in the core's next step."""
         child_ids = self.output_processor.abort(request_id)
         self._queues.pop(request_id, None)
+        for child_id in child_ids:
+            self.metrics.record_abort(child_id)
         if child_ids and self._dead is None:
             await self.client.send("abort", child_ids)
 
-    async def get_stats(self) -> dict[str, Any]:
+    async def get_stats(self) -> SchedulerStats:
         """The core's counters: running/waiting requests, free blocks, preemptions."""
         await self.client.send("stats")
         return await asyncio.wait_for(self._stats.get(), timeout=30)
@@ -121,8 +129,10 @@ class AsyncEngine(EngineClient):
         while True:
             kind, payload = await self.client.receive()
             if kind == "outputs":
-                assert isinstance(payload, list)
-                outputs, to_abort = self.output_processor.process(payload, snapshots=True)
+                assert isinstance(payload, tuple)
+                core_outputs, stats = payload
+                self.metrics.record_step(core_outputs, stats)
+                outputs, to_abort = self.output_processor.process(core_outputs, snapshots=True)
                 if to_abort:
                     await self.client.send("abort", to_abort)
                 for output in outputs:
@@ -130,11 +140,17 @@ class AsyncEngine(EngineClient):
                     if queue is not None:
                         queue.put_nowait(output)
             elif kind == "stats":
-                assert isinstance(payload, dict)
+                assert isinstance(payload, SchedulerStats)
+                self.metrics.record_stats(payload)
                 self._stats.put_nowait(payload)
             elif kind == "error":
                 self._fail(str(payload))
                 return
+
+    async def _log_loop(self, interval_s: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.metrics.log_interval()
 
     def _fail(self, reason: str) -> None:
         """The core died: every waiting request gets EngineDeadError instead of hanging."""
@@ -145,7 +161,8 @@ class AsyncEngine(EngineClient):
             self.output_processor.abort(request_id)
 
     async def shutdown(self) -> None:
-        if self._output_task is not None:
-            self._output_task.cancel()
-            await asyncio.gather(self._output_task, return_exceptions=True)
+        tasks = [t for t in (self._output_task, self._log_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.shutdown()

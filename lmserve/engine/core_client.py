@@ -5,8 +5,8 @@ has work; the API process keeps tokenization, detokenization and HTTP, so neithe
 the other for the GIL. Messages are `(kind, payload)` tuples:
 
 - to the core: ("add", EngineCoreRequest), ("abort", [req ids]), ("stats", None), ("shutdown", None)
-- from the core: ("ready", stats), ("outputs", [EngineCoreOutput]), ("stats", stats),
-  ("error", message)
+- from the core: ("ready", SchedulerStats), ("outputs", ([EngineCoreOutput], SchedulerStats)),
+  ("stats", SchedulerStats), ("error", message)
 """
 
 from __future__ import annotations
@@ -26,12 +26,19 @@ import zmq
 import zmq.asyncio
 
 from lmserve.config import EngineConfig
+from lmserve.core.scheduler import SchedulerStats
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
 _ToCore = tuple[str, EngineCoreRequest | list[str] | None]
-_FromCore = tuple[str, list[EngineCoreOutput] | dict[str, Any] | str]
+FromCore = tuple[str, tuple[list[EngineCoreOutput], SchedulerStats] | SchedulerStats | str]
+_PAYLOAD_TYPES: dict[str, Any] = {
+    "ready": SchedulerStats,
+    "stats": SchedulerStats,
+    "outputs": tuple[list[EngineCoreOutput], SchedulerStats],
+    "error": str,
+}
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
@@ -47,7 +54,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         from lmserve.engine.core import EngineCore
 
         core = EngineCore.from_config(config)
-        outbox.send(encoder.encode(("ready", _stats(core))))
+        outbox.send(encoder.encode(("ready", core.scheduler.stats())))
         _serve(core, inbox, outbox, encoder, decoder)
     except Exception:  # noqa: BLE001 - whatever kills the core is reported, then it exits
         outbox.send(encoder.encode(("error", traceback.format_exc())))
@@ -68,24 +75,13 @@ def _serve(core: Any, inbox: zmq.Socket, outbox: zmq.Socket, encoder: Any, decod
             elif kind == "abort":
                 core.abort_requests(payload)
             elif kind == "stats":
-                outbox.send(encoder.encode(("stats", _stats(core))))
+                outbox.send(encoder.encode(("stats", core.scheduler.stats())))
             elif kind == "shutdown":
                 return
             timeout = 0
         outputs = core.step()
         if outputs:
-            outbox.send(encoder.encode(("outputs", outputs)))
-
-
-def _stats(core: Any) -> dict[str, Any]:
-    kv = core.scheduler.kv
-    return {
-        "num_running": len(core.scheduler.running),
-        "num_waiting": len(core.scheduler.waiting),
-        "num_free_blocks": kv.num_free_blocks,
-        "num_usable_blocks": kv.pool.num_usable_blocks,
-        "num_preemptions": core.scheduler.num_preemptions,
-    }
+            outbox.send(encoder.encode(("outputs", (outputs, core.scheduler.stats()))))
 
 
 class AsyncMPCoreClient:
@@ -99,9 +95,10 @@ class AsyncMPCoreClient:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._ipc_dir: tempfile.TemporaryDirectory[str] | None = None
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(_FromCore)
+        self._envelope = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
+        self._payloads = {k: msgspec.msgpack.Decoder(t) for k, t in _PAYLOAD_TYPES.items()}
 
-    async def start(self, timeout_s: float) -> dict[str, Any]:
+    async def start(self, timeout_s: float) -> SchedulerStats:
         """Spawn the core and wait until its model is loaded; returns its first stats."""
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="lmserve-")
         base = os.path.join(self._ipc_dir.name, uuid.uuid4().hex[:8])
@@ -123,7 +120,7 @@ class AsyncMPCoreClient:
         if kind != "ready":
             await self.shutdown()
             raise RuntimeError(f"the engine core failed to start:\n{payload}")
-        assert isinstance(payload, dict)
+        assert isinstance(payload, SchedulerStats)
         return payload
 
     @property
@@ -134,7 +131,7 @@ class AsyncMPCoreClient:
         assert self._to_core is not None, "start() the client first"
         await self._to_core.send(self._encoder.encode((kind, payload)))
 
-    async def receive(self, timeout_s: float | None = None) -> _FromCore:
+    async def receive(self, timeout_s: float | None = None) -> FromCore:
         """The next message from the core; ("error", ...) if it died or went quiet too long."""
         assert self._from_core is not None, "start() the client first"
         waited = 0.0
@@ -144,7 +141,8 @@ class AsyncMPCoreClient:
                 return ("error", f"the engine core process exited (code {self._exit_code()})")
             if timeout_s is not None and waited >= timeout_s:
                 return ("error", f"the engine core did not answer within {timeout_s:.0f} s")
-        return self._decoder.decode(await self._from_core.recv())
+        kind, raw = self._envelope.decode(await self._from_core.recv())
+        return kind, self._payloads[kind].decode(raw)
 
     def _exit_code(self) -> int | None:
         return None if self._proc is None else self._proc.exitcode

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve.config import EngineConfig
+from lmserve.core.scheduler import SchedulerStats
+from lmserve.engine.metrics import EngineMetrics
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -18,6 +20,7 @@ class EngineDeadError(RuntimeError):
 class EngineClient(abc.ABC):
     config: EngineConfig
     tokenizer: Any | None
+    metrics: EngineMetrics
 
     @property
     @abc.abstractmethod
@@ -37,4 +40,4 @@ class EngineClient(abc.ABC):
     async def abort(self, request_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def get_stats(self) -> dict[str, Any]: ...
+    async def get_stats(self) -> SchedulerStats: ...

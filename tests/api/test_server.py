@@ -175,6 +175,9 @@ def test_disconnect_mid_stream_frees_the_request(smollm2_server: Server) -> None
             break
         asyncio.run(asyncio.sleep(0.05))
     assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0
+    text = httpx.get(f"{smollm2_server.url}/metrics").text
+    assert metric(text, "lmserve:num_requests_running", model_name=MODEL) == 0
+    assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
 
 
 def test_concurrent_streaming_clients(smollm2_server: Server) -> None:
@@ -220,3 +223,33 @@ def test_api_key(tiny_model_dirs) -> None:
         assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
     finally:
         stop_server(server)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def test_metrics_after_traffic(client: openai.OpenAI, smollm2_server: Server) -> None:
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    text = httpx.get(f"{smollm2_server.url}/metrics").text
+    assert metric(text, "lmserve:num_requests_running", model_name=MODEL) == 0
+    assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
+    assert metric(text, "lmserve:generation_tokens_total", model_name=MODEL) > 0
+    assert metric(text, "lmserve:request_success_total", finished_reason="stop") >= 2
+    assert metric(text, "lmserve:time_to_first_token_seconds_count", model_name=MODEL) >= 2
+    # the second identical chat hit the prefix cache
+    assert metric(text, "lmserve:prefix_cache_hits_total", model_name=MODEL) > 0
+    assert metric(text, "lmserve:prefix_cache_queries_total", model_name=MODEL) > 0
+    for name in (
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "request_prompt_tokens",
+        "request_generation_tokens",
+    ):
+        assert metric(text, f"lmserve:{name}_count", model_name=MODEL) >= 2

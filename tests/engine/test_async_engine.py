@@ -51,8 +51,8 @@ def test_concurrent_streams_match_offline(tiny_model_dirs) -> None:
         assert lengths == sorted(lengths) and len(snapshots) > 1  # streamed, growing
         assert [s.finished for s in snapshots] == [False] * (len(snapshots) - 1) + [True]
         assert snapshots[-1].outputs[0].token_ids == want
-    assert stats["num_free_blocks"] == stats["num_usable_blocks"]
-    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert stats.num_free_blocks == stats.num_usable_blocks
+    assert stats.num_running == stats.num_waiting == 0
 
 
 def test_abandoned_stream_frees_its_blocks(tiny_model_dirs) -> None:
@@ -71,7 +71,7 @@ def test_abandoned_stream_frees_its_blocks(tiny_model_dirs) -> None:
             busy = await engine.get_stats()
             for _ in range(50):
                 stats = await engine.get_stats()
-                if stats["num_running"] == 0:
+                if stats.num_running == 0:
                     break
                 await asyncio.sleep(0.05)
             after = await collect(engine, [1, 2, 3], GREEDY, "y")
@@ -80,8 +80,8 @@ def test_abandoned_stream_frees_its_blocks(tiny_model_dirs) -> None:
         return busy, stats, after
 
     busy, stats, after = asyncio.run(run())
-    assert stats["num_running"] == stats["num_waiting"] == 0
-    assert stats["num_free_blocks"] == stats["num_usable_blocks"]
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_usable_blocks
     assert after[-1].finished and len(after[-1].outputs[0].token_ids) == 12
 
 

@@ -1,0 +1,163 @@
+"""Prometheus metrics named like vLLM's (`lmserve:` for `vllm:`), and the periodic stats log.
+
+Request timings are taken in the API process, where the tokens arrive; scheduler gauges and
+counters come from the core with every step. Each engine has its own registry: no global state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from lmserve.core.scheduler import SchedulerStats
+from lmserve.engine.messages import EngineCoreOutput
+
+logger = logging.getLogger("lmserve.stats")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)  # fmt: skip
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
+@dataclass
+class _Timing:
+    arrival: float
+    num_prompt_tokens: int
+    last_token: float | None = None
+    num_generated: int = 0
+
+
+@dataclass
+class _Interval:
+    """Tokens since the last log line."""
+
+    start: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"lmserve:{name}", doc, labels, registry=r)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"lmserve:{name}", doc, [*labels, *extra], registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"lmserve:{name}", doc, labels, buckets=buckets, registry=r)
+
+        self._running = gauge("num_requests_running", "Requests in the running batch")
+        self._waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
+        self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
+        self._cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up")
+        self._cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self._preemptions = counter("num_preemptions", "Requests preempted by recompute")
+        self._prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
+        self._generation_tokens = counter("generation_tokens", "Tokens generated")
+        self._success = counter("request_success", "Finished requests", ("finished_reason",))
+        self._ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS
+        )
+        self._itl = histogram(
+            "inter_token_latency_seconds", "Time between tokens", _LATENCY_BUCKETS
+        )
+        self._e2e = histogram("e2e_request_latency_seconds", "Arrival to finish", _LATENCY_BUCKETS)
+        self._queue = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduling", _LATENCY_BUCKETS
+        )
+        self._req_prompt = histogram(
+            "request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS
+        )
+        self._req_generation = histogram(
+            "request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS
+        )
+        self._label = {"model_name": model_name}
+        self._timings: dict[str, _Timing] = {}
+        self._last_stats: SchedulerStats | None = None
+        self._interval = _Interval()
+
+    def record_arrival(self, req_id: str, num_prompt_tokens: int) -> None:
+        self._timings[req_id] = _Timing(time.time(), num_prompt_tokens)
+
+    def record_abort(self, req_id: str) -> None:
+        self._timings.pop(req_id, None)
+
+    def record_step(self, outputs: list[EngineCoreOutput], stats: SchedulerStats) -> None:
+        now = time.time()
+        for out in outputs:
+            timing = self._timings.get(out.req_id)
+            if timing is None or not out.new_token_ids:
+                continue
+            num_new = len(out.new_token_ids)
+            if timing.last_token is None:
+                self._ttft.labels(**self._label).observe(now - timing.arrival)
+                if out.first_scheduled_time is not None:
+                    queued = max(0.0, out.first_scheduled_time - timing.arrival)
+                    self._queue.labels(**self._label).observe(queued)
+                computed = timing.num_prompt_tokens - out.num_cached_tokens
+                self._prompt_tokens.labels(**self._label).inc(computed)
+                self._interval.prompt_tokens += computed
+            else:
+                self._itl.labels(**self._label).observe((now - timing.last_token) / num_new)
+            timing.last_token = now
+            timing.num_generated += num_new
+            self._generation_tokens.labels(**self._label).inc(num_new)
+            self._interval.generation_tokens += num_new
+            if out.finish_reason is not None:
+                self._finish(out.req_id, out.finish_reason, now)
+        self.record_stats(stats)
+
+    def _finish(self, req_id: str, reason: str, now: float) -> None:
+        timing = self._timings.pop(req_id)
+        self._success.labels(**self._label, finished_reason=reason).inc()
+        self._e2e.labels(**self._label).observe(now - timing.arrival)
+        self._req_prompt.labels(**self._label).observe(timing.num_prompt_tokens)
+        self._req_generation.labels(**self._label).observe(timing.num_generated)
+
+    def record_stats(self, stats: SchedulerStats) -> None:
+        self._running.labels(**self._label).set(stats.num_running)
+        self._waiting.labels(**self._label).set(stats.num_waiting)
+        self._kv_usage.labels(**self._label).set(stats.kv_cache_usage)
+        last = self._last_stats
+        self._cache_queries.labels(**self._label).inc(
+            stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0)
+        )
+        self._cache_hits.labels(**self._label).inc(
+            stats.prefix_cache_hits - (last.prefix_cache_hits if last else 0)
+        )
+        self._preemptions.labels(**self._label).inc(
+            stats.num_preemptions - (last.num_preemptions if last else 0)
+        )
+        self._last_stats = stats
+
+    def log_interval(self) -> None:
+        """One line of throughput and cache state, when anything happened since the last."""
+        interval, self._interval = self._interval, _Interval()
+        stats = self._last_stats
+        busy = stats is not None and (stats.num_running or stats.num_waiting)
+        if not busy and not interval.generation_tokens:
+            return
+        elapsed = max(time.monotonic() - interval.start, 1e-9)
+        hit_rate = (
+            100.0 * stats.prefix_cache_hits / stats.prefix_cache_queries
+            if stats and stats.prefix_cache_queries
+            else 0.0
+        )
+        logger.info(
+            "running: %d, waiting: %d, KV cache usage: %.1f%%, prompt: %.1f tok/s, "
+            "generation: %.1f tok/s, prefix cache hit rate: %.1f%%",
+            stats.num_running if stats else 0,
+            stats.num_waiting if stats else 0,
+            100.0 * (stats.kv_cache_usage if stats else 0.0),
+            interval.prompt_tokens / elapsed,
+            interval.generation_tokens / elapsed,
+            hit_rate,
+        )
