@@ -49,22 +49,45 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
+    import signal
+
     import uvicorn
 
-    from lmserve.api.app import build_app
+    from lmserve.api.app import CORSConfig, build_app
     from lmserve.api.serving.common import ServingConfig
     from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.engine.generation_config import load_sampling_defaults
     from lmserve.models.source import DEFAULT_MODEL
 
     engine = await AsyncEngine.start(args.model, **engine_kwargs_from_cli(args))
     try:
         names = args.served_model_name or [args.model or DEFAULT_MODEL]
-        chat_template = _read_chat_template(args.chat_template)
+        serving = ServingConfig(
+            names,
+            response_role=args.response_role,
+            chat_template=_read_chat_template(args.chat_template),
+            chat_template_content_format=args.chat_template_content_format,
+            sampling_defaults=load_sampling_defaults(engine.config.model.path)
+            if args.generation_config == "auto"
+            else {},
+            log_requests=not args.disable_log_requests,
+        )
+        cors = (
+            CORSConfig(
+                args.allowed_origins,
+                args.allowed_methods,
+                args.allowed_headers,
+                args.allow_credentials,
+            )
+            if args.allowed_origins
+            else None
+        )
         app = build_app(
             engine,
-            ServingConfig(names, response_role=args.response_role, chat_template=chat_template),
+            serving,
             api_key=api_key,
-            allowed_origins=args.allowed_origins,
+            cors=cors,
+            request_id_headers=args.enable_request_id_headers,
             disable_docs=args.disable_fastapi_docs,
             root_path=args.root_path,
         )
@@ -76,6 +99,10 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             timeout_graceful_shutdown=30,
         )
         print(f"lmserve: serving {names[0]} on http://{args.host}:{args.port}/v1", flush=True)
+        # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the
+        # handler it found: make that a no-op, so the engine below is shut down and we exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         await uvicorn.Server(config).serve()
     finally:
         await engine.shutdown()
@@ -111,7 +138,31 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "--response-role", default="assistant", help="role of the generated chat message"
     )
     parser.add_argument(
+        "--chat-template-content-format",
+        default="auto",
+        choices=["auto", "string", "openai"],
+        help="how message content reaches the template: a string, or OpenAI's list of parts "
+        "(auto: detected from the template)",
+    )
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "none"],
+        help="auto: unset sampling fields take the model's generation_config.json values",
+    )
+    parser.add_argument(
         "--allowed-origins", nargs="*", default=None, help="CORS origins allowed (default: none)"
+    )
+    parser.add_argument("--allowed-methods", nargs="*", default=["*"], help="CORS methods allowed")
+    parser.add_argument("--allowed-headers", nargs="*", default=["*"], help="CORS headers allowed")
+    parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    parser.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="answer with an X-Request-Id header (the client's, or a new one)",
+    )
+    parser.add_argument(
+        "--disable-log-requests", action="store_true", help="do not log each request received"
     )
     parser.add_argument("--root-path", default="", help="path prefix behind a proxy")
     parser.add_argument(
@@ -132,11 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmserve", description="LLM inference: offline engine, chat and benchmarks."
     )
     parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    serve.add_argument(
+        "--config", default=None, help="YAML file of flags (name: value); command-line flags win"
+    )
     add_engine_cli_args(serve)
     _add_server_args(serve)
     serve.set_defaults(func=_serve)
@@ -158,7 +212,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expand_config_file(argv: list[str]) -> list[str]:
+    """`--config FILE.yaml` becomes the flags it holds, placed before the command line's own
+    flags so that those win: {max-model-len: 2048, enable-prefix-caching: false, ...}."""
+    if "--config" not in argv:
+        return argv
+    import yaml
+
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise SystemExit("lmserve: error: --config needs a YAML file")
+    path = argv[at + 1]
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"lmserve: error: {path} must hold a mapping of flag names to values")
+    flags: list[str] = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif key == "model":
+            flags.append(str(value))
+        else:
+            flags += [flag, str(value)]
+    rest = argv[:at] + argv[at + 2 :]
+    command_end = next((i + 1 for i, a in enumerate(rest) if a in ("serve", "chat")), len(rest))
+    return rest[:command_end] + flags + rest[command_end:]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _expand_config_file(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

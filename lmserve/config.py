@@ -29,6 +29,7 @@ class ModelConfig:
     load_format: str
     max_model_len: int
     seed: int = 0
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
 
     @property
     def architecture(self) -> str:

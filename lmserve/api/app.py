@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,21 +27,36 @@ from lmserve.api.serving.completions import CompletionServing
 from lmserve.engine.protocol import EngineClient
 
 
+@dataclass(frozen=True)
+class CORSConfig:
+    allowed_origins: list[str]
+    allowed_methods: list[str]
+    allowed_headers: list[str]
+    allow_credentials: bool
+
+
 def build_app(
     engine: EngineClient,
     config: common.ServingConfig,
     api_key: str | None = None,
-    allowed_origins: list[str] | None = None,
+    cors: CORSConfig | None = None,
+    request_id_headers: bool = False,
     disable_docs: bool = False,
     root_path: str = "",
 ) -> FastAPI:
     docs = {} if not disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="lmserve", version=lmserve.__version__, root_path=root_path, **docs)
     install_error_handlers(app)
-    if allowed_origins:
+    if cors is not None:
         app.add_middleware(
-            CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"]
+            CORSMiddleware,
+            allow_origins=cors.allowed_origins,
+            allow_methods=cors.allowed_methods,
+            allow_headers=cors.allowed_headers,
+            allow_credentials=cors.allow_credentials,
         )
+    if request_id_headers:
+        _install_request_ids(app)
     if api_key:
         _install_auth(app, api_key)
     chat = ChatServing(engine, config)
@@ -148,6 +165,14 @@ def _model_card(engine: EngineClient, name: str) -> dict[str, Any]:
         "parent": None,
         "max_model_len": engine.config.scheduler.max_model_len,
     }
+
+
+def _install_request_ids(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def add_request_id(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return response
 
 
 def _install_auth(app: FastAPI, api_key: str) -> None:

@@ -91,19 +91,27 @@ class _SamplingRequest(BaseModel):
             if getattr(self, name, None) is not None:
                 logger.warning("ignoring %r: it has no effect on this server", name)
 
-    def sampling_params(self, max_tokens: int | None, num_logprobs: int | None) -> SamplingParams:
-        """Unset fields take vLLM's defaults."""
+    def sampling_params(
+        self, max_tokens: int | None, num_logprobs: int | None, defaults: dict[str, Any]
+    ) -> SamplingParams:
+        """Unset fields take the model's defaults (`defaults`, from generation_config.json with
+        --generation-config auto), then vLLM's."""
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
         try:
             return SamplingParams(
                 n=self.n or 1,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=self.top_k or 0,
-                min_p=self.min_p or 0.0,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
                 seed=self.seed,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=self.repetition_penalty or 1.0,
+                repetition_penalty=pick("repetition_penalty", 1.0),
                 logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
                 max_tokens=max_tokens,
                 min_tokens=self.min_tokens,

@@ -44,6 +44,7 @@ def create_engine_config(
     kv_cache_memory_gb: float | None = None,
     gpu_memory_utilization: float = 0.9,
     device: str = "auto",
+    max_logprobs: int = 20,
     cache_dir: str | os.PathLike | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory."""
@@ -69,6 +70,7 @@ def create_engine_config(
         load_format=load_format,
         max_model_len=max_model_len,
         seed=seed,
+        max_logprobs=max_logprobs,
     )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = 2048
@@ -166,6 +168,12 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         help="dummy = random weights with the model's real shapes (benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
+    parser.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="most logprobs / top_logprobs / prompt_logprobs a request may ask for",
+    )
 
 
 def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,4 +190,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         gpu_memory_utilization=args.gpu_memory_utilization,
         load_format=args.load_format,
         seed=args.seed,
+        max_logprobs=args.max_logprobs,
     )

@@ -31,6 +31,7 @@ from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
+_IDLE_POLL_MS = 1000
 _ToCore = tuple[str, EngineCoreRequest | list[str] | None]
 FromCore = tuple[str, tuple[list[EngineCoreOutput], SchedulerStats] | SchedulerStats | str]
 _PAYLOAD_TYPES: dict[str, Any] = {
@@ -65,9 +66,11 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
 
 
 def _serve(core: Any, inbox: zmq.Socket, outbox: zmq.Socket, encoder: Any, decoder: Any) -> None:
+    parent = os.getppid()
     while True:
-        # Block for input only when idle; otherwise drain what has arrived and step.
-        timeout = 0 if core.has_unfinished_requests() else None
+        # Wait for input only when idle (checking each second that the server still exists, so
+        # the core never outlives it); otherwise drain what has arrived and step.
+        timeout = 0 if core.has_unfinished_requests() else _IDLE_POLL_MS
         while inbox.poll(timeout):
             kind, payload = decoder.decode(inbox.recv())
             if kind == "add":
@@ -79,6 +82,9 @@ def _serve(core: Any, inbox: zmq.Socket, outbox: zmq.Socket, encoder: Any, decod
             elif kind == "shutdown":
                 return
             timeout = 0
+        if os.getppid() != parent:
+            logger.warning("the server process is gone; the engine core exits")
+            return
         outputs = core.step()
         if outputs:
             outbox.send(encoder.encode(("outputs", (outputs, core.scheduler.stats()))))

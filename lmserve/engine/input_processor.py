@@ -13,8 +13,6 @@ from lmserve.sampling_params import SamplingParams
 # A prompt: text, or pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text).
 PromptType = str | dict[str, Any]
 
-MAX_LOGPROBS = 20
-
 
 @dataclass(frozen=True)
 class ProcessedPrompt:
@@ -79,8 +77,9 @@ class InputProcessor:
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+            limit = self.model_config.max_logprobs
+            if value is not None and value > limit:
+                raise ValueError(f"{name} must be at most {limit} (--max-logprobs), got {value}")
         bad = [
             t
             for t in [*(params.logit_bias or {}), *(params.stop_token_ids or [])]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ from tqdm import tqdm
 
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.core import EngineCore
+from lmserve.engine.generation_config import load_sampling_defaults
 from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.tokenizer import load_tokenizer
@@ -18,7 +18,6 @@ from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class LLM:
@@ -42,10 +41,7 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's generation_config.json sampling defaults, as vLLM's --generation-config auto."""
-        path = self.config.model.path / "generation_config.json"
-        config = json.loads(path.read_text()) if path.exists() else {}
-        kwargs = {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
-        return SamplingParams(**kwargs)
+        return SamplingParams(**load_sampling_defaults(self.config.model.path))
 
     def generate(
         self,

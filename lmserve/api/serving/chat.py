@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,13 +12,29 @@ from lmserve.api.serving import common
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
 
+# A template that loops over a message's content expects OpenAI's list of parts.
+_LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
 
-def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Content parts of type text are joined into one string, the form every template reads."""
+
+def detect_content_format(template: str) -> str:
+    """ "openai" when the template iterates over content parts, else "string"."""
+    return "openai" if _LOOPS_OVER_CONTENT.search(template) else "string"
+
+
+def render_messages(messages: list[ChatMessage], content_format: str) -> list[dict[str, Any]]:
+    """With the "string" format, text parts are joined into one string; with "openai" the
+    parts are passed to the template as they came. Non-text parts are refused either way."""
     rendered = []
     for message in messages:
         item = message.model_dump(exclude_none=True)
-        if isinstance(message.content, list):
+        if isinstance(message.content, list) and content_format == "openai":
+            for part in message.content:
+                if part.get("type") != "text":
+                    raise APIError(
+                        f"content part type {part.get('type')!r} is not supported (text only)",
+                        param="messages",
+                    )
+        elif isinstance(message.content, list):
             texts = []
             for part in message.content:
                 if part.get("type") != "text":
@@ -38,15 +55,19 @@ def apply_chat_template(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
+    content_format: str = "auto",
 ) -> str:
     tokenizer = engine.tokenizer
-    if tokenizer is None or (chat_template is None and not tokenizer.chat_template):
+    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
+    if tokenizer is None or not isinstance(template, str):
         raise APIError(
             "This model has no chat template, so it cannot serve chat requests. Start the server "
             "with --chat-template (a Jinja file or string), or use /v1/completions.",
         )
+    if content_format == "auto":
+        content_format = detect_content_format(template)
     return tokenizer.apply_chat_template(
-        render_messages(messages),
+        render_messages(messages, content_format),
         chat_template=chat_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
@@ -70,6 +91,7 @@ class ChatServing:
             request.add_generation_prompt,
             request.continue_final_message,
             request.chat_template_kwargs,
+            self.config.chat_template_content_format,
         )
         assert self.engine.tokenizer is not None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
@@ -77,8 +99,9 @@ class ChatServing:
         max_tokens = request.max_completion_tokens or request.max_tokens
         common.check_prompt_length(self.engine, len(ids), max_tokens)
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = request.sampling_params(max_tokens, num_logprobs)
+        params = request.sampling_params(max_tokens, num_logprobs, self.config.sampling_defaults)
         request_id = common.new_id("chatcmpl", request.request_id)
+        common.log_request(self.config, request_id, len(ids), params)
         stream = self.engine.generate(
             {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt
         )

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmserve.api.errors import APIError
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("lmserve.requests")
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,9 @@ class ServingConfig:
     served_model_names: list[str]
     response_role: str = "assistant"
     chat_template: str | None = None
+    chat_template_content_format: str = "auto"  # auto | string | openai
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    log_requests: bool = True
 
     @property
     def model_name(self) -> str:
@@ -50,6 +57,13 @@ def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int |
             "the completion). Please reduce the length of the messages or completion.",
             param="max_tokens",
         )
+
+
+def log_request(
+    config: ServingConfig, request_id: str, num_prompt: int, params: SamplingParams
+) -> None:
+    if config.log_requests:
+        logger.info("request %s: %d prompt tokens, %s", request_id, num_prompt, params)
 
 
 def new_id(prefix: str, request_id: str | None) -> str:

@@ -47,8 +47,12 @@ class CompletionServing:
         request.check_supported()
         model = common.check_model(self.config, request.model)
         prompts = self._prompts(request)
-        params = request.sampling_params(request.max_tokens or 16, request.logprobs)
+        params = request.sampling_params(
+            request.max_tokens or 16, request.logprobs, self.config.sampling_defaults
+        )
         base_id = common.new_id("cmpl", request.request_id)
+        for i, p in enumerate(prompts):
+            common.log_request(self.config, f"{base_id}-{i}", len(p["prompt_token_ids"]), params)
         streams = [
             self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt)
             for i, p in enumerate(prompts)

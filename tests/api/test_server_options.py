@@ -1,0 +1,110 @@
+"""Server flags end to end: --config files, aliases, request ids, CORS, chat templates, and the
+engine process's lifetime."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, start_server, stop_server
+
+TEMPLATE = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+
+
+@pytest.fixture(scope="module")
+def configured(smollm2_dir, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("cfg")
+    (root / "template.jinja").write_text(TEMPLATE)
+    config = root / "serve.yaml"
+    config.write_text(
+        "served-model-name: [smol, alias]\n"
+        "enable-request-id-headers: true\n"
+        "allowed-origins: ['http://example.com']\n"
+        f"chat-template: {root / 'template.jinja'}\n"
+        "max-model-len: 1024\n"
+        "kv-cache-memory-gb: 0.25\n"
+        "enable-prefix-caching: false\n"
+    )
+    server = start_server("--config", str(config), "--max-model-len", "512")
+    yield server
+    stop_server(server)
+
+
+def test_config_file_and_flag_precedence(configured: Server) -> None:
+    models = httpx.get(f"{configured.url}/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["smol", "alias"]
+    assert models[0]["max_model_len"] == 512  # the command line beats the file
+    reply = httpx.post(
+        f"{configured.url}/v1/completions",
+        json={"model": "alias", "prompt": "Hi", "max_tokens": 2},
+        headers={"X-Request-Id": "abc123"},
+    )
+    assert reply.status_code == 200 and reply.json()["model"] == "smol"
+    assert reply.headers["x-request-id"] == "abc123"
+    assert httpx.get(f"{configured.url}/version").headers["x-request-id"]
+
+
+def test_cors_preflight(configured: Server) -> None:
+    preflight = httpx.options(
+        f"{configured.url}/v1/chat/completions",
+        headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.headers["access-control-allow-origin"] == "http://example.com"
+    other = httpx.options(
+        f"{configured.url}/v1/chat/completions",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_chat_template_flag_is_used(configured: Server) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    tokens = httpx.post(f"{configured.url}/tokenize", json={"messages": messages}).json()
+    text = httpx.post(f"{configured.url}/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert text["prompt"] == "Q: hello\nA:"
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.exists() and stat.read_text().split()[2] == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_engine_process_never_outlives_the_server(tiny_model_dirs, sig: int) -> None:
+    server = start_server(str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.01")
+    try:
+        children = _children(server.proc.pid)
+        assert children, "the engine core runs in a child process"
+        no_template = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert no_template.status_code == 400
+        assert "--chat-template" in no_template.json()["error"]["message"]
+        os.kill(server.proc.pid, sig)
+        server.proc.wait(timeout=30)
+        if sig == signal.SIGTERM:
+            assert server.proc.returncode == 0
+        assert all(_gone(child, 15) for child in children)
+    finally:
+        if server.proc.poll() is None:
+            stop_server(server)
