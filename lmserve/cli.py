@@ -177,6 +177,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmserve.benchmarks import serve as serve_bench
     from lmserve.benchmarks import throughput
 
     parser = argparse.ArgumentParser(
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     throughput.add_arguments(tput)
     tput.set_defaults(func=lambda args: (throughput.main(args), 0)[1])
+    online = bench.add_parser(
+        "serve", help="latency and throughput of a running OpenAI-compatible server, streamed"
+    )
+    serve_bench.add_arguments(online)
+    online.set_defaults(func=lambda args: (serve_bench.main(args), 0)[1])
     return parser
 
 

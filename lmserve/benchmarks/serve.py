@@ -1,0 +1,190 @@
+"""Online serving benchmark, like `vllm bench serve`: stream completions from a running
+OpenAI-compatible server (lmserve or any other) and report latency percentiles and throughput.
+
+TTFT is request start to the first streamed text; ITL the gaps between later chunks; TPOT the
+decode time per output token after the first; E2E request start to the last byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
+    parser.add_argument("--model", default=None, help="model name (default: the server's first)")
+    parser.add_argument("--num-prompts", type=int, default=64, help="requests to send")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (random text)")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens to generate each")
+    parser.add_argument(
+        "--dataset", type=Path, default=None, help='JSONL of {"prompt": str}; overrides input-len'
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight at once"
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (default: all at once)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model whose tokenizer makes the random prompts (default: the bundled SmolLM2)",
+    )
+    parser.add_argument("--api-key", default=None, help="bearer key for the server")
+    parser.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals")
+    parser.add_argument("--label", default=None, help="name of the server in the JSON line")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    prompts = _prompts(args)
+    result = asyncio.run(_run(args, prompts))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.dataset is not None:
+        lines = args.dataset.read_text().splitlines()
+        return [json.loads(line)["prompt"] for line in lines if line.strip()][: args.num_prompts]
+    from lmserve.config import default_cache_dir
+    from lmserve.engine.tokenizer import load_tokenizer
+    from lmserve.models.source import resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(args.tokenizer, default_cache_dir()))
+    rng = np.random.default_rng(args.seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(min(tokenizer.vocab_size, 32000)) if i not in special]
+    return [
+        tokenizer.decode(rng.choice(vocab, size=args.input_len).tolist())
+        for _ in range(args.num_prompts)
+    ]
+
+
+async def _run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.max_concurrency or len(prompts))
+    async with httpx.AsyncClient(
+        base_url=args.base_url, headers=headers, timeout=None, limits=limits
+    ) as client:
+        model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        rng = np.random.default_rng(args.seed + 1)
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(_one(client, gate, model, prompt, args.output_len)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return _summary(args, model, results, duration)
+
+
+async def _one(
+    client: Any, gate: asyncio.Semaphore, model: str, prompt: str, output_len: int
+) -> Result:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    result = Result()
+    async with gate:
+        start = last = time.perf_counter()
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    result.error = f"HTTP {response.status_code}: {await response.aread()!r}"
+                    return result
+                chunks = 0
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    now = time.perf_counter()
+                    if data.get("usage"):
+                        result.output_tokens = data["usage"]["completion_tokens"]
+                    if data.get("choices") and data["choices"][0].get("text"):
+                        chunks += 1
+                        if chunks == 1:
+                            result.ttft = now - start
+                        else:
+                            result.itl.append(now - last)
+                        last = now
+                result.e2e = time.perf_counter() - start
+                result.output_tokens = result.output_tokens or chunks
+                result.ok = chunks > 0
+        except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
+            result.error = repr(exc)
+    return result
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    arr = np.asarray(values) * 1000.0
+    return {
+        "mean": round(float(arr.mean()), 2),
+        "p50": round(float(np.percentile(arr, 50)), 2),
+        "p99": round(float(np.percentile(arr, 99)), 2),
+    }
+
+
+def _summary(
+    args: argparse.Namespace, model: str, results: list[Result], duration: float
+) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    output_tokens = sum(r.output_tokens for r in done)
+    return {
+        "server": args.label or args.base_url,
+        "model": model,
+        "num_prompts": len(results),
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "first_error": next((r.error for r in results if r.error), None),
+        "max_concurrency": args.max_concurrency,
+        "request_rate": None if args.request_rate == float("inf") else args.request_rate,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "duration_s": round(duration, 3),
+        "requests_per_s": round(len(done) / duration, 3),
+        "output_tok_per_s": round(output_tokens / duration, 2),
+        "ttft_ms": _stats([r.ttft for r in done]),
+        "itl_ms": _stats([x for r in done for x in r.itl]),
+        "tpot_ms": _stats(tpot),
+        "e2e_ms": _stats([r.e2e for r in done]),
+    }
