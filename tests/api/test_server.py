@@ -253,3 +253,95 @@ def test_metrics_after_traffic(client: openai.OpenAI, smollm2_server: Server) ->
         "request_generation_tokens",
     ):
         assert metric(text, f"lmserve:{name}_count", model_name=MODEL) >= 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"top_k": 5},
+        {"min_p": 0.1},
+        {"repetition_penalty": 1.2},
+        {"min_tokens": 2},
+        {"ignore_eos": True},
+        {"stop_token_ids": [2]},
+        {"include_stop_str_in_output": True},
+        {"skip_special_tokens": False},
+        {"spaces_between_special_tokens": False},
+        {"add_special_tokens": True},
+        {"chat_template_kwargs": {"foo": 1}},
+        {"priority": 1},
+        {"request_id": "mine-1"},
+        {"user": "alice"},
+        {"cache_salt": "tenant-a"},
+        {"truncate_prompt_tokens": 8},
+        {"echo": True},
+        {"max_completion_tokens": 3},
+        {"presence_penalty": 0.5, "frequency_penalty": 0.5},
+        {"logit_bias": {"2": -100}},
+        {"metadata": {"k": "v"}, "store": False, "service_tier": "auto"},
+        {"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "stream": True},
+    ],
+)
+def test_every_extra_field_is_accepted(smollm2_server: Server, extra: dict) -> None:
+    body = {"messages": QUESTION, "max_tokens": 4, **extra}
+    response = httpx.post(f"{smollm2_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_field_effects(smollm2_server: Server, client: openai.OpenAI) -> None:
+    url = smollm2_server.url
+    mine = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": QUESTION, "max_tokens": 2, "request_id": "mine-2"},
+    ).json()
+    assert mine["id"] == "chatcmpl-mine-2"
+    truncated = httpx.post(
+        f"{url}/v1/completions",
+        json={
+            "prompt": "one two three four five six seven",
+            "max_tokens": 1,
+            "truncate_prompt_tokens": 3,
+        },
+    ).json()
+    assert truncated["usage"]["prompt_tokens"] == 3
+    ids = httpx.post(
+        f"{url}/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 2, "return_token_ids": True, "prompt_logprobs": 1},
+    ).json()
+    choice = ids["choices"][0]
+    assert len(choice["token_ids"]) == 2 and choice["prompt_token_ids"]
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == len(
+        choice["prompt_token_ids"]
+    )
+    capped = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_completion_tokens=3, max_tokens=50, temperature=0
+    )
+    assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
+    forced = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"min_tokens": 3, "ignore_eos": True},
+    )
+    assert forced.usage.completion_tokens == 3
+
+
+def test_n_choices_stream_with_indexes(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, n=3, max_tokens=6, temperature=1.0, seed=3, stream=True
+        )
+    )
+    texts: dict[int, str] = {}
+    finished: set[int] = set()
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert set(texts) == finished == {0, 1, 2}
+    whole = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, n=3, max_tokens=6, temperature=1.0, seed=3
+    )
+    assert [whole.choices[i].message.content for i in range(3)] == [texts[i] for i in range(3)]

@@ -118,6 +118,8 @@ class ChatServing:
             "choices": choices,
             "usage": common.usage(len(ids), num_completion),
         }
+        if request.prompt_logprobs is not None:
+            response["prompt_logprobs"] = common.prompt_logprobs_json(final)
         if request.return_token_ids:
             response["prompt_token_ids"] = final.prompt_token_ids
         return response

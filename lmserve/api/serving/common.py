@@ -129,3 +129,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def truncate(ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
     return ids[-truncate_prompt_tokens:] if truncate_prompt_tokens else ids
+
+
+def prompt_logprobs_json(output: RequestOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's shape: per prompt token, None for the first, else {token id: {logprob, rank,
+    decoded_token}}."""
+    if output.prompt_logprobs is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for tid, lp in entry.items()
+        }
+        for entry in output.prompt_logprobs
+    ]

@@ -88,6 +88,8 @@ class CompletionServing:
             "finish_reason": out.finish_reason,
             "stop_reason": out.stop_reason,
         }
+        if request.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = common.prompt_logprobs_json(final)
         if request.return_token_ids:
             choice["prompt_token_ids"] = final.prompt_token_ids
             choice["token_ids"] = out.token_ids
