@@ -183,5 +183,5 @@ def _install_auth(app: FastAPI, api_key: str) -> None:
         if request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return error_response("Invalid or missing API key", 401)
+                return error_response("Invalid or missing API key", 401, code="invalid_api_key")
         return await call_next(request)

@@ -42,7 +42,7 @@ def error_response(
             "message": message,
             "type": _TYPES.get(status, HTTPStatus(status).phrase),
             "param": param,
-            "code": code if code is not None else status,
+            "code": code,  # a string or null, as OpenAI's schema has it
         }
     }
     return JSONResponse(body, status_code=status)

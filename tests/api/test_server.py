@@ -218,7 +218,7 @@ def test_api_key(tiny_model_dirs) -> None:
             f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer sekret"}
         )
         assert missing.status_code == wrong.status_code == 401
-        assert json.loads(missing.text)["error"]["code"] == 401
+        assert json.loads(missing.text)["error"]["code"] == "invalid_api_key"
         assert right.status_code == 200 and right.json()["usage"]["completion_tokens"] == 2
         assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
     finally:

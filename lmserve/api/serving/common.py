@@ -49,6 +49,7 @@ def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int |
             f"This model's maximum context length is {limit} tokens. However, your request has "
             f"{num_prompt} input tokens. Please reduce the length of the input messages.",
             param="messages",
+            code="context_length_exceeded",
         )
     if max_tokens is not None and num_prompt + max_tokens > limit:
         raise APIError(
@@ -56,6 +57,7 @@ def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int |
             f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in "
             "the completion). Please reduce the length of the messages or completion.",
             param="max_tokens",
+            code="context_length_exceeded",
         )
 
 
