@@ -1,0 +1,50 @@
+"""Streaming snapshots from the output processor: UTF-8 is never split, stop strings are held
+back until they are ruled out."""
+
+from __future__ import annotations
+
+from lmserve import SamplingParams
+from lmserve.engine.messages import EngineCoreOutput
+from lmserve.engine.output_processor import OutputProcessor
+
+
+def feed(processor: OutputProcessor, token_ids: list[int], last_reason: str | None = None):
+    snapshots = []
+    for i, token_id in enumerate(token_ids):
+        reason = last_reason if i == len(token_ids) - 1 else None
+        out = EngineCoreOutput("r", [token_id], reason, None, 0)
+        outputs, _ = processor.process([out], snapshots=True)
+        snapshots += outputs
+    return snapshots
+
+
+def test_multibyte_characters_are_never_split(smollm2_llm) -> None:
+    tokenizer = smollm2_llm.get_tokenizer()
+    text = " 日本語 🎉!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # some characters span several byte tokens
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("r", None, tokenizer.encode("Hi"), SamplingParams(max_tokens=50), ["r"])
+    snapshots = feed(processor, ids, last_reason="length")
+    texts = [s.outputs[0].text for s in snapshots]
+    assert all("\ufffd" not in t for t in texts)
+    assert all(texts[-1].startswith(t) for t in texts)
+    assert texts[-1] == text
+
+
+def test_possible_stop_string_is_held_back(smollm2_llm) -> None:
+    tokenizer = smollm2_llm.get_tokenizer()
+    ids = tokenizer.encode(" the end of the story", add_special_tokens=False)
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(max_tokens=50, stop=["the story"])
+    processor.add_request("r", None, tokenizer.encode("Hi"), params, ["r"])
+    snapshots = []
+    to_abort = []
+    for token_id in ids:
+        outputs, abort = processor.process([EngineCoreOutput("r", [token_id], None, None, 0)], True)
+        snapshots += outputs
+        to_abort += abort
+    texts = [s.outputs[0].text for s in snapshots]
+    assert to_abort == ["r"] and snapshots[-1].finished
+    assert texts[-1] == " the end of "
+    assert all(texts[-1].startswith(t) for t in texts)  # nothing streamed was taken back
