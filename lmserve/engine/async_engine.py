@@ -76,23 +76,16 @@ class AsyncEngine(EngineClient):
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         processed = self.input_processor.tokenize_prompt(prompt)
-        params = sampling_params
-        children = [
-            self.input_processor.make_request(
-                f"{request_id}-{i}" if params.n > 1 else request_id,
-                processed,
-                params.for_child(i) if params.n > 1 else params,
-                cache_salt,
-            )
-            for i in range(params.n)
-        ]
+        children = self.input_processor.make_requests(
+            request_id, processed, sampling_params, cache_salt
+        )
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         self.output_processor.add_request(
             request_id,
             processed.prompt,
             processed.prompt_token_ids,
-            params,
+            sampling_params,
             [c.req_id for c in children],
         )
         finished = False

@@ -44,6 +44,22 @@ class InputProcessor:
             f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
         )
 
+    def make_requests(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> list[EngineCoreRequest]:
+        """One engine request per sample: `n` > 1 becomes n requests with their own seeds, which
+        share the prompt's KV blocks through the prefix cache."""
+        if params.n == 1:
+            return [self.make_request(request_id, prompt, params, cache_salt)]
+        return [
+            self.make_request(f"{request_id}-{i}", prompt, params.for_child(i), cache_salt)
+            for i in range(params.n)
+        ]
+
     def make_request(
         self,
         req_id: str,

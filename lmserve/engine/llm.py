@@ -102,14 +102,7 @@ class LLM:
         requests = []
         for prompt, params in zip(prompts, params_list, strict=True):
             request_id = str(next(self._counter))
-            children = [
-                self.input_processor.make_request(
-                    f"{request_id}-{i}" if params.n > 1 else request_id,
-                    prompt,
-                    params.for_child(i) if params.n > 1 else params,
-                )
-                for i in range(params.n)
-            ]
+            children = self.input_processor.make_requests(request_id, prompt, params)
             requests.append((request_id, prompt, params, children))
         for request_id, prompt, params, children in requests:
             self.output_processor.add_request(
