@@ -8,6 +8,7 @@ the core frees its blocks in the same step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -70,8 +71,8 @@ class AsyncEngine(EngineClient):
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative snapshots of the request until the finished one. Bad input raises
         ValueError before anything is queued."""
-        if self._dead is not None:
-            raise EngineDeadError(self._dead)
+        if not self.is_healthy:
+            raise EngineDeadError(self._dead or "the engine core process exited")
         request_id = request_id or f"req-{next(self._counter)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -110,7 +111,7 @@ class AsyncEngine(EngineClient):
         self._queues.pop(request_id, None)
         for child_id in child_ids:
             self.metrics.record_abort(child_id)
-        if child_ids and self._dead is None:
+        if child_ids and self.is_healthy:
             await self.client.send("abort", child_ids)
 
     async def get_stats(self) -> SchedulerStats:
@@ -127,7 +128,8 @@ class AsyncEngine(EngineClient):
                 self.metrics.record_step(core_outputs, stats)
                 outputs, to_abort = self.output_processor.process(core_outputs, snapshots=True)
                 if to_abort:
-                    await self.client.send("abort", to_abort)
+                    with contextlib.suppress(EngineDeadError):  # the next receive says so
+                        await self.client.send("abort", to_abort)
                 for output in outputs:
                     queue = self._queues.get(output.request_id)
                     if queue is not None:

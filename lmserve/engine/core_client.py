@@ -28,6 +28,7 @@ import zmq.asyncio
 from lmserve.config import EngineConfig
 from lmserve.core.scheduler import SchedulerStats
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest
+from lmserve.engine.protocol import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class AsyncMPCoreClient:
         input_addr, output_addr = f"ipc://{base}-in", f"ipc://{base}-out"
         self._ctx = zmq.asyncio.Context()
         self._to_core = self._ctx.socket(zmq.PUSH)
+        self._to_core.setsockopt(zmq.SNDHWM, 0)  # never block on a burst: queue without bound
         self._to_core.bind(input_addr)
         self._from_core = self._ctx.socket(zmq.PULL)
         self._from_core.bind(output_addr)
@@ -134,8 +136,15 @@ class AsyncMPCoreClient:
         return self._proc is not None and self._proc.is_alive()
 
     async def send(self, kind: str, payload: EngineCoreRequest | list[str] | None = None) -> None:
+        """Queue a message for the core; EngineDeadError when there is no core to take it (a
+        PUSH socket without a peer would otherwise wait forever)."""
         assert self._to_core is not None, "start() the client first"
-        await self._to_core.send(self._encoder.encode((kind, payload)))
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine core process exited (code {self._exit_code()})")
+        try:
+            await self._to_core.send(self._encoder.encode((kind, payload)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise EngineDeadError("the engine core is not connected") from None
 
     async def receive(self, timeout_s: float | None = None) -> FromCore:
         """The next message from the core; ("error", ...) if it died or went quiet too long."""
@@ -156,7 +165,7 @@ class AsyncMPCoreClient:
     async def shutdown(self) -> None:
         """Ask the core to stop, then make sure it has; close sockets."""
         if self._proc is not None and self._proc.is_alive():
-            with contextlib.suppress(asyncio.TimeoutError, zmq.ZMQError):
+            with contextlib.suppress(asyncio.TimeoutError, zmq.ZMQError, EngineDeadError):
                 await asyncio.wait_for(self.send("shutdown"), timeout=1.0)
             self._proc.join(timeout=10)
             if self._proc.is_alive():

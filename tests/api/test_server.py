@@ -198,10 +198,25 @@ def test_concurrent_streaming_clients(smollm2_server: Server) -> None:
 
     async def run() -> list[tuple[str, str | None]]:
         client = openai.AsyncOpenAI(base_url=f"{smollm2_server.url}/v1", api_key="x")
-        return await asyncio.gather(*(one(client, i) for i in range(16)))
+        return await asyncio.gather(*(one(client, i) for i in range(32)))
 
     results = asyncio.run(run())
     assert all(text and finish in ("stop", "length") for text, finish in results)
+
+
+def test_completion_stream_with_continuous_usage(smollm2_server: Server) -> None:
+    body = {
+        "prompt": "Hello",
+        "max_tokens": 4,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    with httpx.stream("POST", f"{smollm2_server.url}/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert counts == sorted(counts) and counts[-1] == 4
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
 
 
 def test_api_key(tiny_model_dirs) -> None:

@@ -108,3 +108,23 @@ def test_engine_process_never_outlives_the_server(tiny_model_dirs, sig: int) -> 
     finally:
         if server.proc.poll() is None:
             stop_server(server)
+
+
+def test_dead_engine_is_503_not_a_hang(tiny_model_dirs) -> None:
+    server = start_server(str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.01")
+    try:
+        (core,) = [
+            pid
+            for pid in _children(server.proc.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        os.kill(core, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{server.url}/health").status_code == 200:
+            assert time.monotonic() < deadline, "/health never noticed the dead engine"
+            time.sleep(0.2)
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+        assert reply.status_code == 503 and "not running" in reply.json()["error"]["message"]
+    finally:
+        stop_server(server)

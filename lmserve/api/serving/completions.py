@@ -145,15 +145,19 @@ class CompletionServing:
                 }
                 if out.finish_reason is not None:
                     num_completion += len(out.token_ids)
-                yield common.sse(
-                    {
-                        "id": base_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [choice],
-                    }
-                )
+                chunk = {
+                    "id": base_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                }
+                if request.stream_options and request.stream_options.continuous_usage_stats:
+                    chunk["usage"] = common.usage(
+                        len(snapshot.prompt_token_ids),
+                        sum(len(o.token_ids) for o in snapshot.outputs),
+                    )
+                yield common.sse(chunk)
         if request.stream_options and request.stream_options.include_usage:
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
             yield common.sse(
