@@ -29,6 +29,7 @@ def configured(smollm2_dir, tmp_path_factory: pytest.TempPathFactory):
         "max-model-len: 1024\n"
         "kv-cache-memory-gb: 0.25\n"
         "enable-prefix-caching: false\n"
+        "disable-fastapi-docs: true\n"
     )
     server = start_server("--config", str(config), "--max-model-len", "512")
     yield server
@@ -47,6 +48,7 @@ def test_config_file_and_flag_precedence(configured: Server) -> None:
     assert reply.status_code == 200 and reply.json()["model"] == "smol"
     assert reply.headers["x-request-id"] == "abc123"
     assert httpx.get(f"{configured.url}/version").headers["x-request-id"]
+    assert httpx.get(f"{configured.url}/docs").status_code == 404
 
 
 def test_cors_preflight(configured: Server) -> None:
@@ -128,3 +130,52 @@ def test_dead_engine_is_503_not_a_hang(tiny_model_dirs) -> None:
         assert reply.status_code == 503 and "not running" in reply.json()["error"]["message"]
     finally:
         stop_server(server)
+
+
+def test_response_role_root_path_and_stats_log(smollm2_dir) -> None:
+    server = start_server(
+        "--response-role",
+        "bot",
+        "--root-path",
+        "/llm",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory-gb",
+        "0.1",
+    )
+    try:
+        messages = [
+            {"role": "system", "content": "You call tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+        reply = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 4},
+            timeout=60,
+        )
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["role"] == "bot"
+        # behind a proxy that strips /llm, the API description points clients back through it
+        assert httpx.get(f"{server.url}/openapi.json").json()["servers"] == [{"url": "/llm"}]
+        busy = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "Count:", "max_tokens": 400, "ignore_eos": True},
+            timeout=120,
+        )
+        assert busy.status_code == 200
+        time.sleep(10.5)  # the stats line is written every 10 s after tokens were generated
+    finally:
+        stop_server(server)
+    log = server.proc.stdout.read()
+    assert "running: " in log and "generation: " in log and "tok/s" in log
