@@ -8,7 +8,7 @@ they are implemented.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -209,6 +209,3 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int]
-
-
-Role = Literal["system", "user", "assistant", "tool", "developer"]

@@ -39,6 +39,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's LLM.reset_prefix_cache), e.g. between benchmarks."""
+        self.engine_core.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's generation_config.json sampling defaults, as vLLM's --generation-config auto."""
         return SamplingParams(**load_sampling_defaults(self.config.model.path))

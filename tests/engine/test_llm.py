@@ -107,6 +107,10 @@ def test_prefix_cache_hits_match_hf(tiny_model_dirs, hf_models, kind: str) -> No
     assert [o.outputs[0].token_ids for o in again] == expected
     assert all(o.num_cached_tokens == 40 for o in again)
     assert_no_blocks_held(llm)
+    llm.reset_prefix_cache()
+    cold = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    assert cold[0].num_cached_tokens == 0
+    assert cold[0].outputs[0].token_ids == expected[0]
 
 
 def test_smollm2_greedy_matches_hf_on_gguf(smollm2_llm: LLM, hf_smollm2) -> None:
