@@ -175,14 +175,12 @@ class ChatServing:
             "created": created,
             "model": model,
         }
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        tracker = common.DeltaTracker()
         last: RequestOutput | None = None
         async for snapshot in stream:
             last = snapshot
             for out in snapshot.outputs:
-                if out.index not in sent_text:
-                    sent_text[out.index] = sent_tokens[out.index] = 0
+                if tracker.is_new(out.index):
                     role = {"role": self.config.response_role, "content": ""}
                     yield common.sse(
                         {
@@ -197,11 +195,10 @@ class ChatServing:
                             ],
                         }
                     )
-                delta = out.text[sent_text[out.index] :]
-                if not delta and out.finish_reason is None:
+                sent = tracker.advance(out.index, out)
+                if sent is None:
                     continue
-                token_start = sent_tokens[out.index]
-                sent_text[out.index], sent_tokens[out.index] = len(out.text), len(out.token_ids)
+                delta, token_start = sent
                 choice = {
                     "index": out.index,
                     "delta": {"content": delta} if delta else {},
@@ -216,10 +213,7 @@ class ChatServing:
                     choice["stop_reason"] = out.stop_reason
                 chunk = {**head, "choices": [choice]}
                 if request.stream_options and request.stream_options.continuous_usage_stats:
-                    chunk["usage"] = common.usage(
-                        len(snapshot.prompt_token_ids),
-                        sum(len(o.token_ids) for o in snapshot.outputs),
-                    )
+                    chunk["usage"] = common.running_usage(snapshot)
                 yield common.sse(chunk)
         if request.stream_options and request.stream_options.include_usage and last is not None:
             num_completion = sum(len(o.token_ids) for o in last.outputs)

@@ -13,7 +13,7 @@ from typing import Any
 
 from lmserve.api.errors import APIError
 from lmserve.engine.protocol import EngineClient
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.requests")
@@ -114,6 +114,35 @@ async def merge_streams(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class DeltaTracker:
+    """What each choice of a stream has been sent so far, so every chunk carries only the new
+    text, and the logprobs of only the new tokens."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[int, int]] = {}  # index -> (chars, tokens) sent
+
+    def is_new(self, index: int) -> bool:
+        return index not in self._sent
+
+    def advance(
+        self, index: int, out: CompletionOutput, prefix: str = ""
+    ) -> tuple[str, int] | None:
+        """(text to send, first unsent token); None when there is nothing to send. `prefix`
+        goes before the choice's first text (completions' echo)."""
+        text_start, token_start = self._sent.get(index, (0, 0))
+        delta = (prefix if self.is_new(index) else "") + out.text[text_start:]
+        if not delta and out.finish_reason is None:
+            self._sent[index] = (text_start, token_start)  # seen: no longer new
+            return None
+        self._sent[index] = (len(out.text), len(out.token_ids))
+        return delta, token_start
+
+
+def running_usage(snapshot: RequestOutput) -> dict[str, int]:
+    """Usage so far, for stream_options.continuous_usage_stats."""
+    return usage(len(snapshot.prompt_token_ids), sum(len(o.token_ids) for o in snapshot.outputs))
 
 
 def sse(payload: dict[str, Any] | str) -> str:

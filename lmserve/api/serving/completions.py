@@ -120,20 +120,17 @@ class CompletionServing:
         streams: list[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[str]:
         n = request.n or 1
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        tracker = common.DeltaTracker()
         created = common.now()
         num_completion = 0
         async for i, snapshot in common.merge_streams(streams):
             for out in snapshot.outputs:
                 index = i * n + out.index
-                text_start, token_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                delta = out.text[text_start:]
-                if index not in sent_text and request.echo:
-                    delta = (snapshot.prompt or "") + delta
-                if not delta and out.finish_reason is None:
+                echo = (snapshot.prompt or "") if request.echo else ""
+                sent = tracker.advance(index, out, prefix=echo)
+                if sent is None:
                     continue
-                sent_text[index], sent_tokens[index] = len(out.text), len(out.token_ids)
+                delta, token_start = sent
                 choice = {
                     "index": index,
                     "text": delta,
@@ -153,10 +150,7 @@ class CompletionServing:
                     "choices": [choice],
                 }
                 if request.stream_options and request.stream_options.continuous_usage_stats:
-                    chunk["usage"] = common.usage(
-                        len(snapshot.prompt_token_ids),
-                        sum(len(o.token_ids) for o in snapshot.outputs),
-                    )
+                    chunk["usage"] = common.running_usage(snapshot)
                 yield common.sse(chunk)
         if request.stream_options and request.stream_options.include_usage:
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
