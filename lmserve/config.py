@@ -108,9 +108,32 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
 
 
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar", "guidance")
+# --reasoning-parser name -> the texts that open and close the model's thinking
+REASONING_MARKERS = {"deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>")}
+
+
+@dataclass(frozen=True)
+class StructuredOutputConfig:
+    """Which grammar backend enforces output constraints, and where a reasoning model's thinking
+    ends (the grammar applies only after `reasoning_end`)."""
+
+    backend: str = "auto"
+    reasoning_start: str | None = None
+    reasoning_end: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise ValueError(
+                f"structured outputs backend must be one of {', '.join(STRUCTURED_OUTPUT_BACKENDS)}"
+                f", got {self.backend!r}"
+            )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
     device: str = "cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-import lmserve
 from lmserve.api.errors import APIError, error_response, install_error_handlers
 from lmserve.api.protocol import (
     ChatCompletionRequest,
@@ -25,6 +25,8 @@ from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing, apply_chat_template
 from lmserve.api.serving.completions import CompletionServing
 from lmserve.engine.protocol import EngineClient
+
+_VERSION = importlib.metadata.version("lmserve")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def build_app(
     root_path: str = "",
 ) -> FastAPI:
     docs = {} if not disable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="lmserve", version=lmserve.__version__, root_path=root_path, **docs)
+    app = FastAPI(title="lmserve", version=_VERSION, root_path=root_path, **docs)
     install_error_handlers(app)
     if cors is not None:
         app.add_middleware(
@@ -134,7 +136,7 @@ def build_app(
 
     @app.get("/version")
     async def version() -> dict[str, str]:
-        return {"version": lmserve.__version__}
+        return {"version": _VERSION}
 
     @app.get("/load")
     async def load() -> dict[str, int]:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lmserve.config import SchedulerConfig
+from lmserve.core.grammar_tracker import GrammarTracker
 from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request, RequestStatus
 from lmserve.core.scheduler_output import (
@@ -54,9 +55,15 @@ class RequestUpdate:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        grammars: GrammarTracker | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv_cache_manager
+        self.grammars = grammars
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -116,7 +123,9 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Admit waiting requests only when nothing had to be preempted this step.
+        # Admit waiting requests in order, only when nothing had to be preempted this step; one
+        # whose grammar is still compiling is passed over, not waited for.
+        skipped: list[Request] = []
         while (
             not preempted
             and self.waiting
@@ -124,6 +133,9 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
+            if self.grammars is not None and not self.grammars.is_ready(request):
+                skipped.append(self.waiting.popleft())
+                continue
             hits = self.kv.get_computed_blocks(request)
             num_computed = len(hits) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
@@ -151,6 +163,7 @@ class Scheduler:
             )
             num_scheduled[request.req_id] = num_new
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
 
         for request in self.running:
             if request.req_id in num_scheduled:
@@ -191,6 +204,9 @@ class Scheduler:
                     request.append_output_token(token_id)
                     new_tokens.append(token_id)
                     if self._check_stop(request, token_id):
+                        break
+                    if self.grammars is not None and self.grammars.accept(request, token_id):
+                        self._finish(request, RequestStatus.FINISHED_STOPPED)
                         break
             if new_tokens or (result is not None and result.prompt_logprobs is not None):
                 updates.append(
@@ -248,6 +264,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         del self.requests[request.req_id]
+        if self.grammars is not None:
+            self.grammars.remove(request.req_id)
         self._forget_in_worker(request.req_id)
 
     def _forget_in_worker(self, req_id: str) -> None:

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from lmserve.config import (
+    REASONING_MARKERS,
+    STRUCTURED_OUTPUT_BACKENDS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    StructuredOutputConfig,
     default_cache_dir,
 )
 from lmserve.models.source import DEFAULT_MODEL, resolve_model_dir
@@ -46,12 +49,20 @@ def create_engine_config(
     device: str = "auto",
     max_logprobs: int = 20,
     cache_dir: str | os.PathLike | None = None,
+    structured_outputs_backend: str = "auto",
+    reasoning_parser: str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory."""
     if load_format not in _LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {load_format!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if reasoning_parser is not None and reasoning_parser not in REASONING_MARKERS:
+        raise ValueError(
+            f"reasoning_parser must be one of {', '.join(REASONING_MARKERS)}, got {reasoning_parser!r}"
+        )
+    start, end = REASONING_MARKERS.get(reasoning_parser or "", (None, None))
+    structured_output = StructuredOutputConfig(structured_outputs_backend, start, end)
     device = _resolve_device(device)
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = json.loads((path / "config.json").read_text())
@@ -88,6 +99,7 @@ def create_engine_config(
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
         ),
+        structured_output=structured_output,
         device=device,
     )
 
@@ -174,6 +186,20 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="most logprobs / top_logprobs / prompt_logprobs a request may ask for",
     )
+    parser.add_argument(
+        "--structured-outputs-backend",
+        default="auto",
+        choices=list(STRUCTURED_OUTPUT_BACKENDS),
+        help="grammar engine for response_format, guided_* and tool calls; auto = xgrammar, or "
+        "llguidance for constraints xgrammar cannot enforce",
+    )
+    parser.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=list(REASONING_MARKERS),
+        help="split a reasoning model's thinking into reasoning_content; output constraints "
+        "then apply only after the thinking ends",
+    )
 
 
 def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,4 +217,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         load_format=args.load_format,
         seed=args.seed,
         max_logprobs=args.max_logprobs,
+        structured_outputs_backend=args.structured_outputs_backend,
+        reasoning_parser=args.reasoning_parser,
     )

@@ -18,7 +18,8 @@ from lmserve.config import EngineConfig
 from lmserve.core.scheduler import SchedulerStats
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.core_client import AsyncMPCoreClient
-from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from lmserve.engine.messages import EngineCoreRequest
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.protocol import EngineClient, EngineDeadError
@@ -33,7 +34,9 @@ class AsyncEngine(EngineClient):
     def __init__(self, config: EngineConfig, tokenizer: Any | None, client: AsyncMPCoreClient):
         self.config = config
         self.tokenizer = tokenizer
-        self.input_processor = InputProcessor(config.model, tokenizer)
+        self.input_processor = InputProcessor(
+            config.model, tokenizer, config.structured_output.backend
+        )
         self.output_processor = OutputProcessor(tokenizer)
         self.client = client
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -62,15 +65,15 @@ class AsyncEngine(EngineClient):
     def is_healthy(self) -> bool:
         return self._dead is None and self.client.is_alive
 
-    async def generate(
+    def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams,
         request_id: str | None = None,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots of the request until the finished one. Bad input raises
-        ValueError before anything is queued."""
+        """Cumulative snapshots of the request, the last one finished. Bad input raises
+        ValueError here, before anything is queued or streamed, so a server can answer 400."""
         if not self.is_healthy:
             raise EngineDeadError(self._dead or "the engine core process exited")
         request_id = request_id or f"req-{next(self._counter)}"
@@ -80,6 +83,17 @@ class AsyncEngine(EngineClient):
         children = self.input_processor.make_requests(
             request_id, processed, sampling_params, cache_salt
         )
+        return self._run(request_id, processed, sampling_params, children)
+
+    async def _run(
+        self,
+        request_id: str,
+        processed: ProcessedPrompt,
+        sampling_params: SamplingParams,
+        children: list[EngineCoreRequest],
+    ) -> AsyncIterator[RequestOutput]:
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         self.output_processor.add_request(

@@ -10,18 +10,30 @@ import logging
 from lmserve.config import EngineConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request
-from lmserve.core.scheduler import Scheduler
+from lmserve.core.scheduler import RequestUpdate, Scheduler
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest
+from lmserve.structured_output.manager import StructuredOutputManager
 from lmserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
+# How long an engine with nothing to run but grammars to compile sleeps between checks.
+_GRAMMAR_WAIT_S = 0.01
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: ModelRunner) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        structured_output: StructuredOutputManager,
+    ) -> None:
         self.config = config
         self.scheduler = scheduler
         self.runner = runner
+        self.structured_output = structured_output
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> EngineCore:
@@ -38,19 +50,25 @@ class EngineCore:
         kv = KVCacheManager(
             runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        return cls(config, Scheduler(config.scheduler, kv), runner)
+        grammars = StructuredOutputManager(
+            config.structured_output,
+            config.model.path,
+            config.model.vocab_size,
+            config.scheduler.max_num_seqs,
+        )
+        return cls(config, Scheduler(config.scheduler, kv, grammars), runner, grammars)
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(
-            Request(
-                req_id=request.req_id,
-                prompt_token_ids=list(request.prompt_token_ids),
-                sampling_params=request.sampling_params,
-                eos_token_id=request.eos_token_id,
-                arrival_time=request.arrival_time,
-                cache_salt=request.cache_salt,
-            )
+        core_request = Request(
+            req_id=request.req_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            sampling_params=request.sampling_params,
+            eos_token_id=request.eos_token_id,
+            arrival_time=request.arrival_time,
+            cache_salt=request.cache_salt,
         )
+        self.scheduler.add_request(core_request)
+        self.structured_output.add(core_request)
 
     def abort_requests(self, req_ids: list[str]) -> None:
         self.scheduler.abort_requests(req_ids)
@@ -62,8 +80,24 @@ class EngineCore:
         if not self.has_unfinished_requests():
             return []
         scheduler_output = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, sampled)
+        failed = self._abort_failed_grammars()
+        if scheduler_output.is_empty and self.structured_output.has_pending():
+            self.structured_output.wait_for_compile(_GRAMMAR_WAIT_S)
+        sampling = [
+            r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens
+        ]  # NOTE: schedule() has advanced num_computed_tokens; equal means sampled this step
+        bitmask = self.structured_output.grammar_bitmask(sampling)
+        sampled = self.runner.execute(scheduler_output, bitmask)
+        return failed + self.scheduler.update_from_output(scheduler_output, sampled)
+
+    def _abort_failed_grammars(self) -> list[EngineCoreOutput]:
+        """A grammar that failed to build (the frontend checks specs, so rarely) aborts its request."""
+        failed = self.structured_output.take_failed()
+        self.scheduler.abort_requests(failed)
+        return [RequestUpdate(req_id, [], "abort", None, 0) for req_id in failed]
+
+    def shutdown(self) -> None:
+        self.structured_output.shutdown()
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.reset_prefix_cache()

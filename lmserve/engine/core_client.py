@@ -57,7 +57,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
 
         core = EngineCore.from_config(config)
         outbox.send(encoder.encode(("ready", core.scheduler.stats())))
-        _serve(core, inbox, outbox, encoder, decoder)
+        try:
+            _serve(core, inbox, outbox, encoder, decoder)
+        finally:
+            core.shutdown()
     except Exception:  # noqa: BLE001 - whatever kills the core is reported, then it exits
         outbox.send(encoder.encode(("error", traceback.format_exc())))
     finally:

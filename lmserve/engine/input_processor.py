@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lmserve.config import ModelConfig
 from lmserve.engine.messages import EngineCoreRequest
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # A prompt: text, or pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text).
 PromptType = str | dict[str, Any]
@@ -21,9 +21,15 @@ class ProcessedPrompt:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any | None) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: Any | None,
+        structured_outputs_backend: str = "auto",
+    ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
 
     def tokenize_prompt(
@@ -53,6 +59,8 @@ class InputProcessor:
     ) -> list[EngineCoreRequest]:
         """One engine request per sample: `n` > 1 becomes n requests with their own seeds, which
         share the prompt's KV blocks through the prefix cache."""
+        if params.structured_outputs is not None:
+            params = replace(params, structured_outputs=self._resolve_constraint(params))
         if params.n == 1:
             return [self.make_request(request_id, prompt, params, cache_salt)]
         return [
@@ -76,6 +84,16 @@ class InputProcessor:
             arrival_time=time.time(),
             cache_salt=cache_salt,
         )
+
+    def _resolve_constraint(self, params: SamplingParams) -> StructuredOutputsParams:
+        """Check the output constraint now (a bad schema is the caller's error, not the core's)
+        and pin the backend that will enforce it."""
+        from lmserve.structured_output.backend import resolve_backend
+
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the model's tokenizer, and it has none")
+        assert params.structured_outputs is not None
+        return resolve_backend(params.structured_outputs, self.structured_outputs_backend)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         max_len = self.model_config.max_model_len

@@ -29,7 +29,9 @@ class LLM:
         self.tokenizer = (
             load_tokenizer(self.config.model.path) if self.config.model.has_tokenizer else None
         )
-        self.input_processor = InputProcessor(self.config.model, self.tokenizer)
+        self.input_processor = InputProcessor(
+            self.config.model, self.tokenizer, self.config.structured_output.backend
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore.from_config(self.config)
         self._counter = itertools.count()

@@ -15,6 +15,7 @@ from lmserve.core.scheduler_output import SampledTokens, SchedulerOutput, TokenL
 from lmserve.forward_context import set_forward_context
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
+from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
     allocate_kv_caches,
@@ -83,7 +84,9 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> dict[str, SampledTokens]:
+    def execute(
+        self, so: SchedulerOutput, grammar: GrammarBitmask | None = None
+    ) -> dict[str, SampledTokens]:
         self._update_states(so)
         if so.is_empty:
             return {}
@@ -96,12 +99,21 @@ class ModelRunner:
         if len(sample_idx):
             last_token = inputs.common.query_start_loc[1:] - 1
             logits = self.model.compute_logits(hidden[torch.from_numpy(last_token[sample_idx])])
+            if grammar is not None:
+                self._apply_grammar(grammar, [inputs.req_ids[i] for i in sample_idx], logits)
             rows = inputs.rows[sample_idx]
             md = build_sampling_metadata(self.batch, rows, self.vocab_size, self.device)
             out = self.sampler(logits, md)
             self._collect_samples(inputs, sample_idx, out, results)
         self._collect_prompt_logprobs(inputs, hidden, results)
         return results
+
+    def _apply_grammar(
+        self, grammar: GrammarBitmask, sampled_req_ids: list[str], logits: torch.Tensor
+    ) -> None:
+        position = {req_id: i for i, req_id in enumerate(sampled_req_ids)}
+        rows = torch.tensor([position[r] for r in grammar.req_ids], device=logits.device)
+        apply_grammar_bitmask(logits, grammar.bitmask, rows)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.batch

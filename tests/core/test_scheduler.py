@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from lmserve.config import SchedulerConfig
+from lmserve.core.grammar_tracker import GrammarTracker
 from lmserve.core.kv_cache_manager import KVCacheManager, cdiv
 from lmserve.core.request import Request, RequestStatus
 from lmserve.core.scheduler import RequestUpdate, Scheduler
@@ -66,6 +67,7 @@ class Harness:
         max_num_seqs: int = 16,
         max_model_len: int = 1024,
         enable_caching: bool = True,
+        grammars: GrammarTracker | None = None,
     ) -> None:
         self.kv = KVCacheManager(num_blocks, BLOCK_SIZE, enable_caching=enable_caching)
         self.config = SchedulerConfig(
@@ -73,7 +75,7 @@ class Harness:
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
         )
-        self.sched = Scheduler(self.config, self.kv)
+        self.sched = Scheduler(self.config, self.kv, grammars)
         self.worker = FakeWorker()
         self.finished: dict[str, Request] = {}
 
@@ -646,3 +648,54 @@ def test_random_workload_finishes_with_all_blocks_free(seed: int) -> None:
     assert h.all_blocks_free()
     h.schedule()  # flush the last finished ids to the fake worker
     assert h.worker.block_ids == {}
+
+
+class FakeGrammars:
+    """A GrammarTracker whose compile finishes when the test says, and whose grammar ends after
+    `length` accepted tokens."""
+
+    def __init__(self, length: int = 100) -> None:
+        self.ready: set[str] = set()
+        self.accepted: dict[str, list[int]] = {}
+        self.removed: list[str] = []
+        self.length = length
+
+    def is_ready(self, request: Request) -> bool:
+        return request.req_id in self.ready
+
+    def accept(self, request: Request, token_id: int) -> bool:
+        self.accepted.setdefault(request.req_id, []).append(token_id)
+        return len(self.accepted[request.req_id]) >= self.length
+
+    def remove(self, req_id: str) -> None:
+        self.removed.append(req_id)
+
+
+def test_request_waiting_for_its_grammar_does_not_hold_up_others() -> None:
+    grammars = FakeGrammars()
+    h = Harness(grammars=grammars)
+    h.add("slow", range(8))
+    h.add("fast", range(100, 108))
+    grammars.ready.add("fast")
+    out, _ = h.step()
+    assert list(out.num_scheduled_tokens) == ["fast"]
+    assert [r.req_id for r in h.sched.waiting] == ["slow"]
+    grammars.ready.add("slow")
+    out, _ = h.step()
+    assert list(out.num_scheduled_tokens) == ["fast", "slow"]
+
+
+def test_completed_grammar_stops_the_request_and_state_is_dropped() -> None:
+    grammars = FakeGrammars(length=3)
+    h = Harness(grammars=grammars)
+    h.add("a", range(8), max_tokens=10)
+    h.add("b", range(20, 28), max_tokens=10)
+    grammars.ready |= {"a", "b"}
+    h.step()
+    h.sched.abort_requests(["b"])
+    while h.sched.num_unfinished:
+        h.step()
+    assert h.finished["a"].status == RequestStatus.FINISHED_STOPPED
+    assert h.finished["a"].num_output_tokens == 3
+    assert grammars.accepted["a"] == h.finished["a"].output_token_ids
+    assert sorted(grammars.removed) == ["a", "b"]

@@ -1,0 +1,42 @@
+"""Applying a step's grammar bitmask to the logits, in the worker.
+
+xgrammar's CPU `apply_token_bitmask_inplace` and a bool `masked_fill_` both cost ~2 ms for 16 rows
+of a 49k vocabulary here. Looking each mask byte up in a 256 x 8 table of {0, -inf} and adding
+the result to the constrained rows in place costs ~0.3 ms.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class GrammarBitmask:
+    """The allowed next tokens of this step's constrained requests: row i is `req_ids[i]`'s."""
+
+    req_ids: list[str]
+    bitmask: torch.Tensor  # [num_constrained, ceil(vocab / 32)] int32, bit t of word w: token 32w+t
+
+
+@functools.cache
+def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return torch.tensor(np.where(bits, 0.0, -np.inf), dtype=dtype, device=device)  # [256, 8]
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set the logits of disallowed tokens to -inf, in place, on `rows` of `logits` only."""
+    vocab = logits.shape[1]
+    table = _byte_table(logits.device, logits.dtype)
+    mask_bytes = bitmask.to(logits.device).contiguous().view(torch.uint8).long()
+    additive = torch.nn.functional.embedding(mask_bytes, table).view(len(rows), -1)  # [G, 32W]
+    if additive.shape[1] > vocab:
+        additive = additive[:, :vocab]
+    elif additive.shape[1] < vocab:  # a model vocabulary padded past the tokenizer's
+        pad = additive.new_full((len(rows), vocab - additive.shape[1]), float("-inf"))
+        additive = torch.cat([additive, pad], dim=1)
+    logits.index_add_(0, rows, additive)

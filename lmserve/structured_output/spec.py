@@ -1,0 +1,75 @@
+"""What a constraint compiles from: the user's StructuredOutputsParams normalised to one spec."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.sampling_params import StructuredOutputsParams
+
+# JSON whitespace allowed between tokens by default: enough for pretty printing a few levels
+# deep, bounded so that a small model cannot loop on newlines.
+MAX_JSON_WHITESPACE = 8
+
+# JSON-schema keywords xgrammar accepts but does not enforce (checked here: a violating string
+# is accepted). A schema using one must go to a backend that enforces it, or be refused.
+XGRAMMAR_UNENFORCED = frozenset(
+    {"not", "uniqueItems", "allOf", "if", "then", "else", "dependentSchemas"}
+)
+# Keys whose value maps names to subschemas (so its own keys are names, not keywords).
+_NAME_MAPS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint in canonical text form; equal specs share one compiled grammar."""
+
+    kind: str  # "json" (a schema), "regex", "choice" (a JSON list) or "grammar" (EBNF / Lark)
+    text: str
+    whitespace_pattern: str | None = None
+
+    @classmethod
+    def from_params(cls, params: StructuredOutputsParams) -> GrammarSpec:
+        kind = params.kind
+        if kind == "json":
+            value = params.json
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"the JSON schema is not valid JSON: {exc}") from None
+            if not isinstance(value, dict | bool):
+                raise ValueError("the JSON schema must be a JSON object")
+            text = json.dumps(value)
+        elif kind == "json_object":
+            kind, text = "json", json.dumps({"type": "object"})
+        elif kind == "choice":
+            text = json.dumps(params.choice)
+        else:
+            text = getattr(params, kind)
+        return cls(kind, text, params.whitespace_pattern)
+
+    @property
+    def schema(self) -> Any:
+        return json.loads(self.text)
+
+
+def unenforced_keywords(schema: Any, keywords: frozenset[str]) -> set[str]:
+    """The given keywords used anywhere in a schema's keyword positions."""
+    found: set[str] = set()
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in keywords:
+                found.add(key)
+            if key in _NAME_MAPS and isinstance(value, dict):
+                for sub in value.values():
+                    found |= unenforced_keywords(sub, keywords)
+            elif key not in ("enum", "const", "default", "examples"):
+                found |= unenforced_keywords(value, keywords)
+    elif isinstance(schema, list):
+        for item in schema:
+            found |= unenforced_keywords(item, keywords)
+    return found
