@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from lmserve.api.tool_parsers import TOOL_PARSERS
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 
 
@@ -44,6 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME")
     api_key = args.api_key or os.environ.get("LMSERVE_API_KEY")
     return asyncio.run(_run_server(args, api_key))
 
@@ -71,6 +74,9 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             if args.generation_config == "auto"
             else {},
             log_requests=not args.disable_log_requests,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
         )
         cors = (
             CORSConfig(
@@ -138,6 +144,18 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "--response-role", default="assistant", help="role of the generated chat message"
     )
     parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=list(TOOL_PARSERS),
+        help="how to read tool calls from the model's text: hermes (Qwen2.5, Hermes), "
+        "llama3_json, mistral, pythonic (Llama 3.2/4), qwen3_xml (Qwen3-Coder)",
+    )
+    parser.add_argument(
         "--chat-template-content-format",
         default="auto",
         choices=["auto", "string", "openai"],
@@ -178,7 +196,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmserve.benchmarks import serve as serve_bench
-    from lmserve.benchmarks import throughput
+    from lmserve.benchmarks import structured, throughput
 
     parser = argparse.ArgumentParser(
         prog="lmserve", description="LLM inference: offline engine, chat and benchmarks."
@@ -215,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_bench.add_arguments(online)
     online.set_defaults(func=lambda args: (serve_bench.main(args), 0)[1])
+    constrained = bench.add_parser(
+        "structured", help="JSON-schema-constrained decoding vs the same requests unconstrained"
+    )
+    structured.add_arguments(constrained)
+    constrained.set_defaults(func=lambda args: (structured.main(args), 0)[1])
     return parser
 
 

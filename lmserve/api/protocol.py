@@ -1,19 +1,18 @@
 """Request bodies: every field of OpenAI's chat and completions requests plus vLLM's extras.
 
 Unknown fields are rejected (400 naming the field) rather than silently ignored. OpenAI fields
-that have no meaning here are accepted and logged; structured outputs and tools are refused until
-they are implemented.
+that have no meaning here are accepted and logged; the deprecated `functions` API is refused.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmserve.api.errors import APIError
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +23,10 @@ _IGNORED = (
     "prompt_cache_retention", "safety_identifier", "moderation", "parallel_tool_calls",
     "best_of",
 )  # fmt: skip
-# Fields whose feature is not implemented yet: refused, never ignored.
-_UNSUPPORTED = (
-    "tools", "functions", "function_call", "guided_json", "guided_regex", "guided_choice",
-    "guided_grammar", "guided_whitespace_pattern", "structured_outputs",
-)  # fmt: skip
+# Fields whose feature is not implemented: refused, never ignored.
+_UNSUPPORTED = ("functions", "function_call")
+# vLLM's `structured_outputs` keys
+_CONSTRAINT_KEYS = ("json", "regex", "choice", "grammar", "json_object", "whitespace_pattern")
 
 
 class StreamOptions(BaseModel):
@@ -76,12 +74,14 @@ class _SamplingRequest(BaseModel):
     store: Any = None
     service_tier: Any = None
     best_of: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    guided_whitespace_pattern: Any = None
-    structured_outputs: Any = None
+    # output constraints: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         for name in _UNSUPPORTED:
@@ -90,6 +90,37 @@ class _SamplingRequest(BaseModel):
         for name in _IGNORED:
             if getattr(self, name, None) is not None:
                 logger.warning("ignoring %r: it has no effect on this server", name)
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The one output constraint asked for, from whichever field carries it."""
+        extra = self.structured_outputs or {}
+        unknown = sorted(set(extra) - set(_CONSTRAINT_KEYS))
+        if unknown:
+            raise APIError(
+                f"unknown structured_outputs key(s) {unknown}; use {', '.join(_CONSTRAINT_KEYS)}",
+                param="structured_outputs",
+            )
+        sources: list[tuple[str, str, Any]] = [  # (field, constraint kind, value)
+            (f"guided_{kind}", kind, getattr(self, f"guided_{kind}"))
+            for kind in ("json", "regex", "choice", "grammar")
+        ]
+        sources += [(f"structured_outputs.{k}", k, v) for k, v in extra.items()]
+        if self.response_format is not None:
+            sources += _response_format_constraint(self.response_format)
+        given = [s for s in sources if s[1] != "whitespace_pattern" and s[2] not in (None, False)]
+        whitespace = extra.get("whitespace_pattern", self.guided_whitespace_pattern)
+        if len(given) > 1:
+            names = ", ".join(source for source, _, _ in given)
+            raise APIError(f"more than one output constraint ({names}); give only one")
+        if not given:
+            if whitespace is not None:
+                raise APIError("a whitespace pattern needs a JSON constraint", param="guided_json")
+            return None
+        source, kind, value = given[0]
+        try:
+            return StructuredOutputsParams(**{kind: value}, whitespace_pattern=whitespace)
+        except (TypeError, ValueError) as exc:
+            raise APIError(f"{source}: {exc}", param=source) from None
 
     def sampling_params(
         self, max_tokens: int | None, num_logprobs: int | None, defaults: dict[str, Any]
@@ -123,6 +154,7 @@ class _SamplingRequest(BaseModel):
                 prompt_logprobs=self.prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
+                structured_outputs=self.constraint(),
             )
         except ValueError as exc:
             raise APIError(str(exc), param=str(exc).split(" ", 1)[0]) from None
@@ -141,6 +173,57 @@ class CompletionRequest(_SamplingRequest):
             raise APIError("'suffix' is not supported (no fill-in-the-middle)", param="suffix")
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _response_format_constraint(response_format: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """OpenAI's response_format as (source, constraint kind, value); `text` is no constraint.
+    `json_schema` may hold {"name", "schema", "strict"} or, as some clients send it, a bare schema."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [("response_format", "json_object", True)]
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(
+                "response_format of type json_schema needs a 'json_schema' object",
+                param="response_format",
+            )
+        schema = spec.get("schema", spec)
+        return [("response_format", "json", schema)]
+    raise APIError(
+        f"response_format type must be text, json_object or json_schema, got {kind!r}",
+        param="response_format",
+    )
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
@@ -153,12 +236,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0)
-    response_format: dict[str, Any] | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: bool | None = True
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
@@ -180,12 +262,22 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
+        if isinstance(self.tool_choice, str) and self.tool_choice not in _TOOL_CHOICES:
             raise APIError(
-                "response_format other than 'text' is not supported yet", param="response_format"
+                f"tool_choice must be one of {', '.join(_TOOL_CHOICES)} or a named function, "
+                f"got {self.tool_choice!r}",
+                param="tool_choice",
             )
-        if self.tool_choice not in (None, "none"):
-            raise APIError("'tool_choice' is not supported yet", param="tool_choice")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise APIError("tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise APIError(
+                    f"tool_choice names {self.tool_choice.function.name!r}, which is not among "
+                    f"the tools ({', '.join(names)})",
+                    param="tool_choice",
+                )
         if self.add_generation_prompt and self.continue_final_message:
             raise APIError(
                 "continue_final_message and add_generation_prompt cannot both be true",

@@ -66,16 +66,22 @@ class StructuredOutputManager:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Start compiling a constrained request's grammar in the background."""
+        """Track a constrained request: at once when its grammar is already compiled (the
+        common case of many requests with one schema), else compiled in the background."""
         params = request.sampling_params.structured_outputs
         if params is None:
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-grammar")
-        spec = GrammarSpec.from_params(params)
-        future = self._executor.submit(
-            self._prepare, params.backend or "xgrammar", spec, request.prompt_token_ids
-        )
+        backend_name, spec = params.backend or "xgrammar", GrammarSpec.from_params(params)
+        future: Future[_Prepared] = Future()
+        prepared = self._prepare_cached(backend_name, spec, request.prompt_token_ids)
+        if prepared is not None:
+            future.set_result(prepared)
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-grammar")
+            future = self._executor.submit(
+                self._prepare, backend_name, spec, request.prompt_token_ids
+            )
         self._states[request.req_id] = _RequestGrammar(future)
 
     def is_ready(self, request: Request) -> bool:
@@ -159,6 +165,7 @@ class StructuredOutputManager:
 
     # ---- compile thread -----------------------------------------------------------------------
     def _prepare(self, backend_name: str, spec: GrammarSpec, prompt_ids: list[int]) -> _Prepared:
+        """Compile (or reuse) the grammar and start a matcher; runs in the compile thread."""
         with self._lock:
             backend = self._backend(backend_name)
             key = (backend_name, spec)
@@ -171,6 +178,27 @@ class StructuredOutputManager:
             else:
                 self._compiled.move_to_end(key)
             reasoning_ids = self._reasoning_token_ids()
+        ended = reasoning_ids is None or _closed_in(prompt_ids, *reasoning_ids)
+        return _Prepared(backend.matcher(compiled), ended)
+
+    def _prepare_cached(
+        self, backend_name: str, spec: GrammarSpec, prompt_ids: list[int]
+    ) -> _Prepared | None:
+        """`_prepare` in the caller's thread when nothing needs compiling or loading, and the
+        compile thread is not busy; None otherwise."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            key = (backend_name, spec)
+            compiled = self._compiled.get(key)
+            needs_markers = self.config.reasoning_end is not None and self._reasoning_ids is None
+            if compiled is None or needs_markers:
+                return None
+            self._compiled.move_to_end(key)
+            reasoning_ids = self._reasoning_token_ids()
+            backend = self._backends[backend_name]
+        finally:
+            self._lock.release()
         ended = reasoning_ids is None or _closed_in(prompt_ids, *reasoning_ids)
         return _Prepared(backend.matcher(compiled), ended)
 

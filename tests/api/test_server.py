@@ -110,12 +110,22 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         ({"messages": QUESTION, "no_such_field": 1}, 400, "no_such_field"),
         ({"messages": QUESTION, "temperature": -1}, 400, "temperature"),
         ({"messages": QUESTION, "model": "nope"}, 404, "does not exist"),
-        (
+        (  # tools default to tool_choice "auto", which needs the parser flags
             {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
             400,
-            "tools",
+            "--enable-auto-tool-choice",
         ),
-        ({"messages": QUESTION, "guided_regex": "a+"}, 400, "guided_regex"),
+        (
+            {
+                "messages": QUESTION,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            400,
+            "'g', which is not among the tools",
+        ),
+        ({"messages": QUESTION, "tool_choice": "required"}, 400, "tool_choice needs tools"),
+        ({"messages": QUESTION, "functions": [{"name": "f"}]}, 400, "functions"),
         (
             {"messages": QUESTION, "add_generation_prompt": True, "continue_final_message": True},
             400,
@@ -349,13 +359,14 @@ def test_n_choices_stream_with_indexes(client: openai.OpenAI) -> None:
         )
     )
     texts: dict[int, str] = {}
-    finished: set[int] = set()
+    finishes: list[int] = []
     for chunk in chunks:
         for choice in chunk.choices:
+            assert choice.index not in finishes, "a chunk after the choice's finish"
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
             if choice.finish_reason:
-                finished.add(choice.index)
-    assert set(texts) == finished == {0, 1, 2}
+                finishes.append(choice.index)
+    assert set(texts) == {0, 1, 2} and sorted(finishes) == [0, 1, 2]
     whole = client.chat.completions.create(
         model=MODEL, messages=QUESTION, n=3, max_tokens=6, temperature=1.0, seed=3
     )

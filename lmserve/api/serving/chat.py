@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from lmserve.api.errors import APIError
-from lmserve.api.protocol import ChatCompletionRequest, ChatMessage
+from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from lmserve.api.reasoning import get_reasoning_parser
 from lmserve.api.serving import common
+from lmserve.api.serving.chat_message import (
+    MessageDelta,
+    MessageParser,
+    ToolMode,
+    required_calls_schema,
+)
+from lmserve.api.tool_parsers import get_tool_parser
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
+from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # A template that loops over a message's content expects OpenAI's list of parts.
 _LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
@@ -27,6 +39,8 @@ def render_messages(messages: list[ChatMessage], content_format: str) -> list[di
     rendered = []
     for message in messages:
         item = message.model_dump(exclude_none=True)
+        for call in item.get("tool_calls") or []:
+            _arguments_to_dict(call)
         if isinstance(message.content, list) and content_format == "openai":
             for part in message.content:
                 if part.get("type") != "text":
@@ -48,6 +62,15 @@ def render_messages(messages: list[ChatMessage], content_format: str) -> list[di
     return rendered
 
 
+def _arguments_to_dict(call: dict[str, Any]) -> None:
+    """Templates render a past call's arguments as a mapping (`| tojson`); OpenAI sends a JSON
+    string, so it is parsed first, as vLLM does. Arguments that are not JSON stay as they are."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        with contextlib.suppress(json.JSONDecodeError):
+            function["arguments"] = json.loads(function["arguments"])
+
+
 def apply_chat_template(
     engine: EngineClient,
     messages: list[ChatMessage],
@@ -56,6 +79,7 @@ def apply_chat_template(
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
     content_format: str = "auto",
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     tokenizer = engine.tokenizer
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
@@ -72,6 +96,7 @@ def apply_chat_template(
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        tools=tools,
         **(chat_template_kwargs or {}),
     )
 
@@ -84,6 +109,8 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         request.check_supported()
         model = common.check_model(self.config, request.model)
+        tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
+        tool_mode = self._tool_mode(request, tools)
         text = apply_chat_template(
             self.engine,
             request.messages,
@@ -92,6 +119,7 @@ class ChatServing:
             request.continue_final_message,
             request.chat_template_kwargs,
             self.config.chat_template_content_format,
+            tools,
         )
         assert self.engine.tokenizer is not None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
@@ -100,15 +128,17 @@ class ChatServing:
         common.check_prompt_length(self.engine, len(ids), max_tokens)
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, num_logprobs, self.config.sampling_defaults)
+        params = _params_for_tools(params, tool_mode, tools, request.parallel_tool_calls)
+        parser = MessageParser(self._reasoning_parser(text), tool_mode)
         request_id = common.new_id("chatcmpl", request.request_id)
         common.log_request(self.config, request_id, len(ids), params)
         stream = self.engine.generate(
             {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt
         )
         if request.stream:
-            return self._stream(request, model, request_id, stream)
+            return self._stream(request, model, request_id, stream, parser)
         final = await common.run_to_end(stream)
-        choices = [self._choice(request, out, final) for out in final.outputs]
+        choices = [self._choice(request, out, parser) for out in final.outputs]
         num_completion = sum(len(o.token_ids) for o in final.outputs)
         response = {
             "id": request_id,
@@ -124,19 +154,55 @@ class ChatServing:
             response["prompt_token_ids"] = final.prompt_token_ids
         return response
 
+    def _tool_mode(
+        self, request: ChatCompletionRequest, tools: list[dict[str, Any]] | None
+    ) -> ToolMode:
+        """OpenAI's default is auto when tools are given; auto needs a parser for the model's
+        own call format, so without the flags it is a 400 that names them (as in vLLM)."""
+        choice = request.tool_choice or ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            return ToolMode("named", name=choice.function.name)
+        if choice != "auto":
+            return ToolMode(choice)
+        if not (self.config.enable_auto_tool_choice and self.config.tool_call_parser):
+            raise APIError(
+                '"auto" tool choice requires the server to be started with '
+                "--enable-auto-tool-choice and --tool-call-parser NAME; or pass tool_choice "
+                '"required", "none" or a named function',
+                param="tool_choice",
+            )
+        parser_class = get_tool_parser(self.config.tool_call_parser)
+        return ToolMode("auto", parser=parser_class(tools or []))
+
+    def _reasoning_parser(self, prompt: str) -> Any:
+        if self.config.reasoning_parser is None:
+            return None
+        parser_class = get_reasoning_parser(self.config.reasoning_parser)
+        return parser_class(reasoning_ended_in_prompt=parser_class.reasoning_ended(prompt))
+
     def _choice(
-        self, request: ChatCompletionRequest, out: CompletionOutput, final: RequestOutput
+        self, request: ChatCompletionRequest, out: CompletionOutput, parser: MessageParser
     ) -> dict[str, Any]:
-        content = out.text
+        parsed = parser.parse(out.text)
+        content = parsed.content
         if request.echo and request.messages and request.messages[-1].role == "assistant":
-            content = str(request.messages[-1].content or "") + content
+            content = str(request.messages[-1].content or "") + (content or "")
+        message: dict[str, Any] = {
+            "role": self.config.response_role,
+            "content": content,
+            "refusal": None,
+        }
+        if parsed.tool_calls:
+            message["tool_calls"] = [_tool_call_json(c) for c in parsed.tool_calls]
+        if parser.reasoning is not None:
+            message["reasoning_content"] = message["reasoning"] = parsed.reasoning
         choice: dict[str, Any] = {
             "index": out.index,
-            "message": {"role": self.config.response_role, "content": content, "refusal": None},
+            "message": message,
             "logprobs": self._logprobs(out, 0, len(out.token_ids), request.top_logprobs or 0)
             if request.logprobs
             else None,
-            "finish_reason": out.finish_reason,
+            "finish_reason": _finish_reason(out.finish_reason, bool(parsed.tool_calls)),
             "stop_reason": out.stop_reason,
         }
         if request.return_token_ids:
@@ -167,6 +233,7 @@ class ChatServing:
         model: str,
         request_id: str,
         stream: AsyncIterator[RequestOutput],
+        parser: MessageParser,
     ) -> AsyncIterator[str]:
         created = common.now()
         head = {
@@ -176,11 +243,13 @@ class ChatServing:
             "model": model,
         }
         tracker = common.DeltaTracker()
+        messages = {}  # choice index -> its MessageStream
         last: RequestOutput | None = None
         async for snapshot in stream:
             last = snapshot
             for out in snapshot.outputs:
                 if tracker.is_new(out.index):
+                    messages[out.index] = parser.stream()
                     role = {"role": self.config.response_role, "content": ""}
                     yield common.sse(
                         {
@@ -198,16 +267,28 @@ class ChatServing:
                 sent = tracker.advance(out.index, out)
                 if sent is None:
                     continue
-                delta, token_start = sent
+                text, token_start = sent
+                message = messages[out.index]
+                delta = message.feed(text)
+                if out.finish_reason is not None:
+                    tail = message.finish()
+                    delta = MessageDelta(
+                        _join(delta.reasoning, tail.reasoning),
+                        _join(delta.content, tail.content),
+                        delta.tool_calls + tail.tool_calls,
+                    )
+                logprobs = (
+                    self._logprobs(out, token_start, len(out.token_ids), request.top_logprobs or 0)
+                    if request.logprobs
+                    else None
+                )
+                if not delta and out.finish_reason is None and not (logprobs or {}).get("content"):
+                    continue  # held back by a parser: nothing to send yet
                 choice = {
                     "index": out.index,
-                    "delta": {"content": delta} if delta else {},
-                    "logprobs": self._logprobs(
-                        out, token_start, len(out.token_ids), request.top_logprobs or 0
-                    )
-                    if request.logprobs
-                    else None,
-                    "finish_reason": out.finish_reason,
+                    "delta": _delta_json(delta, parser.reasoning is not None),
+                    "logprobs": logprobs,
+                    "finish_reason": _finish_reason(out.finish_reason, message.called),
                 }
                 if out.finish_reason is not None:
                     choice["stop_reason"] = out.stop_reason
@@ -227,6 +308,72 @@ class ChatServing:
         yield common.sse("[DONE]")
 
 
+def _params_for_tools(
+    params: SamplingParams,
+    mode: ToolMode,
+    tools: list[dict[str, Any]] | None,
+    parallel: bool | None,
+) -> SamplingParams:
+    """tool_choice "required" and named functions are enforced with a JSON-schema grammar; a
+    parser whose markup is special tokens needs them kept in the text."""
+    if mode.parser is not None and mode.parser.needs_special_tokens:
+        return replace(params, skip_special_tokens=False)  # the calls' markup is special tokens
+    if mode.choice not in ("required", "named"):
+        return params
+    if params.structured_outputs is not None:
+        raise APIError(
+            f'tool_choice "{mode.choice}" cannot be combined with another output constraint',
+            param="tool_choice",
+        )
+    assert tools is not None
+    if mode.choice == "named":
+        function = next(t["function"] for t in tools if t["function"]["name"] == mode.name)
+        schema = function.get("parameters") or {"type": "object"}
+    else:
+        schema = required_calls_schema(tools, parallel is not False)
+    return replace(params, structured_outputs=StructuredOutputsParams(json=schema))
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _join(a: str | None, b: str | None) -> str | None:
+    return (a or "") + (b or "") or None
+
+
+def _tool_call_json(call: Any) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _delta_json(delta: MessageDelta, with_reasoning: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if delta.content is not None:
+        body["content"] = delta.content
+    if with_reasoning and delta.reasoning is not None:
+        body["reasoning_content"] = body["reasoning"] = delta.reasoning
+    if delta.tool_calls:
+        body["tool_calls"] = []
+        for call in delta.tool_calls:
+            item: dict[str, Any] = {"index": call.index}
+            function: dict[str, Any] = {"arguments": call.arguments}
+            if call.id is not None:
+                item.update(id=call.id, type="function")
+            if call.name is not None:
+                function["name"] = call.name
+            item["function"] = function
+            body["tool_calls"].append(item)
+    return body
+
+
 def _token_logprob(token: str | None, logprob: float) -> dict[str, Any]:
     text = token or ""
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {
+        "token": text,
+        "logprob": common.finite_logprob(logprob),
+        "bytes": list(text.encode("utf-8")),
+    }

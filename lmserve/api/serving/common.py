@@ -27,6 +27,9 @@ class ServingConfig:
     chat_template_content_format: str = "auto"  # auto | string | openai
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     log_requests: bool = True
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -122,6 +125,7 @@ class DeltaTracker:
 
     def __init__(self) -> None:
         self._sent: dict[int, tuple[int, int]] = {}  # index -> (chars, tokens) sent
+        self._finished: set[int] = set()  # choices whose last chunk went out
 
     def is_new(self, index: int) -> bool:
         return index not in self._sent
@@ -129,15 +133,25 @@ class DeltaTracker:
     def advance(
         self, index: int, out: CompletionOutput, prefix: str = ""
     ) -> tuple[str, int] | None:
-        """(text to send, first unsent token); None when there is nothing to send. `prefix`
-        goes before the choice's first text (completions' echo)."""
+        """(text to send, first unsent token); None when there is nothing to send, including
+        for a choice already finished (later snapshots of an n > 1 request repeat it).
+        `prefix` goes before the choice's first text (completions' echo)."""
+        if index in self._finished:
+            return None
         text_start, token_start = self._sent.get(index, (0, 0))
         delta = (prefix if self.is_new(index) else "") + out.text[text_start:]
         if not delta and out.finish_reason is None:
             self._sent[index] = (text_start, token_start)  # seen: no longer new
             return None
         self._sent[index] = (len(out.text), len(out.token_ids))
+        if out.finish_reason is not None:
+            self._finished.add(index)
         return delta, token_start
+
+
+def finite_logprob(logprob: float) -> float:
+    """A token the grammar ruled out has logprob -inf, which JSON cannot carry: vLLM's -9999."""
+    return max(logprob, -9999.0)
 
 
 def running_usage(snapshot: RequestOutput) -> dict[str, int]:
@@ -171,7 +185,11 @@ def prompt_logprobs_json(output: RequestOutput) -> list[dict[str, dict[str, Any]
         None
         if entry is None
         else {
-            str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            str(tid): {
+                "logprob": finite_logprob(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
             for tid, lp in entry.items()
         }
         for entry in output.prompt_logprobs

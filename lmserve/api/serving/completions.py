@@ -102,8 +102,13 @@ class CompletionServing:
         ):
             chosen = entry[token_id]
             tokens.append(chosen.decoded_token or "")
-            token_logprobs.append(chosen.logprob)
-            top.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+            token_logprobs.append(common.finite_logprob(chosen.logprob))
+            top.append(
+                {
+                    (lp.decoded_token or ""): common.finite_logprob(lp.logprob)
+                    for lp in entry.values()
+                }
+            )
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
