@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lmserve.sampling_params import StructuredOutputsParams
-from lmserve.structured_output.spec import GrammarSpec
+from lmserve.structured_output.spec import XGRAMMAR_SLOW, GrammarSpec, keywords_used
 
 _BACKENDS = {
     "xgrammar": "lmserve.structured_output.xgrammar_backend:XGrammarBackend",
@@ -68,14 +68,19 @@ def backend_class(name: str) -> type[GrammarBackend]:
 
 def resolve_backend(params: StructuredOutputsParams, configured: str) -> StructuredOutputsParams:
     """`params` with the backend that will enforce it: the configured one, or with "auto" xgrammar
-    unless it cannot enforce the constraint, then llguidance. ValueError says why none can."""
+    unless it cannot enforce the constraint (or would be slow at it), then llguidance.
+    ValueError says why none can."""
     spec = GrammarSpec.from_params(params)
     choice = params.backend or configured
     if choice != "auto" and choice not in _BACKENDS:
         raise ValueError(
             f"unknown structured outputs backend {choice!r}; use auto, xgrammar or guidance"
         )
-    names = list(_BACKENDS) if choice == "auto" else [choice]
+    names = [choice]
+    if choice == "auto":
+        names = ["xgrammar", "guidance"]
+        if spec.kind == "json" and keywords_used(spec.schema, XGRAMMAR_SLOW):
+            names.reverse()
     reasons = []
     for name in names:
         try:

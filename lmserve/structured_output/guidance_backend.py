@@ -32,10 +32,13 @@ def _grammar(spec: GrammarSpec) -> str:
 
 
 class GuidanceMatcher(Matcher):
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, eos_token_id: int | None) -> None:
         self._matcher = matcher
+        self._eos_token_id = eos_token_id
+        self._accepted_eos = False
 
     def accept(self, token_id: int) -> bool:
+        self._accepted_eos = token_id == self._eos_token_id
         return self._matcher.consume_token(token_id)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -43,7 +46,9 @@ class GuidanceMatcher(Matcher):
         self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
     def is_terminated(self) -> bool:
-        return self._matcher.is_stopped()
+        # NOTE: llguidance stops as soon as the grammar is complete ("}" of a JSON object);
+        # like xgrammar's, our grammars end with the stop token, which the mask then forces.
+        return self._accepted_eos and self._matcher.is_stopped()
 
 
 class GuidanceBackend(GrammarBackend):
@@ -67,4 +72,4 @@ class GuidanceBackend(GrammarBackend):
         matcher = llguidance.LLMatcher(self._tokenizer, compiled, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
-        return GuidanceMatcher(matcher)
+        return GuidanceMatcher(matcher, self.tokenizer.eos_token_id)

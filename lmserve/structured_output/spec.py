@@ -17,6 +17,10 @@ MAX_JSON_WHITESPACE = 8
 XGRAMMAR_UNENFORCED = frozenset(
     {"not", "uniqueItems", "allOf", "if", "then", "else", "dependentSchemas"}
 )
+# String length bounds: xgrammar enforces them, but slowly (measured on a typical nested schema
+# with maxLength on its strings, SmolLM2 vocabulary: compile 187 ms vs 13 ms without the bounds,
+# mask fill 431 us a token on average vs 14 us); llguidance takes 2 ms and 93 us.
+XGRAMMAR_SLOW = frozenset({"maxLength", "minLength"})
 # Keys whose value maps names to subschemas (so its own keys are names, not keywords).
 _NAME_MAPS = frozenset(
     {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
@@ -57,7 +61,7 @@ class GrammarSpec:
         return json.loads(self.text)
 
 
-def unenforced_keywords(schema: Any, keywords: frozenset[str]) -> set[str]:
+def keywords_used(schema: Any, keywords: frozenset[str]) -> set[str]:
     """The given keywords used anywhere in a schema's keyword positions."""
     found: set[str] = set()
     if isinstance(schema, dict):
@@ -66,10 +70,10 @@ def unenforced_keywords(schema: Any, keywords: frozenset[str]) -> set[str]:
                 found.add(key)
             if key in _NAME_MAPS and isinstance(value, dict):
                 for sub in value.values():
-                    found |= unenforced_keywords(sub, keywords)
+                    found |= keywords_used(sub, keywords)
             elif key not in ("enum", "const", "default", "examples"):
-                found |= unenforced_keywords(value, keywords)
+                found |= keywords_used(value, keywords)
     elif isinstance(schema, list):
         for item in schema:
-            found |= unenforced_keywords(item, keywords)
+            found |= keywords_used(item, keywords)
     return found

@@ -13,7 +13,7 @@ from lmserve.structured_output.spec import (
     MAX_JSON_WHITESPACE,
     XGRAMMAR_UNENFORCED,
     GrammarSpec,
-    unenforced_keywords,
+    keywords_used,
 )
 
 
@@ -23,7 +23,7 @@ def _grammar(spec: GrammarSpec) -> xgr.Grammar:
         raise ValueError("a custom whitespace_pattern is not supported")
     try:
         if spec.kind == "json":
-            unenforced = unenforced_keywords(spec.schema, XGRAMMAR_UNENFORCED)
+            unenforced = keywords_used(spec.schema, XGRAMMAR_UNENFORCED)
             if unenforced:
                 raise ValueError(f"it would ignore {', '.join(sorted(unenforced))}")
             return xgr.Grammar.from_json_schema(

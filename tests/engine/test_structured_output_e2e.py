@@ -30,12 +30,19 @@ def chat(text: str) -> list[dict[str, str]]:
 
 
 def test_json_regex_and_choice_in_one_batch(smollm2_llm: LLM) -> None:
+    """Both backends side by side: auto sends PERSON (string length bounds) to llguidance."""
     constraints = [
         StructuredOutputsParams(json=PERSON),
         StructuredOutputsParams(regex=IPV4),
         StructuredOutputsParams(choice=["Paris", "London", "Rome"]),
+        StructuredOutputsParams(json=PERSON, backend="xgrammar"),
     ]
-    prompts = ["Describe a person as JSON.", "Give an IP address.", "Capital of Italy?"]
+    prompts = [
+        "Describe a person as JSON.",
+        "Give an IP address.",
+        "Capital of Italy?",
+        "Describe a person as JSON.",
+    ]
     outputs = smollm2_llm.chat(
         [chat(p) for p in prompts],
         [
@@ -43,7 +50,7 @@ def test_json_regex_and_choice_in_one_batch(smollm2_llm: LLM) -> None:
             for c in constraints
         ],
     )
-    for out in outputs[0].outputs:
+    for out in outputs[0].outputs + outputs[3].outputs:
         assert out.finish_reason == "stop"
         jsonschema.validate(json.loads(out.text), PERSON)
     assert all(re.fullmatch(IPV4, o.text) for o in outputs[1].outputs)

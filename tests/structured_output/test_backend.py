@@ -21,6 +21,8 @@ from lmserve.structured_output.backend import resolve_backend
         # only llguidance takes a custom whitespace pattern, or a Lark grammar
         (Params(json={"type": "object"}, whitespace_pattern=r"[ ]?"), "guidance"),
         (Params(grammar='start: "a" | "b"'), "guidance"),
+        # string length bounds: llguidance first, for speed
+        (Params(json={"type": "object", "properties": {"a": {"maxLength": 8}}}), "guidance"),
     ],
 )
 def test_auto_picks_a_backend_that_enforces_the_constraint(params: Params, backend: str) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lmserve.sampling_params import StructuredOutputsParams
-from lmserve.structured_output.spec import XGRAMMAR_UNENFORCED, GrammarSpec, unenforced_keywords
+from lmserve.structured_output.spec import XGRAMMAR_UNENFORCED, GrammarSpec, keywords_used
 
 
 def test_specs_are_canonical_and_hashable() -> None:
@@ -33,7 +33,7 @@ def test_bad_params_are_value_errors() -> None:
         GrammarSpec.from_params(StructuredOutputsParams(json="{nope"))
 
 
-def test_unenforced_keywords_are_found_in_keyword_positions_only() -> None:
+def test_keywords_are_found_in_keyword_positions_only() -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -43,5 +43,5 @@ def test_unenforced_keywords_are_found_in_keyword_positions_only() -> None:
         "$defs": {"x": {"allOf": [{"type": "integer"}]}},
         "enum": [{"not": 1}],
     }
-    assert unenforced_keywords(schema, XGRAMMAR_UNENFORCED) == {"uniqueItems", "allOf"}
-    assert unenforced_keywords({"type": "string"}, XGRAMMAR_UNENFORCED) == set()
+    assert keywords_used(schema, XGRAMMAR_UNENFORCED) == {"uniqueItems", "allOf"}
+    assert keywords_used({"type": "string"}, XGRAMMAR_UNENFORCED) == set()
