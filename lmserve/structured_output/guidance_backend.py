@@ -11,7 +11,7 @@ import llguidance.hf
 import torch
 
 from lmserve.structured_output.backend import GrammarBackend, Matcher
-from lmserve.structured_output.spec import MAX_JSON_WHITESPACE, GrammarSpec
+from lmserve.structured_output.spec import MAX_JSON_WHITESPACE, GrammarSpec, closed_objects
 
 _BOUNDED_WHITESPACE = rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}"
 
@@ -19,8 +19,9 @@ _BOUNDED_WHITESPACE = rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}"
 def _grammar(spec: GrammarSpec) -> str:
     if spec.kind == "json":
         options = {"whitespace_pattern": spec.whitespace_pattern or _BOUNDED_WHITESPACE}
+        schema = closed_objects(spec.schema)
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.text, overrides=options)
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
     if spec.whitespace_pattern is not None:

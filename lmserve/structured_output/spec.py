@@ -77,3 +77,24 @@ def keywords_used(schema: Any, keywords: frozenset[str]) -> set[str]:
         for item in schema:
             found |= keywords_used(item, keywords)
     return found
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that sets no policy, as
+    xgrammar's strict mode reads it: llguidance allows extra properties by default, and a small
+    model then invents nested keys without end."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {}
+    for key, value in schema.items():
+        if key in _NAME_MAPS and isinstance(value, dict):
+            closed[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key in ("enum", "const", "default", "examples"):
+            closed[key] = value
+        else:
+            closed[key] = closed_objects(value)
+    if "properties" in schema and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed

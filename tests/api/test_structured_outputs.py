@@ -197,6 +197,16 @@ def test_json_object_and_text_formats(server: Server) -> None:
     )
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    compact = client.chat.completions.create(
+        model=MODEL,
+        messages=chat("Describe a cat as JSON."),
+        max_tokens=200,
+        temperature=0,
+        extra_body={"guided_json": SCHEMAS[0], "guided_whitespace_pattern": "[ ]?"},
+    )
+    text = compact.choices[0].message.content
+    assert "\n" not in text and "  " not in text  # the pattern replaced the default whitespace
+    jsonschema.validate(json.loads(text), SCHEMAS[0])
     plain = client.chat.completions.create(
         model=MODEL, messages=chat("Hi"), response_format={"type": "text"}, max_tokens=4
     )

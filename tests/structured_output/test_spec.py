@@ -3,7 +3,12 @@ from __future__ import annotations
 import pytest
 
 from lmserve.sampling_params import StructuredOutputsParams
-from lmserve.structured_output.spec import XGRAMMAR_UNENFORCED, GrammarSpec, keywords_used
+from lmserve.structured_output.spec import (
+    XGRAMMAR_UNENFORCED,
+    GrammarSpec,
+    closed_objects,
+    keywords_used,
+)
 
 
 def test_specs_are_canonical_and_hashable() -> None:
@@ -45,3 +50,22 @@ def test_keywords_are_found_in_keyword_positions_only() -> None:
     }
     assert keywords_used(schema, XGRAMMAR_UNENFORCED) == {"uniqueItems", "allOf"}
     assert keywords_used({"type": "string"}, XGRAMMAR_UNENFORCED) == set()
+
+
+def test_objects_are_closed_unless_the_schema_says_otherwise() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"x": {}}},  # a property so named
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+        "$defs": {"d": {"properties": {"y": {}}}},
+        "const": {"properties": {}},
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["properties"]["properties"]
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert closed["const"] == {"properties": {}}
