@@ -172,7 +172,8 @@ class ChatServing:
                 param="tool_choice",
             )
         parser_class = get_tool_parser(self.config.tool_call_parser)
-        return ToolMode("auto", parser=parser_class(tools or []))
+        parallel = request.parallel_tool_calls is not False
+        return ToolMode("auto", parser=parser_class(tools or []), parallel=parallel)
 
     def _reasoning_parser(self, prompt: str) -> Any:
         if self.config.reasoning_parser is None:

@@ -25,6 +25,7 @@ class ToolMode:
     choice: str
     name: str | None = None  # the function of a named tool_choice
     parser: ToolParser | None = None  # for auto
+    parallel: bool = True  # parallel_tool_calls=False keeps only the first call
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class MessageParser:
         mode = self.tools
         if mode.choice == "auto" and mode.parser is not None and content:
             extracted = mode.parser.extract(content)
-            return ParsedMessage(reasoning, extracted.content, extracted.tool_calls)
+            calls = extracted.tool_calls if mode.parallel else extracted.tool_calls[:1]
+            return ParsedMessage(reasoning, extracted.content, calls)
         if mode.choice == "named" and content:
             assert mode.name is not None
             return ParsedMessage(reasoning, None, [ToolCall(new_call_id(), mode.name, content)])
@@ -140,6 +142,8 @@ class MessageStream:
                 tail = self._tool_stream.finish()
                 content = (content or "") + (tail.content or "") or None
                 calls += tail.tool_calls
+            if not self._tools.parallel:
+                calls = [c for c in calls if c.index == 0]
             self.called = self.called or bool(calls)
             return MessageDelta(content=content, tool_calls=calls)
         if mode == "named":
