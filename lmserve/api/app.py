@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import importlib.metadata
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +67,12 @@ def build_app(
     completions = CompletionServing(engine, config)
 
     @app.post("/v1/chat/completions")
-    async def create_chat_completion(request: ChatCompletionRequest) -> Response:
-        return _respond(await chat.create(request))
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, chat.create(request))
 
     @app.post("/v1/completions")
-    async def create_completion(request: CompletionRequest) -> Response:
-        return _respond(await completions.create(request))
+    async def create_completion(request: CompletionRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, completions.create(request))
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -149,6 +151,29 @@ def build_app(
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _unless_disconnected(
+    raw: Request, work: Coroutine[Any, Any, dict[str, Any] | AsyncIterator[str]]
+) -> Response:
+    """Run a generation, cancelled (and so aborted in the engine) if the client goes away first:
+    a non-streaming request would otherwise keep its KV blocks until it finished for nobody."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(raw))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        gone.cancel()
+        return _respond(task.result())
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody reads it: the client closed the connection
+
+
+async def _disconnected(raw: Request) -> None:
+    """Returns once the client disconnects (the body was read already, so only that is left)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:

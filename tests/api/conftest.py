@@ -5,9 +5,11 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +19,10 @@ import pytest
 class Server:
     url: str
     proc: subprocess.Popen
+    log_path: Path  # the server's stdout and stderr
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def free_port() -> int:
@@ -26,7 +32,10 @@ def free_port() -> int:
 
 
 def start_server(*args: str, timeout_s: float = 240) -> Server:
+    """NOTE: the log goes to a file, not a pipe: nobody reads a pipe while tests run, and once
+    its 64 KiB buffer fills the server blocks writing its request log and stops answering."""
     port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="lmserve-server-", suffix=".log")[1])
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -39,18 +48,17 @@ def start_server(*args: str, timeout_s: float = 240) -> Server:
             "--uvicorn-log-level",
             "warning",
         ],
-        stdout=subprocess.PIPE,
+        stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{proc.stdout.read()}")
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return Server(url, proc)
+                return Server(url, proc, log_path)
         except httpx.HTTPError:
             pass
         time.sleep(0.5)

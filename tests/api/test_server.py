@@ -190,6 +190,19 @@ def test_disconnect_mid_stream_frees_the_request(smollm2_server: Server) -> None
     assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
 
 
+def test_disconnect_before_a_whole_answer_frees_the_request(smollm2_server: Server) -> None:
+    body = {"prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{smollm2_server.url}/v1/completions", json=body, timeout=2)
+    for _ in range(100):
+        if httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0
+    text = httpx.get(f"{smollm2_server.url}/metrics").text
+    assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
+
+
 def test_concurrent_streaming_clients(smollm2_server: Server) -> None:
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
         stream = await client.chat.completions.create(

@@ -177,5 +177,5 @@ def test_response_role_root_path_and_stats_log(smollm2_dir) -> None:
         time.sleep(10.5)  # the stats line is written every 10 s after tokens were generated
     finally:
         stop_server(server)
-    log = server.proc.stdout.read()
+    log = server.log()
     assert "running: " in log and "generation: " in log and "tok/s" in log
