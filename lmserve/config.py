@@ -137,3 +137,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
     device: str = "cpu"
+    attention_backend: str = "torch_ref"  # torch_ref (CPU, the oracle) | triton (CUDA)

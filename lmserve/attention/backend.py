@@ -52,7 +52,10 @@ class AttentionBackend(abc.ABC):
         """Store k/v at metadata's slots, then attend; returns [num_tokens, num_heads, head_dim]."""
 
 
-_BACKENDS = {"torch_ref": "lmserve.attention.torch_ref:TorchRefBackend"}
+_BACKENDS = {
+    "torch_ref": "lmserve.attention.torch_ref:TorchRefBackend",
+    "triton": "lmserve.attention.triton:TritonBackend",
+}
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -30,6 +30,7 @@ MODEL_HELP = (
 )
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_ATTENTION_BACKENDS = ("torch_ref", "triton")
 
 
 def create_engine_config(
@@ -51,6 +52,7 @@ def create_engine_config(
     cache_dir: str | os.PathLike | None = None,
     structured_outputs_backend: str = "auto",
     reasoning_parser: str | None = None,
+    attention_backend: str = "auto",
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory."""
     if load_format not in _LOAD_FORMATS:
@@ -64,6 +66,13 @@ def create_engine_config(
     start, end = REASONING_MARKERS.get(reasoning_parser or "", (None, None))
     structured_output = StructuredOutputConfig(structured_outputs_backend, start, end)
     device = _resolve_device(device)
+    if attention_backend == "auto":
+        attention_backend = "triton" if device.startswith("cuda") else "torch_ref"
+    elif attention_backend not in _ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attention_backend must be auto or one of {_ATTENTION_BACKENDS}, "
+            f"got {attention_backend!r}"
+        )
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = json.loads((path / "config.json").read_text())
     model_max_len = _model_max_len(hf_config)
@@ -101,6 +110,7 @@ def create_engine_config(
         ),
         structured_output=structured_output,
         device=device,
+        attention_backend=attention_backend,
     )
 
 
@@ -187,6 +197,12 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         help="most logprobs / top_logprobs / prompt_logprobs a request may ask for",
     )
     parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", *_ATTENTION_BACKENDS],
+        help="paged attention kernels: auto = triton on CUDA, torch_ref (plain torch) on CPU",
+    )
+    parser.add_argument(
         "--structured-outputs-backend",
         default="auto",
         choices=list(STRUCTURED_OUTPUT_BACKENDS),
@@ -218,5 +234,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         structured_outputs_backend=args.structured_outputs_backend,
+        attention_backend=args.attention_backend,
         reasoning_parser=args.reasoning_parser,
     )

@@ -80,7 +80,7 @@ class ModelRunner:
         caches = allocate_kv_caches(
             config.model, num_blocks, config.cache.block_size, dtype, device
         )
-        return cls(config, model, caches, get_backend("torch_ref", device), device)
+        return cls(config, model, caches, get_backend(config.attention_backend, device), device)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
