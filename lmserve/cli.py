@@ -40,6 +40,15 @@ def _chat(args: argparse.Namespace) -> int:
         print(answer, flush=True)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Ray Serve deployment of a YAML config: lmserve.serve's builders on a local or running Ray."""
+    from pathlib import Path
+
+    from lmserve.serve.run import run
+
+    return run(Path(args.config))
+
+
 def _serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible server: engine core in its own process, uvicorn in this one."""
     import asyncio
@@ -213,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_cli_args(serve)
     _add_server_args(serve)
     serve.set_defaults(func=_serve)
+    run = commands.add_parser(
+        "run", help="deploy a Ray Serve config file (as `serve run`), starting Ray if needed"
+    )
+    run.add_argument("config", help="Serve config YAML: applications with import_path and args")
+    run.set_defaults(func=_run)
     chat = commands.add_parser("chat", help="interactive terminal chat with a model")
     chat.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     add_engine_cli_args(chat)
@@ -282,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"lmserve: error: {exc}", file=sys.stderr)
         return 2
 

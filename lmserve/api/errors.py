@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,10 +36,10 @@ _TYPES = {
 }
 
 
-def error_response(
+def error_body(
     message: str, status: int, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    body = {
+) -> dict[str, Any]:
+    return {
         "error": {
             "message": message,
             "type": _TYPES.get(status, HTTPStatus(status).phrase),
@@ -45,7 +47,26 @@ def error_response(
             "code": code,  # a string or null, as OpenAI's schema has it
         }
     }
-    return JSONResponse(body, status_code=status)
+
+
+def error_response(
+    message: str, status: int, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+
+def validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A request body that failed validation: the message for its first error, and the field."""
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        message = f"Unknown field {field!r}: it is neither an OpenAI field nor an lmserve extra"
+    elif first.get("type") == "json_invalid":
+        message = f"The request body is not valid JSON: {first.get('msg')}"
+    else:
+        message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    return message, field
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -56,15 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         """Malformed JSON and bad fields are 400 naming the field, not FastAPI's 422."""
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or None
-        if first.get("type") == "extra_forbidden":
-            message = f"Unknown field {field!r}: it is neither an OpenAI field nor an lmserve extra"
-        elif first.get("type") == "json_invalid":
-            message = f"The request body is not valid JSON: {first.get('msg')}"
-        else:
-            message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+        message, field = validation_error(exc.errors())
         return error_response(message, 400, param=field)
 
     @app.exception_handler(ValueError)

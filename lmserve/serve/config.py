@@ -1,0 +1,97 @@
+"""Ray Serve LLM's configuration, with its field names and meanings, as pydantic models.
+
+This module imports no Ray, so a config can be written and checked where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmserve.engine.args import create_engine_config
+
+
+class ModelLoadingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str  # the name clients send as `model`
+    model_source: str | None = None  # a path, a .gguf file or an HF id; default: model_id
+
+
+class LoraConfig(BaseModel):
+    """Accepted now so configs written for Ray Serve LLM load; adapters come with LoRA support."""
+
+    model_config = ConfigDict(extra="forbid")
+    dynamic_lora_loading_path: str | None = None
+    max_num_adapters_per_replica: int = 16
+
+
+def _engine_arg_names() -> set[str]:
+    return {
+        name
+        for name, p in inspect.signature(create_engine_config).parameters.items()
+        if p.kind == p.KEYWORD_ONLY
+    }
+
+
+class LLMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_loading_config: ModelLoadingConfig
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    deployment_config: dict[str, Any] = Field(default_factory=dict)
+    accelerator_type: str | None = None  # a Ray accelerator resource; CPU when unset
+    runtime_env: dict[str, Any] | None = None
+    placement_group_config: dict[str, Any] | None = None
+    lora_config: LoraConfig | None = None
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - _engine_arg_names())
+        if unknown:
+            raise ValueError(
+                f"unknown engine_kwargs {unknown}; lmserve engine arguments are "
+                f"{', '.join(sorted(_engine_arg_names()))}"
+            )
+        return value
+
+    @property
+    def model_id(self) -> str:
+        return self.model_loading_config.model_id
+
+    @property
+    def model_source(self) -> str:
+        return self.model_loading_config.model_source or self.model_id
+
+
+class LLMServingArgs(BaseModel):
+    """`{"llm_configs": [LLMConfig | dict | "path/to/model.yaml", ...]}`, as in Ray Serve LLM."""
+
+    model_config = ConfigDict(extra="forbid")
+    llm_configs: list[LLMConfig]
+
+    @field_validator("llm_configs", mode="before")
+    @classmethod
+    def _load_files(cls, value: Any) -> Any:
+        return [_read_yaml(item) if isinstance(item, str | Path) else item for item in value]
+
+    @field_validator("llm_configs")
+    @classmethod
+    def _unique_ids(cls, value: list[LLMConfig]) -> list[LLMConfig]:
+        ids = [c.model_id for c in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        if not ids:
+            raise ValueError("llm_configs is empty: give at least one model")
+        return value
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"model config file {path} does not exist") from None

@@ -1,0 +1,153 @@
+"""build_openai_app on a real local Ray: two models behind one router, driven by the openai
+client. Ray starts once for the module (a few seconds); nothing about Ray is mocked."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from lmserve.serve import LLMConfig, build_openai_app  # noqa: E402
+from tests.api.conftest import free_port  # noqa: E402
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMALL_ENGINE = {"max_model_len": 512, "kv_cache_memory_gb": 0.05}
+
+
+@pytest.fixture(scope="module")
+def app_url(smollm2_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
+    port = free_port()
+    # Serve pushes autoscaling metrics every 10 s by default: too slow for a test's burst.
+    for name in ("REPLICA", "HANDLE"):
+        os.environ[f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_openai_app(
+        {
+            "llm_configs": [
+                LLMConfig(model_loading_config={"model_id": SMOLLM2}, engine_kwargs=SMALL_ENGINE),
+                {
+                    "model_loading_config": {
+                        "model_id": "tiny",
+                        "model_source": str(tiny_model_dirs["llama"]),
+                    },
+                    "engine_kwargs": SMALL_ENGINE,
+                },
+            ]
+        }
+    )
+    serve.run(app, name="llm", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(app_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused")
+
+
+def test_models_lists_both(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list().data) == sorted([SMOLLM2, "tiny"])
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_each_model_answers_by_id_streaming_and_not(client: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(
+        model=SMOLLM2, messages=question, temperature=0, max_tokens=16
+    )
+    assert "Paris" in reply.choices[0].message.content and reply.model == SMOLLM2
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=SMOLLM2, messages=question, temperature=0, max_tokens=16, stream=True
+        )
+        if chunk.choices
+    )
+    assert streamed == reply.choices[0].message.content
+    tiny = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=5, temperature=0)
+    assert len(tiny.choices[0].text) >= 0 and tiny.usage.completion_tokens == 5
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=[1, 2, 3], max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_errors_keep_their_status(app_url: str, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    for stream in (False, True):
+        bad = httpx.post(
+            f"{app_url}/v1/chat/completions",
+            json={
+                "model": SMOLLM2,
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": -1,
+                "stream": stream,
+            },
+            timeout=60,
+        )
+        assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+    unknown = httpx.post(
+        f"{app_url}/v1/completions", json={"model": "tiny", "prompt": "x", "bogus": 1}, timeout=60
+    )
+    assert unknown.status_code == 400 and "bogus" in unknown.json()["error"]["message"]
+
+
+def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_model_dirs) -> None:
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+               "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 1}  # fmt: skip
+    app = build_openai_app(
+        {
+            "llm_configs": [
+                {
+                    "model_loading_config": {
+                        "model_id": "tiny-scaling",
+                        "model_source": str(tiny_model_dirs["llama"]),
+                    },
+                    "engine_kwargs": SMALL_ENGINE,
+                    "deployment_config": {"autoscaling_config": scaling},
+                }
+            ]
+        }
+    )
+    serve.run(app, name="scaling", route_prefix="/scaling")
+
+    def replicas() -> int:
+        deployments = serve.status().applications["scaling"].deployments
+        server = next(d for name, d in deployments.items() if name.startswith("LLMServer"))
+        return server.replica_states.get("RUNNING", 0)
+
+    assert replicas() == 1
+    body = {"prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True}
+    peak = 1
+    with ThreadPoolExecutor(32) as pool:
+        futures = [
+            pool.submit(httpx.post, f"{app_url}/scaling/v1/completions", json=body, timeout=300)
+            for _ in range(32)
+        ]
+        while not all(f.done() for f in futures):
+            peak = max(peak, replicas())
+            time.sleep(0.5)
+        answers = [f.result() for f in futures]
+    assert all(
+        a.status_code == 200 and a.json()["usage"]["completion_tokens"] == 500 for a in answers
+    )
+    assert peak == 2
+    deadline = time.monotonic() + 60
+    while replicas() != 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert replicas() == 1
+    serve.delete("scaling")
