@@ -1,6 +1,7 @@
 """Ray Serve LLM's configuration, with its field names and meanings, as pydantic models.
 
-This module imports no Ray, so a config can be written and checked where Ray is not installed.
+Plain data: nothing here starts Ray, so configs are checked (and their errors shown) before any
+deployment is attempted.
 """
 
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""LLMConfig / LLMServingArgs: Ray Serve LLM's shapes, checked without starting Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from lmserve.serve.config import LLMConfig, LLMServingArgs
+
+
+def test_model_source_defaults_to_model_id() -> None:
+    config = LLMConfig(model_loading_config={"model_id": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+    assert config.model_source == config.model_id
+    other = LLMConfig(model_loading_config={"model_id": "a", "model_source": "/m"})
+    assert (other.model_id, other.model_source) == ("a", "/m")
+
+
+def test_unknown_engine_kwargs_and_fields_are_named() -> None:
+    with pytest.raises(ValidationError, match="max_num_seq") as info:
+        LLMConfig(model_loading_config={"model_id": "a"}, engine_kwargs={"max_num_seq": 4})
+    assert "max_num_seqs" in str(info.value)  # the known names are listed
+    with pytest.raises(ValidationError, match="accelerator"):
+        LLMConfig(model_loading_config={"model_id": "a"}, accelerator="A10G")
+
+
+def test_serving_args_take_configs_dicts_and_files(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"model_loading_config": {"model_id": "b"}}))
+    args = LLMServingArgs(
+        llm_configs=[
+            LLMConfig(model_loading_config={"model_id": "a"}),
+            {"model_loading_config": {"model_id": "c"}},
+            str(tmp_path / "b.yaml"),
+        ]
+    )
+    assert [c.model_id for c in args.llm_configs] == ["a", "c", "b"]
+    with pytest.raises(ValidationError, match="unique"):
+        LLMServingArgs(llm_configs=[{"model_loading_config": {"model_id": "a"}}] * 2)
+    with pytest.raises(ValidationError, match="does not exist"):
+        LLMServingArgs(llm_configs=[str(tmp_path / "missing.yaml")])
