@@ -108,7 +108,8 @@ def test_errors_keep_their_status(app_url: str, client: openai.OpenAI) -> None:
 
 def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_model_dirs) -> None:
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-               "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 1}  # fmt: skip
+               "upscale_delay_s": 0, "downscale_delay_s": 2, "look_back_period_s": 1,
+               "metrics_interval_s": 0.5}  # fmt: skip
     app = build_openai_app(
         {
             "llm_configs": [
