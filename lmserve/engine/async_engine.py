@@ -170,6 +170,15 @@ class AsyncEngine(EngineClient):
             self.output_processor.abort(request_id)
 
     async def shutdown(self) -> None:
+        """Stop the core. Requests still in flight end with EngineDeadError, not a hang."""
+        if self._queues:
+            logger.warning(
+                "shutting down with %d requests in flight: aborting them", len(self._queues)
+            )
+        self._dead = self._dead or "the engine was shut down"
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait(EngineDeadError(self._dead))
+            self.output_processor.abort(request_id)
         tasks = [t for t in (self._output_task, self._log_task) if t is not None]
         for task in tasks:
             task.cancel()

@@ -35,6 +35,11 @@ class LLMServer:
             "completions": CompletionServing(self.engine, serving),
         }
 
+    async def __del__(self) -> None:
+        """Serve's replica shutdown (after its graceful wait for ongoing requests): requests
+        still running are aborted, and the engine core process stops with the replica."""
+        await self.engine.shutdown()
+
     async def check_health(self) -> None:
         """Serve's health check: a dead engine core marks the replica unhealthy (restarted)."""
         if not self.engine.is_healthy:

@@ -152,3 +152,31 @@ def test_streamed_text_never_takes_back_a_stop_string(smollm2_llm) -> None:
     final = snapshots[-1].outputs[0]
     assert final.text == text[: text.index(stop)] and final.stop_reason == stop
     assert all(final.text.startswith(s.outputs[0].text) for s in snapshots)
+
+
+def test_shutdown_ends_requests_in_flight(tiny_model_dirs) -> None:
+    """A replica shutting down mid-request: the stream ends with EngineDeadError at once."""
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def run() -> tuple[int, BaseException | None]:
+        engine = await start(tiny_model_dirs["llama"])
+        received = 0
+        error: BaseException | None = None
+
+        async def consume() -> None:
+            nonlocal received, error
+            try:
+                async for _ in engine.generate({"prompt_token_ids": [1, 2, 3]}, long, "r"):
+                    received += 1
+            except EngineDeadError as exc:
+                error = exc
+
+        task = asyncio.create_task(consume())
+        while received < 3:
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        await asyncio.wait_for(task, timeout=10)
+        return received, error
+
+    received, error = asyncio.run(run())
+    assert 3 <= received < 400 and isinstance(error, EngineDeadError)

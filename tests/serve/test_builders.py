@@ -3,11 +3,13 @@ client. Ray starts once for the module (a few seconds); nothing about Ray is moc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -16,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from lmserve.serve import LLMConfig, build_openai_app  # noqa: E402
+from lmserve.serve import LLMConfig, build_llm_deployment, build_openai_app  # noqa: E402
 from tests.api.conftest import free_port  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -152,3 +154,34 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
         time.sleep(1)
     assert replicas() == 1
     serve.delete("scaling")
+
+
+def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, tiny_model_dirs) -> None:
+    """Replica shutdown after Serve's graceful wait: the in-flight stream ends, not hangs."""
+    app = build_llm_deployment(
+        {
+            "model_loading_config": {"model_id": "tiny", "model_source": str(tiny_model_dirs["llama"])},
+            "engine_kwargs": SMALL_ENGINE,
+            "deployment_config": {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.5},
+        }
+    )  # fmt: skip
+    serve.run(app, name="doomed", route_prefix="/doomed")
+    handle = serve.get_app_handle("doomed")
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+
+    async def stream_until_deleted() -> list[Any]:
+        items = []
+        async for item in handle.options(stream=True).generate_stream.remote("completions", body):
+            items.append(item)
+            if len(items) == 3:
+                serve.delete("doomed", _blocking=False)
+        return items
+
+    start = time.monotonic()
+    try:
+        items = asyncio.run(asyncio.wait_for(stream_until_deleted(), timeout=60))
+    except Exception as exc:  # noqa: BLE001 - the stream may end with the replica's error
+        items = [exc]
+    assert time.monotonic() - start < 60
+    assert len(items) < 500  # cut short, not run to the end after the delete
