@@ -14,6 +14,7 @@ from lmserve.serve.router import LLMRouter
 from lmserve.serve.server import LLMServer
 
 _DEFAULT_DEPLOYMENT = {"max_ongoing_requests": 64, "health_check_period_s": 10}
+_ROUTER_MAX_ONGOING = 1024
 
 
 def build_llm_deployment(llm_config: LLMConfig | dict[str, Any]) -> Application:
@@ -37,4 +38,6 @@ def build_llm_deployment(llm_config: LLMConfig | dict[str, Any]) -> Application:
 def build_openai_app(args: LLMServingArgs | dict[str, Any]) -> Application:
     serving_args = LLMServingArgs.model_validate(args)
     servers = {c.model_id: build_llm_deployment(c) for c in serving_args.llm_configs}
-    return serve.deployment(LLMRouter, name="LLMRouter").bind(servers)
+    # Serve's default of 5 requests in flight per replica would throttle every model behind it
+    router = serve.deployment(LLMRouter, name="LLMRouter", max_ongoing_requests=_ROUTER_MAX_ONGOING)
+    return router.bind(servers)
