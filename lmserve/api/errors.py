@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from lmserve.engine.protocol import EngineDeadError
 
@@ -69,26 +70,31 @@ def validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
     return message, field
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.message, exc.status, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        """Malformed JSON and bad fields are 400 naming the field, not FastAPI's 422."""
+def error_for(exc: Exception) -> tuple[int, dict[str, Any]] | None:
+    """(status, error body) for a failure caused by the request or a dead engine; None for a
+    bug. Shared by the HTTP server's handlers and the Ray Serve replicas."""
+    if isinstance(exc, APIError):
+        return exc.status, error_body(exc.message, exc.status, exc.param, exc.code)
+    if isinstance(exc, RequestValidationError | ValidationError):
+        # malformed JSON and bad fields are 400 naming the field, not FastAPI's 422
         message, field = validation_error(exc.errors())
-        return error_response(message, 400, param=field)
+        return 400, error_body(message, 400, param=field)
+    if isinstance(exc, EngineDeadError):
+        return 503, error_body(f"The engine is not running: {exc}", 503)
+    if isinstance(exc, ValueError):
+        return 400, error_body(str(exc), 400)
+    return None
 
-    @app.exception_handler(ValueError)
-    async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
-        return error_response(str(exc), 400)
 
-    @app.exception_handler(EngineDeadError)
-    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(f"The engine is not running: {exc}", 503)
-
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error serving a request")
-        return error_response(f"Internal error: {type(exc).__name__}", 500)
+    async def _error(_: Request, exc: Exception) -> JSONResponse:
+        known = error_for(exc)
+        if known is None:
+            logger.exception("unexpected error serving a request")
+            return error_response(f"Internal error: {type(exc).__name__}", 500)
+        status, body = known
+        return JSONResponse(body, status_code=status)
+
+    # FastAPI handles its own validation errors unless a handler names the class itself
+    app.add_exception_handler(RequestValidationError, _error)

@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from lmserve.api.errors import APIError, error_body, validation_error
+from lmserve.api.errors import error_for
 from lmserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from lmserve.api.serving.chat import ChatServing
 from lmserve.api.serving.common import ServingConfig
 from lmserve.api.serving.completions import CompletionServing
 from lmserve.engine.async_engine import AsyncEngine
-from lmserve.engine.protocol import EngineDeadError
 from lmserve.serve.config import LLMConfig
 
 Result = tuple[int, Any]  # (HTTP status, JSON body)
@@ -68,12 +67,8 @@ class LLMServer:
         try:
             request = _REQUESTS[kind].model_validate(body)
             return await self._serving[kind].create(request)  # type: ignore[arg-type]
-        except ValidationError as exc:
-            message, field = validation_error(exc.errors())
-            return 400, error_body(message, 400, field)
-        except APIError as exc:
-            return exc.status, error_body(exc.message, exc.status, exc.param, exc.code)
-        except EngineDeadError as exc:
-            return 503, error_body(f"The engine is not running: {exc}", 503)
-        except ValueError as exc:
-            return 400, error_body(str(exc), 400)
+        except Exception as exc:
+            known = error_for(exc)
+            if known is None:
+                raise
+            return known
