@@ -19,6 +19,19 @@ pytest.importorskip("ray")
 from tests.api.conftest import free_port  # noqa: E402
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
+    """Until the deployment answers /v1/models; fails with the log if the process exits."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
 def write_config(tmp_path: Path, tiny: Path, per_model_file: bool, port: int) -> Path:
     model = {
         "model_loading_config": {"model_id": "tiny", "model_source": str(tiny)},
@@ -60,15 +73,7 @@ def test_yaml_config_deploys(
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_serving(proc, url, tmp_path / "run.log")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         assert [m.id for m in client.models.list().data] == ["tiny"]
         reply = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4)
@@ -112,15 +117,7 @@ def test_seed_server_snippet_runs(tmp_path: Path, smollm2_dir: Path) -> None:
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            try:
-                if httpx.get("http://127.0.0.1:8000/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
         client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
         response = client.chat.completions.create(
             model="qwen-0.5b",
