@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,9 @@ def _check(parser: ToolParser, text: str, well_formed: bool = True) -> None:
 def check_streaming() -> Callable[..., None]:
     """`check_streaming(parser, text, well_formed=True)`."""
     return _check
+
+
+def calls_and_content(parser: ToolParser, text: str) -> tuple[list[tuple[str, Any]], str | None]:
+    """A finished output's calls as (name, parsed arguments), and its content."""
+    result = parser.extract(text)
+    return [(c.name, json.loads(c.arguments)) for c in result.tool_calls], result.content

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from lmserve.api.tool_parsers.hermes import HermesToolParser
+from tests.api.tool_parsers.conftest import calls_and_content
 
 Calls = list[tuple[str, dict[str, Any]]]
 
@@ -135,8 +136,7 @@ MALFORMED = [
 
 
 def _extract(text: str) -> tuple[Calls, str | None]:
-    result = HermesToolParser([]).extract(text)
-    return [(c.name, json.loads(c.arguments)) for c in result.tool_calls], result.content
+    return calls_and_content(HermesToolParser([]), text)
 
 
 @pytest.mark.parametrize(("text", "calls", "content"), CASES + MALFORMED)

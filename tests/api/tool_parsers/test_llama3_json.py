@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from lmserve.api.tool_parsers.llama3_json import Llama3JsonToolParser
+from tests.api.tool_parsers.conftest import calls_and_content
 
 Calls = list[tuple[str, dict[str, Any]]]
 
@@ -87,8 +88,7 @@ MALFORMED = [
 
 
 def _extract(text: str) -> tuple[Calls, str | None]:
-    result = Llama3JsonToolParser([]).extract(text)
-    return [(c.name, json.loads(c.arguments)) for c in result.tool_calls], result.content
+    return calls_and_content(Llama3JsonToolParser([]), text)
 
 
 @pytest.mark.parametrize(("text", "calls", "content"), CASES + MALFORMED)

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import pytest
 
 from lmserve.api.tool_parsers.mistral import MistralToolParser
+from tests.api.tool_parsers.conftest import calls_and_content
 
 Calls = list[tuple[str, dict[str, Any]]]
 
@@ -90,8 +90,7 @@ MALFORMED = [
 
 
 def _extract(text: str) -> tuple[Calls, str | None]:
-    result = MistralToolParser([]).extract(text)
-    return [(c.name, json.loads(c.arguments)) for c in result.tool_calls], result.content
+    return calls_and_content(MistralToolParser([]), text)
 
 
 @pytest.mark.parametrize(("text", "calls", "content"), CASES + MALFORMED)

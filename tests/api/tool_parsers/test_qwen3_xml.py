@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from lmserve.api.tool_parsers.qwen3_xml import Qwen3XmlToolParser
+from tests.api.tool_parsers.conftest import calls_and_content
 
 Calls = list[tuple[str, dict[str, Any]]]
 
@@ -143,8 +144,7 @@ MALFORMED = [
 
 
 def _extract(text: str) -> tuple[Calls, str | None]:
-    result = Qwen3XmlToolParser(TOOLS).extract(text)
-    return [(c.name, json.loads(c.arguments)) for c in result.tool_calls], result.content
+    return calls_and_content(Qwen3XmlToolParser(TOOLS), text)
 
 
 @pytest.mark.parametrize(("text", "calls", "content"), CASES + MALFORMED)
