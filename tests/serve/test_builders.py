@@ -138,10 +138,10 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
     assert replicas() == 1
     body = {"prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True}
     peak = 1
-    with ThreadPoolExecutor(24) as pool:
+    with ThreadPoolExecutor(48) as pool:
         futures = [
             pool.submit(httpx.post, f"{app_url}/scaling/v1/completions", json=body, timeout=300)
-            for _ in range(24)
+            for _ in range(48)
         ]
         while not all(f.done() for f in futures):
             peak = max(peak, replicas())
