@@ -204,8 +204,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmserve.benchmarks import accuracy, structured, throughput
     from lmserve.benchmarks import serve as serve_bench
-    from lmserve.benchmarks import structured, throughput
 
     parser = argparse.ArgumentParser(
         prog="lmserve", description="LLM inference: offline engine, chat and benchmarks."
@@ -252,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     structured.add_arguments(constrained)
     constrained.set_defaults(func=lambda args: (structured.main(args), 0)[1])
+    fidelity = bench.add_parser(
+        "accuracy", help="a quantized engine against the unquantized one on the same weights"
+    )
+    accuracy.add_arguments(fidelity)
+    fidelity.set_defaults(func=lambda args: (accuracy.main(args), 0)[1])
     return parser
 
 

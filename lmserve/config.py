@@ -30,6 +30,7 @@ class ModelConfig:
     max_model_len: int
     seed: int = 0
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
+    quantization: str | None = None  # "int8": dynamic W8A8 linears (CPU), quantized at load
 
     @property
     def architecture(self) -> str:

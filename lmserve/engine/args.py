@@ -31,6 +31,7 @@ MODEL_HELP = (
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("torch_ref", "triton")
+_QUANTIZATIONS = ("int8",)
 
 
 def create_engine_config(
@@ -53,6 +54,7 @@ def create_engine_config(
     structured_outputs_backend: str = "auto",
     reasoning_parser: str | None = None,
     attention_backend: str = "auto",
+    quantization: str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory."""
     if load_format not in _LOAD_FORMATS:
@@ -66,6 +68,10 @@ def create_engine_config(
     start, end = REASONING_MARKERS.get(reasoning_parser or "", (None, None))
     structured_output = StructuredOutputConfig(structured_outputs_backend, start, end)
     device = _resolve_device(device)
+    if quantization is not None and quantization not in _QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "int8" and device != "cpu":
+        raise ValueError("quantization='int8' runs on CPU only; leave it unset on CUDA")
     if attention_backend == "auto":
         attention_backend = "triton" if device.startswith("cuda") else "torch_ref"
     elif attention_backend not in _ATTENTION_BACKENDS:
@@ -91,6 +97,7 @@ def create_engine_config(
         max_model_len=max_model_len,
         seed=seed,
         max_logprobs=max_logprobs,
+        quantization=quantization,
     )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = 2048
@@ -189,6 +196,15 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "safetensors", "dummy"],
         help="dummy = random weights with the model's real shapes (benchmarks)",
     )
+    parser.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=list(_QUANTIZATIONS),
+        help="int8: quantize the linear layers at load time (weights per output channel, "
+        "activations per token) for ~2-4x faster CPU decoding; close to, not exactly, the "
+        "unquantized model's outputs",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument(
         "--max-logprobs",
@@ -231,6 +247,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization,
         load_format=args.load_format,
+        quantization=args.quantization,
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         structured_outputs_backend=args.structured_outputs_backend,

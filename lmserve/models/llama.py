@@ -129,7 +129,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # One row streams fastest through the [in, out] copy; from a few rows on, a GEMM on the
         # [out, in] embedding wins (measured, 49k x 576: 19.6 vs 28.9 ms at 16 rows).
-        if self.tie_word_embeddings and hidden.shape[0] > 1:
+        # (An int8 LM head, see layers/int8_linear.py, is faster than both.)
+        if self.tie_word_embeddings and hidden.shape[0] > 1 and isinstance(self.lm_head, Linear):
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 

@@ -40,11 +40,16 @@ def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
     else:
         _load_safetensors(model, config.path)
     model.eval().requires_grad_(False)
+    if config.quantization == "int8":
+        from lmserve.layers.int8_linear import quantize_linears
+
+        quantize_linears(model)
     logger.info(
-        "loaded %s (%s, %s) in %.1f s",
+        "loaded %s (%s, %s%s) in %.1f s",
         config.model,
         config.architecture,
         config.dtype,
+        f", {config.quantization}" if config.quantization else "",
         time.perf_counter() - start,
     )
     return model

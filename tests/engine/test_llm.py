@@ -186,3 +186,42 @@ def test_dummy_weights_are_seeded_random_with_the_real_shapes(tiny_model_dirs) -
 def test_kv_cache_too_small_for_max_model_len_is_a_clear_error(tiny_model_dirs) -> None:
     with pytest.raises(ValueError, match="fewer than max_model_len=512"):
         LLM(str(tiny_model_dirs["llama"]), num_kv_blocks=4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_int8_tokens_do_not_depend_on_batching(tiny_model_dirs, kind: str) -> None:
+    """int8 is not exact against fp32, but its results must not depend on what else runs: a
+    batch with chunked prefill and preemption gives each prompt's tokens run alone."""
+    path = str(tiny_model_dirs[kind])
+    prompts = random_prompts([5, 17, 33, 64, 3, 1])
+    alone = LLM(path, quantization="int8", kv_cache_memory_gb=0.01)
+    expected = [run_greedy(alone, [p])[0] for p in prompts]
+    fp32 = run_greedy(LLM(path, kv_cache_memory_gb=0.01), prompts)
+    assert expected != fp32  # the quantized model really runs
+    llm = LLM(path, quantization="int8", **SCENARIOS["preemption_chunked"])
+    hook = PreemptionCounter(llm)
+    llm.step_hook = hook
+    assert run_greedy(llm, prompts) == expected
+    assert hook.preempted
+    assert_no_blocks_held(llm)
+
+
+def test_int8_chat_answers_paris() -> None:
+    out = LLM(quantization="int8").chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=32),
+        use_tqdm=False,
+    )
+    assert "Paris" in out[0].outputs[0].text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(quantization="int4"), "quantization must be one of"),
+        (dict(quantization="int8", device="cuda"), "int8.*CPU only"),
+    ],
+)
+def test_bad_quantization_is_a_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LLM(**kwargs)
