@@ -130,6 +130,8 @@ class AsyncMPCoreClient:
         kind, payload = await self.receive(timeout_s)
         if kind != "ready":
             await self.shutdown()
+            if kind == "timeout":
+                raise TimeoutError(f"the engine core did not finish loading within {timeout_s:g} s")
             raise RuntimeError(f"the engine core failed to start:\n{payload}")
         assert isinstance(payload, SchedulerStats)
         return payload
@@ -150,7 +152,8 @@ class AsyncMPCoreClient:
             raise EngineDeadError("the engine core is not connected") from None
 
     async def receive(self, timeout_s: float | None = None) -> FromCore:
-        """The next message from the core; ("error", ...) if it died or went quiet too long."""
+        """The next message from the core; ("error", ...) if it died, ("timeout", ...) if it went
+        quiet for longer than `timeout_s`."""
         assert self._from_core is not None, "start() the client first"
         waited = 0.0
         while not await self._from_core.poll(timeout=1000):
@@ -158,7 +161,7 @@ class AsyncMPCoreClient:
             if not self.is_alive:
                 return ("error", f"the engine core process exited (code {self._exit_code()})")
             if timeout_s is not None and waited >= timeout_s:
-                return ("error", f"the engine core did not answer within {timeout_s:.0f} s")
+                return ("timeout", f"the engine core did not answer within {timeout_s:g} s")
         kind, raw = self._envelope.decode(await self._from_core.recv())
         return kind, self._payloads[kind].decode(raw)
 

@@ -31,6 +31,9 @@ def build_llm_deployment(llm_config: LLMConfig | dict[str, Any]) -> Application:
         actor_options["resources"] = resources
         actor_options.setdefault("num_gpus", 1)
         options["ray_actor_options"] = actor_options
+    if config.placement_group_config is not None:
+        options["placement_group_bundles"] = config.placement_group_config.bundles
+        options["placement_group_strategy"] = config.placement_group_config.strategy
     name = "LLMServer:" + config.model_id.replace("/", "--")
     return serve.deployment(LLMServer, name=name).options(**options).bind(config)
 

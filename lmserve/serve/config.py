@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from lmserve.engine.args import create_engine_config
 
@@ -30,6 +30,15 @@ class LoraConfig(BaseModel):
     max_num_adapters_per_replica: int = 16
 
 
+class PlacementGroupConfig(BaseModel):
+    """Where a replica's resources are reserved: Serve's placement_group_bundles/_strategy. The
+    first bundle holds the replica actor itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    bundles: list[dict[str, float]] = Field(min_length=1)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
 def _engine_arg_names() -> set[str]:
     return {
         name
@@ -46,8 +55,11 @@ class LLMConfig(BaseModel):
     deployment_config: dict[str, Any] = Field(default_factory=dict)
     accelerator_type: str | None = None  # a Ray accelerator resource; CPU when unset
     runtime_env: dict[str, Any] | None = None
-    placement_group_config: dict[str, Any] | None = None
+    placement_group_config: PlacementGroupConfig | None = None
     lora_config: LoraConfig | None = None
+    # lmserve's own: how long a replica waits for its engine to load before it fails (and Serve
+    # retries it elsewhere) rather than hanging
+    engine_start_timeout_s: PositiveFloat = 600.0
 
     @field_validator("engine_kwargs")
     @classmethod

@@ -27,7 +27,17 @@ _REQUESTS: dict[str, type[BaseModel]] = {
 class LLMServer:
     async def __init__(self, llm_config: LLMConfig) -> None:
         self.llm_config = llm_config
-        self.engine = await AsyncEngine.start(llm_config.model_source, **llm_config.engine_kwargs)
+        try:
+            self.engine = await AsyncEngine.start(
+                llm_config.model_source,
+                start_timeout_s=llm_config.engine_start_timeout_s,
+                **llm_config.engine_kwargs,
+            )
+        except TimeoutError as exc:
+            raise RuntimeError(
+                f"{llm_config.model_id}: {exc}; a model that needs longer to load needs a "
+                f"larger engine_start_timeout_s (now {llm_config.engine_start_timeout_s:g} s)"
+            ) from None
         serving = ServingConfig([llm_config.model_id])
         self._serving = {
             "chat": ChatServing(self.engine, serving),

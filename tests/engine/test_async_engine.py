@@ -180,3 +180,18 @@ def test_shutdown_ends_requests_in_flight(tiny_model_dirs) -> None:
 
     received, error = asyncio.run(run())
     assert 3 <= received < 400 and isinstance(error, EngineDeadError)
+
+
+def test_a_core_that_does_not_load_in_time_is_stopped(tiny_model_dirs) -> None:
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
+
+    async def run() -> None:
+        with pytest.raises(TimeoutError, match="did not finish loading within 0.001 s"):
+            await AsyncEngine.start(
+                str(tiny_model_dirs["llama"]), kv_cache_memory_gb=0.01, start_timeout_s=0.001
+            )
+
+    asyncio.run(run())
+    assert {p.pid for p in multiprocessing.active_children()} <= before  # no core left behind

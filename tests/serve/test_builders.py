@@ -187,3 +187,47 @@ def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, tiny_model_d
         items = [exc]
     assert time.monotonic() - start < 60
     assert len(items) < 500  # cut short, not run to the end after the delete
+
+
+def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_dirs) -> None:
+    app = build_llm_deployment(
+        {
+            "model_loading_config": {"model_id": "tiny", "model_source": str(tiny_model_dirs["llama"])},
+            "engine_kwargs": SMALL_ENGINE,
+            "placement_group_config": {"bundles": [{"CPU": 1}, {"CPU": 0.5}], "strategy": "PACK"},
+        }
+    )  # fmt: skip
+    before = set(ray.util.placement_group_table())
+    serve.run(app, name="placed", route_prefix="/placed")
+    try:
+        created = [
+            group
+            for key, group in ray.util.placement_group_table().items()
+            if key not in before and group["state"] == "CREATED"
+        ]
+        assert [(g["bundles"], g["strategy"]) for g in created] == [
+            ({0: {"CPU": 1.0}, 1: {"CPU": 0.5}}, "PACK")
+        ]
+        answer = httpx.post(
+            f"{app_url}/placed/v1/completions",
+            json={"model": "tiny", "prompt": [1, 2], "max_tokens": 3},
+            timeout=60,
+        )
+        assert answer.status_code == 200
+    finally:
+        serve.delete("placed")
+
+
+def test_an_engine_that_does_not_start_in_time_fails_the_deployment(
+    app_url: str, tiny_model_dirs
+) -> None:
+    app = build_llm_deployment(
+        {
+            "model_loading_config": {"model_id": "slow", "model_source": str(tiny_model_dirs["llama"])},
+            "engine_kwargs": SMALL_ENGINE,
+            "engine_start_timeout_s": 0.001,
+        }
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="engine_start_timeout_s"):
+        serve.run(app, name="slow", route_prefix="/slow")
+    serve.delete("slow")

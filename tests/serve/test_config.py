@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,33 @@ def test_serving_args_take_configs_dicts_and_files(tmp_path: Path) -> None:
         LLMServingArgs(llm_configs=[{"model_loading_config": {"model_id": "a"}}] * 2)
     with pytest.raises(ValidationError, match="does not exist"):
         LLMServingArgs(llm_configs=[str(tmp_path / "missing.yaml")])
+
+
+def test_placement_group_and_start_timeout_are_checked() -> None:
+    config = LLMConfig(
+        model_loading_config={"model_id": "a"},
+        placement_group_config={"bundles": [{"CPU": 1}, {"CPU": 2}], "strategy": "SPREAD"},
+    )
+    assert config.placement_group_config is not None
+    assert config.placement_group_config.bundles == [{"CPU": 1.0}, {"CPU": 2.0}]
+    assert config.engine_start_timeout_s == 600
+    with pytest.raises(ValidationError, match="strategy"):
+        LLMConfig(
+            model_loading_config={"model_id": "a"},
+            placement_group_config={"bundles": [{"CPU": 1}], "strategy": "CLOSE"},
+        )
+    with pytest.raises(ValidationError, match="bundles"):
+        LLMConfig(model_loading_config={"model_id": "a"}, placement_group_config={"bundles": []})
+    with pytest.raises(ValidationError, match="engine_start_timeout_s"):
+        LLMConfig(model_loading_config={"model_id": "a"}, engine_start_timeout_s=0)
+
+
+def test_missing_ray_is_a_readable_error() -> None:
+    """Where Ray is not installed, importing lmserve.serve says which extra to install."""
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "try:\n    import lmserve.serve\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'lmserve[ray]'" in out.stdout
