@@ -139,3 +139,4 @@ class EngineConfig:
     structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
     device: str = "cpu"
     attention_backend: str = "torch_ref"  # torch_ref (CPU, the oracle) | triton (CUDA)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps

@@ -29,6 +29,17 @@ class CommonAttentionMetadata:
         return np.diff(self.query_start_loc)
 
 
+@dataclass(frozen=True)
+class StaticDecodeInputs:
+    """Device buffers a captured decode step reads its attention inputs from (CUDA graphs replay
+    fixed addresses). Sized for the largest captured batch; row i is request i, one token each."""
+
+    query_start_loc: torch.Tensor  # [max_rows + 1] int32, always 0..max_rows
+    seq_lens: torch.Tensor  # [max_rows] int32
+    block_table: torch.Tensor  # [max_rows, max_blocks_per_seq] int32
+    slot_mapping: torch.Tensor  # [max_rows] int64; -1 = padding, nothing stored
+
+
 class AttentionBackend(abc.ABC):
     """Stateless apart from device; metadata is rebuilt each step and shared by all layers."""
 
@@ -50,6 +61,13 @@ class AttentionBackend(abc.ABC):
         scale: float,
     ) -> torch.Tensor:
         """Store k/v at metadata's slots, then attend; returns [num_tokens, num_heads, head_dim]."""
+
+    supports_cuda_graphs = False
+
+    def graph_decode_metadata(self, static: StaticDecodeInputs, num_rows: int) -> Any:
+        """Metadata over the first `num_rows` rows of `static`, whose kernel launches depend on
+        `num_rows` alone (backends with supports_cuda_graphs)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a CUDA graph")
 
 
 _BACKENDS = {

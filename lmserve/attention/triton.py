@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata
+from lmserve.attention.backend import (
+    AttentionBackend,
+    CommonAttentionMetadata,
+    StaticDecodeInputs,
+)
 from lmserve.kernels.paged_attention import paged_attention, store_kv
 
 # Split-KV heuristic (untuned): each split should get a few hundred keys, and splitting only
@@ -29,6 +33,12 @@ def choose_num_splits(query_lens: np.ndarray, seq_lens: np.ndarray) -> int:
     by_length = int(decode_seq_lens.max()) // _TOKENS_PER_SPLIT
     by_occupancy = _TARGET_DECODE_PROGRAMS // len(decode_seq_lens)
     return max(1, min(_MAX_SPLITS, by_length, by_occupancy))
+
+
+def graph_num_splits(num_rows: int) -> int:
+    """Splits for a captured decode batch: fixed per batch size, since a graph cannot look at
+    context lengths. Splits past a row's keys exit at once and the reduce ignores them."""
+    return max(1, min(_MAX_SPLITS, _TARGET_DECODE_PROGRAMS // num_rows))
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,19 @@ class TritonBackend(AttentionBackend):
             slot_mapping=common.slot_mapping.to(self.device),
             max_query_len=int(query_lens.max()) if len(query_lens) else 0,
             num_splits=choose_num_splits(query_lens, seq_lens),
+        )
+
+    supports_cuda_graphs = True
+
+    def graph_decode_metadata(self, static: StaticDecodeInputs, num_rows: int) -> TritonMetadata:
+        return TritonMetadata(
+            backend=self,
+            query_start_loc=static.query_start_loc[: num_rows + 1],
+            seq_lens=static.seq_lens[:num_rows],
+            block_table=static.block_table[:num_rows],
+            slot_mapping=static.slot_mapping[:num_rows],
+            max_query_len=1,
+            num_splits=graph_num_splits(num_rows),
         )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

@@ -55,6 +55,7 @@ def create_engine_config(
     reasoning_parser: str | None = None,
     attention_backend: str = "auto",
     quantization: str | None = None,
+    enforce_eager: bool = False,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory."""
     if load_format not in _LOAD_FORMATS:
@@ -118,6 +119,7 @@ def create_engine_config(
         structured_output=structured_output,
         device=device,
         attention_backend=attention_backend,
+        enforce_eager=enforce_eager,
     )
 
 
@@ -219,6 +221,12 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         help="paged attention kernels: auto = triton on CUDA, torch_ref (plain torch) on CPU",
     )
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step eagerly: no CUDA graphs for decode batches (CUDA only; saves the "
+        "capture time and memory at startup, costs per-step launch overhead)",
+    )
+    parser.add_argument(
         "--structured-outputs-backend",
         default="auto",
         choices=list(STRUCTURED_OUTPUT_BACKENDS),
@@ -252,5 +260,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         max_logprobs=args.max_logprobs,
         structured_outputs_backend=args.structured_outputs_backend,
         attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         reasoning_parser=args.reasoning_parser,
     )

@@ -16,6 +16,7 @@ from lmserve.forward_context import set_forward_context
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
 from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
+from lmserve.worker.cuda_graph import DecodeGraphs
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
     allocate_kv_caches,
@@ -45,6 +46,8 @@ class ModelRunner:
         kv_caches: list[torch.Tensor],
         backend: AttentionBackend,
         device: torch.device,
+        *,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -55,13 +58,14 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = config.model.vocab_size
         max_len = config.scheduler.max_model_len
-        self.batch = InputBatch(
-            config.scheduler.max_num_seqs, max_len, -(-(max_len + 1) // self.block_size)
-        )
+        self.batch = InputBatch(config.scheduler.max_num_seqs, max_len, _max_blocks_per_seq(config))
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
         for layer, cache in zip(model.attention_layers(), kv_caches, strict=True):
             layer.kv_cache = cache
+        self.graphs = graphs
+        if graphs is not None:
+            graphs.capture()
 
     @classmethod
     def load(cls, config: EngineConfig) -> ModelRunner:
@@ -70,9 +74,13 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
         model = load_model(config.model, device)
         dtype = torch_dtype(config.model.dtype)
+        backend = get_backend(config.attention_backend, device)
         num_blocks = config.cache.num_kv_blocks
         if num_blocks is None:
             if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                profile_forward(model, backend, config, device)
+                torch.cuda.synchronize(device)
                 budget = cuda_kv_budget_bytes(config.cache, device)
             else:
                 budget = config.cache.cpu_kv_cache_bytes
@@ -80,7 +88,16 @@ class ModelRunner:
         caches = allocate_kv_caches(
             config.model, num_blocks, config.cache.block_size, dtype, device
         )
-        return cls(config, model, caches, get_backend(config.attention_backend, device), device)
+        graphs = None
+        if device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
+            graphs = DecodeGraphs(
+                model,
+                backend,
+                config.scheduler.max_num_seqs,
+                _max_blocks_per_seq(config),
+                device,
+            )
+        return cls(config, model, caches, backend, device, graphs=graphs)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -91,9 +108,7 @@ class ModelRunner:
         if so.is_empty:
             return {}
         inputs = self._prepare_inputs(so)
-        metadata = self.backend.build_metadata(inputs.common)
-        with set_forward_context(metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
+        hidden = self._forward(inputs)  # [num_tokens, hidden]
         results: dict[str, SampledTokens] = {}
         sample_idx = np.flatnonzero(inputs.sample_mask)
         if len(sample_idx):
@@ -107,6 +122,21 @@ class ModelRunner:
             self._collect_samples(inputs, sample_idx, out, results)
         self._collect_prompt_logprobs(inputs, hidden, results)
         return results
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        common = inputs.common
+        num_rows = len(inputs.req_ids)
+        decode_only = int(common.query_start_loc[-1]) == num_rows  # one token per request
+        if self.graphs is not None and decode_only and self.graphs.padded_size(num_rows):
+            return self.graphs.run(
+                inputs.input_ids,
+                inputs.positions,
+                common.slot_mapping,
+                common.seq_lens,
+                common.block_table,
+            )
+        with set_forward_context(self.backend.build_metadata(common)):
+            return self.model(inputs.input_ids, inputs.positions)
 
     def _apply_grammar(
         self, grammar: GrammarBitmask, sampled_req_ids: list[str], logits: torch.Tensor
@@ -206,6 +236,58 @@ class ModelRunner:
                 logprobs=prev.logprobs if prev else None,
                 prompt_logprobs=entries,
             )
+
+
+def _max_blocks_per_seq(config: EngineConfig) -> int:
+    """Block-table width: every block a max_model_len sequence (plus its next token) can need."""
+    return -(-(config.scheduler.max_model_len + 1) // config.cache.block_size)
+
+
+@torch.inference_mode()
+def profile_forward(
+    model: nn.Module, backend: AttentionBackend, config: EngineConfig, device: torch.device
+) -> None:
+    """Run the largest step the scheduler can form (max_num_batched_tokens tokens, then logits
+    for max_num_seqs rows) on a scratch KV cache, so that the peak memory it leaves behind sizes
+    the real cache with room for activations. The scratch cache is unbound and freed after."""
+    sched, block_size = config.scheduler, config.cache.block_size
+    num_tokens = sched.max_num_batched_tokens
+    row_len = min(num_tokens, sched.max_model_len)
+    lens = np.full(num_tokens // row_len, row_len, dtype=np.int64)
+    if num_tokens % row_len:
+        lens = np.append(lens, num_tokens % row_len)
+    blocks_per_row = -(-row_len // block_size)
+    # block 0 is the null block; row i owns blocks 1 + i * blocks_per_row ...
+    block_table = 1 + np.arange(len(lens) * blocks_per_row, dtype=np.int32).reshape(len(lens), -1)
+    positions = np.concatenate([np.arange(n) for n in lens])
+    rows = np.repeat(np.arange(len(lens)), lens)
+    slots = block_table[rows, positions // block_size].astype(np.int64) * block_size
+    query_start_loc = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=query_start_loc[1:])
+    common = CommonAttentionMetadata(
+        query_start_loc=query_start_loc,
+        seq_lens=lens,
+        block_table=block_table,
+        slot_mapping=torch.from_numpy(slots + positions % block_size).to(device),
+        block_size=block_size,
+    )
+    dtype = torch_dtype(config.model.dtype)
+    layers = model.attention_layers()
+    model_config = config.model
+    shape = (2, 1 + block_table.size, block_size, model_config.num_kv_heads, model_config.head_dim)
+    for layer in layers:
+        layer.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+    try:
+        with set_forward_context(backend.build_metadata(common)):
+            hidden = model(
+                torch.zeros(num_tokens, dtype=torch.long, device=device),
+                torch.from_numpy(positions).to(device),
+            )
+        rows_to_sample = min(sched.max_num_seqs, num_tokens)
+        model.compute_logits(hidden[:rows_to_sample]).float()
+    finally:
+        for layer in layers:
+            layer.kv_cache = None
 
 
 def _to_token_logprobs(out: SamplerOutput) -> list[TokenLogprobs]:

@@ -208,12 +208,10 @@ def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_di
         assert [(g["bundles"], g["strategy"]) for g in created] == [
             ({0: {"CPU": 1.0}, 1: {"CPU": 0.5}}, "PACK")
         ]
-        answer = httpx.post(
-            f"{app_url}/placed/v1/completions",
-            json={"model": "tiny", "prompt": [1, 2], "max_tokens": 3},
-            timeout=60,
-        )
-        assert answer.status_code == 200
+        handle = serve.get_app_handle("placed")
+        body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 3}
+        status, answer = handle.generate.remote("completions", body).result(timeout_s=60)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 3
     finally:
         serve.delete("placed")
 
@@ -228,6 +226,9 @@ def test_an_engine_that_does_not_start_in_time_fails_the_deployment(
             "engine_start_timeout_s": 0.001,
         }
     )  # fmt: skip
-    with pytest.raises(RuntimeError, match="engine_start_timeout_s"):
+    with pytest.raises(RuntimeError, match="slow failed"):
         serve.run(app, name="slow", route_prefix="/slow")
+    (deployment,) = serve.status().applications["slow"].deployments.values()
+    assert "did not finish loading within 0.001 s" in deployment.message
+    assert "engine_start_timeout_s" in deployment.message  # says what to raise
     serve.delete("slow")
