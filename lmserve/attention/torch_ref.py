@@ -1,8 +1,9 @@
 """Paged attention in plain torch: the CPU backend, and the oracle for every other backend.
 
 Requests are grouped into decode rows (one query token) and the rest (prefill chunks, with or
-without cached context). Each group is padded into one batched SDPA call: K/V are gathered
-block-wise through the block table, and a boolean mask hides padding and future positions.
+without cached context). Each group is padded into batched SDPA calls: K/V are gathered
+block-wise through the block table (a cache-sized slice of rows at a time), and a boolean mask
+hides padding and future positions.
 Padded block-table entries point at the null block, which stays zero, so no NaN leaks in.
 """
 
@@ -15,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata
+
+# K/V gathered per SDPA call: rows are attended in slices whose gathered blocks stay in cache
+# between the gather and the read (at batch 64, context 192, SmolLM2: 2.8 -> 2.1-2.4 ms a layer).
+_GATHER_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -100,22 +105,29 @@ class TorchRefBackend(AttentionBackend):
                 query = q.view(rows, -1, *q.shape[1:])
             else:
                 query = q.index_select(0, group.query_index.view(-1)).view(rows, -1, *q.shape[1:])
-            # index_select on the flattened table: far cheaper than advanced indexing on CPU
-            keys = key_cache.index_select(0, group.block_table).view(
-                rows, -1, num_kv_heads, head_dim
-            )
-            values = value_cache.index_select(0, group.block_table).view(
-                rows, -1, num_kv_heads, head_dim
-            )
-            attn = F.scaled_dot_product_attention(
-                query.transpose(1, 2),  # [rows, heads, max_q, d]
-                keys[:, : group.num_keys].transpose(1, 2),
-                values[:, : group.num_keys].transpose(1, 2),
-                attn_mask=group.mask,
-                is_causal=group.is_causal,
-                scale=scale,
-                enable_gqa=True,
-            ).transpose(1, 2)  # [rows, max_q, heads, d]
+            attn = torch.empty_like(query)  # [rows, max_q, heads, d]
+            blocks_per_row = group.block_table.shape[0] // rows
+            row_bytes = 2 * blocks_per_row * key_cache[0].nbytes
+            step = max(1, _GATHER_BYTES // row_bytes)
+            for start in range(0, rows, step):
+                end = min(rows, start + step)
+                # index_select on the flattened table: far cheaper than advanced indexing on CPU
+                table = group.block_table[start * blocks_per_row : end * blocks_per_row]
+                keys = key_cache.index_select(0, table).view(
+                    end - start, -1, num_kv_heads, head_dim
+                )
+                values = value_cache.index_select(0, table).view(
+                    end - start, -1, num_kv_heads, head_dim
+                )
+                attn[start:end] = F.scaled_dot_product_attention(
+                    query[start:end].transpose(1, 2),  # [rows, heads, max_q, d]
+                    keys[:, : group.num_keys].transpose(1, 2),
+                    values[:, : group.num_keys].transpose(1, 2),
+                    attn_mask=None if group.mask is None else group.mask[start:end],
+                    is_causal=group.is_causal,
+                    scale=scale,
+                    enable_gqa=True,
+                ).transpose(1, 2)
             if group.covers_batch:
                 return attn.reshape(q.shape)
             out[group.token_index] = attn[group.valid]
