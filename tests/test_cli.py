@@ -6,14 +6,18 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_chat_answers_in_the_terminal(smollm2_dir) -> None:
+
+@pytest.mark.parametrize("flags", [[], ["--quantization", "int8"]], ids=["fp32", "int8"])
+def test_chat_answers_in_the_terminal(smollm2_dir, flags: list[str]) -> None:
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "lmserve.cli",
             "chat",
+            *flags,
             "--temperature",
             "0",
             "--max-tokens",
