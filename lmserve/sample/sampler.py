@@ -55,8 +55,10 @@ class Sampler:
             logits = _apply_top_k_top_p(logits, md.top_k, md.top_p)
         cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)  # [R, V]
         uniform = torch.rand(cdf.shape[0], generator=self.generator, device=cdf.device)
-        for row, generator in md.generators.items():
-            uniform[row] = torch.rand(1, generator=generator, device=cdf.device)
+        if md.generators:
+            # per-request generators live on the host (see step_generator): draw there, one copy
+            seeded = torch.cat([torch.rand(1, generator=g) for g in md.generators.values()])
+            uniform[list(md.generators)] = seeded.to(cdf.device)
         # (0, 1] scaled to the row's total: the first index whose CDF reaches it has p > 0
         target = (1.0 - uniform).unsqueeze(1) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, target).squeeze(1)

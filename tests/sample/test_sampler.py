@@ -113,3 +113,20 @@ def test_logprobs_are_raw_with_rank() -> None:
     assert out.logprob_token_ids.tolist() == [[2, 1, 2]]
     assert torch.allclose(out.logprobs, raw[0, [2, 1, 2]].unsqueeze(0))
     assert out.sampled_ranks.item() == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_seeded_rows_draw_from_host_generators() -> None:
+    """Seeded rows keep host generators (their draws must not depend on the device), so on CUDA
+    the same seeds give the CPU's tokens for the same logits."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+
+    def sample(device: str) -> list[int]:
+        generators = {i: torch.Generator().manual_seed(10 + i) for i in (0, 2)}
+        md = metadata(4, generators=generators, temperature=torch.ones(4, device=device))
+        sampler = Sampler(torch.Generator(device=device).manual_seed(0))
+        return sampler(logits.to(device), md).sampled_token_ids.tolist()
+
+    cpu, gpu = sample("cpu"), sample("cuda")
+    assert [cpu[0], cpu[2]] == [gpu[0], gpu[2]]
