@@ -67,11 +67,14 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
 
     from lmserve.api.app import CORSConfig, build_app
     from lmserve.api.serving.common import ServingConfig
+    from lmserve.benchmarks.shapes import resolve_model
     from lmserve.engine.async_engine import AsyncEngine
     from lmserve.engine.generation_config import load_sampling_defaults
     from lmserve.models.source import DEFAULT_MODEL
 
-    engine = await AsyncEngine.start(args.model, **engine_kwargs_from_cli(args))
+    # a shipped benchmark shape by name: `lmserve serve Llama-3-8B --load-format dummy`
+    model = resolve_model(args.model) if args.load_format == "dummy" else args.model
+    engine = await AsyncEngine.start(model, **engine_kwargs_from_cli(args))
     try:
         names = args.served_model_name or [args.model or DEFAULT_MODEL]
         serving = ServingConfig(

@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmserve.benchmarks.roofline import ModelCost, measure_hardware, roofline_seconds
+from lmserve.benchmarks.shapes import resolve_model
 from lmserve.config import EngineConfig
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
+from lmserve.models.loader import torch_dtype
 from lmserve.sampling_params import SamplingParams
 
 
@@ -31,7 +34,12 @@ class Workload:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"{MODEL_HELP}; or a shipped shape, Llama-3-8B or Qwen2.5-0.5B, with "
+        "--load-format dummy",
+    )
     add_engine_cli_args(parser)
     parser.set_defaults(max_num_seqs=64)
     parser.add_argument("--num-prompts", type=int, default=64, help="requests in the batch")
@@ -51,11 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hf: also run HF transformers generate on the same prompts, and print the ratio",
     )
     parser.add_argument("--peer-batch-size", type=int, default=8, help="prompts per HF generate")
+    parser.add_argument(
+        "--roofline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure this device's copy bandwidth and GEMM rate, and report the "
+        "workload's roofline bound and the fraction of it achieved",
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Time lmserve (and the peer); print one JSON line per engine, plus the ratio with a peer."""
-    llm = LLM(args.model, **engine_kwargs_from_cli(args))
+    llm = LLM(resolve_model(args.model), **engine_kwargs_from_cli(args))
     config, vocab_size = llm.config, llm.config.model.vocab_size
     rng = np.random.default_rng(args.seed)
     workload = _load_workload(args, vocab_size, llm.get_tokenizer(), rng)
@@ -63,6 +78,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "lmserve": _report("lmserve", config, workload, *_time_lmserve(llm, workload, warmup))
     }
+    if args.roofline:
+        results["lmserve"]["roofline"] = _roofline(config, workload, results["lmserve"])
     print(json.dumps(results["lmserve"]), flush=True)
     if args.peer == "hf":
         del llm  # free its weights and KV cache before HF loads its own copy
@@ -177,6 +194,30 @@ def _time_hf(
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     return elapsed, num_output_tokens
+
+
+def _roofline(config: EngineConfig, workload: Workload, record: dict[str, Any]) -> dict[str, Any]:
+    dtype = torch_dtype(config.model.dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    int8 = config.model.quantization == "int8"
+    cost = ModelCost.from_config(config.model, 1 if int8 else element, element)
+    hardware = measure_hardware(torch.device(config.device), dtype, int8)
+    seconds = roofline_seconds(
+        cost,
+        hardware,
+        [len(p) for p in workload.prompts],
+        workload.output_lens,
+        config.scheduler.max_num_seqs,
+    )
+    bound = record["num_output_tokens"] / seconds
+    values = {
+        "bandwidth_gb_s": hardware.bandwidth_gb_s,
+        "peak_tops": hardware.peak_tops,
+        "seconds": seconds,
+        "output_tok_per_s": bound,
+        "fraction": record["output_tok_per_s"] / bound,
+    }
+    return {name: float(f"{value:.4g}") for name, value in values.items()}
 
 
 def _pad_token_id(generation_config: Any) -> int:

@@ -41,6 +41,12 @@ def test_lmserve_only(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert (line["num_prompts"], line["input_len"], line["output_len"]) == (3, 8, 4)
     assert line["num_output_tokens"] == 3 * 4 and line["num_prompt_tokens"] == 3 * 8
     assert line["elapsed_s"] > 0 and line["output_tok_per_s"] > 0 and line["peak_rss_mb"] > 0
+    roofline = line["roofline"]
+    assert roofline["bandwidth_gb_s"] > 0 and roofline["peak_tops"] > 0
+    assert roofline["output_tok_per_s"] == pytest.approx(12 / roofline["seconds"], rel=1e-2)
+    assert roofline["fraction"] == pytest.approx(
+        line["output_tok_per_s"] / roofline["output_tok_per_s"], rel=1e-2
+    )
 
 
 def test_hf_peer(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
