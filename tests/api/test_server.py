@@ -173,6 +173,16 @@ def test_tokenize_detokenize_and_probes(smollm2_server: Server) -> None:
     assert httpx.get(f"{url}/load").json() == {"server_load": 0}
 
 
+def metrics_once_idle(server: Server) -> str:
+    """/metrics after /load has fallen to 0 requests in flight (waits up to 5 s for it)."""
+    for _ in range(100):
+        if httpx.get(f"{server.url}/load").json()["server_load"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert httpx.get(f"{server.url}/load").json()["server_load"] == 0
+    return httpx.get(f"{server.url}/metrics").text
+
+
 def test_disconnect_mid_stream_frees_the_request(smollm2_server: Server) -> None:
     body = {"prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{smollm2_server.url}/v1/completions", json=body, timeout=60) as r:
@@ -180,12 +190,7 @@ def test_disconnect_mid_stream_frees_the_request(smollm2_server: Server) -> None
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
         assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 1
-    for _ in range(100):
-        if httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0
-    text = httpx.get(f"{smollm2_server.url}/metrics").text
+    text = metrics_once_idle(smollm2_server)
     assert metric(text, "lmserve:num_requests_running", model_name=MODEL) == 0
     assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
 
@@ -194,12 +199,7 @@ def test_disconnect_before_a_whole_answer_frees_the_request(smollm2_server: Serv
     body = {"prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{smollm2_server.url}/v1/completions", json=body, timeout=2)
-    for _ in range(100):
-        if httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert httpx.get(f"{smollm2_server.url}/load").json()["server_load"] == 0
-    text = httpx.get(f"{smollm2_server.url}/metrics").text
+    text = metrics_once_idle(smollm2_server)
     assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
 
 

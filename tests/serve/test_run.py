@@ -32,6 +32,15 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
         time.sleep(1)
 
 
+def interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops `serve run` / `lmserve run`; killed if it has not exited in 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def write_config(tmp_path: Path, tiny: Path, per_model_file: bool, port: int) -> Path:
     model = {
         "model_loading_config": {"model_id": "tiny", "model_source": str(tiny)},
@@ -79,11 +88,7 @@ def test_yaml_config_deploys(
         reply = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4)
         assert reply.usage.completion_tokens == 4
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)
 
 
 SEED_SERVER = """
@@ -127,8 +132,4 @@ def test_seed_server_snippet_runs(tmp_path: Path, smollm2_dir: Path) -> None:
         )
         assert "Paris" in response.choices[0].message.content
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)
