@@ -16,6 +16,7 @@ from lmserve.forward_context import set_forward_context
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
 from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
+from lmserve.worker.cpu_allocator import keep_freed_memory_mapped
 from lmserve.worker.cuda_graph import DecodeGraphs
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
@@ -71,6 +72,8 @@ class ModelRunner:
     def load(cls, config: EngineConfig) -> ModelRunner:
         """Load the model, size the KV cache from the budget, allocate it."""
         device = torch.device(config.device)
+        if device.type == "cpu":
+            keep_freed_memory_mapped()
         torch.manual_seed(config.model.seed)
         model = load_model(config.model, device)
         dtype = torch_dtype(config.model.dtype)

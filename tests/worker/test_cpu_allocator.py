@@ -1,0 +1,52 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lmserve.worker.cpu_allocator import keep_freed_memory_mapped
+
+# In a fresh process: where glibc puts a 16 MiB tensor (a fresh mmap, or the heap), and whether
+# the heap shrinks back when it is freed. Either would page-fault it in again at the next step.
+_PROBE = textwrap.dedent(
+    """
+    import ctypes, sys, torch
+    from lmserve.worker.cpu_allocator import keep_freed_memory_mapped
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    if sys.argv[1] == "keep":
+        assert keep_freed_memory_mapped()
+    torch.empty(64 << 20)  # freed at once; like the engine's big buffers: always mmapped, adapts nothing
+    mmapped = libc.mallinfo2().hblkhd
+    x = torch.empty(4 << 20)
+    in_mmap = libc.mallinfo2().hblkhd - mmapped
+    heap = libc.mallinfo2().arena
+    del x
+    print(in_mmap >> 20, (heap - libc.mallinfo2().arena) >> 20)
+    """
+)
+
+
+def _probe(mode: str) -> tuple[int, int]:
+    """(MiB of the tensor in a fresh mmap, MiB the heap shrank by once it was freed)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True
+    )
+    in_mmap, shrunk = out.stdout.split()
+    return int(in_mmap), int(shrunk)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_step_sized_temporaries_stay_in_the_heap() -> None:
+    assert _probe("default") == (16, 0)  # glibc's default: a fresh mmap for every such tensor
+    assert _probe("keep") == (0, 0)  # in the heap, and the heap keeps it once freed
+
+
+def test_is_safe_to_call_twice() -> None:
+    assert keep_freed_memory_mapped() == keep_freed_memory_mapped()
