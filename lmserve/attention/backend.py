@@ -46,6 +46,13 @@ class AttentionBackend(abc.ABC):
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """One layer's cache, keys at [0] and values at [1]; token-major unless the backend's
+        kernels read another layout faster."""
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
     @abc.abstractmethod
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:
         """Turn the step's batch description into whatever this backend's kernels consume."""

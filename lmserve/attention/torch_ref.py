@@ -1,10 +1,17 @@
 """Paged attention in plain torch: the CPU backend, and the oracle for every other backend.
 
-Requests are grouped into decode rows (one query token) and the rest (prefill chunks, with or
-without cached context). Each group is padded into batched SDPA calls: K/V are gathered
-block-wise through the block table (a cache-sized slice of rows at a time), and a boolean mask
-hides padding and future positions.
-Padded block-table entries point at the null block, which stays zero, so no NaN leaks in.
+The cache is head-major, [2, num_blocks, kv_heads, block_size, head_dim], so that one block of
+one KV head is a contiguous [block_size, head_dim] matrix.
+
+Decode rows (one query each) attend block by block: a batched matmul scores each block against
+its row's queries, each block gets its own softmax, and blocks are merged per row by their
+maxima and sums (flash-decoding's merge). When the step's blocks lie in a compact span of the
+cache the matmuls read the cache in place, with no gather: at batch 64, context 192, SmolLM2,
+that took a layer's decode attention from 2.6 to 1.6 ms here. Blocks off the span are gathered.
+
+Prefill chunks (and a lone decode row) gather their blocks into [rows, kv_heads, keys, head_dim]
+a cache-sized slice of rows at a time and go through SDPA, with a boolean mask for padding and
+future positions. Padded block-table entries point at the null block, which stays zero.
 """
 
 from __future__ import annotations
@@ -20,11 +27,17 @@ from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata
 # K/V gathered per SDPA call: rows are attended in slices whose gathered blocks stay in cache
 # between the gather and the read (at batch 64, context 192, SmolLM2: 2.8 -> 2.1-2.4 ms a layer).
 _GATHER_BYTES = 2 << 20
+# Decode blocks are read in place when the span holding them is at most this much larger than
+# the blocks themselves (unused blocks in the span are read and masked out); else gathered.
+_MAX_SPAN_RATIO = 1.5
+# Added to the scores of keys a row must not see: finite, so a block with no visible key still
+# has a finite maximum, and exp() of its difference to any real maximum is exactly zero.
+_HIDDEN = -1e30
 
 
 @dataclass(frozen=True)
 class _Group:
-    """Rows attended in one SDPA call."""
+    """Rows attended through SDPA: prefill chunks, or a lone decode row."""
 
     query_index: torch.Tensor  # [rows, max_q] token index of each padded query (pad: 0)
     block_table: torch.Tensor  # [rows * max_blocks] int64, flattened
@@ -37,21 +50,81 @@ class _Group:
 
 
 @dataclass(frozen=True)
+class _DecodeBlocks:
+    """Decode rows attended block by block; `n` blocks, each scored against one row."""
+
+    token_index: torch.Tensor  # [rows] the token (= query) of each decode row
+    span: tuple[int, int] | None  # blocks [lo, hi) read in place; None: gathered by `blocks`
+    blocks: torch.Tensor | None  # [n] int64 block ids to gather
+    owner: torch.Tensor  # [n] int64 row each block belongs to (unused span blocks: row 0)
+    mask: torch.Tensor  # [n, 1, 1, block_size] fp32: 0 for keys the row sees, else _HIDDEN
+    covers_batch: bool  # every token of the step is a decode row, in row order
+
+
+@dataclass(frozen=True)
 class TorchRefMetadata:
     backend: TorchRefBackend
-    slot_mapping: torch.Tensor
+    slot_block: torch.Tensor  # [num_tokens] int64 block each token's K/V is stored in
+    slot_offset: torch.Tensor  # [num_tokens] int64 its offset in the block
+    decode: _DecodeBlocks | None
     groups: tuple[_Group, ...]
 
 
 class TorchRefBackend(AttentionBackend):
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, num_kv_heads, block_size, head_dim)
+
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchRefMetadata:
-        query_lens = common.query_lens
-        is_decode = query_lens == 1
+        is_decode = common.query_lens == 1
+        decode_rows = np.flatnonzero(is_decode)
+        decode = None
         groups = []
-        for rows in (np.flatnonzero(is_decode), np.flatnonzero(~is_decode)):
-            if len(rows):
-                groups.append(self._build_group(common, rows))
-        return TorchRefMetadata(self, common.slot_mapping, tuple(groups))
+        if len(decode_rows) == 1:  # SDPA on the row's own keys beats the block merge
+            groups.append(self._build_group(common, decode_rows))
+        elif len(decode_rows):
+            decode = self._build_decode(common, decode_rows)
+        prefill_rows = np.flatnonzero(~is_decode)
+        if len(prefill_rows):
+            groups.append(self._build_group(common, prefill_rows))
+        slots = common.slot_mapping
+        block, offset = (
+            slots.div(common.block_size, rounding_mode="floor"),
+            slots % common.block_size,
+        )
+        return TorchRefMetadata(self, block, offset, decode, tuple(groups))
+
+    def _build_decode(self, common: CommonAttentionMetadata, rows: np.ndarray) -> _DecodeBlocks:
+        block_size = common.block_size
+        seq_lens = common.seq_lens[rows]
+        blocks_per_row = -(-seq_lens // block_size)
+        row = np.repeat(np.arange(len(rows)), blocks_per_row)  # row of each (row, block) pair
+        first = np.cumsum(blocks_per_row) - blocks_per_row
+        col = np.arange(len(row)) - first[row]
+        blocks = common.block_table[rows[row], col].astype(np.int64)
+        visible = np.minimum(block_size, seq_lens[row] - col * block_size)
+        lo, hi = int(blocks.min()), int(blocks.max()) + 1
+        in_place = hi - lo <= _MAX_SPAN_RATIO * len(blocks) and len(np.unique(blocks)) == len(
+            blocks
+        )
+        if in_place:
+            owner = np.zeros(hi - lo, np.int64)
+            owner[blocks - lo] = row
+            span_visible = np.zeros(hi - lo, np.int64)  # unused blocks: nothing visible
+            span_visible[blocks - lo] = visible
+            row, visible = owner, span_visible
+        mask = np.where(np.arange(block_size) < visible[:, None], 0.0, _HIDDEN)
+        dev = self.device
+        num_tokens = int(common.query_start_loc[-1])
+        return _DecodeBlocks(
+            token_index=torch.from_numpy(common.query_start_loc[rows].astype(np.int64)).to(dev),
+            span=(lo, hi) if in_place else None,
+            blocks=None if in_place else torch.from_numpy(blocks).to(dev),
+            owner=torch.from_numpy(row).to(dev),
+            mask=torch.from_numpy(mask.astype(np.float32)[:, None, None, :]).to(dev),
+            covers_batch=len(rows) == num_tokens,
+        )
 
     def _build_group(self, common: CommonAttentionMetadata, rows: np.ndarray) -> _Group:
         starts = common.query_start_loc[rows]
@@ -94,41 +167,99 @@ class TorchRefBackend(AttentionBackend):
         metadata: TorchRefMetadata,
         scale: float,
     ) -> torch.Tensor:
-        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, kv_heads, d]
-        num_kv_heads, head_dim = key_cache.shape[-2:]
-        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, k)
-        value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, v)
-        out = torch.empty_like(q)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, kv_heads, block_size, d]
+        key_cache[metadata.slot_block, :, metadata.slot_offset] = k
+        value_cache[metadata.slot_block, :, metadata.slot_offset] = v
+        decode = metadata.decode
+        if decode is not None:
+            attn = _attend_decode(q, key_cache, value_cache, decode, scale)
+            if decode.covers_batch:
+                return attn
+            out = torch.empty_like(q)
+            out[decode.token_index] = attn
+        else:
+            out = torch.empty_like(q)
         for group in metadata.groups:
-            rows = group.valid.shape[0]
-            if group.covers_batch:
-                query = q.view(rows, -1, *q.shape[1:])
-            else:
-                query = q.index_select(0, group.query_index.view(-1)).view(rows, -1, *q.shape[1:])
-            attn = torch.empty_like(query)  # [rows, max_q, heads, d]
-            blocks_per_row = group.block_table.shape[0] // rows
-            row_bytes = 2 * blocks_per_row * key_cache[0].nbytes
-            step = max(1, _GATHER_BYTES // row_bytes)
-            for start in range(0, rows, step):
-                end = min(rows, start + step)
-                # index_select on the flattened table: far cheaper than advanced indexing on CPU
-                table = group.block_table[start * blocks_per_row : end * blocks_per_row]
-                keys = key_cache.index_select(0, table).view(
-                    end - start, -1, num_kv_heads, head_dim
-                )
-                values = value_cache.index_select(0, table).view(
-                    end - start, -1, num_kv_heads, head_dim
-                )
-                attn[start:end] = F.scaled_dot_product_attention(
-                    query[start:end].transpose(1, 2),  # [rows, heads, max_q, d]
-                    keys[:, : group.num_keys].transpose(1, 2),
-                    values[:, : group.num_keys].transpose(1, 2),
-                    attn_mask=None if group.mask is None else group.mask[start:end],
-                    is_causal=group.is_causal,
-                    scale=scale,
-                    enable_gqa=True,
-                ).transpose(1, 2)
+            attn = _attend_group(q, key_cache, value_cache, group, scale)
             if group.covers_batch:
                 return attn.reshape(q.shape)
             out[group.token_index] = attn[group.valid]
         return out
+
+
+def _attend_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    decode: _DecodeBlocks,
+    scale: float,
+) -> torch.Tensor:
+    """[rows, heads, d] attention of the decode rows, one softmax per block, merged per row."""
+    if decode.span is not None:
+        keys, values = key_cache[slice(*decode.span)], value_cache[slice(*decode.span)]
+    else:
+        keys = key_cache.index_select(0, decode.blocks)
+        values = value_cache.index_select(0, decode.blocks)
+    num_blocks, num_kv_heads, block_size, head_dim = keys.shape
+    query = q if decode.covers_batch else q.index_select(0, decode.token_index)
+    num_rows, num_heads = query.shape[:2]
+    group = num_heads // num_kv_heads  # query heads h*group..h*group+group-1 read KV head h
+    block_queries = query.index_select(0, decode.owner).view(-1, group, head_dim)
+    scores = torch.bmm(block_queries, keys.view(-1, block_size, head_dim).transpose(1, 2))
+    scores = scores.view(num_blocks, num_kv_heads, group, block_size).float()
+    scores = scores.mul_(scale).add_(decode.mask)
+    block_max = scores.amax(-1, keepdim=True)
+    probs = scores.sub_(block_max).exp_()
+    block_sum = probs.sum(-1).view(num_blocks, num_heads)
+    block_out = torch.bmm(
+        probs.view(-1, group, block_size).to(values.dtype), values.view(-1, block_size, head_dim)
+    ).view(num_blocks, num_heads, head_dim)
+    block_max = block_max.view(num_blocks, num_heads)
+    row_max = torch.full((num_rows, num_heads), _HIDDEN, device=q.device).scatter_reduce_(
+        0, decode.owner[:, None].expand(-1, num_heads), block_max, "amax"
+    )
+    weight = block_max.sub_(row_max.index_select(0, decode.owner)).exp_()
+    numerator = torch.zeros(num_rows, num_heads, head_dim, device=q.device).index_add_(
+        0, decode.owner, block_out.float().mul_(weight[..., None])
+    )
+    denominator = torch.zeros(num_rows, num_heads, device=q.device).index_add_(
+        0, decode.owner, block_sum.mul_(weight)
+    )
+    return numerator.div_(denominator[..., None]).to(q.dtype)
+
+
+def _attend_group(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: _Group, scale: float
+) -> torch.Tensor:
+    """[rows, max_q, heads, d] SDPA over each row's gathered keys, a slice of rows at a time."""
+    rows = group.valid.shape[0]
+    if group.covers_batch:
+        query = q.view(rows, -1, *q.shape[1:])
+    else:
+        query = q.index_select(0, group.query_index.view(-1)).view(rows, -1, *q.shape[1:])
+    attn = torch.empty_like(query)
+    num_kv_heads, block_size, head_dim = key_cache.shape[1:]
+    blocks_per_row = group.block_table.shape[0] // rows
+    row_bytes = 2 * blocks_per_row * key_cache[0].nbytes
+    step = max(1, _GATHER_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        end = min(rows, start + step)
+        # index_select on the flattened table: far cheaper than advanced indexing on CPU
+        table = group.block_table[start * blocks_per_row : end * blocks_per_row]
+        keys, values = (
+            cache.index_select(0, table)
+            .view(end - start, blocks_per_row, num_kv_heads, block_size, head_dim)
+            .transpose(1, 2)
+            .reshape(end - start, num_kv_heads, -1, head_dim)[:, :, : group.num_keys]
+            for cache in (key_cache, value_cache)
+        )
+        attn[start:end] = F.scaled_dot_product_attention(
+            query[start:end].transpose(1, 2),  # [rows, heads, max_q, d]
+            keys,
+            values,
+            attn_mask=None if group.mask is None else group.mask[start:end],
+            is_causal=group.is_causal,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(1, 2)
+    return attn

@@ -1,5 +1,5 @@
-"""Size and allocate the physical KV cache: one [2, num_blocks, block_size, kv_heads, head_dim]
-tensor per layer, zero-filled so masked-out reads are finite."""
+"""Size and allocate the physical KV cache: one tensor per layer in the attention backend's
+layout, zero-filled so masked-out reads are finite."""
 
 from __future__ import annotations
 
@@ -40,9 +40,14 @@ def cuda_kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
 
 
 def allocate_kv_caches(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig,
+    shape: tuple[int, ...],
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> list[torch.Tensor]:
-    shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    """`shape` is one layer's, from the backend's kv_cache_shape."""
+    num_blocks = shape[1]
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
     total = bytes_per_block(model, block_size, dtype) * num_blocks
     logger.info(

@@ -53,7 +53,7 @@ class ModelRunner:
         self.config = config
         self.model = model
         self.kv_caches = kv_caches
-        self.num_blocks = kv_caches[0].shape[1]
+        self.num_blocks = kv_caches[0].shape[1]  # every backend's layout: [2, num_blocks, ...]
         self.backend = backend
         self.device = device
         self.block_size = config.cache.block_size
@@ -88,9 +88,10 @@ class ModelRunner:
             else:
                 budget = config.cache.cpu_kv_cache_bytes
             num_blocks = num_blocks_from_budget(config.model, config.cache, dtype, budget)
-        caches = allocate_kv_caches(
-            config.model, num_blocks, config.cache.block_size, dtype, device
+        shape = backend.kv_cache_shape(
+            num_blocks, config.cache.block_size, config.model.num_kv_heads, config.model.head_dim
         )
+        caches = allocate_kv_caches(config.model, shape, config.cache.block_size, dtype, device)
         graphs = None
         if device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             graphs = DecodeGraphs(
@@ -277,7 +278,9 @@ def profile_forward(
     dtype = torch_dtype(config.model.dtype)
     layers = model.attention_layers()
     model_config = config.model
-    shape = (2, 1 + block_table.size, block_size, model_config.num_kv_heads, model_config.head_dim)
+    shape = backend.kv_cache_shape(
+        1 + block_table.size, block_size, model_config.num_kv_heads, model_config.head_dim
+    )
     for layer in layers:
         layer.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
     try:

@@ -1,13 +1,120 @@
-"""The torch reference backend's row slicing: gathering K/V a slice of rows at a time must not
-change a single token."""
+"""The torch reference backend against attention written out row by row, for each of its paths:
+decode blocks read in place or gathered (shared prefix blocks included), a lone decode row, and
+prefill chunks gathered a slice of rows at a time."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from lmserve import LLM
 from lmserve.attention import torch_ref
+from lmserve.attention.backend import CommonAttentionMetadata
+from lmserve.attention.torch_ref import TorchRefBackend
 from tests.engine.test_llm import random_prompts, run_greedy
+
+BLOCK_SIZE = 4
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 6, 2, 8
+
+
+def _batch(rows: list[tuple[int, int]], tables: list[list[int]], num_blocks: int, seed: int = 0):
+    """rows: (query_len, context_len) each, with its block ids in `tables`."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(map(len, tables))
+    block_table = np.zeros((len(rows), width), np.int32)
+    for i, ids in enumerate(tables):
+        block_table[i, : len(ids)] = ids
+    slots = [
+        block_table[i, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        for i, (query_len, context_len) in enumerate(rows)
+        for pos in range(context_len, context_len + query_len)
+    ]
+    query_start_loc = np.concatenate([[0], np.cumsum([q for q, _ in rows])])
+    common = CommonAttentionMetadata(
+        query_start_loc=query_start_loc,
+        seq_lens=np.array([q + c for q, c in rows]),
+        block_table=block_table,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_size=BLOCK_SIZE,
+    )
+    num_tokens = int(query_start_loc[-1])
+    cache = torch.randn(2, num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, generator=gen)
+    cache[:, 0] = 0
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, generator=gen)
+    k, v = torch.randn(2, num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    return common, cache, q, k, v
+
+
+def _row_by_row(common, cache, q, scale) -> torch.Tensor:
+    """Each token attends its row's keys up to its own position; cache already holds this step."""
+    out = torch.empty_like(q)
+    group = NUM_HEADS // NUM_KV_HEADS
+    for i, seq_len in enumerate(common.seq_lens.tolist()):
+        start, end = common.query_start_loc[i], common.query_start_loc[i + 1]
+        blocks = torch.from_numpy(common.block_table[i].astype(np.int64))
+        keys, values = (
+            c[blocks].transpose(0, 1).reshape(NUM_KV_HEADS, -1, HEAD_DIM)[:, :seq_len]
+            for c in cache
+        )
+        for t in range(start, end):
+            visible = seq_len - (end - t) + 1
+            for h in range(NUM_HEADS):
+                kv = h // group
+                weights = torch.softmax(keys[kv, :visible] @ q[t, h] * scale, dim=0)
+                out[t, h] = weights @ values[kv, :visible]
+    return out
+
+
+def _check(common, cache, q, k, v) -> torch_ref.TorchRefMetadata:
+    backend = TorchRefBackend(torch.device("cpu"))
+    metadata = backend.build_metadata(common)
+    out = backend.forward(q, k, v, cache, metadata, scale=0.3)
+    slots = common.slot_mapping
+    stored_k = cache[0][slots // BLOCK_SIZE, :, slots % BLOCK_SIZE]
+    assert torch.equal(stored_k, k)
+    torch.testing.assert_close(out, _row_by_row(common, cache, q, 0.3), atol=1e-5, rtol=1e-5)
+    return metadata
+
+
+def test_decode_blocks_in_a_compact_span_are_read_in_place() -> None:
+    # three decode rows, blocks 1..7 shuffled between them, block 5 unused inside the span
+    rows = [(1, 6), (1, 8), (1, 3)]
+    metadata = _check(*_batch(rows, [[3, 7], [2, 6, 4], [1]], num_blocks=9))
+    assert metadata.decode is not None and metadata.decode.span == (1, 8)
+
+
+def test_scattered_decode_blocks_are_gathered() -> None:
+    rows = [(1, 5), (1, 2)]
+    metadata = _check(*_batch(rows, [[40, 3], [22]], num_blocks=48))
+    assert metadata.decode is not None and metadata.decode.span is None
+
+
+def test_a_prefix_block_shared_by_decode_rows_is_gathered_for_each() -> None:
+    rows = [(1, 6), (1, 5), (1, 4)]
+    metadata = _check(*_batch(rows, [[1, 2], [1, 3], [1, 4]], num_blocks=5))
+    assert metadata.decode is not None and metadata.decode.span is None
+
+
+def test_decode_rows_beside_prefill_chunks() -> None:
+    # decode, chunk with context, decode, first chunk (causal)
+    rows = [(1, 9), (5, 3), (1, 2), (6, 0)]
+    tables = [[5, 6, 7], [1, 2], [8], [3, 4]]
+    metadata = _check(*_batch(rows, tables, num_blocks=9))
+    assert metadata.decode is not None and not metadata.decode.covers_batch
+    assert len(metadata.groups) == 1
+
+
+@pytest.mark.parametrize("rows", [[(1, 10)], [(7, 0)]], ids=["decode", "prefill"])
+def test_a_lone_row_goes_through_sdpa_unmasked(rows) -> None:
+    metadata = _check(*_batch(rows, [[2, 1, 3]], num_blocks=4))
+    assert metadata.decode is None and metadata.groups[0].mask is None
+
+
+def test_prefill_rows_gathered_one_per_slice(monkeypatch) -> None:
+    monkeypatch.setattr(torch_ref, "_GATHER_BYTES", 1)
+    rows = [(3, 5), (6, 0), (2, 1)]
+    _check(*_batch(rows, [[4, 2], [1, 3], [5]], num_blocks=6))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
@@ -17,4 +124,5 @@ def test_one_row_per_gather_gives_the_same_tokens(tiny_model_dirs, monkeypatch, 
     kwargs = dict(kv_cache_memory_gb=0.01, max_num_batched_tokens=24)  # mixed decode + chunks
     whole = run_greedy(LLM(path, **kwargs), prompts)
     monkeypatch.setattr(torch_ref, "_GATHER_BYTES", 1)  # every slice is one row
+    monkeypatch.setattr(torch_ref, "_MAX_SPAN_RATIO", 0.0)  # decode blocks gathered too
     assert run_greedy(LLM(path, **kwargs), prompts) == whole

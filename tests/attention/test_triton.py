@@ -106,11 +106,12 @@ def reference(batch: Batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """torch_ref's output (computed in fp32) and its cache after the step (in the batch dtype)."""
     ref = TorchRefBackend(batch.kv_cache.device)
     metadata = ref.build_metadata(batch.common)
-    cache = batch.kv_cache.clone()
+    # torch_ref's cache is head-major: [2, blocks, kv_heads, block_size, d]
+    cache = batch.kv_cache.transpose(2, 3).contiguous()
     ref.forward(batch.q, batch.k, batch.v, cache, metadata, scale)
-    cache32 = batch.kv_cache.float()
+    cache32 = batch.kv_cache.float().transpose(2, 3).contiguous()
     out = ref.forward(batch.q.float(), batch.k.float(), batch.v.float(), cache32, metadata, scale)
-    return out, cache
+    return out, cache.transpose(2, 3)
 
 
 def run_triton(
