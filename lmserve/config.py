@@ -132,6 +132,26 @@ class StructuredOutputConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (`enable_lora`): adapters a step may mix, and their largest rank."""
+
+    max_loras: int = 1  # distinct adapters in one batch (each holds a slot of stacked weights)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # adapters kept loaded in host memory; None = max_loras
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                f"({self.max_loras})"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -140,3 +160,4 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "torch_ref"  # torch_ref (CPU, the oracle) | triton (CUDA)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    lora: LoRAConfig | None = None  # None: LoRA adapters are not served

@@ -1,6 +1,8 @@
-"""The one scoped global: attention metadata for the forward pass that is running right now.
+"""The scoped globals of the forward pass that is running right now: attention metadata and the
+step's LoRA token groups.
 
-Attention layers read it instead of having metadata threaded through every module's forward().
+Attention and LoRA layers read them instead of having them threaded through every module's
+forward().
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from contextvars import ContextVar
 from typing import Any
 
 _attn_metadata: ContextVar[Any] = ContextVar("lmserve_attn_metadata")
+_lora_mapping: ContextVar[Any] = ContextVar("lmserve_lora_mapping", default=None)
 
 
 @contextmanager
-def set_forward_context(attn_metadata: Any) -> Iterator[None]:
+def set_forward_context(attn_metadata: Any, lora_mapping: Any = None) -> Iterator[None]:
     token = _attn_metadata.set(attn_metadata)
+    lora_token = _lora_mapping.set(lora_mapping)
     try:
         yield
     finally:
+        _lora_mapping.reset(lora_token)
         _attn_metadata.reset(token)
 
 
@@ -27,3 +32,8 @@ def get_attn_metadata() -> Any:
         return _attn_metadata.get()
     except LookupError:
         raise RuntimeError("attention ran outside set_forward_context()") from None
+
+
+def get_lora_mapping() -> Any:
+    """The step's LoRAMapping, or None when no request in it uses an adapter."""
+    return _lora_mapping.get()

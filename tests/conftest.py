@@ -5,9 +5,17 @@ Slow loads (GGUF conversion, HF's own GGUF loading) happen once per test run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels are tested in its interpreter, which must be chosen before
+# anything imports triton: test modules are collected in path order, and some import libraries
+# (PEFT) that import triton on their own.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_VOCAB = 512
 _COMMON = dict(

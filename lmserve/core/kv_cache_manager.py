@@ -110,7 +110,7 @@ class KVCacheManager:
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else ROOT_HASH
-            salt = request.cache_salt if i == 0 else None
+            salt = request.hash_salt if i == 0 else None
             hashes.append(
                 hash_block(parent, request.all_token_ids[i * size : (i + 1) * size], salt)
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
 
@@ -48,6 +49,7 @@ class Request:
     eos_token_id: int | None = None
     arrival_time: float = 0.0
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
@@ -60,6 +62,15 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def hash_salt(self) -> str | None:
+        """Salts the first block's prefix-cache hash: requests share KV only with the same
+        cache_salt and the same adapter (an adapter changes every layer's K/V)."""
+        if self.lora_request is None:
+            return self.cache_salt
+        lora = self.lora_request
+        return f"{self.cache_salt or ''}|lora:{lora.lora_int_id}:{lora.lora_name}"
 
     @property
     def num_prompt_tokens(self) -> int:

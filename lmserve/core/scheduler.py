@@ -60,8 +60,10 @@ class Scheduler:
         config: SchedulerConfig,
         kv_cache_manager: KVCacheManager,
         grammars: GrammarTracker | None = None,
+        max_loras: int = 0,
     ) -> None:
         self.config = config
+        self.max_loras = max_loras  # most adapters among running requests (0: LoRA is off)
         self.kv = kv_cache_manager
         self.grammars = grammars
         self.requests: dict[str, Request] = {}
@@ -136,6 +138,9 @@ class Scheduler:
             if self.grammars is not None and not self.grammars.is_ready(request):
                 skipped.append(self.waiting.popleft())
                 continue
+            if not self._lora_fits(request):  # waits until a running adapter's requests finish
+                skipped.append(self.waiting.popleft())
+                continue
             hits = self.kv.get_computed_blocks(request)
             num_computed = len(hits) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
@@ -159,6 +164,7 @@ class Scheduler:
                     block_ids=self.kv.block_ids(request.req_id),
                     num_computed_tokens=num_computed,
                     eos_token_id=request.eos_token_id,
+                    lora_request=request.lora_request,
                 )
             )
             num_scheduled[request.req_id] = num_new
@@ -177,6 +183,13 @@ class Scheduler:
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_req_ids=finished,
         )
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether admitting `request` keeps the running adapters within max_loras."""
+        if request.lora_request is None:
+            return True
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request}
+        return request.lora_request.lora_int_id in running or len(running) < self.max_loras
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

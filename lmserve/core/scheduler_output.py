@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
 
@@ -18,6 +19,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_id: int | None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass(frozen=True, slots=True)

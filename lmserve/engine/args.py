@@ -17,6 +17,7 @@ from lmserve.config import (
     STRUCTURED_OUTPUT_BACKENDS,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     StructuredOutputConfig,
@@ -56,6 +57,10 @@ def create_engine_config(
     attention_backend: str = "auto",
     quantization: str | None = None,
     enforce_eager: bool = False,
+    enable_lora: bool = False,
+    max_loras: int = 1,
+    max_lora_rank: int = 16,
+    max_cpu_loras: int | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory."""
     if load_format not in _LOAD_FORMATS:
@@ -119,7 +124,9 @@ def create_engine_config(
         structured_output=structured_output,
         device=device,
         attention_backend=attention_backend,
-        enforce_eager=enforce_eager,
+        # LoRA deltas read per-step token groups that a captured graph could not follow
+        enforce_eager=enforce_eager or enable_lora,
+        lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
     )
 
 
@@ -236,6 +243,27 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "capture time and memory at startup, costs per-step launch overhead)",
     )
     parser.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters (PEFT format) on top of the base model; requests pick one by "
+        "its name (see --lora-modules)",
+    )
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        default=1,
+        help="most distinct LoRA adapters in one batch; requests for others wait their turn",
+    )
+    parser.add_argument(
+        "--max-lora-rank", type=int, default=16, help="largest adapter rank that can be loaded"
+    )
+    parser.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept loaded in host memory (default: --max-loras); others reload from disk",
+    )
+    parser.add_argument(
         "--structured-outputs-backend",
         default="auto",
         choices=list(STRUCTURED_OUTPUT_BACKENDS),
@@ -271,4 +299,8 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         reasoning_parser=args.reasoning_parser,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )

@@ -56,7 +56,9 @@ class EngineCore:
             config.model.vocab_size,
             config.scheduler.max_num_seqs,
         )
-        return cls(config, Scheduler(config.scheduler, kv, grammars), runner, grammars)
+        max_loras = config.lora.max_loras if config.lora else 0
+        scheduler = Scheduler(config.scheduler, kv, grammars, max_loras)
+        return cls(config, scheduler, runner, grammars)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         core_request = Request(
@@ -66,6 +68,7 @@ class EngineCore:
             eos_token_id=request.eos_token_id,
             arrival_time=request.arrival_time,
             cache_salt=request.cache_salt,
+            lora_request=request.lora_request,
         )
         self.scheduler.add_request(core_request)
         self.structured_output.add(core_request)

@@ -6,8 +6,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lmserve.config import ModelConfig
+from lmserve.config import LoRAConfig, ModelConfig
 from lmserve.engine.messages import EngineCoreRequest
+from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # A prompt: text, or pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text).
@@ -26,8 +27,11 @@ class InputProcessor:
         model_config: ModelConfig,
         tokenizer: Any | None,
         structured_outputs_backend: str = "auto",
+        lora_config: LoRAConfig | None = None,
     ) -> None:
         self.model_config = model_config
+        self.lora_config = lora_config
+        self._checked_adapters: dict[LoRARequest, None] = {}  # paths already read and checked
         self.tokenizer = tokenizer
         self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
@@ -56,17 +60,38 @@ class InputProcessor:
         prompt: ProcessedPrompt,
         params: SamplingParams,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[EngineCoreRequest]:
         """One engine request per sample: `n` > 1 becomes n requests with their own seeds, which
         share the prompt's KV blocks through the prefix cache."""
         if params.structured_outputs is not None:
             params = replace(params, structured_outputs=self._resolve_constraint(params))
+        if lora_request is not None:
+            self.check_lora(lora_request)
         if params.n == 1:
-            return [self.make_request(request_id, prompt, params, cache_salt)]
+            return [self.make_request(request_id, prompt, params, cache_salt, lora_request)]
         return [
-            self.make_request(f"{request_id}-{i}", prompt, params.for_child(i), cache_salt)
+            self.make_request(
+                f"{request_id}-{i}", prompt, params.for_child(i), cache_salt, lora_request
+            )
             for i in range(params.n)
         ]
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """Read the adapter's config and tensor shapes once, so a bad adapter is the caller's
+        error here and never fails inside the engine."""
+        from lmserve.lora.adapter import read_adapter_config
+
+        if self.lora_config is None:
+            raise ValueError(
+                f"LoRA adapter {lora_request.lora_name!r} asked for, but LoRA is off; start the "
+                "engine with enable_lora=True (--enable-lora)"
+            )
+        if lora_request not in self._checked_adapters:
+            read_adapter_config(
+                lora_request.lora_path, self.model_config, self.lora_config.max_lora_rank
+            )
+            self._checked_adapters[lora_request] = None
 
     def make_request(
         self,
@@ -74,6 +99,7 @@ class InputProcessor:
         prompt: ProcessedPrompt,
         params: SamplingParams,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         self._validate(prompt.prompt_token_ids, params)
         return EngineCoreRequest(
@@ -83,6 +109,7 @@ class InputProcessor:
             eos_token_id=self.eos_token_id,
             arrival_time=time.time(),
             cache_salt=cache_salt,
+            lora_request=lora_request,
         )
 
     def _resolve_constraint(self, params: SamplingParams) -> StructuredOutputsParams:

@@ -14,6 +14,7 @@ from lmserve.engine.generation_config import load_sampling_defaults
 from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.lora.request import LoRARequest
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -30,7 +31,10 @@ class LLM:
             load_tokenizer(self.config.model.path) if self.config.model.has_tokenizer else None
         )
         self.input_processor = InputProcessor(
-            self.config.model, self.tokenizer, self.config.structured_output.backend
+            self.config.model,
+            self.tokenizer,
+            self.config.structured_output.backend,
+            self.config.lora,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore.from_config(self.config)
@@ -54,17 +58,20 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """`lora_request`: one adapter for every prompt, or one (or None) per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         processed = [self.input_processor.tokenize_prompt(p) for p in prompts]
-        return self._run(processed, sampling_params, use_tqdm)
+        return self._run(processed, sampling_params, use_tqdm, lora_request)
 
     def chat(
         self,
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         add_generation_prompt: bool = True,
@@ -91,9 +98,11 @@ class LLM:
                 **(chat_template_kwargs or {}),
             )
             prompts.append(self.input_processor.tokenize_prompt(text, add_special_tokens=False))
-        return self._run(prompts, sampling_params, use_tqdm)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
-    def _run(self, prompts: list, sampling_params: Any, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list, sampling_params: Any, use_tqdm: bool, lora_request: Any = None
+    ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -104,11 +113,19 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
         # Validate all before adding any, so a bad prompt leaves nothing half-queued.
         requests = []
-        for prompt, params in zip(prompts, params_list, strict=True):
+        for prompt, params, lora in zip(prompts, params_list, loras, strict=True):
             request_id = str(next(self._counter))
-            children = self.input_processor.make_requests(request_id, prompt, params)
+            children = self.input_processor.make_requests(
+                request_id, prompt, params, lora_request=lora
+            )
             requests.append((request_id, prompt, params, children))
         for request_id, prompt, params, children in requests:
             self.output_processor.add_request(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from lmserve.core.scheduler import RequestUpdate
+from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
 # What the core reports per request per step.
@@ -19,3 +20,4 @@ class EngineCoreRequest(msgspec.Struct, frozen=True):
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None

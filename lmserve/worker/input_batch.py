@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmserve.core.scheduler_output import NewRequestData
+from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
 
@@ -17,6 +18,7 @@ class CachedRequestState:
     params: SamplingParams
     eos_token_id: int | None
     num_prompt_tokens: int
+    lora_request: LoRARequest | None = None
 
 
 class InputBatch:
@@ -34,6 +36,7 @@ class InputBatch:
         self.top_k = np.zeros(max_num_reqs, dtype=np.int64)
         self.top_p = np.ones(max_num_reqs, dtype=np.float32)
         self.min_p = np.zeros(max_num_reqs, dtype=np.float32)
+        self.lora_id = np.zeros(max_num_reqs, dtype=np.int64)  # 0: the base model
         self.states: list[CachedRequestState | None] = [None] * max_num_reqs
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
@@ -43,8 +46,9 @@ class InputBatch:
         self.row_of[new.req_id] = row
         params = new.sampling_params
         self.states[row] = CachedRequestState(
-            new.req_id, params, new.eos_token_id, new.num_prompt_tokens
+            new.req_id, params, new.eos_token_id, new.num_prompt_tokens, new.lora_request
         )
+        self.lora_id[row] = new.lora_request.lora_int_id if new.lora_request else 0
         n = len(new.token_ids)
         self.token_ids[row, :n] = new.token_ids
         self.num_tokens[row] = n

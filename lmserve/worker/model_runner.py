@@ -13,6 +13,8 @@ from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata,
 from lmserve.config import EngineConfig
 from lmserve.core.scheduler_output import SampledTokens, SchedulerOutput, TokenLogprobs
 from lmserve.forward_context import set_forward_context
+from lmserve.lora.layers import LoRAMapping
+from lmserve.lora.manager import LoRAManager
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
 from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
@@ -49,6 +51,7 @@ class ModelRunner:
         device: torch.device,
         *,
         graphs: DecodeGraphs | None = None,
+        lora: LoRAManager | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -64,6 +67,7 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         for layer, cache in zip(model.attention_layers(), kv_caches, strict=True):
             layer.kv_cache = cache
+        self.lora = lora
         self.graphs = graphs
         if graphs is not None:
             graphs.capture()
@@ -76,6 +80,7 @@ class ModelRunner:
             keep_freed_memory_mapped()
         torch.manual_seed(config.model.seed)
         model = load_model(config.model, device)
+        lora = LoRAManager(model, config.model, config.lora) if config.lora else None
         dtype = torch_dtype(config.model.dtype)
         backend = get_backend(config.attention_backend, device)
         num_blocks = config.cache.num_kv_blocks
@@ -101,7 +106,7 @@ class ModelRunner:
                 _max_blocks_per_seq(config),
                 device,
             )
-        return cls(config, model, caches, backend, device, graphs=graphs)
+        return cls(config, model, caches, backend, device, graphs=graphs, lora=lora)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -139,8 +144,31 @@ class ModelRunner:
                 common.seq_lens,
                 common.block_table,
             )
-        with set_forward_context(self.backend.build_metadata(common)):
+        mapping = self._lora_mapping(inputs)
+        with set_forward_context(self.backend.build_metadata(common), mapping):
             return self.model(inputs.input_ids, inputs.positions)
+
+    def _lora_mapping(self, inputs: StepInputs) -> LoRAMapping | None:
+        """Slots for the step's adapters (loading any that is new) and each one's token rows."""
+        if self.lora is None:
+            return None
+        ids = self.batch.lora_id[inputs.rows]
+        if not ids.any():
+            return None
+        held = self.batch.lora_id[list(self.batch.row_of.values())]
+        in_use = set(held[held > 0].tolist())
+        token_ids = np.repeat(ids, inputs.common.query_lens)
+        groups = []
+        for lora_id in np.unique(ids[ids > 0]).tolist():
+            request = self.batch.state(int(inputs.rows[np.argmax(ids == lora_id)])).lora_request
+            assert request is not None
+            slot = self.lora.activate(request, in_use)
+            if (ids == lora_id).all():
+                groups.append((slot, None))
+            else:
+                rows = np.flatnonzero(token_ids == lora_id)
+                groups.append((slot, torch.from_numpy(rows).to(self.device)))
+        return LoRAMapping(tuple(groups))
 
     def _apply_grammar(
         self, grammar: GrammarBitmask, sampled_req_ids: list[str], logits: torch.Tensor

@@ -1,0 +1,150 @@
+"""LoRA adapters in the offline engine, checked token for token against HF transformers with PEFT
+on the same adapter, alone and mixed in one batch with other adapters and the base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from lmserve import LLM, SamplingParams
+from lmserve.lora.request import LoRARequest
+from tests.engine.test_llm import assert_no_blocks_held, hf_greedy, random_prompts
+
+NUM_NEW = 8
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, rank: int, targets: list[str]) -> Path:
+    """A PEFT adapter with random A and B (PEFT starts B at zero, which would change nothing)."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    llama = tiny_model_dirs["llama"]
+    return {
+        "all": make_adapter(llama, root / "all", 1, 8, ALL_TARGETS),
+        "qv": make_adapter(llama, root / "qv", 2, 4, ["q_proj", "v_proj"]),  # PEFT's default
+        "qwen2": make_adapter(tiny_model_dirs["qwen2"], root / "qwen2", 3, 8, ALL_TARGETS),
+    }
+
+
+def peft_greedy(base_dir: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return [hf_greedy(model, p, NUM_NEW) for p in prompts]
+
+
+def generate(llm: LLM, prompts, loras) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras
+    )
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize(
+    ("kind", "adapter"), [("llama", "all"), ("llama", "qv"), ("qwen2", "qwen2")]
+)
+def test_adapter_tokens_match_peft(tiny_model_dirs, adapters, kind, adapter) -> None:
+    prompts = random_prompts([5, 23, 40])
+    lora = LoRARequest(adapter, 1, str(adapters[adapter]))
+    llm = LLM(str(tiny_model_dirs[kind]), enable_lora=True, kv_cache_memory_gb=0.01)
+    got = generate(llm, prompts, lora)
+    assert got == peft_greedy(tiny_model_dirs[kind], adapters[adapter], prompts)
+    assert got != peft_greedy(tiny_model_dirs[kind], None, prompts)  # the adapter does something
+    assert_no_blocks_held(llm)
+
+
+def test_adapters_and_base_mixed_in_one_batch(tiny_model_dirs, adapters) -> None:
+    """Chunked prefill and decode steps that mix two adapters and the base model; the same prompt
+    under each must not share prefix-cache blocks."""
+    base = tiny_model_dirs["llama"]
+    shared = random_prompts([33])[0]
+    prompts = [shared, shared, shared, *random_prompts([7, 19, 12], seed=1)]
+    a = LoRARequest("all", 1, str(adapters["all"]))
+    b = LoRARequest("qv", 2, str(adapters["qv"]))
+    loras = [a, b, None, b, None, a]
+    llm = LLM(
+        str(base),
+        enable_lora=True,
+        max_loras=2,
+        kv_cache_memory_gb=0.01,
+        max_num_batched_tokens=24,
+    )
+    got = generate(llm, prompts, loras)
+    for tokens, prompt, lora in zip(got, prompts, loras, strict=True):
+        path = None if lora is None else Path(lora.lora_path)
+        assert tokens == peft_greedy(base, path, [prompt])[0]
+    assert_no_blocks_held(llm)
+
+
+def test_more_adapters_than_max_loras_take_turns(tiny_model_dirs, adapters) -> None:
+    base = tiny_model_dirs["llama"]
+    prompts = random_prompts([9, 14, 6, 11], seed=2)
+    a = LoRARequest("all", 1, str(adapters["all"]))
+    b = LoRARequest("qv", 2, str(adapters["qv"]))
+    loras = [a, b, a, b]
+    llm = LLM(str(base), enable_lora=True, max_loras=1, kv_cache_memory_gb=0.01)
+    seen = set()
+
+    def hook() -> None:
+        running = llm.engine_core.scheduler.running
+        ids = {r.lora_request.lora_int_id for r in running if r.lora_request}
+        assert len(ids) <= 1
+        seen.update(ids)
+
+    llm.step_hook = hook
+    got = generate(llm, prompts, loras)
+    assert seen == {1, 2}
+    assert got[0] == peft_greedy(base, adapters["all"], prompts[:1])[0]
+    assert got[1] == peft_greedy(base, adapters["qv"], prompts[1:2])[0]
+
+
+def test_bad_adapters_are_clear_errors(tiny_model_dirs, adapters, tmp_path) -> None:
+    base = str(tiny_model_dirs["llama"])
+    prompt = [{"prompt_token_ids": [1, 2, 3]}]
+    plain = LLM(base, kv_cache_memory_gb=0.01)
+    with pytest.raises(ValueError, match="--enable-lora"):
+        plain.generate(prompt, lora_request=LoRARequest("all", 1, str(adapters["all"])))
+
+    llm = LLM(base, enable_lora=True, max_lora_rank=4, kv_cache_memory_gb=0.01)
+    with pytest.raises(ValueError, match="rank 8, above max_lora_rank=4"):
+        llm.generate(prompt, lora_request=LoRARequest("all", 1, str(adapters["all"])))
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        llm.generate(prompt, lora_request=LoRARequest("nope", 2, str(tmp_path / "nope")))
+    # qwen3's head_dim is 32, the llama's 16: its q_proj adapter has the wrong shape
+    other = make_adapter(tiny_model_dirs["qwen3"], tmp_path / "qwen3", 4, 4, ["q_proj"])
+    with pytest.raises(ValueError, match="was it trained on another model"):
+        llm.generate(prompt, lora_request=LoRARequest("qwen3", 3, str(other)))
+    # an adapter on the LM head
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    tensors = load_file(adapters["qv"] / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 64)
+    save_file(tensors, head / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="lm_head.*q_proj, k_proj"):
+        llm.generate(prompt, lora_request=LoRARequest("head", 4, str(head)))
+    with pytest.raises(ValueError, match="positive"):
+        LoRARequest("zero", 0, str(head))
+    # the engine still serves after every refusal
+    assert len(llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)) == 1
