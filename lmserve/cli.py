@@ -66,6 +66,7 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
     import uvicorn
 
     from lmserve.api.app import CORSConfig, build_app
+    from lmserve.api.errors import APIError
     from lmserve.api.serving.common import ServingConfig
     from lmserve.benchmarks.shapes import resolve_model
     from lmserve.engine.async_engine import AsyncEngine
@@ -89,7 +90,14 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
+            allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
+            or _env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
         )
+        for name, path in _lora_modules(args.lora_modules or []):
+            try:
+                serving.lora_modules.add(engine, name, path)
+            except APIError as exc:
+                raise ValueError(f"--lora-modules {name}={path}: {exc.message}") from None
         cors = (
             CORSConfig(
                 args.allowed_origins,
@@ -127,6 +135,31 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
     return 0
 
 
+def _env_flag(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _lora_modules(values: list[str]) -> list[tuple[str, str]]:
+    """--lora-modules entries: `name=path`, or vLLM's JSON form {"name": ..., "path": ...}."""
+    import json
+
+    modules = []
+    for value in values:
+        if value.lstrip().startswith("{"):
+            entry = json.loads(value)
+            if not isinstance(entry, dict) or "name" not in entry or "path" not in entry:
+                raise ValueError(f'--lora-modules JSON needs "name" and "path": {value}')
+            modules.append((str(entry["name"]), str(entry["path"])))
+        elif "=" in value:
+            name, _, path = value.partition("=")
+            modules.append((name, path))
+        else:
+            raise ValueError(f"--lora-modules takes name=path (or JSON), got {value!r}")
+    return modules
+
+
 def _read_chat_template(value: str | None) -> str | None:
     """--chat-template takes a file path or the Jinja template itself."""
     from pathlib import Path
@@ -148,6 +181,16 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="model names clients may use (the first is reported); default: the model argument",
+    )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT directories) served as models named NAME; also "
+        'JSON: \'{"name": "sql", "path": "/adapters/sql"}\'. Needs --enable-lora. Set '
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True to add and remove adapters at runtime with POST "
+        "/v1/load_lora_adapter and /v1/unload_lora_adapter",
     )
     parser.add_argument(
         "--chat-template", default=None, help="Jinja chat template: a file or the template itself"

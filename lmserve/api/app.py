@@ -21,11 +21,14 @@ from lmserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing, apply_chat_template
 from lmserve.api.serving.completions import CompletionServing
+from lmserve.api.serving.models import model_card
 from lmserve.engine.protocol import EngineClient
 
 _VERSION = importlib.metadata.version("lmserve")
@@ -76,15 +79,40 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [_model_card(engine, name) for name in config.served_model_names],
-        }
+        cards = [model_card(engine, name) for name in config.served_model_names]
+        for name in config.lora_modules.names():
+            cards.append(_card(name))
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
         common.check_model(config, model)
-        return _model_card(engine, model)
+        return _card(model)
+
+    def _card(name: str) -> dict[str, Any]:
+        lora = config.lora_modules.get(name)
+        return model_card(engine, name, lora, config.model_name)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+        _check_runtime_lora_updating()
+        config.lora_modules.add(engine, request.lora_name, request.lora_path)
+        return Response(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+        _check_runtime_lora_updating()
+        config.lora_modules.remove(request.lora_name)
+        return Response(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
+    def _check_runtime_lora_updating() -> None:
+        if not config.allow_runtime_lora_updating:
+            raise APIError(
+                "loading and unloading LoRA adapters at runtime is off; start the server with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (and --enable-lora)",
+                status=404,
+                code="not_found",
+            )
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
@@ -180,18 +208,6 @@ def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(result, media_type="text/event-stream")
-
-
-def _model_card(engine: EngineClient, name: str) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": common.now(),
-        "owned_by": "lmserve",
-        "root": str(engine.config.model.model),
-        "parent": None,
-        "max_model_len": engine.config.scheduler.max_model_len,
-    }
 
 
 def _install_request_ids(app: FastAPI) -> None:

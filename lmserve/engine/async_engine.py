@@ -24,6 +24,7 @@ from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.protocol import EngineClient, EngineDeadError
 from lmserve.engine.tokenizer import load_tokenizer
+from lmserve.lora.request import LoRARequest
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -35,7 +36,7 @@ class AsyncEngine(EngineClient):
         self.config = config
         self.tokenizer = tokenizer
         self.input_processor = InputProcessor(
-            config.model, tokenizer, config.structured_output.backend
+            config.model, tokenizer, config.structured_output.backend, config.lora
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.client = client
@@ -71,6 +72,7 @@ class AsyncEngine(EngineClient):
         sampling_params: SamplingParams,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative snapshots of the request, the last one finished. Bad input raises
         ValueError here, before anything is queued or streamed, so a server can answer 400."""
@@ -81,9 +83,12 @@ class AsyncEngine(EngineClient):
             raise ValueError(f"request id {request_id!r} is already in use")
         processed = self.input_processor.tokenize_prompt(prompt)
         children = self.input_processor.make_requests(
-            request_id, processed, sampling_params, cache_salt
+            request_id, processed, sampling_params, cache_salt, lora_request
         )
         return self._run(request_id, processed, sampling_params, children)
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        self.input_processor.check_lora(lora_request)
 
     async def _run(
         self,

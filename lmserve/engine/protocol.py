@@ -9,6 +9,7 @@ from typing import Any
 from lmserve.config import EngineConfig
 from lmserve.core.scheduler import SchedulerStats
 from lmserve.engine.metrics import EngineMetrics
+from lmserve.lora.request import LoRARequest
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -33,8 +34,13 @@ class EngineClient(abc.ABC):
         sampling_params: SamplingParams,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative snapshots of one request, the last one finished."""
+
+    @abc.abstractmethod
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """Raise ValueError when the adapter cannot be served (LoRA off, bad checkpoint)."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...

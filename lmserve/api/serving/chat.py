@@ -108,7 +108,7 @@ class ChatServing:
 
     async def create(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         request.check_supported()
-        model = common.check_model(self.config, request.model)
+        model, lora = common.check_model(self.config, request.model)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
         tool_mode = self._tool_mode(request, tools)
         text = apply_chat_template(
@@ -133,7 +133,7 @@ class ChatServing:
         request_id = common.new_id("chatcmpl", request.request_id)
         common.log_request(self.config, request_id, len(ids), params)
         stream = self.engine.generate(
-            {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt
+            {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt, lora
         )
         if request.stream:
             return self._stream(request, model, request_id, stream, parser)

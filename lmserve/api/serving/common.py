@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmserve.api.errors import APIError
+from lmserve.api.serving.models import LoRAModules
 from lmserve.engine.protocol import EngineClient
+from lmserve.lora.request import LoRARequest
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -30,15 +32,22 @@ class ServingConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # adapters served by name; the registry object is shared, its contents change at runtime
+    lora_modules: LoRAModules = field(default_factory=LoRAModules)
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
 
 
-def check_model(config: ServingConfig, model: str | None) -> str:
+def check_model(config: ServingConfig, model: str | None) -> tuple[str, LoRARequest | None]:
+    """The name to answer with, and the adapter when `model` names one."""
     if model is None or model in config.served_model_names:
-        return config.model_name
+        return config.model_name, None
+    lora = config.lora_modules.get(model)
+    if lora is not None:
+        return model, lora
     raise APIError(
         f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found"
     )

@@ -45,7 +45,7 @@ class CompletionServing:
 
     async def create(self, request: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         request.check_supported()
-        model = common.check_model(self.config, request.model)
+        model, lora = common.check_model(self.config, request.model)
         prompts = self._prompts(request)
         params = request.sampling_params(
             request.max_tokens or 16, request.logprobs, self.config.sampling_defaults
@@ -54,7 +54,7 @@ class CompletionServing:
         for i, p in enumerate(prompts):
             common.log_request(self.config, f"{base_id}-{i}", len(p["prompt_token_ids"]), params)
         streams = [
-            self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt)
+            self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt, lora)
             for i, p in enumerate(prompts)
         ]
         if request.stream:
@@ -132,6 +132,7 @@ class CompletionServing:
             for out in snapshot.outputs:
                 index = i * n + out.index
                 echo = (snapshot.prompt or "") if request.echo else ""
+                first = tracker.is_new(index)
                 sent = tracker.advance(index, out, prefix=echo)
                 if sent is None:
                     continue
@@ -145,6 +146,10 @@ class CompletionServing:
                     "finish_reason": out.finish_reason,
                     "stop_reason": out.stop_reason,
                 }
+                if request.return_token_ids:  # as vLLM: the new tokens, the prompt's first
+                    choice["token_ids"] = out.token_ids[token_start:]
+                    if first:
+                        choice["prompt_token_ids"] = snapshot.prompt_token_ids
                 if out.finish_reason is not None:
                     num_completion += len(out.token_ids)
                 chunk = {
