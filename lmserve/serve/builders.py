@@ -43,4 +43,9 @@ def build_openai_app(args: LLMServingArgs | dict[str, Any]) -> Application:
     servers = {c.model_id: build_llm_deployment(c) for c in serving_args.llm_configs}
     # Serve's default of 5 requests in flight per replica would throttle every model behind it
     router = serve.deployment(LLMRouter, name="LLMRouter", max_ongoing_requests=_ROUTER_MAX_ONGOING)
-    return router.bind(servers)
+    lora_paths = {
+        c.model_id: c.lora_config.dynamic_lora_loading_path
+        for c in serving_args.llm_configs
+        if c.lora_config is not None and c.lora_config.dynamic_lora_loading_path
+    }
+    return router.bind(servers, lora_paths)

@@ -23,7 +23,10 @@ class ModelLoadingConfig(BaseModel):
 
 
 class LoraConfig(BaseModel):
-    """Accepted now so configs written for Ray Serve LLM load; adapters come with LoRA support."""
+    """Adapters served as `model_id:adapter`, read from `dynamic_lora_loading_path/adapter` (a
+    local directory of PEFT adapters) by the replica a request lands on. Serve's multiplexing
+    keeps each replica's most recently used `max_num_adapters_per_replica` loaded and sends an
+    adapter's requests to replicas that hold it."""
 
     model_config = ConfigDict(extra="forbid")
     dynamic_lora_loading_path: str | None = None
@@ -71,6 +74,13 @@ class LLMConfig(BaseModel):
                 f"{', '.join(sorted(_engine_arg_names()))}"
             )
         return value
+
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        """engine_kwargs, with LoRA turned on when the config serves adapters."""
+        if self.lora_config is None:
+            return self.engine_kwargs
+        return {"enable_lora": True, **self.engine_kwargs}
 
     @property
     def model_id(self) -> str:

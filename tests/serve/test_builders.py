@@ -232,3 +232,62 @@ def test_an_engine_that_does_not_start_in_time_fails_the_deployment(
     assert "did not finish loading within 0.001 s" in deployment.message
     assert "engine_start_timeout_s" in deployment.message  # says what to raise
     serve.delete("slow")
+
+
+def test_base_colon_adapter_is_multiplexed_to_the_base_model(
+    app_url: str, tiny_model_dirs, tmp_path
+) -> None:
+    """Ray Serve LLM's LoRA form: `model_id:adapter` loads dynamic_lora_loading_path/adapter on
+    the replica it lands on, and answers with PEFT's tokens for that adapter."""
+    from tests.engine.test_llm import random_prompts
+    from tests.lora.test_lora import ALL_TARGETS, NUM_NEW, make_adapter, peft_greedy
+
+    base = tiny_model_dirs["llama"]
+    adapters = {
+        "sql": make_adapter(base, tmp_path / "sql", 21, 8, ALL_TARGETS),
+        "chat": make_adapter(base, tmp_path / "chat", 22, 4, ["q_proj", "v_proj"]),
+    }
+    app = build_openai_app(
+        {
+            "llm_configs": [
+                {
+                    "model_loading_config": {"model_id": "tiny", "model_source": str(base)},
+                    "engine_kwargs": SMALL_ENGINE,
+                    # one at a time: every switch evicts the other adapter from the replica
+                    "lora_config": {
+                        "dynamic_lora_loading_path": str(tmp_path),
+                        "max_num_adapters_per_replica": 1,
+                    },
+                }
+            ]
+        }
+    )
+    serve.run(app, name="lora", route_prefix="/lora")
+    try:
+        client = openai.OpenAI(base_url=f"{app_url}/lora/v1", api_key="unused", max_retries=0)
+        ids = {m.id for m in client.models.list().data}
+        assert ids == {"tiny", "tiny:sql", "tiny:chat"}
+        prompt = random_prompts([13], seed=7)[0]
+        extra = {"return_token_ids": True, "ignore_eos": True}
+        for name in ["sql", "chat", "sql"]:
+            path = adapters[name]
+            answer = client.completions.create(
+                model=f"tiny:{name}", prompt=prompt, max_tokens=NUM_NEW, temperature=0,
+                extra_body=extra,
+            )  # fmt: skip
+            assert answer.model == f"tiny:{name}"
+            assert (
+                answer.choices[0].model_extra["token_ids"] == peft_greedy(base, path, [prompt])[0]
+            )
+        streamed = client.completions.create(
+            model="tiny:sql", prompt=prompt, max_tokens=NUM_NEW, temperature=0, stream=True,
+            extra_body=extra,
+        )  # fmt: skip
+        tokens = [t for c in streamed if c.choices for t in c.choices[0].model_extra["token_ids"]]
+        assert tokens == peft_greedy(base, adapters["sql"], [prompt])[0]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="tiny:nope", prompt=prompt, max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="tiny:../sql", prompt=prompt, max_tokens=2)
+    finally:
+        serve.delete("lora")
