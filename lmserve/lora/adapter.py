@@ -60,9 +60,19 @@ def read_adapter_config(path: str | Path, model: ModelConfig, max_rank: int) -> 
             f"LoRA adapter {str(path)!r} also trains {peft['modules_to_save']}, which lmserve "
             "cannot serve; only adapters on the decoder's linear layers are supported"
         )
+    halves: dict[tuple[int, str], set[str]] = {}
     with safe_open(path / _WEIGHTS, framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            _check_tensor(name, f.get_slice(name).get_shape(), rank, model, path)
+            layer, target, which = _check_tensor(
+                name, f.get_slice(name).get_shape(), rank, model, path
+            )
+            halves.setdefault((layer, target), set()).add(which)
+    for (layer, target), found in halves.items():
+        if found != {"A", "B"}:
+            raise ValueError(
+                f"LoRA adapter {str(path)!r} has lora_{found.pop()} but not its other half for "
+                f"layer {layer} {target}"
+            )
     scaling = alpha / math.sqrt(rank) if peft.get("use_rslora") else alpha / rank
     return AdapterConfig(path, rank, scaling)
 
@@ -76,15 +86,13 @@ def load_adapter(config: AdapterConfig) -> Adapter:
             layer, target, which = int(match[1]), match[2], match[3]
             pair = weights.setdefault((layer, target), [None, None])
             pair[0 if which == "A" else 1] = f.get_tensor(name).float()
-    out = {}
-    for key, (a, b) in weights.items():
-        if a is None or b is None:
-            raise ValueError(f"LoRA adapter {str(config.path)!r} lacks lora_A or lora_B of {key}")
-        out[key] = (a, b)
-    return Adapter(config, out)
+    return Adapter(config, {key: (a, b) for key, (a, b) in weights.items()})
 
 
-def _check_tensor(name: str, shape: list[int], rank: int, model: ModelConfig, path: Path) -> None:
+def _check_tensor(
+    name: str, shape: list[int], rank: int, model: ModelConfig, path: Path
+) -> tuple[int, str, str]:
+    """(layer, target, "A" or "B") of a tensor that fits the base model; else a ValueError."""
     match = _KEY.search(name)
     if match is None or match[2] not in TARGETS:
         raise ValueError(
@@ -103,6 +111,7 @@ def _check_tensor(name: str, shape: list[int], rank: int, model: ModelConfig, pa
             f"LoRA adapter {str(path)!r}: {name} is {list(shape)}, expected {expected} for this "
             "base model (was it trained on another model?)"
         )
+    return layer, target, which
 
 
 def _linear_shape(model: ModelConfig, target: str) -> tuple[int, int]:

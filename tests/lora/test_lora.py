@@ -144,6 +144,15 @@ def test_bad_adapters_are_clear_errors(tiny_model_dirs, adapters, tmp_path) -> N
     save_file(tensors, head / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="lm_head.*q_proj, k_proj"):
         llm.generate(prompt, lora_request=LoRARequest("head", 4, str(head)))
+    # half an adapter: one lora_B missing
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    tensors = load_file(adapters["qv"] / "adapter_model.safetensors")
+    del tensors[next(k for k in tensors if "layers.1.self_attn.v_proj.lora_B" in k)]
+    save_file(tensors, half / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="lora_A but not its other half for layer 1 v_proj"):
+        llm.generate(prompt, lora_request=LoRARequest("half", 5, str(half)))
     with pytest.raises(ValueError, match="positive"):
         LoRARequest("zero", 0, str(head))
     # the engine still serves after every refusal
