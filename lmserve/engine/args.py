@@ -246,7 +246,7 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--enable-lora",
         action="store_true",
         help="serve LoRA adapters (PEFT format) on top of the base model; requests pick one by "
-        "its name (see --lora-modules)",
+        "its name (see --lora-modules). Decode steps then run without CUDA graphs",
     )
     parser.add_argument(
         "--max-loras",
