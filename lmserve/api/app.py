@@ -79,10 +79,8 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        cards = [model_card(engine, name) for name in config.served_model_names]
-        for name in config.lora_modules.names():
-            cards.append(_card(name))
-        return {"object": "list", "data": cards}
+        names = [*config.served_model_names, *config.lora_modules.names()]
+        return {"object": "list", "data": [_card(name) for name in names]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:

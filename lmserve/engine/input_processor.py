@@ -31,7 +31,7 @@ class InputProcessor:
     ) -> None:
         self.model_config = model_config
         self.lora_config = lora_config
-        self._checked_adapters: dict[LoRARequest, None] = {}  # paths already read and checked
+        self._checked_adapters: set[LoRARequest] = set()  # already read and checked
         self.tokenizer = tokenizer
         self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
@@ -91,7 +91,7 @@ class InputProcessor:
             read_adapter_config(
                 lora_request.lora_path, self.model_config, self.lora_config.max_lora_rank
             )
-            self._checked_adapters[lora_request] = None
+            self._checked_adapters.add(lora_request)
 
     def make_request(
         self,

@@ -81,9 +81,9 @@ def load_adapter(config: AdapterConfig) -> Adapter:
     weights: dict[tuple[int, str], list[torch.Tensor | None]] = {}
     with safe_open(config.path / _WEIGHTS, framework="pt") as f:
         for name in f.keys():  # noqa: SIM118
-            match = _KEY.search(name)
-            assert match is not None, name  # read_adapter_config checked every name
-            layer, target, which = int(match[1]), match[2], match[3]
+            parsed = _parse_key(name)
+            assert parsed is not None, name  # read_adapter_config checked every name
+            layer, target, which = parsed
             pair = weights.setdefault((layer, target), [None, None])
             pair[0 if which == "A" else 1] = f.get_tensor(name).float()
     return Adapter(config, {key: (a, b) for key, (a, b) in weights.items()})
@@ -93,13 +93,13 @@ def _check_tensor(
     name: str, shape: list[int], rank: int, model: ModelConfig, path: Path
 ) -> tuple[int, str, str]:
     """(layer, target, "A" or "B") of a tensor that fits the base model; else a ValueError."""
-    match = _KEY.search(name)
-    if match is None or match[2] not in TARGETS:
+    parsed = _parse_key(name)
+    if parsed is None:
         raise ValueError(
             f"LoRA adapter {str(path)!r} adapts {name!r}; lmserve serves adapters on "
             f"{', '.join(TARGETS)} only"
         )
-    layer, target, which = int(match[1]), match[2], match[3]
+    layer, target, which = parsed
     if layer >= model.num_layers:
         raise ValueError(
             f"LoRA adapter {str(path)!r} adapts layer {layer}, the model has {model.num_layers}"
@@ -112,6 +112,14 @@ def _check_tensor(
             "base model (was it trained on another model?)"
         )
     return layer, target, which
+
+
+def _parse_key(name: str) -> tuple[int, str, str] | None:
+    """(layer, target, "A" or "B") of a PEFT tensor name on a supported projection, else None."""
+    match = _KEY.search(name)
+    if match is None or match[2] not in TARGETS:
+        return None
+    return int(match[1]), match[2], match[3]
 
 
 def _linear_shape(model: ModelConfig, target: str) -> tuple[int, int]:

@@ -4,6 +4,7 @@ on the same adapter, alone and mixed in one batch with other adapters and the ba
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,16 @@ def test_more_adapters_than_max_loras_take_turns(tiny_model_dirs, adapters) -> N
     assert got[1] == peft_greedy(base, adapters["qv"], prompts[1:2])[0]
 
 
+def _edited_copy(source: Path, dest: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of a rank-4 adapter whose tensors `edit` changed in place."""
+    dest.mkdir()
+    (dest / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    tensors = load_file(source / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "adapter_model.safetensors")
+    return dest
+
+
 def test_bad_adapters_are_clear_errors(tiny_model_dirs, adapters, tmp_path) -> None:
     base = str(tiny_model_dirs["llama"])
     prompt = [{"prompt_token_ids": [1, 2, 3]}]
@@ -135,22 +146,18 @@ def test_bad_adapters_are_clear_errors(tiny_model_dirs, adapters, tmp_path) -> N
     other = make_adapter(tiny_model_dirs["qwen3"], tmp_path / "qwen3", 4, 4, ["q_proj"])
     with pytest.raises(ValueError, match="was it trained on another model"):
         llm.generate(prompt, lora_request=LoRARequest("qwen3", 3, str(other)))
-    # an adapter on the LM head
-    head = tmp_path / "head"
-    head.mkdir()
-    (head / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
-    tensors = load_file(adapters["qv"] / "adapter_model.safetensors")
-    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 64)
-    save_file(tensors, head / "adapter_model.safetensors")
+    head = _edited_copy(  # an adapter on the LM head
+        adapters["qv"],
+        tmp_path / "head",
+        lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}),
+    )
     with pytest.raises(ValueError, match="lm_head.*q_proj, k_proj"):
         llm.generate(prompt, lora_request=LoRARequest("head", 4, str(head)))
-    # half an adapter: one lora_B missing
-    half = tmp_path / "half"
-    half.mkdir()
-    (half / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
-    tensors = load_file(adapters["qv"] / "adapter_model.safetensors")
-    del tensors[next(k for k in tensors if "layers.1.self_attn.v_proj.lora_B" in k)]
-    save_file(tensors, half / "adapter_model.safetensors")
+    half = _edited_copy(  # half an adapter: one lora_B missing
+        adapters["qv"],
+        tmp_path / "half",
+        lambda t: t.pop(next(k for k in t if "layers.1.self_attn.v_proj.lora_B" in k)),
+    )
     with pytest.raises(ValueError, match="lora_A but not its other half for layer 1 v_proj"):
         llm.generate(prompt, lora_request=LoRARequest("half", 5, str(half)))
     with pytest.raises(ValueError, match="positive"):

@@ -20,9 +20,6 @@ class LoRAModules:
         self._by_name: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._by_name
-
     def get(self, name: str) -> LoRARequest | None:
         return self._by_name.get(name)
 
