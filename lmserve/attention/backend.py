@@ -78,6 +78,7 @@ class AttentionBackend(abc.ABC):
 
 
 _BACKENDS = {
+    "cpu": "lmserve.attention.cpu:CpuBackend",
     "torch_ref": "lmserve.attention.torch_ref:TorchRefBackend",
     "triton": "lmserve.attention.triton:TritonBackend",
 }

@@ -36,7 +36,7 @@ _HIDDEN = -1e30
 
 
 @dataclass(frozen=True)
-class _Group:
+class SdpaGroup:
     """Rows attended through SDPA: prefill chunks, or a lone decode row."""
 
     query_index: torch.Tensor  # [rows, max_q] token index of each padded query (pad: 0)
@@ -67,7 +67,7 @@ class TorchRefMetadata:
     slot_block: torch.Tensor  # [num_tokens] int64 block each token's K/V is stored in
     slot_offset: torch.Tensor  # [num_tokens] int64 its offset in the block
     decode: _DecodeBlocks | None
-    groups: tuple[_Group, ...]
+    groups: tuple[SdpaGroup, ...]
 
 
 class TorchRefBackend(AttentionBackend):
@@ -126,7 +126,7 @@ class TorchRefBackend(AttentionBackend):
             covers_batch=len(rows) == num_tokens,
         )
 
-    def _build_group(self, common: CommonAttentionMetadata, rows: np.ndarray) -> _Group:
+    def _build_group(self, common: CommonAttentionMetadata, rows: np.ndarray) -> SdpaGroup:
         starts = common.query_start_loc[rows]
         query_lens = common.query_lens[rows]
         seq_lens = common.seq_lens[rows]
@@ -145,7 +145,7 @@ class TorchRefBackend(AttentionBackend):
         # A lone row needs no mask: cut its keys to its length; causal iff it has no context.
         lone = len(rows) == 1 and (max_q == 1 or int(seq_lens[0]) == max_q)
         num_tokens = int(common.query_start_loc[-1])
-        return _Group(
+        return SdpaGroup(
             query_index=torch.from_numpy(query_index).to(dev),
             block_table=torch.from_numpy(
                 common.block_table[rows, :num_blocks].astype(np.int64).reshape(-1)
@@ -180,7 +180,7 @@ class TorchRefBackend(AttentionBackend):
         else:
             out = torch.empty_like(q)
         for group in metadata.groups:
-            attn = _attend_group(q, key_cache, value_cache, group, scale)
+            attn = attend_group(q, key_cache, value_cache, group, scale)
             if group.covers_batch:
                 return attn.reshape(q.shape)
             out[group.token_index] = attn[group.valid]
@@ -228,8 +228,12 @@ def _attend_decode(
     return numerator.div_(denominator[..., None]).to(q.dtype)
 
 
-def _attend_group(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: _Group, scale: float
+def attend_group(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: SdpaGroup,
+    scale: float,
 ) -> torch.Tensor:
     """[rows, max_q, heads, d] SDPA over each row's gathered keys, a slice of rows at a time."""
     rows = group.valid.shape[0]

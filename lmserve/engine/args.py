@@ -23,6 +23,7 @@ from lmserve.config import (
     StructuredOutputConfig,
     default_cache_dir,
 )
+from lmserve.kernels import cpu_ops
 from lmserve.models.source import DEFAULT_MODEL, resolve_model_dir
 
 MODEL_HELP = (
@@ -31,7 +32,7 @@ MODEL_HELP = (
 )
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-_ATTENTION_BACKENDS = ("torch_ref", "triton")
+_ATTENTION_BACKENDS = ("cpu", "torch_ref", "triton")
 _QUANTIZATIONS = ("int8",)
 
 
@@ -78,9 +79,7 @@ def create_engine_config(
         raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
     if quantization == "int8" and device != "cpu":
         raise ValueError("quantization='int8' runs on CPU only; leave it unset on CUDA")
-    if attention_backend == "auto":
-        attention_backend = "triton" if device.startswith("cuda") else "torch_ref"
-    elif attention_backend not in _ATTENTION_BACKENDS:
+    if attention_backend != "auto" and attention_backend not in _ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend must be auto or one of {_ATTENTION_BACKENDS}, "
             f"got {attention_backend!r}"
@@ -107,6 +106,7 @@ def create_engine_config(
     )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = _default_batched_tokens(device)
+    attention_backend = _resolve_attention_backend(attention_backend, model_config, device)
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(
@@ -128,6 +128,27 @@ def create_engine_config(
         enforce_eager=enforce_eager or enable_lora,
         lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
     )
+
+
+def _resolve_attention_backend(name: str, model: ModelConfig, device: str) -> str:
+    """auto: triton on CUDA; on CPU the C++ kernels (`cpu`) where they handle the model's
+    attention shape in float32, else plain torch."""
+    fits_cpu = model.dtype == "float32" and cpu_ops.decode_attention_supported(
+        model.num_heads, model.num_kv_heads, model.head_dim
+    )
+    if name == "auto":
+        if device.startswith("cuda"):
+            return "triton"
+        return "cpu" if fits_cpu else "torch_ref"
+    if name == "cpu" and device != "cpu":
+        raise ValueError(f"attention_backend='cpu' runs on CPU only, not on {device}")
+    if name == "cpu" and not fits_cpu:
+        raise ValueError(
+            "attention_backend='cpu' needs float32 and head_dim a multiple of 16 up to 256 with "
+            f"at most 16 query heads per KV head (this model: {model.dtype}, head_dim "
+            f"{model.head_dim}, {model.num_heads} / {model.num_kv_heads} heads); use torch_ref"
+        )
+    return name
 
 
 def _default_batched_tokens(device: str) -> int:
@@ -234,7 +255,9 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--attention-backend",
         default="auto",
         choices=["auto", *_ATTENTION_BACKENDS],
-        help="paged attention kernels: auto = triton on CUDA, torch_ref (plain torch) on CPU",
+        help="paged attention kernels: auto = triton on CUDA; on CPU, cpu (C++ kernels built at first "
+        "use, float32) where the model's attention fits them, else torch_ref (plain torch, the "
+        "reference)",
     )
     parser.add_argument(
         "--enforce-eager",

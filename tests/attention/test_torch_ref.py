@@ -121,7 +121,9 @@ def test_prefill_rows_gathered_one_per_slice(monkeypatch) -> None:
 def test_one_row_per_gather_gives_the_same_tokens(tiny_model_dirs, monkeypatch, kind) -> None:
     path = str(tiny_model_dirs[kind])
     prompts = random_prompts([5, 17, 33, 64, 3, 1])
-    kwargs = dict(kv_cache_memory_gb=0.01, max_num_batched_tokens=24)  # mixed decode + chunks
+    kwargs = dict(  # mixed decode + chunks
+        kv_cache_memory_gb=0.01, max_num_batched_tokens=24, attention_backend="torch_ref"
+    )
     whole = run_greedy(LLM(path, **kwargs), prompts)
     monkeypatch.setattr(torch_ref, "_GATHER_BYTES", 1)  # every slice is one row
     monkeypatch.setattr(torch_ref, "_MAX_SPAN_RATIO", 0.0)  # decode blocks gathered too

@@ -60,3 +60,14 @@ def test_quantize_linears_replaces_every_linear() -> None:
     assert not any(isinstance(m, Linear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2
     assert (model(x) - expected).norm() / expected.norm() < 0.05
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_kernels_give_the_torch_expressions_values(bias: bool) -> None:
+    quantized = Int8Linear.from_linear(_linear(576, 960, bias))
+    if not quantized.cpu_kernels:
+        pytest.skip("no C++ compiler")
+    x = torch.randn(7, 5, 576)
+    with_kernels = quantized(x)
+    quantized.cpu_kernels = False
+    assert torch.equal(with_kernels, quantized(x))

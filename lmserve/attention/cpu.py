@@ -1,0 +1,100 @@
+"""The CPU backend: torch_ref's cache layout and prefill path, with C++ kernels where it is hot.
+
+Decode rows attend in one pass over their blocks per KV head, with an online softmax
+(`kernels/cpu/ops.cpp`), so each cached K/V byte is read once and no per-block intermediates
+are written: at batch 64, context 192, SmolLM2 on 2 cores, a layer's decode attention took
+~1.3 ms against 3-4 ms for torch_ref's block-by-block matmuls, and 64 x 128/128 int8 went
+from 278-351 to 395-399 output tok/s (alternating runs). K/V are stored by a C++ copy instead
+of two index_put ops. Prefill chunks keep torch_ref's SDPA path, which is compute-efficient.
+
+Where the kernels cannot be built (no C++ compiler) every step runs through torch_ref.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmserve.attention.backend import CommonAttentionMetadata
+from lmserve.attention.torch_ref import SdpaGroup, TorchRefBackend, TorchRefMetadata, attend_group
+from lmserve.kernels import cpu_ops
+
+
+@dataclass(frozen=True)
+class _DecodeRows:
+    """The kernel's view of the step's decode rows."""
+
+    block_table: torch.Tensor  # [rows, max_blocks] int32, cut to the longest row's blocks
+    seq_lens: torch.Tensor  # [rows] int32
+    token_index: torch.Tensor  # [rows] int64 token (= query) of each row
+
+
+@dataclass(frozen=True)
+class CpuMetadata:
+    backend: CpuBackend
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    decode: _DecodeRows | None
+    prefill: SdpaGroup | None
+
+
+class CpuBackend(TorchRefBackend):
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.kernels = cpu_ops.available()
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> CpuMetadata | TorchRefMetadata:
+        if not self.kernels:
+            return super().build_metadata(common)
+        is_decode = common.query_lens == 1
+        rows = np.flatnonzero(is_decode)
+        decode = None
+        if len(rows):
+            seq_lens = common.seq_lens[rows]
+            max_blocks = -(-int(seq_lens.max()) // common.block_size)
+            decode = _DecodeRows(
+                block_table=torch.from_numpy(
+                    np.ascontiguousarray(common.block_table[rows, :max_blocks], dtype=np.int32)
+                ),
+                seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
+                token_index=torch.from_numpy(common.query_start_loc[rows].astype(np.int64)),
+            )
+        prefill_rows = np.flatnonzero(~is_decode)
+        prefill = self._build_group(common, prefill_rows) if len(prefill_rows) else None
+        return CpuMetadata(self, common.slot_mapping, decode, prefill)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: CpuMetadata | TorchRefMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if isinstance(metadata, TorchRefMetadata):
+            return super().forward(q, k, v, kv_cache, metadata, scale)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, kv_heads, block_size, d]
+        cpu_ops.store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
+        prefill = metadata.prefill
+        if prefill is not None and prefill.covers_batch:
+            return attend_group(q, key_cache, value_cache, prefill, scale).reshape(q.shape)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        decode = metadata.decode
+        if decode is not None:
+            cpu_ops.decode_attention(
+                q,
+                key_cache,
+                value_cache,
+                decode.block_table,
+                decode.seq_lens,
+                decode.token_index,
+                out,
+                scale,
+            )
+        if prefill is not None:
+            out[prefill.token_index] = attend_group(q, key_cache, value_cache, prefill, scale)[
+                prefill.valid
+            ]
+        return out

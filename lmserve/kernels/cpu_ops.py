@@ -1,0 +1,124 @@
+"""C++ CPU kernels (`kernels/cpu/ops.cpp`), compiled with the machine's C++ compiler at first use.
+
+The build (~15 s) targets this CPU (`-march=native`, ATen's SIMD for the capability torch
+reports) and is kept in the lmserve cache per torch version and capability; torch's extension
+builder rebuilds it when the source changes. Where it cannot build (no compiler), `available()`
+says so once in the log and callers keep their plain-torch paths, which give the same results,
+slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from lmserve.config import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu") / "ops.cpp"
+# The kernel's register tiles (ops.cpp: kMaxGroup, kMaxVectors x the narrowest SIMD width).
+_MAX_GROUP = 16
+_MAX_HEAD_DIM = 256
+_HEAD_DIM_MULTIPLE = 16
+
+
+def decode_attention_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether `decode_attention` handles this attention shape (in float32)."""
+    return (
+        num_heads % num_kv_heads == 0
+        and num_heads // num_kv_heads <= _MAX_GROUP
+        and head_dim % _HEAD_DIM_MULTIPLE == 0
+        and head_dim <= _MAX_HEAD_DIM
+    )
+
+
+@functools.cache
+def available() -> bool:
+    """Build (or load the cached build of) the kernels; False, with a warning, if that fails."""
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    # no implicit FMA contraction: the int8 passes must round exactly as the torch ops they replace
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+    flags.append(f"-DCPU_CAPABILITY={capability}")
+    if capability in ("AVX2", "AVX512"):
+        flags.append(f"-DCPU_CAPABILITY_{capability}")
+    build_dir = default_cache_dir() / "cpu_kernels" / f"torch-{torch.__version__}-{capability}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = "lmserve_cpu_ops"
+    if not (build_dir / f"{name}.so").exists():
+        logger.info("building lmserve's C++ CPU kernels into %s (once, ~15 s)", build_dir)
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: run on plain torch
+        logger.warning(
+            "lmserve's C++ CPU kernels did not build, so CPU attention and int8 layers run on "
+            "plain torch (same results, slower). Install a C++ compiler (g++) to get them. "
+            "Cause: %s",
+            _first_error(exc),
+        )
+        return False
+    return True
+
+
+def decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    token_index: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+) -> None:
+    """Attention of decode rows (one query each) over their paged keys, written into `out`.
+
+    q, out: [num_tokens, num_heads, head_dim]; caches [num_blocks, kv_heads, block_size,
+    head_dim]; block_table [rows, max_blocks] int32; seq_lens [rows] int32; token_index [rows]
+    int64, the token of each row in q and out. float32; shapes per decode_attention_supported.
+    """
+    torch.ops.lmserve_cpu.decode_attention(
+        q, key_cache, value_cache, block_table, seq_lens, token_index, out, scale
+    )
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Copy k, v [num_tokens, kv_heads, head_dim] into head-major caches at the int64 slots."""
+    torch.ops.lmserve_cpu.store_kv(k, v, key_cache, value_cache, slot_mapping)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of float32 [rows, cols]: (int8 values, [rows, 1] scales)."""
+    return torch.ops.lmserve_cpu.quantize_rows(x)
+
+
+def dequantize_(
+    acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """int32 [rows, cols] -> float32 in the same memory: acc * x_scale * w_scale (+ bias)."""
+    return torch.ops.lmserve_cpu.dequantize_(acc, x_scale, w_scale, bias)
+
+
+def _first_error(exc: Exception) -> str:
+    """The compiler's first error line from a failed build's output, else the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [type(exc).__name__])[0 if errors else -1]
