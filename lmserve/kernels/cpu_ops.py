@@ -36,6 +36,11 @@ def decode_attention_supported(num_heads: int, num_kv_heads: int, head_dim: int)
     )
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels take `x`: float32 on the CPU, and the kernels built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
+
+
 @functools.cache
 def available() -> bool:
     """Build (or load the cached build of) the kernels; False, with a warning, if that fails."""
@@ -115,6 +120,28 @@ def dequantize_(
 ) -> torch.Tensor:
     """int32 [rows, cols] -> float32 in the same memory: acc * x_scale * w_scale (+ bias)."""
     return torch.ops.lmserve_cpu.dequantize_(acc, x_scale, w_scale, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 [rows, hidden] rows, in HF's order of operations."""
+    return torch.ops.lmserve_cpu.rms_norm(x, weight, eps)
+
+
+def add_rms_norm_(
+    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual += x (in place), then RMSNorm of residual, in one pass."""
+    return torch.ops.lmserve_cpu.add_rms_norm_(residual, x, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2n] float32 -> silu(first half) * second half, [rows, n]."""
+    return torch.ops.lmserve_cpu.silu_and_mul(gate_up)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotate x [tokens, heads, head_dim] in place (layers/rotary.py's rotate-half tables)."""
+    torch.ops.lmserve_cpu.rotary_(x, cos, signed_sin)
 
 
 def _first_error(exc: Exception) -> str:

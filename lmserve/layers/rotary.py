@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.kernels import cpu_ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies in fp32, as HF computes them, with `linear` or `llama3` scaling applied."""
@@ -63,6 +65,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """x: [num_tokens, heads, head_dim]; rope from RotaryEmbedding.forward."""
+    """x: [num_tokens, heads, head_dim]; rope from RotaryEmbedding.forward. On CPU in float32
+    x is rotated in place (the same values, one pass instead of four ops) and returned."""
     cos, signed_sin = rope
+    if cpu_ops.usable(x):
+        cpu_ops.rotary_(x, cos, signed_sin)
+        return x
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

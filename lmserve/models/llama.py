@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.attention import Attention
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
@@ -73,8 +74,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(self.intermediate_size, cfg["hidden_size"], bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -85,9 +85,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, rope: tuple[torch.Tensor, ...], x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream): the residual add is fused into the next norm, which
+        adds x into `residual` in place (the first layer's residual is its input)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(rope, x), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -105,9 +113,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual)
+        return self.norm(x, residual)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -87,6 +87,24 @@ def test_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str, scenario: str)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_greedy_matches_hf_without_the_cpu_kernels(
+    tiny_model_dirs, hf_models, monkeypatch, kind: str
+) -> None:
+    """Where no C++ compiler built lmserve's CPU kernels, the plain-torch paths run instead."""
+    from lmserve.kernels import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "available", lambda: False)
+    prompts = random_prompts([5, 17, 33, 64, 3, 1])
+    expected = [hf_greedy(hf_models[kind], p, NUM_NEW) for p in prompts]
+    llm = LLM(str(tiny_model_dirs[kind]), **SCENARIOS["preemption_chunked"])
+    assert llm.engine_core.runner.backend.kernels is False  # every step through torch_ref
+    llm.step_hook = hook = PreemptionCounter(llm)
+    assert run_greedy(llm, prompts) == expected
+    assert hook.preempted
+    assert_no_blocks_held(llm)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_prefix_cache_hits_match_hf(tiny_model_dirs, hf_models, kind: str) -> None:
     shared = random_prompts([40], seed=1)[0]
     tails = random_prompts([3, 9, 21], seed=2)

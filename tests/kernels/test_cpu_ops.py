@@ -72,3 +72,42 @@ def test_a_failed_build_is_a_warning_and_torch_paths(monkeypatch, caplog) -> Non
     with caplog.at_level(logging.WARNING, logger="lmserve.kernels.cpu_ops"):
         assert cpu_ops.available.__wrapped__() is False
     assert "did not build" in caplog.text and "fatal error: x.h: missing" in caplog.text
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 576), (64, 576), (7, 40)])
+def test_rms_norm_and_its_fused_residual_add(rows: int, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(hidden)
+    x, residual = torch.randn(2, rows, hidden, generator=gen)
+    weight = torch.randn(hidden, generator=gen)
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))  # HF's form
+    # the sum of squares is accumulated in another order than torch's mean: last-bit differences
+    torch.testing.assert_close(cpu_ops.rms_norm(x, weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
+    summed = residual + x
+    out = cpu_ops.add_rms_norm_(residual, x, weight, 1e-5)
+    assert torch.equal(residual, summed)
+    torch.testing.assert_close(out, cpu_ops.rms_norm(summed, weight, 1e-5), rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "n"), [(1, 1536), (64, 1536), (3, 21)])
+def test_silu_and_mul_equals_torch(rows: int, n: int) -> None:
+    gate_up = torch.randn(rows, 2 * n, generator=torch.Generator().manual_seed(n)) * 4
+    expected = torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gate_up), expected, rtol=1e-6, atol=1e-7)
+    if n % 16 == 0:  # whole vectors: torch's own vectorized expression, bit for bit
+        assert torch.equal(cpu_ops.silu_and_mul(gate_up), expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
+def test_rotary_in_place_equals_the_torch_expression(head_dim: int) -> None:
+    from lmserve.layers.rotary import RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(head_dim, 256, 10000.0, None)(torch.arange(5, 37), torch.float32)
+    qkv = torch.randn(32, 12, head_dim)
+    qk = qkv[:, :9]  # a strided view, as the model rotates q and k inside the qkv output
+    expected = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+    untouched = qkv[:, 9:].clone()
+    cpu_ops.rotary_(qk, cos, sin)
+    assert torch.equal(qk, expected) and torch.equal(qkv[:, 9:], untouched)

@@ -2,8 +2,9 @@
 //
 // Each replaces a chain of small torch ops whose per-op overhead and extra passes over memory
 // dominated a decode step on a 2-core CPU (SmolLM2-135M, batch 64): paged decode attention
-// (a gather + SDPA, or ~15 batched-matmul and merge ops), K/V stores (two index_put), and
-// int8 dynamic quantization around `torch._int_mm` (~10 elementwise ops per linear layer).
+// (a gather + SDPA, or ~15 batched-matmul and merge ops), K/V stores (two index_put), int8
+// dynamic quantization around `torch._int_mm` (~10 elementwise ops per linear layer), and the
+// residual add + RMSNorm, SiLU-and-multiply and rotary chains (3-5 ops each).
 // SIMD through ATen's Vectorized<float>, threads through at::parallel_for (torch's own pool).
 
 #include <ATen/Parallel.h>
@@ -281,6 +282,108 @@ at::Tensor dequantize_(at::Tensor& acc, const at::Tensor& x_scale, const at::Ten
   return out;
 }
 
+// Per row of [rows, hidden]: y = weight * (x * rsqrt(mean(x^2) + eps)), HF's order of ops.
+// With `residual`, first residual += x and normalize that (the pre-norm residual stream).
+void rms_norm_rows(const float* x, int64_t x_stride, float* residual, const float* weight,
+                   float* out, int64_t rows, int64_t hidden, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* in = x + r * x_stride;
+      float* o = out + r * hidden;
+      const float* src = in;
+      if (residual != nullptr) {
+        float* res = residual + r * hidden;
+        at::vec::map2<float>([](Vec a, Vec b) { return a + b; }, res, res, in, hidden);
+        src = res;
+      }
+      const float sum_sq = at::vec::map_reduce_all<float>(
+          [](const Vec& a) { return a * a; },
+          [](const Vec& a, const Vec& b) { return a + b; }, src, hidden);
+      const float inv = 1.f / std::sqrt(sum_sq / static_cast<float>(hidden) + eps);
+      at::vec::map2<float>([inv](Vec a, Vec w) { return w * (a * Vec(inv)); }, o, src, weight,
+                           hidden);
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+                  weight.is_contiguous() && weight.numel() == x.size(1),
+              "rms_norm: float32 [rows, hidden] with contiguous rows");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  rms_norm_rows(x.data_ptr<float>(), x.stride(0), nullptr, weight.data_ptr<float>(),
+                out.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps));
+  return out;
+}
+
+at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                         double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+                  residual.is_contiguous() && residual.sizes() == x.sizes() &&
+                  residual.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                  weight.numel() == x.size(1),
+              "add_rms_norm_: float32 [rows, hidden] x and contiguous residual");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  rms_norm_rows(x.data_ptr<float>(), x.stride(0), residual.data_ptr<float>(),
+                weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1),
+                static_cast<float>(eps));
+  return out;
+}
+
+// [rows, 2 * n] -> [rows, n]: silu(gate) * up, silu as torch's vectorized CPU kernel writes it.
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat &&
+                  gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "silu_and_mul: contiguous float32 [rows, 2 * n]");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, n}, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      at::vec::map2<float>(
+          [](Vec gate, Vec up) { return gate / (Vec(1.f) + gate.neg().exp()) * up; }, o + r * n,
+          in + r * 2 * n, in + r * 2 * n + n, n);
+    }
+  });
+  return out;
+}
+
+// x [tokens, heads, head_dim] (head_dim contiguous) rotated in place, rotate-half layout:
+// x * cos + roll(x, head_dim / 2) * signed_sin, with cos / signed_sin [tokens, 1, head_dim]
+// as layers/rotary.py builds them; the same two products and sum, so the same values.
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.stride(2) == 1 &&
+                  cos.is_contiguous() && signed_sin.is_contiguous() &&
+                  cos.numel() == x.size(0) * x.size(2) && x.size(2) % 2 == 0,
+              "rotary_: float32 [tokens, heads, head_dim] with contiguous cos / sin rows");
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  float* base = x.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = signed_sin.data_ptr<float>();
+  const int64_t t_stride = x.stride(0), h_stride = x.stride(1);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* ct = c + t * dim;
+      const float* st = s + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = base + t * t_stride + h * h_stride;
+        int64_t i = 0;
+        for (; i + kLanes <= half; i += kLanes) {
+          const Vec lo = Vec::loadu(v + i), hi = Vec::loadu(v + half + i);
+          (lo * Vec::loadu(ct + i) + hi * Vec::loadu(st + i)).store(v + i);
+          (hi * Vec::loadu(ct + half + i) + lo * Vec::loadu(st + half + i)).store(v + half + i);
+        }
+        for (; i < half; ++i) {
+          const float lo = v[i], hi = v[half + i];
+          v[i] = lo * ct[i] + hi * st[i];
+          v[half + i] = hi * ct[half + i] + lo * st[half + i];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmserve_cpu, m) {
@@ -291,6 +394,10 @@ TORCH_LIBRARY(lmserve_cpu, m) {
       "store_kv(Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor signed_sin) -> ()");
   m.def(
       "dequantize_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor(a!)");
 }
@@ -300,4 +407,8 @@ TORCH_LIBRARY_IMPL(lmserve_cpu, CPU, m) {
   m.impl("store_kv", store_kv);
   m.impl("quantize_rows", quantize_rows);
   m.impl("dequantize_", dequantize_);
+  m.impl("rms_norm", rms_norm);
+  m.impl("add_rms_norm_", add_rms_norm_);
+  m.impl("silu_and_mul", silu_and_mul);
+  m.impl("rotary_", rotary_);
 }
