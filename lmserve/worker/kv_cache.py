@@ -1,5 +1,5 @@
 """Size and allocate the physical KV cache: one tensor per layer in the attention backend's
-layout, zero-filled so masked-out reads are finite."""
+layout, zero-filled so masked-out reads are finite (on CPU, in transparent huge pages)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import torch
 
 from lmserve.config import CacheConfig, ModelConfig
+from lmserve.worker.cpu_allocator import advise_huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ def allocate_kv_caches(
 ) -> list[torch.Tensor]:
     """`shape` is one layer's, from the backend's kv_cache_shape."""
     num_blocks = shape[1]
-    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+    caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+    for cache in caches:
+        if device.type == "cpu":
+            advise_huge_pages(cache)  # before zero_() touches its pages
+        cache.zero_()
     total = bytes_per_block(model, block_size, dtype) * num_blocks
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB",

@@ -63,6 +63,8 @@ def build_sampling_metadata(
         logit_bias=logit_bias,
         banned_tokens=banned,
         max_num_logprobs=max_logprobs,
+        any_greedy=bool((temperature == 0).any()),
+        unit_temperature=bool(((temperature == 0) | (temperature == 1)).all()),
     )
 
 

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,36 @@ def test_step_sized_temporaries_stay_in_the_heap() -> None:
 
 def test_is_safe_to_call_twice() -> None:
     assert keep_freed_memory_mapped() == keep_freed_memory_mapped()
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages")
+def test_the_kv_cache_lands_in_huge_pages() -> None:
+    import torch
+
+    from lmserve.config import ModelConfig
+    from lmserve.worker.kv_cache import allocate_kv_caches
+
+    hf_config = {"num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 128}
+    model = ModelConfig("tiny", Path("."), hf_config, "float32", "dummy", max_model_len=64)
+    shape = (2, 4096, 2, 16, 64)  # 64 MiB: above the mmap threshold, so never reused heap
+    (cache,) = allocate_kv_caches(model, shape, 16, torch.float32, torch.device("cpu"))
+    assert not cache.any()
+    begin, end = cache.data_ptr(), cache.data_ptr() + cache.nbytes
+    huge_kb = 0
+    overlaps = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        field = line.split()[0]
+        if "-" in field and not field.endswith(":"):  # a mapping's header: lo-hi perms ...
+            lo, hi = (int(x, 16) for x in field.split("-"))
+            overlaps = lo < end and begin < hi  # madvise splits the cache's mapping in pieces
+        elif overlaps and field == "AnonHugePages:":
+            huge_kb += int(line.split()[1])
+    assert huge_kb >= 32 << 10  # most of it in 2 MiB pages
