@@ -31,3 +31,7 @@ class SamplingMetadata:
     logit_bias: list[tuple[int, list[int], list[float]]]  # (row, token ids, biases)
     banned_tokens: list[tuple[int, list[int]]]  # (row, stop ids masked until min_tokens)
     max_num_logprobs: int | None  # largest `logprobs` asked for in the batch
+    # Host-side facts that let the sampler skip whole-vocabulary passes (argmax, division);
+    # the defaults skip nothing.
+    any_greedy: bool = True
+    unit_temperature: bool = False  # every sampled (non-greedy) row has temperature 1

@@ -43,12 +43,13 @@ class Sampler:
         return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
 
     def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
+        greedy = logits.argmax(dim=-1) if md.any_greedy else None
         if md.all_greedy:
             return greedy
         is_greedy = md.temperature == 0
-        temperature = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
-        logits = logits / temperature.unsqueeze(1)
+        if not md.unit_temperature:
+            temperature = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
+            logits = logits / temperature.unsqueeze(1)
         if md.min_p is not None:
             logits = _apply_min_p(logits, md.min_p)
         if md.top_k is not None or md.top_p is not None:
@@ -62,7 +63,7 @@ class Sampler:
         # (0, 1] scaled to the row's total: the first index whose CDF reaches it has p > 0
         target = (1.0 - uniform).unsqueeze(1) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, target).squeeze(1)
-        return torch.where(is_greedy, greedy, sampled)
+        return sampled if greedy is None else torch.where(is_greedy, greedy, sampled)
 
 
 def _apply_bias_and_bans(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

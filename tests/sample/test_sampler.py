@@ -130,3 +130,11 @@ def test_gpu_seeded_rows_draw_from_host_generators() -> None:
 
     cpu, gpu = sample("cpu"), sample("cuda")
     assert [cpu[0], cpu[2]] == [gpu[0], gpu[2]]
+
+
+def test_skipping_argmax_and_unit_temperature_changes_no_sample() -> None:
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    fast = metadata(64, any_greedy=False, unit_temperature=True)
+    full = Sampler(torch.Generator().manual_seed(7))(logits, metadata(64)).sampled_token_ids
+    quick = Sampler(torch.Generator().manual_seed(7))(logits, fast).sampled_token_ids
+    assert torch.equal(full, quick)
