@@ -239,9 +239,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
       int8_t* out = q_ptr + r * cols;
       const Vec vscale(scale);
       int64_t c = 0;
-      alignas(64) float rounded[kLanes];
+      alignas(64) int32_t rounded[kLanes];
       for (; c + kLanes <= cols; c += kLanes) {
-        (Vec::loadu(row + c) / vscale).round().store(rounded);
+        const Vec q = (Vec::loadu(row + c) / vscale).round();  // exact integers in [-127, 127]
+        at::vec::convert_to_int_of_same_size(q).store(rounded);
         for (int64_t i = 0; i < kLanes; ++i) out[c + i] = static_cast<int8_t>(rounded[i]);
       }
       for (; c < cols; ++c) out[c] = static_cast<int8_t>(std::nearbyint(row[c] / scale));
@@ -270,15 +271,15 @@ at::Tensor dequantize_(at::Tensor& acc, const at::Tensor& x_scale, const at::Ten
   const float* ws = w_scale.data_ptr<float>();
   const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) float converted[kLanes];
     for (int64_t r = begin; r < end; ++r) {
       const int32_t* in = in_ptr + r * cols;
       float* o = out_ptr + r * cols;
       const Vec row_scale(xs[r]);
       int64_t c = 0;
       for (; c + kLanes <= cols; c += kLanes) {
-        for (int64_t i = 0; i < kLanes; ++i) converted[i] = static_cast<float>(in[c + i]);
-        Vec y = Vec::loadu(converted) * row_scale * Vec::loadu(ws + c);
+        const Vec converted = at::vec::convert_to_fp_of_same_size<float>(
+            at::vec::Vectorized<int32_t>::loadu(in + c));
+        Vec y = converted * row_scale * Vec::loadu(ws + c);
         if (b != nullptr) y = y + Vec::loadu(b + c);
         y.store(o + c);
       }
