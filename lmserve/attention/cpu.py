@@ -3,9 +3,9 @@
 Decode rows attend in one pass over their blocks per KV head, with an online softmax
 (`kernels/cpu/ops.cpp`), so each cached K/V byte is read once and no per-block intermediates
 are written: at batch 64, context 192, SmolLM2 on 2 cores, a layer's decode attention took
-~1.3 ms against 3-4 ms for torch_ref's block-by-block matmuls, and 64 x 128/128 int8 went
-from 278-351 to 395-399 output tok/s (alternating runs). K/V are stored by a C++ copy instead
-of two index_put ops. Prefill chunks keep torch_ref's SDPA path, which is compute-efficient.
+~1.1 ms against 2.7-4.6 ms for torch_ref's block-by-block matmuls (docs/benchmarks.md). K/V are
+stored by a C++ copy instead of two index_put ops. Prefill chunks keep torch_ref's SDPA path,
+which is compute-efficient.
 
 Where the kernels cannot be built (no C++ compiler) every step runs through torch_ref.
 """
