@@ -1,10 +1,10 @@
 """C++ CPU kernels (`kernels/cpu/ops.cpp`), compiled with the machine's C++ compiler at first use.
 
-The build (~15 s) targets this CPU (`-march=native`, ATen's SIMD for the capability torch
-reports) and is kept in the lmserve cache per torch version and capability; torch's extension
-builder rebuilds it when the source changes. Where it cannot build (no compiler), `available()`
-says so once in the log and callers keep their plain-torch paths, which give the same results,
-slower.
+The build (~15 s) targets the SIMD capability torch reports for this CPU (AVX-512, AVX2, or
+plain C++) with ATen's Vectorized types, and is kept in the lmserve cache per torch version and
+capability; torch's extension builder rebuilds it when the source changes. Where it cannot
+build (no compiler), `available()` says so once in the log and callers keep their plain-torch
+paths, which give the same results, slower.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu") / "ops.cpp"
 # The kernel's register tiles (ops.cpp: kMaxGroup, kMaxVectors x the narrowest SIMD width).
+# what ATen's Vectorized needs for each capability (as torch's inductor compiles its C++)
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
 _MAX_GROUP = 16
 _MAX_HEAD_DIM = 256
 _HEAD_DIM_MULTIPLE = 16
@@ -47,17 +52,18 @@ def available() -> bool:
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    # no implicit FMA contraction: the int8 passes must round exactly as the torch ops they replace
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-    flags.append(f"-DCPU_CAPABILITY={capability}")
-    if capability in ("AVX2", "AVX512"):
-        flags.append(f"-DCPU_CAPABILITY_{capability}")
-    build_dir = default_cache_dir() / "cpu_kernels" / f"torch-{torch.__version__}-{capability}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    # The instruction set of the capability, not -march=native: a build kept in a shared cache
+    # must run on every machine that reports the same capability. No implicit FMA contraction:
+    # the int8 passes must round exactly as the torch ops they replace.
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DCPU_CAPABILITY={capability}"]
+    if capability in _ISA_FLAGS:
+        flags += [f"-DCPU_CAPABILITY_{capability}", *_ISA_FLAGS[capability]]
     name = "lmserve_cpu_ops"
-    if not (build_dir / f"{name}.so").exists():
-        logger.info("building lmserve's C++ CPU kernels into %s (once, ~15 s)", build_dir)
+    build_dir = default_cache_dir() / "cpu_kernels" / f"torch-{torch.__version__}-{capability}"
     try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not (build_dir / f"{name}.so").exists():
+            logger.info("building lmserve's C++ CPU kernels into %s (once, ~15 s)", build_dir)
         cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
@@ -67,7 +73,7 @@ def available() -> bool:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as exc:  # no compiler, no ninja, a failed build: run on plain torch
+    except Exception as exc:  # no compiler, no ninja, no cache dir, a failed build: plain torch
         logger.warning(
             "lmserve's C++ CPU kernels did not build, so CPU attention and int8 layers run on "
             "plain torch (same results, slower). Install a C++ compiler (g++) to get them. "
