@@ -1,6 +1,6 @@
-"""Triton kernels: leaves, tensors in and out.
+"""Kernels: leaves, tensors in and out.
 
-Nothing is imported here on purpose: importing `lmserve.kernels` must not import Triton. Callers
-import the kernel module they need (`lmserve.kernels.paged_attention`), and only backends that
-are chosen through a lazy registry do so.
+Triton kernels (`paged_attention`) import Triton, so nothing is imported here: importing
+`lmserve.kernels` must not import Triton, and only backends chosen through a lazy registry import
+them. The C++ CPU kernels (`cpu_ops`, source in `cpu/`) are compiled at first use.
 """

@@ -31,8 +31,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # C++ quantize / dequantize passes (kernels/cpu/ops.cpp): the same values as the torch
-        # expressions below in 2 passes instead of ~8 ops (at batch 64 the ops cost more than
-        # the GEMM's own time for SmolLM2's small layers)
+        # expressions below in 2 passes instead of ~8 ops, which took ~2 s of a ~22 s int8
+        # 64 x 128/128 run on SmolLM2 (2 cores, profiled)
         self.cpu_kernels = weight.device.type == "cpu" and cpu_ops.available()
 
     @classmethod

@@ -43,9 +43,9 @@ class Sampler:
         return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
 
     def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1) if md.any_greedy else None
         if md.all_greedy:
-            return greedy
+            return logits.argmax(dim=-1)
+        greedy = logits.argmax(dim=-1) if md.any_greedy else None
         is_greedy = md.temperature == 0
         if not md.unit_temperature:
             temperature = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
