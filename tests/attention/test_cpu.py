@@ -3,49 +3,20 @@ torch_ref, the oracle, over the attention shapes and batch layouts the engine pr
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from lmserve import LLM
-from lmserve.attention.backend import CommonAttentionMetadata
 from lmserve.attention.cpu import CpuBackend, CpuMetadata
 from lmserve.attention.torch_ref import TorchRefBackend, TorchRefMetadata
 from lmserve.engine.args import create_engine_config
 from lmserve.kernels import cpu_ops
+from tests.attention.test_torch_ref import make_batch
 from tests.engine.test_llm import PreemptionCounter, random_prompts, run_greedy
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
 
 CPU = torch.device("cpu")
-
-
-def _batch(rows, tables, num_blocks, block_size, heads, kv_heads, head_dim, seed=0):
-    """rows: (query_len, context_len) each, with its block ids in `tables`."""
-    gen = torch.Generator().manual_seed(seed)
-    block_table = np.zeros((len(rows), max(map(len, tables))), np.int32)
-    for i, ids in enumerate(tables):
-        block_table[i, : len(ids)] = ids
-    slots = [
-        block_table[i, pos // block_size] * block_size + pos % block_size
-        for i, (query_len, context_len) in enumerate(rows)
-        for pos in range(context_len, context_len + query_len)
-    ]
-    query_start_loc = np.concatenate([[0], np.cumsum([q for q, _ in rows])])
-    common = CommonAttentionMetadata(
-        query_start_loc=query_start_loc,
-        seq_lens=np.array([q + c for q, c in rows]),
-        block_table=block_table,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        block_size=block_size,
-    )
-    num_tokens = int(query_start_loc[-1])
-    cache = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=gen)
-    cache[:, 0] = 0
-    # q and k as the model hands them over: views into one rotated [tokens, heads + kv, d]
-    qk = torch.randn(num_tokens, heads + kv_heads, head_dim, generator=gen)
-    v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen)
-    return common, cache, qk[:, :heads], qk[:, heads:], v
 
 
 def _compare(common, cache, q, k, v) -> CpuMetadata:
@@ -62,13 +33,13 @@ def _compare(common, cache, q, k, v) -> CpuMetadata:
     return metadata
 
 
-SHAPES = {  # (heads, kv_heads, head_dim): SmolLM2, MHA, Qwen2.5-0.5B, Llama-3, wide groups
-    "smollm2": (9, 3, 64),
-    "mha-16": (4, 4, 16),
-    "qwen2.5": (14, 2, 64),
-    "llama3": (8, 2, 128),
-    "group16-d48": (16, 1, 48),
-    "d256": (2, 1, 256),
+SHAPES = {  # SmolLM2, MHA, Qwen2.5-0.5B, Llama-3, wide groups
+    "smollm2": dict(heads=9, kv_heads=3, head_dim=64),
+    "mha-16": dict(heads=4, kv_heads=4, head_dim=16),
+    "qwen2.5": dict(heads=14, kv_heads=2, head_dim=64),
+    "llama3": dict(heads=8, kv_heads=2, head_dim=128),
+    "group16-d48": dict(heads=16, kv_heads=1, head_dim=48),
+    "d256": dict(heads=2, kv_heads=1, head_dim=256),
 }
 
 
@@ -78,14 +49,14 @@ def test_decode_rows_with_scattered_shared_and_partial_blocks(shape, block_size)
     # rows end mid-block or on a block edge; rows 0 and 2 share their first (prefix) block
     rows = [(1, block_size * 2), (1, 3), (1, block_size + 5), (1, block_size * 3 - 1)]
     tables = [[7, 2, 30], [12], [7, 21], [5, 40, 9]]
-    _compare(*_batch(rows, tables, 41, block_size, *shape))
+    _compare(*make_batch(rows, tables, 41, block_size=block_size, **shape))
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_decode_rows_beside_prefill_chunks(shape) -> None:
     # decode, chunk with context, decode, first chunk: the kernel and SDPA fill one output
     rows = [(1, 9), (5, 3), (1, 2), (6, 0)]
-    metadata = _compare(*_batch(rows, [[5, 6, 7], [1, 2], [8], [3, 4]], 9, 4, *shape))
+    metadata = _compare(*make_batch(rows, [[5, 6, 7], [1, 2], [8], [3, 4]], 9, **shape))
     assert metadata.decode is not None and metadata.prefill is not None
 
 
@@ -94,19 +65,21 @@ def test_decode_rows_beside_prefill_chunks(shape) -> None:
 )
 def test_a_lone_decode_row_and_prefill_only_steps(rows) -> None:
     tables = [[2, 1, 3], [4, 5]][: len(rows)]
-    _compare(*_batch(rows, tables, 6, 16, *SHAPES["smollm2"]))
+    _compare(*make_batch(rows, tables, 6, block_size=16, **SHAPES["smollm2"]))
 
 
 def test_long_contexts() -> None:
     rows = [(1, 1000), (1, 517)]
     tables = [list(range(1, 64)), list(range(64, 97))]
-    _compare(*_batch(rows, tables, 97, 16, *SHAPES["llama3"]))
+    _compare(*make_batch(rows, tables, 97, block_size=16, **SHAPES["llama3"]))
 
 
 def test_without_kernels_every_step_is_torch_ref() -> None:
     backend = CpuBackend(CPU)
     backend.kernels = False  # as where the kernels could not be built
-    common, cache, q, k, v = _batch([(1, 9), (5, 3)], [[1, 2, 3], [4, 5]], 6, 4, 9, 3, 64)
+    common, cache, q, k, v = make_batch(
+        [(1, 9), (5, 3)], [[1, 2, 3], [4, 5]], 6, **SHAPES["smollm2"]
+    )
     metadata = backend.build_metadata(common)
     assert isinstance(metadata, TorchRefMetadata)
     ref = TorchRefBackend(CPU)

@@ -18,15 +18,27 @@ BLOCK_SIZE = 4
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 6, 2, 8
 
 
-def _batch(rows: list[tuple[int, int]], tables: list[list[int]], num_blocks: int, seed: int = 0):
-    """rows: (query_len, context_len) each, with its block ids in `tables`."""
+def make_batch(
+    rows: list[tuple[int, int]],
+    tables: list[list[int]],
+    num_blocks: int,
+    seed: int = 0,
+    *,
+    block_size: int = BLOCK_SIZE,
+    heads: int = NUM_HEADS,
+    kv_heads: int = NUM_KV_HEADS,
+    head_dim: int = HEAD_DIM,
+):
+    """rows: (query_len, context_len) each, with its block ids in `tables`. Returns (common,
+    cache, q, k, v); q and k are views into one [tokens, heads + kv_heads, d] tensor, as the
+    model hands them over after rotating them together."""
     gen = torch.Generator().manual_seed(seed)
     width = max(map(len, tables))
     block_table = np.zeros((len(rows), width), np.int32)
     for i, ids in enumerate(tables):
         block_table[i, : len(ids)] = ids
     slots = [
-        block_table[i, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        block_table[i, pos // block_size] * block_size + pos % block_size
         for i, (query_len, context_len) in enumerate(rows)
         for pos in range(context_len, context_len + query_len)
     ]
@@ -36,14 +48,14 @@ def _batch(rows: list[tuple[int, int]], tables: list[list[int]], num_blocks: int
         seq_lens=np.array([q + c for q, c in rows]),
         block_table=block_table,
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        block_size=BLOCK_SIZE,
+        block_size=block_size,
     )
     num_tokens = int(query_start_loc[-1])
-    cache = torch.randn(2, num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, generator=gen)
+    cache = torch.randn(2, num_blocks, kv_heads, block_size, head_dim, generator=gen)
     cache[:, 0] = 0
-    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, generator=gen)
-    k, v = torch.randn(2, num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen)
-    return common, cache, q, k, v
+    qk = torch.randn(num_tokens, heads + kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen)
+    return common, cache, qk[:, :heads], qk[:, heads:], v
 
 
 def _row_by_row(common, cache, q, scale) -> torch.Tensor:
@@ -80,19 +92,19 @@ def _check(common, cache, q, k, v) -> torch_ref.TorchRefMetadata:
 def test_decode_blocks_in_a_compact_span_are_read_in_place() -> None:
     # three decode rows, blocks 1..7 shuffled between them, block 5 unused inside the span
     rows = [(1, 6), (1, 8), (1, 3)]
-    metadata = _check(*_batch(rows, [[3, 7], [2, 6, 4], [1]], num_blocks=9))
+    metadata = _check(*make_batch(rows, [[3, 7], [2, 6, 4], [1]], num_blocks=9))
     assert metadata.decode is not None and metadata.decode.span == (1, 8)
 
 
 def test_scattered_decode_blocks_are_gathered() -> None:
     rows = [(1, 5), (1, 2)]
-    metadata = _check(*_batch(rows, [[40, 3], [22]], num_blocks=48))
+    metadata = _check(*make_batch(rows, [[40, 3], [22]], num_blocks=48))
     assert metadata.decode is not None and metadata.decode.span is None
 
 
 def test_a_prefix_block_shared_by_decode_rows_is_gathered_for_each() -> None:
     rows = [(1, 6), (1, 5), (1, 4)]
-    metadata = _check(*_batch(rows, [[1, 2], [1, 3], [1, 4]], num_blocks=5))
+    metadata = _check(*make_batch(rows, [[1, 2], [1, 3], [1, 4]], num_blocks=5))
     assert metadata.decode is not None and metadata.decode.span is None
 
 
@@ -100,21 +112,21 @@ def test_decode_rows_beside_prefill_chunks() -> None:
     # decode, chunk with context, decode, first chunk (causal)
     rows = [(1, 9), (5, 3), (1, 2), (6, 0)]
     tables = [[5, 6, 7], [1, 2], [8], [3, 4]]
-    metadata = _check(*_batch(rows, tables, num_blocks=9))
+    metadata = _check(*make_batch(rows, tables, num_blocks=9))
     assert metadata.decode is not None and not metadata.decode.covers_batch
     assert len(metadata.groups) == 1
 
 
 @pytest.mark.parametrize("rows", [[(1, 10)], [(7, 0)]], ids=["decode", "prefill"])
 def test_a_lone_row_goes_through_sdpa_unmasked(rows) -> None:
-    metadata = _check(*_batch(rows, [[2, 1, 3]], num_blocks=4))
+    metadata = _check(*make_batch(rows, [[2, 1, 3]], num_blocks=4))
     assert metadata.decode is None and metadata.groups[0].mask is None
 
 
 def test_prefill_rows_gathered_one_per_slice(monkeypatch) -> None:
     monkeypatch.setattr(torch_ref, "_GATHER_BYTES", 1)
     rows = [(3, 5), (6, 0), (2, 1)]
-    _check(*_batch(rows, [[4, 2], [1, 3], [5]], num_blocks=6))
+    _check(*make_batch(rows, [[4, 2], [1, 3], [5]], num_blocks=6))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
