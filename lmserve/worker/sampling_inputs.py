@@ -52,9 +52,10 @@ def build_sampling_metadata(
             penalty_rows.append(i)
         if params.logprobs is not None:
             max_logprobs = max(max_logprobs or 0, params.logprobs)
+    greedy = temperature == 0
     return SamplingMetadata(
         temperature=torch.from_numpy(temperature).to(device),
-        all_greedy=bool((temperature == 0).all()),
+        all_greedy=bool(greedy.all()),
         top_k=torch.from_numpy(top_k).to(device) if top_k.any() else None,
         top_p=torch.from_numpy(top_p).to(device) if (top_p < 1).any() else None,
         min_p=torch.from_numpy(min_p).to(device) if min_p.any() else None,
@@ -63,8 +64,8 @@ def build_sampling_metadata(
         logit_bias=logit_bias,
         banned_tokens=banned,
         max_num_logprobs=max_logprobs,
-        any_greedy=bool((temperature == 0).any()),
-        unit_temperature=bool(((temperature == 0) | (temperature == 1)).all()),
+        any_greedy=bool(greedy.any()),
+        unit_temperature=bool((greedy | (temperature == 1)).all()),
     )
 
 
