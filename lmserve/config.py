@@ -71,7 +71,9 @@ class CacheConfig:
 
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float | None = None  # CPU budget; default _DEFAULT_CPU_KV_CACHE_GB
+    # An explicit budget on any device (on CUDA it overrides gpu_memory_utilization, as vLLM's
+    # kv_cache_memory_bytes does); on CPU it defaults to _DEFAULT_CPU_KV_CACHE_GB.
+    kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
 
@@ -88,7 +90,7 @@ class CacheConfig:
             )
 
     @property
-    def cpu_kv_cache_bytes(self) -> int:
+    def kv_cache_bytes(self) -> int:
         return int((self.kv_cache_memory_gb or _DEFAULT_CPU_KV_CACHE_GB) * (1 << 30))
 
 

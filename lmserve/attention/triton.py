@@ -17,6 +17,7 @@ from lmserve.attention.backend import (
     StaticDecodeInputs,
 )
 from lmserve.kernels.paged_attention import paged_attention, store_kv
+from lmserve.transfer import to_device
 
 # Split-KV heuristic (untuned): each split should get a few hundred keys, and splitting only
 # pays while the batch alone leaves the GPU short of programs.
@@ -65,7 +66,7 @@ class TritonBackend(AttentionBackend):
             query_start_loc=self._to_device(common.query_start_loc),
             seq_lens=self._to_device(seq_lens),
             block_table=self._to_device(block_table),
-            slot_mapping=common.slot_mapping.to(self.device),
+            slot_mapping=to_device(common.slot_mapping, self.device),
             max_query_len=int(query_lens.max()) if len(query_lens) else 0,
             num_splits=choose_num_splits(query_lens, seq_lens),
         )
@@ -84,7 +85,7 @@ class TritonBackend(AttentionBackend):
         )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32)).to(self.device)
+        return to_device(np.asarray(array, dtype=np.int32), self.device)
 
     def forward(
         self,

@@ -218,7 +218,7 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-memory-gb",
         type=float,
         default=None,
-        help="KV cache size on CPU in GiB (default 2)",
+        help="KV cache size in GiB (CPU default 2; on CUDA it overrides --gpu-memory-utilization)",
     )
     parser.add_argument(
         "--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides memory)"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmserve.sample.metadata import PenaltyInputs, SamplingMetadata
+from lmserve.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class Sampler:
         if md.generators:
             # per-request generators live on the host (see step_generator): draw there, one copy
             seeded = torch.cat([torch.rand(1, generator=g) for g in md.generators.values()])
-            uniform[list(md.generators)] = seeded.to(cdf.device)
+            rows = np.fromiter(md.generators, np.int64, len(md.generators))
+            uniform[to_device(rows, cdf.device)] = to_device(seeded, cdf.device)
         # (0, 1] scaled to the row's total: the first index whose CDF reaches it has p > 0
         target = (1.0 - uniform).unsqueeze(1) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, target).squeeze(1)
@@ -67,11 +70,12 @@ class Sampler:
 
 
 def _apply_bias_and_bans(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    device = logits.device
     for row, token_ids, biases in md.logit_bias:
-        ids = torch.tensor(token_ids, device=logits.device)
-        logits[row, ids] += torch.tensor(biases, device=logits.device, dtype=logits.dtype)
+        ids = to_device(np.array(token_ids, dtype=np.int64), device)
+        logits[row, ids] += to_device(np.array(biases, dtype=np.float32), device)
     for row, token_ids in md.banned_tokens:
-        logits[row, torch.tensor(token_ids, device=logits.device)] = float("-inf")
+        logits[row, to_device(np.array(token_ids, dtype=np.int64), device)] = float("-inf")
     return logits
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmserve.transfer import to_device
+
 
 @dataclass(frozen=True)
 class GrammarBitmask:
@@ -32,7 +34,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: tor
     """Set the logits of disallowed tokens to -inf, in place, on `rows` of `logits` only."""
     vocab = logits.shape[1]
     table = _byte_table(logits.device, logits.dtype)
-    mask_bytes = bitmask.to(logits.device).contiguous().view(torch.uint8).long()
+    mask_bytes = to_device(bitmask.contiguous(), logits.device).view(torch.uint8).long()
     additive = torch.nn.functional.embedding(mask_bytes, table).view(len(rows), -1)  # [G, 32W]
     if additive.shape[1] > vocab:
         additive = additive[:, :vocab]

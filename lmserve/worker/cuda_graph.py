@@ -20,6 +20,7 @@ from torch import nn
 
 from lmserve.attention.backend import AttentionBackend, StaticDecodeInputs
 from lmserve.forward_context import set_forward_context
+from lmserve.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,10 @@ class DecodeGraphs:
         static.slot_mapping[n:size].fill_(-1)
         lens = np.ones(size, dtype=np.int32)
         lens[:n] = seq_lens
-        static.seq_lens[:size].copy_(torch.from_numpy(lens))
+        static.seq_lens[:size].copy_(to_device(lens, static.seq_lens.device))
         width = block_table.shape[1]
-        static.block_table[:n, :width].copy_(
-            torch.from_numpy(np.ascontiguousarray(block_table, dtype=np.int32))
-        )
+        table = np.asarray(block_table, dtype=np.int32)
+        static.block_table[:n, :width].copy_(to_device(table, static.block_table.device))
         captured = self._captured[size]
         if captured.graph is None:
             return self._forward(size)[:n]

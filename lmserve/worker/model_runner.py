@@ -18,6 +18,7 @@ from lmserve.lora.manager import LoRAManager
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
 from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
+from lmserve.transfer import to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped
 from lmserve.worker.cuda_graph import DecodeGraphs
 from lmserve.worker.input_batch import InputBatch
@@ -85,13 +86,13 @@ class ModelRunner:
         backend = get_backend(config.attention_backend, device)
         num_blocks = config.cache.num_kv_blocks
         if num_blocks is None:
-            if device.type == "cuda":
+            if device.type == "cuda" and config.cache.kv_cache_memory_gb is None:
                 torch.cuda.reset_peak_memory_stats(device)
                 profile_forward(model, backend, config, device)
                 torch.cuda.synchronize(device)
                 budget = cuda_kv_budget_bytes(config.cache, device)
             else:
-                budget = config.cache.cpu_kv_cache_bytes
+                budget = config.cache.kv_cache_bytes
             num_blocks = num_blocks_from_budget(config.model, config.cache, dtype, budget)
         shape = backend.kv_cache_shape(
             num_blocks, config.cache.block_size, config.model.num_kv_heads, config.model.head_dim
@@ -122,7 +123,9 @@ class ModelRunner:
         sample_idx = np.flatnonzero(inputs.sample_mask)
         if len(sample_idx):
             last_token = inputs.common.query_start_loc[1:] - 1
-            logits = self.model.compute_logits(hidden[torch.from_numpy(last_token[sample_idx])])
+            logits = self.model.compute_logits(
+                hidden[to_device(last_token[sample_idx], self.device)]
+            )
             if grammar is not None:
                 self._apply_grammar(grammar, [inputs.req_ids[i] for i in sample_idx], logits)
             rows = inputs.rows[sample_idx]
@@ -167,15 +170,15 @@ class ModelRunner:
                 groups.append((slot, None))
             else:
                 rows = np.flatnonzero(token_ids == lora_id)
-                groups.append((slot, torch.from_numpy(rows).to(self.device)))
+                groups.append((slot, to_device(rows, self.device)))
         return LoRAMapping(tuple(groups))
 
     def _apply_grammar(
         self, grammar: GrammarBitmask, sampled_req_ids: list[str], logits: torch.Tensor
     ) -> None:
         position = {req_id: i for i, req_id in enumerate(sampled_req_ids)}
-        rows = torch.tensor([position[r] for r in grammar.req_ids], device=logits.device)
-        apply_grammar_bitmask(logits, grammar.bitmask, rows)
+        rows = np.fromiter((position[r] for r in grammar.req_ids), np.int64, len(grammar.req_ids))
+        apply_grammar_bitmask(logits, grammar.bitmask, to_device(rows, logits.device))
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.batch
@@ -209,14 +212,14 @@ class ModelRunner:
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_table=batch.block_table[rows],
-            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
+            slot_mapping=to_device(slot_mapping, self.device),
             block_size=self.block_size,
         )
         return StepInputs(
             req_ids=req_ids,
             rows=rows,
-            input_ids=torch.from_numpy(input_ids).to(self.device),
-            positions=torch.from_numpy(positions).to(self.device),
+            input_ids=to_device(input_ids, self.device),
+            positions=to_device(positions, self.device),
             common=common,
             sample_mask=seq_lens == batch.num_tokens[rows],
         )
@@ -228,7 +231,8 @@ class ModelRunner:
         out: SamplerOutput,
         results: dict[str, SampledTokens],
     ) -> None:
-        sampled = out.sampled_token_ids.tolist()  # the step's one host sync
+        out = _on_host(out)  # the step's one wait for the device
+        sampled = out.sampled_token_ids.tolist()
         logprobs = _to_token_logprobs(out) if out.logprobs is not None else None
         for i, idx in enumerate(sample_idx.tolist()):
             row = int(inputs.rows[idx])
@@ -260,8 +264,10 @@ class ModelRunner:
                 continue
             token_slice = slice(int(qsl[i]), int(qsl[i]) + last_pos - first_pos)
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[token_slice]).float(), -1)
-            targets = torch.from_numpy(self.batch.token_ids[row, first_pos + 1 : last_pos + 1])
-            entries = _to_token_logprobs(gather_logprobs(logprobs, targets.to(self.device), k))
+            targets = to_device(
+                self.batch.token_ids[row, first_pos + 1 : last_pos + 1], self.device
+            )
+            entries = _to_token_logprobs(_on_host(gather_logprobs(logprobs, targets, k)))
             prev = results.get(inputs.req_ids[i])
             results[inputs.req_ids[i]] = SampledTokens(
                 prev.token_ids if prev else [],
@@ -322,6 +328,16 @@ def profile_forward(
     finally:
         for layer in layers:
             layer.kv_cache = None
+
+
+def _on_host(out: SamplerOutput) -> SamplerOutput:
+    """`out`'s tensors on the CPU, after one wait for the device."""
+    if out.logprobs is None:
+        return SamplerOutput(*to_host(out.sampled_token_ids))
+    assert out.logprob_token_ids is not None and out.sampled_ranks is not None
+    return SamplerOutput(
+        *to_host(out.sampled_token_ids, out.logprob_token_ids, out.logprobs, out.sampled_ranks)
+    )
 
 
 def _to_token_logprobs(out: SamplerOutput) -> list[TokenLogprobs]:

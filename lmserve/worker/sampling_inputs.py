@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from lmserve.sample.metadata import PenaltyInputs, SamplingMetadata
+from lmserve.transfer import to_device
 from lmserve.worker.input_batch import InputBatch
 
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -54,11 +55,11 @@ def build_sampling_metadata(
             max_logprobs = max(max_logprobs or 0, params.logprobs)
     greedy = temperature == 0
     return SamplingMetadata(
-        temperature=torch.from_numpy(temperature).to(device),
+        temperature=to_device(temperature, device),
         all_greedy=bool(greedy.all()),
-        top_k=torch.from_numpy(top_k).to(device) if top_k.any() else None,
-        top_p=torch.from_numpy(top_p).to(device) if (top_p < 1).any() else None,
-        min_p=torch.from_numpy(min_p).to(device) if min_p.any() else None,
+        top_k=to_device(top_k, device) if top_k.any() else None,
+        top_p=to_device(top_p, device) if (top_p < 1).any() else None,
+        min_p=to_device(min_p, device) if min_p.any() else None,
         generators=generators,
         penalties=_penalty_inputs(batch, rows, penalty_rows, vocab_size, device),
         logit_bias=logit_bias,
@@ -78,10 +79,10 @@ def _penalty_inputs(
     outputs = [batch.output_token_ids(int(rows[i])) for i in penalty_rows]
     prompts = [batch.prompt_token_ids(int(rows[i])) for i in penalty_rows]
     return PenaltyInputs(
-        rows=torch.tensor(penalty_rows, device=device),
-        presence=torch.tensor([p.presence_penalty for p in params], device=device),
-        frequency=torch.tensor([p.frequency_penalty for p in params], device=device),
-        repetition=torch.tensor([p.repetition_penalty for p in params], device=device),
+        rows=to_device(np.array(penalty_rows, dtype=np.int64), device),
+        presence=_floats([p.presence_penalty for p in params], device),
+        frequency=_floats([p.frequency_penalty for p in params], device),
+        repetition=_floats([p.repetition_penalty for p in params], device),
         output_token_ids=_pad(outputs, vocab, device),
         prompt_token_ids=_pad(prompts, vocab, device),
     )
@@ -92,4 +93,8 @@ def _pad(seqs: list[np.ndarray], pad: int, device: torch.device) -> torch.Tensor
     out = np.full((len(seqs), width), pad, dtype=np.int64)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
-    return torch.from_numpy(out).to(device)
+    return to_device(out, device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return to_device(np.array(values, dtype=np.float32), device)
