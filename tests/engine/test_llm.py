@@ -243,3 +243,72 @@ def test_int8_chat_answers_paris() -> None:
 def test_bad_quantization_is_a_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LLM(**kwargs)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_gpu_fp32_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str, scenario: str) -> None:
+    """fp32 on CUDA (Triton attention, no TF32): HF's CPU fp32 tokens in every scenario, with
+    decode steps replayed from CUDA graphs and with --enforce-eager alike."""
+    prompts = random_prompts([5, 17, 33, 64, 3, 1])
+    expected = [hf_greedy(hf_models[kind], p, NUM_NEW) for p in prompts]
+    for enforce_eager in (False, True):
+        llm = LLM(
+            str(tiny_model_dirs[kind]),
+            device="cuda",
+            dtype="float32",
+            enforce_eager=enforce_eager,
+            kv_cache_memory_gb=0.01,
+            **SCENARIOS[scenario],
+        )
+        graphs = llm.engine_core.runner.graphs
+        assert (graphs is None) == enforce_eager
+        replays = _count_replays(graphs) if graphs is not None else []
+        llm.step_hook = hook = PreemptionCounter(llm)
+        assert run_greedy(llm, prompts) == expected
+        assert hook.preempted == scenario.startswith("preemption")
+        assert bool(replays) != enforce_eager
+        assert_no_blocks_held(llm)
+
+
+def _count_replays(graphs) -> list[int]:
+    """Record the row count of every decode step the graphs run."""
+    rows: list[int] = []
+    run = graphs.run
+
+    def counted(*args):
+        rows.append(len(args[3]))
+        return run(*args)
+
+    graphs.run = counted
+    return rows
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_gpu_bf16_logprobs_are_as_close_to_fp32_as_hf_bf16(tiny_model_dirs, kind: str) -> None:
+    """bf16 on CUDA: every prompt token's logprob (chunked prefill over the paged cache) is about
+    as far from HF's fp32 value as HF's own bf16 forward on the same GPU."""
+    path = str(tiny_model_dirs[kind])
+    prompt = random_prompts([200], seed=3)[0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    ids = torch.tensor([prompt], device="cuda")
+    rows, targets = torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])
+    with torch.no_grad():
+        fp32 = torch.log_softmax(hf(ids).logits[0].float(), -1).cpu()[rows, targets]
+        hf_bf16 = torch.log_softmax(hf.bfloat16()(ids).logits[0].float(), -1).cpu()[rows, targets]
+    llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_memory_gb=0.01,
+              max_num_batched_tokens=64)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    ours = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
+    our_err, hf_err = (ours - fp32).abs(), (hf_bf16 - fp32).abs()
+    assert hf_err.max() > 0  # HF's bf16 really differs from fp32: the bound below means something
+    assert our_err.mean() <= 1.5 * hf_err.mean() + 1e-3, (our_err.mean(), hf_err.mean())
+    assert our_err.max() <= 2 * hf_err.max() + 1e-2, (our_err.max(), hf_err.max())
