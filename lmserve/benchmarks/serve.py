@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="model whose tokenizer makes the random prompts (default: the bundled SmolLM2)",
+        help="model whose tokenizer makes the random prompts (default: the bundled SmolLM2); "
+        "a shipped shape's name (Llama-3-8B) for a server of that shape with --load-format dummy",
     )
     parser.add_argument("--api-key", default=None, help="bearer key for the server")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals")
@@ -73,11 +74,14 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.dataset is not None:
         lines = args.dataset.read_text().splitlines()
         return [json.loads(line)["prompt"] for line in lines if line.strip()][: args.num_prompts]
+    from lmserve.benchmarks.shapes import resolve_model
     from lmserve.config import default_cache_dir
     from lmserve.engine.tokenizer import load_tokenizer
     from lmserve.models.source import resolve_model_dir
 
-    tokenizer = load_tokenizer(resolve_model_dir(args.tokenizer, default_cache_dir()))
+    cache_dir = default_cache_dir()
+    tokenizer_dir = resolve_model_dir(resolve_model(args.tokenizer, cache_dir), cache_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     rng = np.random.default_rng(args.seed)
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(min(tokenizer.vocab_size, 32000)) if i not in special]
@@ -182,6 +186,7 @@ def _summary(
         "output_len": args.output_len,
         "duration_s": round(duration, 3),
         "requests_per_s": round(len(done) / duration, 3),
+        "total_output_tokens": output_tokens,
         "output_tok_per_s": round(output_tokens / duration, 2),
         "ttft_ms": _stats([r.ttft for r in done]),
         "itl_ms": _stats([x for r in done for x in r.itl]),
