@@ -157,7 +157,8 @@ def _time_hf(
     dtype = getattr(torch, model_config.dtype)
     if model_config.load_format == "dummy":
         hf_config = AutoConfig.from_pretrained(model_config.path)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        with torch.device(device):  # random init where the model runs: seconds, not minutes
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype)
     model.to(device).eval()
