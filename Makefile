@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test serve bench lint
+.PHONY: setup test test-gpu serve bench lint
 
 setup: $(STAMP)
 
@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The suite checks CPU numerics (fp32, HF-exact) and runs Triton kernels in its interpreter, so
+# it hides any GPU (tests would otherwise pick CUDA and bf16); `make test-gpu` runs the `gpu` ones.
 # pytest exits 5 when it collects nothing: say so and fail, an empty suite is a broken suite.
 test: setup
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -ra; rc=$$?; \
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+test-gpu: setup
+	$(PY) -m pytest -q -ra -m gpu
 
 serve: setup
 	$(VENV)/bin/lmserve serve
