@@ -34,9 +34,14 @@ class LoRALinear(nn.Module):
         self.rank = rank
         out_features = sum(part_sizes)
         parts = len(part_sizes)
-        self.register_buffer("lora_a", torch.zeros(slots, in_features, parts * rank))
-        self.register_buffer("lora_b", torch.zeros(slots, parts * rank, out_features))
-        self.register_buffer("scaling", torch.zeros(slots))
+        # beside the base weights, in the activations' dtype (an int8 base takes float32 in)
+        weight = base.weight
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        if not weight.is_floating_point():
+            kw["dtype"] = torch.float32
+        self.register_buffer("lora_a", torch.zeros(slots, in_features, parts * rank, **kw))
+        self.register_buffer("lora_b", torch.zeros(slots, parts * rank, out_features, **kw))
+        self.register_buffer("scaling", torch.zeros(slots, **kw))
 
     def set_part(
         self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor, scaling: float

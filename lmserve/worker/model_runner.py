@@ -138,8 +138,15 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         common = inputs.common
         num_rows = len(inputs.req_ids)
+        mapping = self._lora_mapping(inputs)
         decode_only = int(common.query_start_loc[-1]) == num_rows  # one token per request
-        if self.graphs is not None and decode_only and self.graphs.padded_size(num_rows):
+        # graphs hold the base model only: a step with adapters runs eagerly
+        if (
+            self.graphs is not None
+            and decode_only
+            and mapping is None
+            and self.graphs.padded_size(num_rows)
+        ):
             return self.graphs.run(
                 inputs.input_ids,
                 inputs.positions,
@@ -147,7 +154,6 @@ class ModelRunner:
                 common.seq_lens,
                 common.block_table,
             )
-        mapping = self._lora_mapping(inputs)
         with set_forward_context(self.backend.build_metadata(common), mapping):
             return self.model(inputs.input_ids, inputs.positions)
 

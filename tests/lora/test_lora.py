@@ -164,3 +164,61 @@ def test_bad_adapters_are_clear_errors(tiny_model_dirs, adapters, tmp_path) -> N
         LoRARequest("zero", 0, str(head))
     # the engine still serves after every refusal
     assert len(llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+
+
+def test_bf16_adapter_is_as_close_to_fp32_as_peft_bf16(tiny_model_dirs, adapters) -> None:
+    """The adapter slots take the model's dtype: bf16 activations meet bf16 A and B, and each
+    prompt token's logprob is about as far from PEFT's fp32 value as PEFT's own bf16 run."""
+    base = tiny_model_dirs["llama"]
+    prompt = random_prompts([60], seed=4)[0]
+    rows, targets = torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])
+
+    def peft_logprobs(dtype: torch.dtype) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = PeftModel.from_pretrained(model, adapters["all"]).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0].float()
+        return torch.log_softmax(logits, -1)[rows, targets]
+
+    lora = LoRARequest("all", 1, str(adapters["all"]))
+    llm = LLM(str(base), dtype="bfloat16", enable_lora=True, kv_cache_memory_gb=0.01)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False, lora_request=lora)
+    ours = torch.tensor([out[0].prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i])
+    fp32, peft_bf16 = peft_logprobs(torch.float32), peft_logprobs(torch.bfloat16)
+    our_err, peft_err = (ours - fp32).abs(), (peft_bf16 - fp32).abs()
+    assert peft_err.max() > 0
+    assert our_err.mean() <= 1.5 * peft_err.mean() + 1e-3, (our_err.mean(), peft_err.mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_adapters_mixed_with_cuda_graphs_match_peft(tiny_model_dirs, adapters) -> None:
+    """fp32 on CUDA with decode graphs on: steps holding an adapter run eagerly (graphs hold the
+    base model only), the base-only steps replay graphs, and every prompt gets PEFT's tokens."""
+    base = tiny_model_dirs["llama"]
+    prompts = random_prompts([7, 19, 12, 30], seed=1)
+    loras = [LoRARequest("all", 1, str(adapters["all"])), None, None, None]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 12, 12, 12)]
+    llm = LLM(str(base), device="cuda", dtype="float32", enable_lora=True, kv_cache_memory_gb=0.01)
+    runner = llm.engine_core.runner
+    replayed_with_adapter: list[bool] = []
+    run = runner.graphs.run
+
+    def run_graph(*args):
+        replayed_with_adapter.append(bool(runner.batch.lora_id[runner.batch.rows_of(
+            list(runner.batch.row_of))].any()))  # fmt: skip
+        return run(*args)
+
+    runner.graphs.run = run_graph
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras
+    )
+    for out, prompt, lora, p in zip(outputs, prompts, loras, params, strict=True):
+        path = None if lora is None else Path(lora.lora_path)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if path is not None:
+            model = PeftModel.from_pretrained(model, path)
+        assert out.outputs[0].token_ids == hf_greedy(model.eval(), prompt, p.max_tokens)
+    assert replayed_with_adapter and not any(replayed_with_adapter)
+    assert_no_blocks_held(llm)
