@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.kernels import cpu_ops
+from lmserve.kernels import cpu_ops, cuda_ops
 
 
 class RMSNorm(nn.Module):
@@ -24,6 +24,10 @@ class RMSNorm(nn.Module):
                 return cpu_ops.rms_norm(rows, self.weight, self.eps).view(x.shape)
             out = cpu_ops.add_rms_norm_(residual.view(rows.shape), rows, self.weight, self.eps)
             return out.view(x.shape)
+        if cuda_ops.usable(x):  # one kernel instead of ~6 (and the add)
+            rows = x.reshape(-1, x.shape[-1])
+            res = None if residual is None else residual.view(rows.shape)
+            return cuda_ops.rms_norm(rows, self.weight, self.eps, res).view(x.shape)
         if residual is not None:
             x = residual.add_(x)
         if x.dtype == torch.float32:  # one fused op; same result as the three-step form below

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmserve.kernels import cpu_ops
+from lmserve.kernels import cpu_ops, cuda_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -66,9 +66,12 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """x: [num_tokens, heads, head_dim]; rope from RotaryEmbedding.forward. On CPU in float32
-    x is rotated in place (the same values, one pass instead of four ops) and returned."""
+    (the same values, one pass instead of four ops) and on CUDA (one kernel) x is rotated in
+    place and returned."""
     cos, signed_sin = rope
     if cpu_ops.usable(x):
         cpu_ops.rotary_(x, cos, signed_sin)
         return x
+    if cuda_ops.usable(x):
+        return cuda_ops.rotary_(x, cos, signed_sin)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
