@@ -30,8 +30,12 @@ class KVCacheManager:
         """Fraction of usable blocks held by requests (0..1)."""
         return 1.0 - self.pool.num_free_blocks / self.pool.num_usable_blocks
 
-    def block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(req_id, ())]
+    def block_ids(self, req_id: str, start: int = 0) -> list[int]:
+        """The request's block ids from its `start`-th block on."""
+        return [b.block_id for b in self._req_blocks.get(req_id, ())[start:]]
+
+    def num_blocks(self, req_id: str) -> int:
+        return len(self._req_blocks.get(req_id, ()))
 
     def get_computed_blocks(self, request: Request) -> list[KVBlock]:
         """The longest run of cached full blocks that prefixes the request. Pure: takes no refs.
@@ -68,6 +72,9 @@ class KVCacheManager:
             + num_new_tokens
         )
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(held) - len(new_computed_blocks)
+        if num_new_blocks <= 0 and not new_computed_blocks:  # most decode steps: room already held
+            self._publish_full_blocks(request, num_tokens)
+            return True
         # Hits with no holder sit in the free queue: taking them uses up free blocks too.
         num_idle_hits = sum(block.ref_cnt == 0 for block in new_computed_blocks)
         if max(num_new_blocks, 0) + num_idle_hits > self.pool.num_free_blocks:

@@ -109,7 +109,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            num_held = len(self.kv.block_ids(request.req_id))
+            num_held = self.kv.num_blocks(request.req_id)
             while not self.kv.allocate_slots(request, num_new):
                 preempted = True
                 victim = self.running.pop()
@@ -117,7 +117,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                new_block_ids = self.kv.block_ids(request.req_id)[num_held:]
+                new_block_ids = self.kv.block_ids(request.req_id, num_held)
                 cached_reqs.append(
                     CachedRequestData(request.req_id, new_block_ids, request.num_computed_tokens)
                 )

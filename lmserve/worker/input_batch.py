@@ -71,9 +71,10 @@ class InputBatch:
         self.block_table[row, start : start + len(block_ids)] = block_ids
         self.num_blocks[row] = start + len(block_ids)
 
-    def append_token(self, row: int, token_id: int) -> None:
-        self.token_ids[row, self.num_tokens[row]] = token_id
-        self.num_tokens[row] += 1
+    def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
+        """One new token for each of `rows` (distinct rows)."""
+        self.token_ids[rows, self.num_tokens[rows]] = token_ids
+        self.num_tokens[rows] += 1
 
     def rows_of(self, req_ids: list[str]) -> np.ndarray:
         return np.fromiter((self.row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))

@@ -238,20 +238,24 @@ class ModelRunner:
         results: dict[str, SampledTokens],
     ) -> None:
         out = _on_host(out)  # the step's one wait for the device
+        rows = inputs.rows[sample_idx]
+        self.batch.append_tokens(rows, out.sampled_token_ids.numpy())
         sampled = out.sampled_token_ids.tolist()
-        logprobs = _to_token_logprobs(out) if out.logprobs is not None else None
-        for i, idx in enumerate(sample_idx.tolist()):
-            row = int(inputs.rows[idx])
-            self.batch.append_token(row, sampled[i])
-            state = self.batch.state(row)
-            wanted = state.params.logprobs
+        req_ids = [inputs.req_ids[idx] for idx in sample_idx.tolist()]
+        if out.logprobs is None:
+            for req_id, token_id in zip(req_ids, sampled, strict=True):
+                results[req_id] = SampledTokens([token_id])
+            return
+        logprobs = _to_token_logprobs(out)
+        for i, row in enumerate(rows.tolist()):
+            wanted = self.batch.state(row).params.logprobs
             entry = None
-            if logprobs is not None and wanted is not None:
+            if wanted is not None:
                 lp = logprobs[i]
                 entry = [
                     TokenLogprobs(lp.token_ids[: 1 + wanted], lp.logprobs[: 1 + wanted], lp.rank)
                 ]
-            results[inputs.req_ids[idx]] = SampledTokens([sampled[i]], logprobs=entry)
+            results[req_ids[i]] = SampledTokens([sampled[i]], logprobs=entry)
 
     def _collect_prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor, results: dict[str, SampledTokens]
