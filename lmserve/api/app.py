@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lmserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from lmserve.api.errors import APIError, error_response, install_error_handlers
 from lmserve.api.protocol import (
     ChatCompletionRequest,
@@ -28,6 +29,7 @@ from lmserve.api.protocol import (
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing, apply_chat_template
 from lmserve.api.serving.completions import CompletionServing
+from lmserve.api.serving.messages import MessagesServing, anthropic_error, anthropic_error_for
 from lmserve.api.serving.models import model_card
 from lmserve.engine.protocol import EngineClient
 
@@ -68,6 +70,7 @@ def build_app(
         _install_auth(app, api_key)
     chat = ChatServing(engine, config)
     completions = CompletionServing(engine, config)
+    messages = MessagesServing(engine, config, chat)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
@@ -76,6 +79,28 @@ def build_app(
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
         return await _unless_disconnected(raw, completions.create(request))
+
+    @app.post("/v1/messages")
+    async def create_message(raw: Request) -> Response:
+        try:
+            request = MessagesRequest.model_validate(await _json_body(raw))
+            return await _unless_disconnected(raw, messages.create(request))
+        except Exception as exc:
+            response = anthropic_error_for(exc)
+            if response is None:
+                raise
+            return response
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(raw: Request) -> Response:
+        try:
+            request = CountTokensRequest.model_validate(await _json_body(raw))
+            return JSONResponse(messages.count_tokens(request))
+        except Exception as exc:
+            response = anthropic_error_for(exc)
+            if response is None:
+                raise
+            return response
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -202,6 +227,13 @@ async def _disconnected(raw: Request) -> None:
         pass
 
 
+async def _json_body(raw: Request) -> Any:
+    try:
+        return await raw.json()
+    except ValueError as exc:
+        raise APIError(f"The request body is not valid JSON: {exc}") from None
+
+
 def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
     if isinstance(result, dict):
         return JSONResponse(result)
@@ -217,12 +249,20 @@ def _install_request_ids(app: FastAPI) -> None:
 
 
 def _install_auth(app: FastAPI, api_key: str) -> None:
-    expected = f"Bearer {api_key}".encode()
+    """The key as OpenAI clients send it (Authorization: Bearer) or as Anthropic's do
+    (x-api-key)."""
+    bearer, key = f"Bearer {api_key}".encode(), api_key.encode()
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Any) -> Response:
-        if request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+        path = request.url.path
+        if path.startswith("/v1/"):
+            headers = request.headers
+            if not (
+                hmac.compare_digest(headers.get("authorization", "").encode(), bearer)
+                or hmac.compare_digest(headers.get("x-api-key", "").encode(), key)
+            ):
+                if path.startswith("/v1/messages"):
+                    return anthropic_error(401, "Invalid or missing API key")
                 return error_response("Invalid or missing API key", 401, code="invalid_api_key")
         return await call_next(request)

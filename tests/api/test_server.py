@@ -137,6 +137,14 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
             "maximum context length is 2048 tokens",
         ),
         ({"messages": QUESTION, "max_tokens": 5000}, 400, "maximum context length"),
+        (
+            {
+                "messages": QUESTION,
+                "chat_template": "{{ raise_exception('roles must alternate') }}",
+            },
+            400,
+            "the chat template cannot render these messages: roles must alternate",
+        ),
     ],
 )
 def test_chat_errors(smollm2_server: Server, body: dict, status: int, needle: str) -> None:
@@ -144,6 +152,19 @@ def test_chat_errors(smollm2_server: Server, body: dict, status: int, needle: st
     assert response.status_code == status
     error = response.json()["error"]
     assert needle in error["message"] and {"message", "type", "param", "code"} <= error.keys()
+
+
+def test_assistant_tool_call_turn_without_content(client: openai.OpenAI) -> None:
+    """OpenAI sends a tool-call turn with content null; a template that concatenates content
+    (SmolLM2's) renders it as "", as vLLM does, instead of failing."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    messages = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert reply.choices[0].message.content
 
 
 def test_malformed_json_and_suffix(smollm2_server: Server) -> None:

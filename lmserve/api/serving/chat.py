@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+from jinja2 import TemplateError
+
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from lmserve.api.reasoning import get_reasoning_parser
@@ -35,10 +37,13 @@ def detect_content_format(template: str) -> str:
 
 def render_messages(messages: list[ChatMessage], content_format: str) -> list[dict[str, Any]]:
     """With the "string" format, text parts are joined into one string; with "openai" the
-    parts are passed to the template as they came. Non-text parts are refused either way."""
+    parts are passed to the template as they came. Non-text parts are refused either way. No
+    content (an assistant turn of tool calls) is "" or no parts, as vLLM renders it."""
     rendered = []
     for message in messages:
         item = message.model_dump(exclude_none=True)
+        if message.content is None:
+            item["content"] = [] if content_format == "openai" else ""
         for call in item.get("tool_calls") or []:
             _arguments_to_dict(call)
         if isinstance(message.content, list) and content_format == "openai":
@@ -90,15 +95,21 @@ def apply_chat_template(
         )
     if content_format == "auto":
         content_format = detect_content_format(template)
-    return tokenizer.apply_chat_template(
-        render_messages(messages, content_format),
-        chat_template=chat_template,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-        tools=tools,
-        **(chat_template_kwargs or {}),
-    )
+    rendered = render_messages(messages, content_format)
+    try:
+        return tokenizer.apply_chat_template(
+            rendered,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            **(chat_template_kwargs or {}),
+        )
+    except TemplateError as exc:  # the messages do not fit the template: the caller's to fix
+        raise APIError(
+            f"the chat template cannot render these messages: {exc}", param="messages"
+        ) from None
 
 
 class ChatServing:
