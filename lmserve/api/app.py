@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from lmserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from lmserve.api.errors import APIError, error_response, install_error_handlers
@@ -101,6 +102,26 @@ def build_app(
             if response is None:
                 raise
             return response
+
+    @app.post("/invocations")
+    async def invocations(raw: Request) -> Response:
+        """SageMaker's inference route (not behind the API key, as in vLLM): the body's shape
+        picks the endpoint, chat completions first, then completions."""
+        body = await _json_body(raw)
+        try:
+            request = ChatCompletionRequest.model_validate(body)
+        except ValidationError:
+            pass
+        else:
+            return await _unless_disconnected(raw, chat.create(request))
+        try:
+            prompt_request = CompletionRequest.model_validate(body)
+        except ValidationError:
+            raise APIError(
+                "/invocations takes a chat completion request (with 'messages') or a completion "
+                "request (with 'prompt'); this body is neither"
+            ) from None
+        return await _unless_disconnected(raw, completions.create(prompt_request))
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

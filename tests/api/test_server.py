@@ -167,6 +167,28 @@ def test_assistant_tool_call_turn_without_content(client: openai.OpenAI) -> None
     assert reply.choices[0].message.content
 
 
+def test_invocations_route_by_body(client: openai.OpenAI, smollm2_server: Server) -> None:
+    """SageMaker's /invocations answers as /v1/chat/completions or /v1/completions would."""
+    url = f"{smollm2_server.url}/invocations"
+    chat = {"messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    reply = httpx.post(url, json=chat, timeout=60).json()
+    expected = client.chat.completions.create(model=MODEL, **chat)
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["content"] == expected.choices[0].message.content
+    prompt = {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}
+    reply = httpx.post(url, json=prompt, timeout=60).json()
+    assert reply["object"] == "text_completion"
+    assert (
+        reply["choices"][0]["text"]
+        == client.completions.create(model=MODEL, **prompt).choices[0].text
+    )
+    with httpx.stream("POST", url, json={**chat, "stream": True}, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert [line for line in response.iter_lines() if line][-1] == "data: [DONE]"
+    bad = httpx.post(url, json={"input": "embed me"}, timeout=60)
+    assert bad.status_code == 400 and "neither" in bad.json()["error"]["message"]
+
+
 def test_malformed_json_and_suffix(smollm2_server: Server) -> None:
     bad = httpx.post(
         f"{smollm2_server.url}/v1/completions",
