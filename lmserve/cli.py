@@ -90,6 +90,8 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
+            enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+            enable_force_include_usage=args.enable_force_include_usage,
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
             or _env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
         )
@@ -123,8 +125,13 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             port=args.port,
             log_level=args.uvicorn_log_level,
             timeout_graceful_shutdown=30,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
         )
-        print(f"lmserve: serving {names[0]} on http://{args.host}:{args.port}/v1", flush=True)
+        scheme = "https" if args.ssl_certfile else "http"
+        print(f"lmserve: serving {names[0]} on {scheme}://{args.host}:{args.port}/v1", flush=True)
         # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the
         # handler it found: make that a no-op, so the engine below is shut down and we exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,6 +180,20 @@ def _read_chat_template(value: str | None) -> str | None:
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--ssl-keyfile", default=None, help="TLS: the server's private key file")
+    parser.add_argument(
+        "--ssl-certfile", default=None, help="TLS: the server's certificate file (serves HTTPS)"
+    )
+    parser.add_argument(
+        "--ssl-ca-certs", default=None, help="TLS: CA certificates to verify client certificates"
+    )
+    parser.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        default=0,
+        help="TLS: whether client certificates are required (Python ssl.CERT_*: 0 none, "
+        "1 optional, 2 required)",
+    )
     parser.add_argument(
         "--api-key", default=None, help="require this bearer key on /v1/* (or LMSERVE_API_KEY)"
     )
@@ -233,6 +254,17 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "--enable-request-id-headers",
         action="store_true",
         help="answer with an X-Request-Id header (the client's, or a new one)",
+    )
+    parser.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens: prompt tokens served from the "
+        "prefix cache",
+    )
+    parser.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="end every stream with a usage chunk, as if stream_options.include_usage were set",
     )
     parser.add_argument(
         "--disable-log-requests", action="store_true", help="do not log each request received"

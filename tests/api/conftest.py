@@ -31,9 +31,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*args: str, timeout_s: float = 240) -> Server:
+def start_server(*args: str, timeout_s: float = 240, scheme: str = "http") -> Server:
     """NOTE: the log goes to a file, not a pipe: nobody reads a pipe while tests run, and once
-    its 64 KiB buffer fills the server blocks writing its request log and stops answering."""
+    its 64 KiB buffer fills the server blocks writing its request log and stops answering.
+    With scheme "https" (a server given --ssl-* flags) the health probe trusts any certificate."""
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="lmserve-server-", suffix=".log")[1])
     proc = subprocess.Popen(
@@ -51,13 +52,13 @@ def start_server(*args: str, timeout_s: float = 240) -> Server:
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, verify=False).status_code == 200:
                 return Server(url, proc, log_path)
         except httpx.HTTPError:
             pass

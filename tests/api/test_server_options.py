@@ -3,6 +3,8 @@ engine process's lifetime."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import signal
 import time
@@ -34,6 +36,98 @@ def configured(smollm2_dir, tmp_path_factory: pytest.TempPathFactory):
     server = start_server("--config", str(config), "--max-model-len", "512")
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def detailed(smollm2_dir):
+    server = start_server(
+        "--max-model-len", "1024", "--kv-cache-memory-gb", "0.25",
+        "--enable-prompt-tokens-details", "--enable-force-include-usage",
+    )  # fmt: skip
+    yield server
+    stop_server(server)
+
+
+def test_prompt_tokens_details_and_forced_usage(detailed: Server) -> None:
+    """cached_tokens counts the prompt's prefix-cache hits (none the first time, whole blocks
+    the second); every stream ends with usage, asked for or not; Anthropic's usage says it as
+    cache_read_input_tokens."""
+    chat = {"messages": [{"role": "user", "content": "Name three rivers of Europe. " * 4}],
+            "max_tokens": 4, "temperature": 0}  # fmt: skip
+    url = f"{detailed.url}/v1/chat/completions"
+    first = httpx.post(url, json=chat, timeout=60).json()["usage"]
+    second = httpx.post(url, json=chat, timeout=60).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0 and cached % 16 == 0 and cached < second["prompt_tokens"]
+    body = {"prompt": "Name three rivers of Europe. " * 4, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{detailed.url}/v1/completions", json=body, timeout=60) as r:
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    usage = json.loads(data[-1])["usage"]
+    assert usage["completion_tokens"] == 3 and "cached_tokens" in usage["prompt_tokens_details"]
+    messages = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "max_tokens": 4, **chat}
+    reply = httpx.post(f"{detailed.url}/v1/messages", json=messages, timeout=60).json()
+    assert reply["usage"]["cache_read_input_tokens"] == cached
+
+
+def _self_signed_certificate(root: Path) -> tuple[Path, Path]:
+    """A key and a self-signed CA certificate for 127.0.0.1, made with `cryptography`."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = root / "key.pem", root / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def test_https_with_ssl_flags(tiny_model_dirs, tmp_path: Path) -> None:
+    """--ssl-keyfile/--ssl-certfile serve HTTPS: a client trusting the certificate is answered,
+    and plain HTTP on that port is not."""
+    key, cert = _self_signed_certificate(tmp_path)
+    server = start_server(
+        str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.01",
+        "--ssl-keyfile", str(key), "--ssl-certfile", str(cert), scheme="https",
+    )  # fmt: skip
+    try:
+        body = {"prompt": [1, 2, 3], "max_tokens": 2, "ignore_eos": True}
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, verify=str(cert))
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.url.replace("https://", "http://") + "/health", timeout=5)
+    finally:
+        stop_server(server)
 
 
 def test_config_file_and_flag_precedence(configured: Server) -> None:

@@ -157,7 +157,9 @@ class ChatServing:
             "created": common.now(),
             "model": model,
             "choices": choices,
-            "usage": common.usage(len(ids), num_completion),
+            "usage": common.usage(
+                len(ids), num_completion, self.config.cached_tokens(final.num_cached_tokens)
+            ),
         }
         if request.prompt_logprobs is not None:
             response["prompt_logprobs"] = common.prompt_logprobs_json(final)
@@ -308,13 +310,14 @@ class ChatServing:
                 if request.stream_options and request.stream_options.continuous_usage_stats:
                     chunk["usage"] = common.running_usage(snapshot)
                 yield common.sse(chunk)
-        if request.stream_options and request.stream_options.include_usage and last is not None:
+        if self.config.include_usage(request.stream_options) and last is not None:
             num_completion = sum(len(o.token_ids) for o in last.outputs)
+            cached = self.config.cached_tokens(last.num_cached_tokens)
             yield common.sse(
                 {
                     **head,
                     "choices": [],
-                    "usage": common.usage(len(last.prompt_token_ids), num_completion),
+                    "usage": common.usage(len(last.prompt_token_ids), num_completion, cached),
                 }
             )
         yield common.sse("[DONE]")

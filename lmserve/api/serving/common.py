@@ -32,6 +32,8 @@ class ServingConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
+    enable_force_include_usage: bool = False  # a usage chunk ends every stream
     # adapters served by name; the registry object is shared, its contents change at runtime
     lora_modules: LoRAModules = field(default_factory=LoRAModules)
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
@@ -39,6 +41,16 @@ class ServingConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    def cached_tokens(self, num_cached: int) -> int | None:
+        """What usage reports of prefix-cache hits: nothing unless asked for."""
+        return num_cached if self.enable_prompt_tokens_details else None
+
+    def include_usage(self, stream_options: Any) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.enable_force_include_usage or bool(
+            stream_options and stream_options.include_usage
+        )
 
 
 def check_model(config: ServingConfig, model: str | None) -> tuple[str, LoRARequest | None]:
@@ -173,12 +185,17 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
 
 
 def truncate(ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:

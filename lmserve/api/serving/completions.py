@@ -66,13 +66,14 @@ class CompletionServing:
                 choices.append(self._choice(request, i * params.n + out.index, final, out))
         num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
         num_completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        cached = self.config.cached_tokens(sum(f.num_cached_tokens for f in finals))
         return {
             "id": base_id,
             "object": "text_completion",
             "created": common.now(),
             "model": model,
             "choices": choices,
-            "usage": common.usage(num_prompt, num_completion),
+            "usage": common.usage(num_prompt, num_completion, cached),
         }
 
     def _choice(
@@ -128,7 +129,9 @@ class CompletionServing:
         tracker = common.DeltaTracker()
         created = common.now()
         num_completion = 0
+        num_cached: dict[int, int] = {}  # prompt -> its prefix-cache hits
         async for i, snapshot in common.merge_streams(streams):
+            num_cached[i] = snapshot.num_cached_tokens
             for out in snapshot.outputs:
                 index = i * n + out.index
                 echo = (snapshot.prompt or "") if request.echo else ""
@@ -162,8 +165,9 @@ class CompletionServing:
                 if request.stream_options and request.stream_options.continuous_usage_stats:
                     chunk["usage"] = common.running_usage(snapshot)
                 yield common.sse(chunk)
-        if request.stream_options and request.stream_options.include_usage:
+        if self.config.include_usage(request.stream_options):
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
+            cached = self.config.cached_tokens(sum(num_cached.values()))
             yield common.sse(
                 {
                     "id": base_id,
@@ -171,7 +175,7 @@ class CompletionServing:
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": common.usage(num_prompt, num_completion),
+                    "usage": common.usage(num_prompt, num_completion, cached),
                 }
             )
         yield common.sse("[DONE]")

@@ -100,6 +100,12 @@ def _message(message_id: str, chat: dict[str, Any]) -> dict[str, Any]:
             }
         )
     stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"))
+    usage = {
+        "input_tokens": chat["usage"]["prompt_tokens"],
+        "output_tokens": chat["usage"]["completion_tokens"],
+    }
+    if "prompt_tokens_details" in chat["usage"]:  # --enable-prompt-tokens-details
+        usage["cache_read_input_tokens"] = chat["usage"]["prompt_tokens_details"]["cached_tokens"]
     return {
         "id": message_id,
         "type": "message",
@@ -108,10 +114,7 @@ def _message(message_id: str, chat: dict[str, Any]) -> dict[str, Any]:
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": {
-            "input_tokens": chat["usage"]["prompt_tokens"],
-            "output_tokens": chat["usage"]["completion_tokens"],
-        },
+        "usage": usage,
     }
 
 
