@@ -75,7 +75,9 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
 
     # a shipped benchmark shape by name: `lmserve serve Llama-3-8B --load-format dummy`
     model = resolve_model(args.model) if args.load_format == "dummy" else args.model
-    engine = await AsyncEngine.start(model, **engine_kwargs_from_cli(args))
+    engine = await AsyncEngine.start(
+        model, log_stats=not args.disable_log_stats, **engine_kwargs_from_cli(args)
+    )
     try:
         names = args.served_model_name or [args.model or DEFAULT_MODEL]
         serving = ServingConfig(
@@ -129,6 +131,7 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             ssl_certfile=args.ssl_certfile,
             ssl_ca_certs=args.ssl_ca_certs,
             ssl_cert_reqs=args.ssl_cert_reqs,
+            access_log=not args.disable_uvicorn_access_log,
         )
         scheme = "https" if args.ssl_certfile else "http"
         print(f"lmserve: serving {names[0]} on {scheme}://{args.host}:{args.port}/v1", flush=True)
@@ -195,7 +198,10 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "1 optional, 2 required)",
     )
     parser.add_argument(
-        "--api-key", default=None, help="require this bearer key on /v1/* (or LMSERVE_API_KEY)"
+        "--api-key",
+        default=None,
+        help="require this key on /v1/*, as Authorization: Bearer KEY or x-api-key: KEY "
+        "(or LMSERVE_API_KEY)",
     )
     parser.add_argument(
         "--served-model-name",
@@ -268,6 +274,16 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--disable-log-requests", action="store_true", help="do not log each request received"
+    )
+    parser.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="do not log the throughput and cache line every 10 s",
+    )
+    parser.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="do not log each HTTP request line (uvicorn's access log)",
     )
     parser.add_argument("--root-path", default="", help="path prefix behind a proxy")
     parser.add_argument(

@@ -50,16 +50,23 @@ class AsyncEngine(EngineClient):
 
     @classmethod
     async def start(
-        cls, model: str | None = None, *, start_timeout_s: float = 600.0, **engine_args: Any
+        cls,
+        model: str | None = None,
+        *,
+        start_timeout_s: float = 600.0,
+        log_stats: bool = True,
+        **engine_args: Any,
     ) -> AsyncEngine:
-        """Resolve the model, start the core process, wait for it to load."""
+        """Resolve the model, start the core process, wait for it to load. With `log_stats`, a
+        line of throughput and cache state is logged every 10 s while there is work."""
         config = create_engine_config(model, **engine_args)
         tokenizer = load_tokenizer(config.model.path) if config.model.has_tokenizer else None
         client = AsyncMPCoreClient(config)
         await client.start(start_timeout_s)
         engine = cls(config, tokenizer, client)
         engine._output_task = asyncio.create_task(engine._output_loop(), name="lmserve-outputs")
-        engine._log_task = asyncio.create_task(engine._log_loop(), name="lmserve-stats-log")
+        if log_stats:
+            engine._log_task = asyncio.create_task(engine._log_loop(), name="lmserve-stats-log")
         return engine
 
     @property

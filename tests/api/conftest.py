@@ -31,7 +31,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*args: str, timeout_s: float = 240, scheme: str = "http") -> Server:
+def start_server(
+    *args: str, timeout_s: float = 240, scheme: str = "http", uvicorn_log_level: str = "warning"
+) -> Server:
     """NOTE: the log goes to a file, not a pipe: nobody reads a pipe while tests run, and once
     its 64 KiB buffer fills the server blocks writing its request log and stops answering.
     With scheme "https" (a server given --ssl-* flags) the health probe trusts any certificate."""
@@ -47,7 +49,7 @@ def start_server(*args: str, timeout_s: float = 240, scheme: str = "http") -> Se
             "--port",
             str(port),
             "--uvicorn-log-level",
-            "warning",
+            uvicorn_log_level,
         ],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,

@@ -43,6 +43,7 @@ def detailed(smollm2_dir):
     server = start_server(
         "--max-model-len", "1024", "--kv-cache-memory-gb", "0.25",
         "--enable-prompt-tokens-details", "--enable-force-include-usage",
+        "--disable-log-stats", "--disable-uvicorn-access-log", uvicorn_log_level="info",
     )  # fmt: skip
     yield server
     stop_server(server)
@@ -68,6 +69,16 @@ def test_prompt_tokens_details_and_forced_usage(detailed: Server) -> None:
     messages = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "max_tokens": 4, **chat}
     reply = httpx.post(f"{detailed.url}/v1/messages", json=messages, timeout=60).json()
     assert reply["usage"]["cache_read_input_tokens"] == cached
+
+
+def test_quiet_logs(detailed: Server) -> None:
+    """--disable-log-stats and --disable-uvicorn-access-log, with uvicorn logging at info."""
+    body = {"prompt": "Count:", "max_tokens": 300, "ignore_eos": True}
+    assert httpx.post(f"{detailed.url}/v1/completions", json=body, timeout=120).status_code == 200
+    time.sleep(10.5)  # a stats line would be written every 10 s after tokens were generated
+    log = detailed.log()
+    assert "Uvicorn running on" in log and "request cmpl-" in log  # info lines still come
+    assert "generation: " not in log and "POST /v1/completions" not in log
 
 
 def _self_signed_certificate(root: Path) -> tuple[Path, Path]:
