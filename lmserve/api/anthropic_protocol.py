@@ -83,6 +83,12 @@ class CountTokensRequest(BaseModel):
             messages.extend(_chat_messages(message))
         return messages
 
+    @property
+    def continues_reply(self) -> bool:
+        """A conversation ending with an assistant turn asks for that turn's continuation
+        (Anthropic's prefill), not for a new turn."""
+        return self.messages[-1].role == "assistant"
+
     def chat_tools(self) -> list[dict[str, Any]] | None:
         if not self.tools:
             return None
@@ -146,6 +152,8 @@ class MessagesRequest(CountTokensRequest):
             "tools": self.chat_tools(),
             "tool_choice": self.chat_tool_choice(),
             "stream": self.stream,
+            "add_generation_prompt": not self.continues_reply,
+            "continue_final_message": self.continues_reply,
         }
         output_format = self.output_config.format if self.output_config else None
         if output_format is not None:

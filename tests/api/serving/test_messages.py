@@ -110,6 +110,19 @@ def test_system_prompt_stop_sequence_and_max_tokens(client: anthropic.Anthropic,
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
+def test_a_final_assistant_turn_is_continued(client: anthropic.Anthropic) -> None:
+    """Anthropic's prefill: the reply continues the last assistant turn instead of starting a
+    new one, and count_tokens counts that same prompt."""
+    whole = client.messages.create(model=MODEL, max_tokens=40, messages=FRANCE, extra_body=GREEDY)
+    text = whole.content[0].text
+    head = text[: text.index(" Paris")]
+    prefilled = [*FRANCE, {"role": "assistant", "content": head}]
+    reply = client.messages.create(model=MODEL, max_tokens=3, messages=prefilled, extra_body=GREEDY)
+    assert reply.content[0].text.startswith(" Paris")
+    counted = client.messages.count_tokens(model=MODEL, messages=prefilled)
+    assert counted.input_tokens == reply.usage.input_tokens
+
+
 def test_stream_events_build_the_same_message(client: anthropic.Anthropic) -> None:
     whole = client.messages.create(model=MODEL, max_tokens=40, messages=FRANCE, extra_body=GREEDY)
     kinds = []
