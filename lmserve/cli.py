@@ -88,7 +88,8 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             sampling_defaults=load_sampling_defaults(engine.config.model.path)
             if args.generation_config == "auto"
             else {},
-            log_requests=not args.disable_log_requests,
+            log_requests=args.enable_log_requests and not args.disable_log_requests,
+            max_log_len=args.max_log_len,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
@@ -273,7 +274,20 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         help="end every stream with a usage chunk, as if stream_options.include_usage were set",
     )
     parser.add_argument(
-        "--disable-log-requests", action="store_true", help="do not log each request received"
+        "--enable-log-requests",
+        action="store_true",
+        help="log each request received: its prompt and sampling parameters (off by default)",
+    )
+    parser.add_argument(
+        "--max-log-len",
+        type=int,
+        default=None,
+        help="with --enable-log-requests, log at most this many characters of each prompt",
+    )
+    parser.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="do not log requests (the default now, as in vLLM; kept for older command lines)",
     )
     parser.add_argument(
         "--disable-log-stats",

@@ -32,6 +32,8 @@ def configured(smollm2_dir, tmp_path_factory: pytest.TempPathFactory):
         "kv-cache-memory-gb: 0.25\n"
         "enable-prefix-caching: false\n"
         "disable-fastapi-docs: true\n"
+        "enable-log-requests: true\n"
+        "max-log-len: 4\n"
     )
     server = start_server("--config", str(config), "--max-model-len", "512")
     yield server
@@ -77,8 +79,9 @@ def test_quiet_logs(detailed: Server) -> None:
     assert httpx.post(f"{detailed.url}/v1/completions", json=body, timeout=120).status_code == 200
     time.sleep(10.5)  # a stats line would be written every 10 s after tokens were generated
     log = detailed.log()
-    assert "Uvicorn running on" in log and "request cmpl-" in log  # info lines still come
+    assert "Uvicorn running on" in log  # info lines still come
     assert "generation: " not in log and "POST /v1/completions" not in log
+    assert "request cmpl-" not in log  # requests are logged only with --enable-log-requests
 
 
 def _self_signed_certificate(root: Path) -> tuple[Path, Path]:
@@ -154,6 +157,10 @@ def test_config_file_and_flag_precedence(configured: Server) -> None:
     assert reply.headers["x-request-id"] == "abc123"
     assert httpx.get(f"{configured.url}/version").headers["x-request-id"]
     assert httpx.get(f"{configured.url}/docs").status_code == 404
+    log = configured.log()  # --enable-log-requests, prompts cut to --max-log-len characters
+    assert "request cmpl-" in log and "prompt: 'Hi'" in log
+    httpx.post(f"{configured.url}/v1/completions", json={"prompt": "Hello world", "max_tokens": 1})
+    assert "prompt: 'Hell'," in configured.log()
 
 
 def test_cors_preflight(configured: Server) -> None:

@@ -142,7 +142,7 @@ class ChatServing:
         params = _params_for_tools(params, tool_mode, tools, request.parallel_tool_calls)
         parser = MessageParser(self._reasoning_parser(text), tool_mode)
         request_id = common.new_id("chatcmpl", request.request_id)
-        common.log_request(self.config, request_id, len(ids), params)
+        common.log_request(self.config, request_id, text, len(ids), params)
         stream = self.engine.generate(
             {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt, lora
         )

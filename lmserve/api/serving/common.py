@@ -28,7 +28,8 @@ class ServingConfig:
     chat_template: str | None = None
     chat_template_content_format: str = "auto"  # auto | string | openai
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
-    log_requests: bool = True
+    log_requests: bool = False  # --enable-log-requests: off by default, as in vLLM
+    max_log_len: int | None = None  # prompt characters a request's log line shows
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
@@ -86,10 +87,19 @@ def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int |
 
 
 def log_request(
-    config: ServingConfig, request_id: str, num_prompt: int, params: SamplingParams
+    config: ServingConfig,
+    request_id: str,
+    prompt: str | None,
+    num_prompt: int,
+    params: SamplingParams,
 ) -> None:
     if config.log_requests:
-        logger.info("request %s: %d prompt tokens, %s", request_id, num_prompt, params)
+        shown = (
+            prompt if prompt is None or config.max_log_len is None else prompt[: config.max_log_len]
+        )
+        logger.info(
+            "request %s: %d prompt tokens, prompt: %r, %s", request_id, num_prompt, shown, params
+        )
 
 
 def new_id(prefix: str, request_id: str | None) -> str:

@@ -52,7 +52,8 @@ class CompletionServing:
         )
         base_id = common.new_id("cmpl", request.request_id)
         for i, p in enumerate(prompts):
-            common.log_request(self.config, f"{base_id}-{i}", len(p["prompt_token_ids"]), params)
+            num_prompt = len(p["prompt_token_ids"])
+            common.log_request(self.config, f"{base_id}-{i}", p["prompt"], num_prompt, params)
         streams = [
             self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt, lora)
             for i, p in enumerate(prompts)
