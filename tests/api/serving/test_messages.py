@@ -17,6 +17,7 @@ import pytest
 
 from lmserve.api.serving.messages import _events
 from tests.api.conftest import Server, start_server, stop_server
+from tests.api.test_server import metric, metrics_once_idle
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEY = "sk-test"
@@ -194,6 +195,19 @@ def test_tool_result_round_trip(client: anthropic.Anthropic) -> None:
     )
     assert second.usage.input_tokens > first.usage.input_tokens
     assert second.content and second.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_a_client_leaving_mid_stream_frees_its_request(server: Server) -> None:
+    count = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+    body = {"model": MODEL, "max_tokens": 900, "messages": count, "stream": True, **GREEDY}
+    headers = {"x-api-key": KEY}
+    with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers=headers) as r:
+        deltas = (line for line in r.iter_lines() if line == "event: content_block_delta")
+        for _ in range(10):
+            next(deltas)
+        assert httpx.get(f"{server.url}/load").json()["server_load"] == 1
+    text = metrics_once_idle(server)
+    assert metric(text, "lmserve:kv_cache_usage_perc", model_name=MODEL) == 0
 
 
 def test_errors_are_anthropic_errors(client: anthropic.Anthropic, server: Server) -> None:
