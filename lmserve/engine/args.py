@@ -124,8 +124,8 @@ def create_engine_config(
         structured_output=structured_output,
         device=device,
         attention_backend=attention_backend,
-        # LoRA deltas read per-step token groups that a captured graph could not follow
-        enforce_eager=enforce_eager or enable_lora,
+        # with LoRA, decode steps holding an adapter run eagerly (the runner decides per step)
+        enforce_eager=enforce_eager,
         lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
     )
 
