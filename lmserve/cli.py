@@ -95,6 +95,8 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             reasoning_parser=args.reasoning_parser,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
             enable_force_include_usage=args.enable_force_include_usage,
+            server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
+            or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
             or _env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
         )

@@ -162,4 +162,5 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "torch_ref"  # torch_ref (CPU, the oracle) | triton (CUDA)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    enable_sleep_mode: bool = False  # sleep() / wake_up() free and restore the KV cache, weights
     lora: LoRAConfig | None = None  # None: LoRA adapters are not served

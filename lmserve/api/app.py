@@ -9,9 +9,9 @@ import importlib.metadata
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -198,6 +198,9 @@ def build_app(
             raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": engine.tokenizer.decode(request.tokens)}
 
+    if config.server_dev_mode:
+        _install_sleep_routes(app, engine)
+
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_healthy:
@@ -246,6 +249,30 @@ async def _disconnected(raw: Request) -> None:
     """Returns once the client disconnects (the body was read already, so only that is left)."""
     while (await raw.receive())["type"] != "http.disconnect":
         pass
+
+
+def _install_sleep_routes(app: FastAPI, engine: EngineClient) -> None:
+    """Sleep mode's routes, served in dev mode only (VLLM_SERVER_DEV_MODE=1) as in vLLM."""
+
+    @app.post("/sleep")
+    async def sleep(level: int = 1) -> Response:
+        await engine.sleep(level)
+        return Response(status_code=200)
+
+    @app.post("/wake_up")
+    async def wake_up(tags: Annotated[list[str] | None, Query()] = None) -> Response:
+        if tags and set(tags) != {"weights", "kv_cache"}:
+            raise APIError(
+                f"waking only {', '.join(tags)} is not supported: the weights and the KV cache "
+                "wake up together (omit tags)",
+                param="tags",
+            )
+        await engine.wake_up()
+        return Response(status_code=200)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> dict[str, bool]:
+        return {"is_sleeping": engine.is_sleeping}
 
 
 async def _json_body(raw: Request) -> Any:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from lmserve.engine.protocol import EngineDeadError
+from lmserve.engine.protocol import EngineDeadError, EngineSleepingError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def error_for(exc: Exception) -> tuple[int, dict[str, Any]] | None:
         return 400, error_body(message, 400, param=field)
     if isinstance(exc, EngineDeadError):
         return 503, error_body(f"The engine is not running: {exc}", 503)
+    if isinstance(exc, EngineSleepingError):
+        return 503, error_body(str(exc), 503)
     if isinstance(exc, ValueError):
         return 400, error_body(str(exc), 400)
     return None

@@ -58,6 +58,7 @@ def create_engine_config(
     attention_backend: str = "auto",
     quantization: str | None = None,
     enforce_eager: bool = False,
+    enable_sleep_mode: bool = False,
     enable_lora: bool = False,
     max_loras: int = 1,
     max_lora_rank: int = 16,
@@ -126,6 +127,7 @@ def create_engine_config(
         attention_backend=attention_backend,
         # with LoRA, decode steps holding an adapter run eagerly (the runner decides per step)
         enforce_eager=enforce_eager,
+        enable_sleep_mode=enable_sleep_mode,
         lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
     )
 
@@ -269,7 +271,15 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--enable-lora",
         action="store_true",
         help="serve LoRA adapters (PEFT format) on top of the base model; requests pick one by "
-        "its name (see --lora-modules). Decode steps then run without CUDA graphs",
+        "its name (see --lora-modules). Decode steps holding an adapter run without CUDA graphs",
+    )
+    parser.add_argument(
+        "--enable-sleep-mode",
+        action="store_true",
+        help="allow putting the idle engine to sleep: level 1 frees the KV cache (on CUDA the "
+        "weights move to host memory), level 2 frees the weights too (reloaded on wake-up). "
+        "Offline: LLM.sleep() / wake_up(); served: POST /sleep, /wake_up, GET /is_sleeping, "
+        "with VLLM_SERVER_DEV_MODE=1",
     )
     parser.add_argument(
         "--max-loras",
@@ -321,6 +331,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         structured_outputs_backend=args.structured_outputs_backend,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        enable_sleep_mode=args.enable_sleep_mode,
         reasoning_parser=args.reasoning_parser,
         enable_lora=args.enable_lora,
         max_loras=args.max_loras,

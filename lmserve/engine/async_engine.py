@@ -22,7 +22,7 @@ from lmserve.engine.input_processor import InputProcessor, ProcessedPrompt, Prom
 from lmserve.engine.messages import EngineCoreRequest
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
-from lmserve.engine.protocol import EngineClient, EngineDeadError
+from lmserve.engine.protocol import EngineClient, EngineDeadError, EngineSleepingError
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.lora.request import LoRARequest
 from lmserve.outputs import RequestOutput
@@ -42,6 +42,9 @@ class AsyncEngine(EngineClient):
         self.client = client
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stats: asyncio.Queue[SchedulerStats] = asyncio.Queue()
+        self._done: asyncio.Queue[str] = asyncio.Queue()  # the core's answers to sleep / wake_up
+        self._control = asyncio.Lock()  # one sleep / wake_up at a time
+        self._sleep_level = 0
         self.metrics = EngineMetrics(config.model.model)
         self._output_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
@@ -85,6 +88,8 @@ class AsyncEngine(EngineClient):
         ValueError here, before anything is queued or streamed, so a server can answer 400."""
         if not self.is_healthy:
             raise EngineDeadError(self._dead or "the engine core process exited")
+        if self._sleep_level:
+            raise EngineSleepingError("the engine is asleep: wake it up (POST /wake_up) first")
         request_id = request_id or f"req-{next(self._counter)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -140,6 +145,30 @@ class AsyncEngine(EngineClient):
         if child_ids and self.is_healthy:
             await self.client.send("abort", child_ids)
 
+    async def sleep(self, level: int = 1) -> None:
+        async with self._control:
+            await self._call_core("sleep", level)
+            self._sleep_level = level
+
+    async def wake_up(self) -> None:
+        async with self._control:
+            await self._call_core("wake_up")
+            self._sleep_level = 0
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleep_level > 0
+
+    async def _call_core(self, kind: str, payload: int | None = None) -> None:
+        """Send a control message and wait for the core's answer (a level-2 wake-up loads the
+        weights again, so it may take as long as the start did)."""
+        await self.client.send(kind, payload)
+        error = await asyncio.wait_for(self._done.get(), timeout=600)
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if error:
+            raise ValueError(error)
+
     async def get_stats(self) -> SchedulerStats:
         """The core's counters: running/waiting requests, free blocks, preemptions."""
         await self.client.send("stats")
@@ -164,6 +193,9 @@ class AsyncEngine(EngineClient):
                 assert isinstance(payload, SchedulerStats)
                 self.metrics.record_stats(payload)
                 self._stats.put_nowait(payload)
+            elif kind == "done":
+                assert isinstance(payload, str)
+                self._done.put_nowait(payload)
             elif kind == "error":
                 self._fail(str(payload))
                 return
@@ -177,6 +209,7 @@ class AsyncEngine(EngineClient):
         """The core died: every waiting request gets EngineDeadError instead of hanging."""
         logger.error("engine core died: %s", reason)
         self._dead = reason
+        self._done.put_nowait(reason)  # a sleep / wake_up waiting for the core
         for request_id, queue in list(self._queues.items()):
             queue.put_nowait(EngineDeadError(reason))
             self.output_processor.abort(request_id)

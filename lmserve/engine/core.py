@@ -34,6 +34,7 @@ class EngineCore:
         self.scheduler = scheduler
         self.runner = runner
         self.structured_output = structured_output
+        self.sleep_level = 0  # 0: awake
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> EngineCore:
@@ -61,6 +62,8 @@ class EngineCore:
         return cls(config, scheduler, runner, grammars)
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        if self.sleep_level:
+            raise ValueError("the engine is asleep: wake it up (wake_up()) before sending requests")
         core_request = Request(
             req_id=request.req_id,
             prompt_token_ids=list(request.prompt_token_ids),
@@ -101,6 +104,28 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.structured_output.shutdown()
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode: level 1 frees the KV cache (on CUDA the weights go to host memory),
+        level 2 the weights as well. Only an idle engine sleeps; asleep again is a no-op."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with --enable-sleep-mode")
+        if level not in (1, 2):
+            raise ValueError(f"the sleep level must be 1 or 2, got {level}")
+        if self.has_unfinished_requests():
+            raise ValueError(
+                f"{self.scheduler.num_unfinished} requests are unfinished: sleep when idle"
+            )
+        if self.sleep_level:
+            return
+        self.scheduler.kv.reset_prefix_cache()  # the cached blocks' contents go with the cache
+        self.runner.sleep(level)
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        if self.sleep_level:
+            self.runner.wake_up()
+            self.sleep_level = 0
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.reset_prefix_cache()

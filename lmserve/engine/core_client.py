@@ -4,9 +4,11 @@ The core process owns the model, scheduler and KV blocks and runs `EngineCore.st
 has work; the API process keeps tokenization, detokenization and HTTP, so neither competes with
 the other for the GIL. Messages are `(kind, payload)` tuples:
 
-- to the core: ("add", EngineCoreRequest), ("abort", [req ids]), ("stats", None), ("shutdown", None)
+- to the core: ("add", EngineCoreRequest), ("abort", [req ids]), ("stats", None),
+  ("sleep", level), ("wake_up", None), ("shutdown", None)
 - from the core: ("ready", SchedulerStats), ("outputs", ([EngineCoreOutput], SchedulerStats)),
-  ("stats", SchedulerStats), ("error", message)
+  ("stats", SchedulerStats), ("done", error message or "" after sleep / wake_up),
+  ("error", message)
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from lmserve.engine.protocol import EngineDeadError
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000
-_ToCore = tuple[str, EngineCoreRequest | list[str] | None]
+_ToCore = tuple[str, EngineCoreRequest | list[str] | int | None]
 FromCore = tuple[str, tuple[list[EngineCoreOutput], SchedulerStats] | SchedulerStats | str]
 _PAYLOAD_TYPES: dict[str, Any] = {
     "ready": SchedulerStats,
     "stats": SchedulerStats,
+    "done": str,
     "outputs": tuple[list[EngineCoreOutput], SchedulerStats],
     "error": str,
 }
@@ -78,11 +81,25 @@ def _serve(core: Any, inbox: zmq.Socket, outbox: zmq.Socket, encoder: Any, decod
         while inbox.poll(timeout):
             kind, payload = decoder.decode(inbox.recv())
             if kind == "add":
-                core.add_request(payload)
+                try:
+                    core.add_request(payload)
+                except ValueError:  # sent while the engine went to sleep: it ends aborted
+                    aborted = [EngineCoreOutput(payload.req_id, [], "abort", None, 0)]
+                    outbox.send(encoder.encode(("outputs", (aborted, core.scheduler.stats()))))
             elif kind == "abort":
                 core.abort_requests(payload)
             elif kind == "stats":
                 outbox.send(encoder.encode(("stats", core.scheduler.stats())))
+            elif kind in ("sleep", "wake_up"):
+                error = ""
+                try:
+                    if kind == "sleep":
+                        core.sleep(payload)
+                    else:
+                        core.wake_up()
+                except ValueError as exc:
+                    error = str(exc)
+                outbox.send(encoder.encode(("done", error)))
             elif kind == "shutdown":
                 return
             timeout = 0
@@ -140,7 +157,9 @@ class AsyncMPCoreClient:
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
 
-    async def send(self, kind: str, payload: EngineCoreRequest | list[str] | None = None) -> None:
+    async def send(
+        self, kind: str, payload: EngineCoreRequest | list[str] | int | None = None
+    ) -> None:
         """Queue a message for the core; EngineDeadError when there is no core to take it (a
         PUSH socket without a peer would otherwise wait forever)."""
         assert self._to_core is not None, "start() the client first"

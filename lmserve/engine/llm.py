@@ -49,6 +49,14 @@ class LLM:
         """Forget every cached prefix (vLLM's LLM.reset_prefix_cache), e.g. between benchmarks."""
         self.engine_core.reset_prefix_cache()
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (needs enable_sleep_mode=True): level 1 frees the KV cache (on CUDA
+        the weights move to host memory), level 2 frees the weights too; wake_up() undoes it."""
+        self.engine_core.sleep(level)
+
+    def wake_up(self) -> None:
+        self.engine_core.wake_up()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's generation_config.json sampling defaults, as vLLM's --generation-config auto."""
         return SamplingParams(**load_sampling_defaults(self.config.model.path))

@@ -18,6 +18,10 @@ class EngineDeadError(RuntimeError):
     """The engine core process is gone; requests cannot be served until a restart."""
 
 
+class EngineSleepingError(RuntimeError):
+    """The engine was put to sleep (sleep mode); requests wait for a wake-up, not a restart."""
+
+
 class EngineClient(abc.ABC):
     config: EngineConfig
     tokenizer: Any | None
@@ -47,3 +51,15 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     async def get_stats(self) -> SchedulerStats: ...
+
+    @abc.abstractmethod
+    async def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1) or the weights too (level 2); ValueError when the engine
+        is busy or sleep mode is off."""
+
+    @abc.abstractmethod
+    async def wake_up(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def is_sleeping(self) -> bool: ...

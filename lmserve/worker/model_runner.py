@@ -58,6 +58,7 @@ class ModelRunner:
         self.model = model
         self.kv_caches = kv_caches
         self.num_blocks = kv_caches[0].shape[1]  # every backend's layout: [2, num_blocks, ...]
+        self._kv_shape, self._kv_dtype = tuple(kv_caches[0].shape), kv_caches[0].dtype
         self.backend = backend
         self.device = device
         self.block_size = config.cache.block_size
@@ -66,8 +67,7 @@ class ModelRunner:
         self.batch = InputBatch(config.scheduler.max_num_seqs, max_len, _max_blocks_per_seq(config))
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
-        for layer, cache in zip(model.attention_layers(), kv_caches, strict=True):
-            layer.kv_cache = cache
+        self._bind_kv_caches()
         self.lora = lora
         self.graphs = graphs
         if graphs is not None:
@@ -98,16 +98,45 @@ class ModelRunner:
             num_blocks, config.cache.block_size, config.model.num_kv_heads, config.model.head_dim
         )
         caches = allocate_kv_caches(config.model, shape, config.cache.block_size, dtype, device)
-        graphs = None
-        if device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
-            graphs = DecodeGraphs(
-                model,
-                backend,
-                config.scheduler.max_num_seqs,
-                _max_blocks_per_seq(config),
-                device,
-            )
+        graphs = _decode_graphs(config, model, backend, device)
         return cls(config, model, caches, backend, device, graphs=graphs, lora=lora)
+
+    # ---- sleep mode -------------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        """Free the KV cache and, on CUDA, move the weights to host memory (level 1); or free
+        the weights too (level 2). The engine must be idle: the cache's contents are lost."""
+        self.graphs = None  # captured against the tensors freed here
+        for layer in self.model.attention_layers():
+            layer.kv_cache = None
+        self.kv_caches = []
+        if level == 2:
+            self.model.to("meta")  # frees every weight; wake_up builds the model again
+        elif self.device.type == "cuda":
+            self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        """Undo sleep(): the weights back (loaded again after level 2, adapters reloading on
+        their next request), a fresh KV cache of the same size, decode graphs captured anew."""
+        if next(self.model.parameters()).is_meta:
+            torch.manual_seed(self.config.model.seed)
+            self.model = load_model(self.config.model, self.device)
+            if self.config.lora:
+                self.lora = LoRAManager(self.model, self.config.model, self.config.lora)
+        elif self.device.type == "cuda":
+            self.model.to(self.device)
+        self.kv_caches = allocate_kv_caches(
+            self.config.model, self._kv_shape, self.block_size, self._kv_dtype, self.device
+        )
+        self._bind_kv_caches()
+        self.graphs = _decode_graphs(self.config, self.model, self.backend, self.device)
+        if self.graphs is not None:
+            self.graphs.capture()
+
+    def _bind_kv_caches(self) -> None:
+        for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
+            layer.kv_cache = cache
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -284,6 +313,17 @@ class ModelRunner:
                 logprobs=prev.logprobs if prev else None,
                 prompt_logprobs=entries,
             )
+
+
+def _decode_graphs(
+    config: EngineConfig, model: nn.Module, backend: AttentionBackend, device: torch.device
+) -> DecodeGraphs | None:
+    """Decode graphs where they can run (CUDA, a backend that supports them), unless eager."""
+    if device.type != "cuda" or not backend.supports_cuda_graphs or config.enforce_eager:
+        return None
+    return DecodeGraphs(
+        model, backend, config.scheduler.max_num_seqs, _max_blocks_per_seq(config), device
+    )
 
 
 def _max_blocks_per_seq(config: EngineConfig) -> int:

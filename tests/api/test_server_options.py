@@ -144,6 +144,40 @@ def test_https_with_ssl_flags(tiny_model_dirs, tmp_path: Path) -> None:
         stop_server(server)
 
 
+def test_sleep_mode_routes(tiny_model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1: an asleep engine answers requests
+    with 503, and /wake_up brings back the same answers."""
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    server = start_server(
+        str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.05", "--enable-sleep-mode"
+    )
+    url = server.url
+    body = {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+
+    def tokens() -> list[int]:
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["token_ids"]
+
+    try:
+        assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": False}
+        expected = tokens()
+        assert httpx.post(f"{url}/sleep", params={"level": 2}, timeout=60).status_code == 200
+        assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": True}
+        asleep = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert asleep.status_code == 503 and "asleep" in asleep.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 200
+        partial = httpx.post(f"{url}/wake_up", params={"tags": "weights"}, timeout=60)
+        assert partial.status_code == 400
+        assert httpx.post(f"{url}/wake_up", timeout=120).status_code == 200
+        assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": False}
+        assert tokens() == expected
+        assert httpx.post(f"{url}/sleep", params={"level": 3}).status_code == 400
+    finally:
+        stop_server(server)
+
+
 def test_config_file_and_flag_precedence(configured: Server) -> None:
     models = httpx.get(f"{configured.url}/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["smol", "alias"]
@@ -157,6 +191,7 @@ def test_config_file_and_flag_precedence(configured: Server) -> None:
     assert reply.headers["x-request-id"] == "abc123"
     assert httpx.get(f"{configured.url}/version").headers["x-request-id"]
     assert httpx.get(f"{configured.url}/docs").status_code == 404
+    assert httpx.post(f"{configured.url}/sleep").status_code == 404  # dev mode only
     log = configured.log()  # --enable-log-requests, prompts cut to --max-log-len characters
     assert "request cmpl-" in log and "prompt: 'Hi'" in log
     httpx.post(f"{configured.url}/v1/completions", json={"prompt": "Hello world", "max_tokens": 1})

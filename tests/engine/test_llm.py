@@ -3,6 +3,7 @@ batching, chunking, prefix caching or preemption; the block pool stays consisten
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,54 @@ def test_gpu_bf16_logprobs_are_as_close_to_fp32_as_hf_bf16(tiny_model_dirs, kind
     assert hf_err.max() > 0  # HF's bf16 really differs from fp32: the bound below means something
     assert our_err.mean() <= 1.5 * hf_err.mean() + 1e-3, (our_err.mean(), hf_err.mean())
     assert our_err.max() <= 2 * hf_err.max() + 1e-2, (our_err.max(), hf_err.max())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"], ids=["fp32", "int8"])
+def test_sleep_frees_memory_and_wake_up_restores_the_outputs(tiny_model_dirs, quantization) -> None:
+    """Level 1 frees the KV cache, level 2 the weights too; after each wake-up the engine gives
+    the tokens it gave before, and no prefix-cache hit survives the sleep."""
+    path = str(tiny_model_dirs["llama"])
+    prompts = random_prompts([20, 7])
+    llm = LLM(path, enable_sleep_mode=True, kv_cache_memory_gb=0.25, block_size=8,
+              quantization=quantization)  # fmt: skip
+    expected = run_greedy(llm, prompts)
+    runner = llm.engine_core.runner
+    before = _rss_bytes()
+    llm.sleep(level=1)
+    assert before - _rss_bytes() > 0.2 * 2**30  # the 0.25 GiB cache went back to the OS
+    assert all(layer.kv_cache is None for layer in runner.model.attention_layers())
+    with pytest.raises(ValueError, match="asleep"):
+        run_greedy(llm, prompts)
+    llm.wake_up()
+    again = llm.generate([{"prompt_token_ids": prompts[0]}], use_tqdm=False)
+    assert again[0].num_cached_tokens == 0  # the cached prefix went with the cache
+    assert run_greedy(llm, prompts) == expected
+    llm.sleep(level=2)
+    assert all(p.is_meta for p in runner.model.parameters())
+    llm.wake_up()
+    assert run_greedy(llm, prompts) == expected
+    assert_no_blocks_held(llm)
+
+
+def test_sleep_needs_sleep_mode_and_a_valid_level(tiny_model_dirs) -> None:
+    path = str(tiny_model_dirs["llama"])
+    with pytest.raises(ValueError, match="--enable-sleep-mode"):
+        LLM(path, kv_cache_memory_gb=0.01).sleep()
+    llm = LLM(path, kv_cache_memory_gb=0.01, enable_sleep_mode=True)
+    with pytest.raises(ValueError, match="1 or 2"):
+        llm.sleep(level=3)
+    llm.wake_up()  # awake already: nothing to do
+    processed = llm.input_processor.tokenize_prompt({"prompt_token_ids": [1, 2, 3]})
+    params = SamplingParams(max_tokens=2)
+    (request,) = llm.input_processor.make_requests("busy", processed, params, None, None)
+    llm.engine_core.add_request(request)
+    with pytest.raises(ValueError, match="1 requests are unfinished"):
+        llm.sleep()
+    llm.engine_core.abort_requests([request.req_id])
+    llm.sleep()
+    assert llm.engine_core.sleep_level == 1

@@ -38,6 +38,7 @@ class ServingConfig:
     # adapters served by name; the registry object is shared, its contents change at runtime
     lora_modules: LoRAModules = field(default_factory=LoRAModules)
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    server_dev_mode: bool = False  # vLLM's dev-only routes: /sleep, /wake_up, /is_sleeping
 
     @property
     def model_name(self) -> str:
