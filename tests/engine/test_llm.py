@@ -364,3 +364,25 @@ def test_sleep_needs_sleep_mode_and_a_valid_level(tiny_model_dirs) -> None:
     llm.engine_core.abort_requests([request.req_id])
     llm.sleep()
     assert llm.engine_core.sleep_level == 1
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_sleep_moves_weights_off_the_gpu_and_wake_up_recaptures(tiny_model_dirs) -> None:
+    path = str(tiny_model_dirs["llama"])
+    prompts = random_prompts([20, 7, 3])
+    llm = LLM(path, device="cuda", dtype="float32", enable_sleep_mode=True,
+              kv_cache_memory_gb=0.25)  # fmt: skip
+    expected = run_greedy(llm, prompts)
+    before = torch.cuda.memory_allocated()
+    llm.sleep(level=1)
+    assert before - torch.cuda.memory_allocated() > 0.2 * 2**30
+    assert next(llm.engine_core.runner.model.parameters()).device.type == "cpu"
+    llm.wake_up()
+    graphs = llm.engine_core.runner.graphs
+    assert graphs is not None
+    replays = _count_replays(graphs)
+    assert run_greedy(llm, prompts) == expected and replays
+    llm.sleep(level=2)
+    llm.wake_up()
+    assert run_greedy(llm, prompts) == expected
