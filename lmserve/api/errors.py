@@ -89,7 +89,6 @@ def error_for(exc: Exception) -> tuple[int, dict[str, Any]] | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(Exception)
     async def _error(_: Request, exc: Exception) -> JSONResponse:
         known = error_for(exc)
         if known is None:
@@ -98,5 +97,17 @@ def install_error_handlers(app: FastAPI) -> None:
         status, body = known
         return JSONResponse(body, status_code=status)
 
-    # FastAPI handles its own validation errors unless a handler names the class itself
-    app.add_exception_handler(RequestValidationError, _error)
+    # The request's own faults, by class: Starlette answers these and is done. A handler for
+    # Exception alone runs in its outermost middleware, which re-raises after answering, so
+    # every 400 was logged as a crash and the connection dropped (a keep-alive client could
+    # see a connection error instead of the 400).
+    for known in (
+        APIError,
+        RequestValidationError,
+        ValidationError,
+        ValueError,
+        EngineDeadError,
+        EngineSleepingError,
+    ):
+        app.add_exception_handler(known, _error)
+    app.add_exception_handler(Exception, _error)  # a bug: 500, and the traceback logged

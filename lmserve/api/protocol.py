@@ -45,7 +45,7 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = None
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False

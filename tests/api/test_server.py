@@ -154,6 +154,19 @@ def test_chat_errors(smollm2_server: Server, body: dict, status: int, needle: st
     assert needle in error["message"] and {"message", "type", "param", "code"} <= error.keys()
 
 
+def test_errors_keep_the_connection_and_the_log_clean(smollm2_server: Server) -> None:
+    """A 400 is an answer, not a crash: on one keep-alive connection bad requests and a good
+    one all get their replies, and the server logs no traceback for them."""
+    bad = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+    with httpx.Client(base_url=smollm2_server.url, timeout=60) as client:
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=bad).status_code == 400
+        assert client.post("/v1/completions", json={"prompt": "a", "n": 0}).status_code == 400
+        good = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+        assert good.status_code == 200
+    assert "Traceback" not in smollm2_server.log()
+
+
 def test_assistant_tool_call_turn_without_content(client: openai.OpenAI) -> None:
     """OpenAI sends a tool-call turn with content null; a template that concatenates content
     (SmolLM2's) renders it as "", as vLLM does, instead of failing."""
