@@ -27,11 +27,13 @@ from lmserve.api.protocol import (
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
+from lmserve.api.responses_protocol import ResponsesRequest
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing, apply_chat_template
 from lmserve.api.serving.completions import CompletionServing
 from lmserve.api.serving.messages import MessagesServing, anthropic_error, anthropic_error_for
 from lmserve.api.serving.models import model_card
+from lmserve.api.serving.responses import ResponsesServing
 from lmserve.engine.protocol import EngineClient
 
 _VERSION = importlib.metadata.version("lmserve")
@@ -72,6 +74,7 @@ def build_app(
     chat = ChatServing(engine, config)
     completions = CompletionServing(engine, config)
     messages = MessagesServing(engine, config, chat)
+    responses = ResponsesServing(chat)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
@@ -80,6 +83,18 @@ def build_app(
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
         return await _unless_disconnected(raw, completions.create(request))
+
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, responses.create(request))
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> Response:
+        raise APIError(
+            f"response {response_id!r} was not stored: this server keeps no responses",
+            status=404,
+            param="response_id",
+        )
 
     @app.post("/v1/messages")
     async def create_message(raw: Request) -> Response:
