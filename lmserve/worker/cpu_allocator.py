@@ -50,6 +50,14 @@ def keep_freed_memory_mapped() -> bool:
     )
 
 
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). With the thresholds
+    above, a freed KV cache can sit in the heap, where a big allocation may have come from, and
+    stay resident; sleep mode calls this after freeing it. False without malloc_trim."""
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
     """Ask Linux to back `tensor`'s whole 2 MiB pages with transparent huge pages. Call before
     first touching it (pages already faulted in stay small). False where that is refused (not

@@ -19,7 +19,7 @@ from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
 from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
 from lmserve.transfer import to_device, to_host
-from lmserve.worker.cpu_allocator import keep_freed_memory_mapped
+from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
@@ -115,6 +115,8 @@ class ModelRunner:
             self.model.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        else:
+            release_free_memory()
 
     def wake_up(self) -> None:
         """Undo sleep(): the weights back (loaded again after level 2, adapters reloading on
