@@ -61,7 +61,7 @@ class _Head:
             "parallel_tool_calls": request.parallel_tool_calls is not False,
             "metadata": request.metadata or {},
             "tool_choice": request.tool_choice or "auto",
-            "tools": request.tools or [],
+            "tools": [_tool_echo(tool) for tool in request.tools or []],
             "temperature": request.temperature,
             "top_p": request.top_p,
             "max_output_tokens": request.max_output_tokens,
@@ -295,6 +295,15 @@ def _usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": chat_usage["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": chat_usage["total_tokens"],
+    }
+
+
+def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as a Response lists it: strict and parameters are required there."""
+    return {
+        **tool,
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict"),
     }
 
 

@@ -111,7 +111,7 @@ def test_stream_events_validate_and_build_the_same_response(client, server, vali
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_forced_function_call_and_its_output(client, stream: bool) -> None:
+def test_forced_function_call_and_its_output(client, server, validate, stream: bool) -> None:  # noqa: F811
     kwargs: dict[str, Any] = dict(
         model=MODEL, input="What is 2 plus 3?", tools=[ADD], max_output_tokens=100,
         tool_choice={"type": "function", "name": "add"}, temperature=0,
@@ -124,6 +124,8 @@ def test_forced_function_call_and_its_output(client, stream: bool) -> None:
     calls = [item for item in reply.output if item.type == "function_call"]
     assert calls and calls[0].name == "add" and calls[0].call_id.startswith("call_")
     jsonschema.validate(json.loads(calls[0].arguments), ADD["parameters"])
+    raw = _raw(server, {k: v for k, v in kwargs.items() if k != "model"}).json()
+    validate("Response", raw)
     follow_up = [
         {"role": "user", "content": "What is 2 plus 3?"},
         {"type": "function_call", "call_id": calls[0].call_id, "name": "add",
@@ -158,3 +160,56 @@ def test_errors(client, server) -> None:
     with pytest.raises(openai.NotFoundError, match="not stored"):
         client.responses.retrieve("resp_123")
     assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).output
+
+
+async def _chunks(*chunks: dict[str, Any]):
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa: F811
+    """A chat stream with reasoning, content and a call (as the parsers produce it): one
+    reasoning, one message and one function_call item, every event valid and numbered."""
+    import asyncio
+
+    from lmserve.api.responses_protocol import ResponsesRequest
+    from lmserve.api.serving.responses import _events, _Head
+
+    usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    deltas = [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "think"},
+        {"reasoning_content": "ing"},
+        {"content": "Sure."},
+        {
+            "tool_calls": [
+                {"index": 0, "id": "call_1", "function": {"name": "add", "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": ', "b": 2}'}}]},
+    ]
+    chunks = [
+        {"model": "m", "usage": usage, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+        for d in deltas
+    ]
+    chunks.append({"model": "m", "usage": usage,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})  # fmt: skip
+    head = _Head(ResponsesRequest(input="x", tools=[ADD]), "resp_1", 0)
+
+    async def collect() -> list[str]:
+        return [text async for text in _events(head, _chunks(*chunks))]
+
+    events = [json.loads(t.split("\n")[1].removeprefix("data: ")) for t in asyncio.run(collect())]
+    for event in events:
+        validate("ResponseStreamEvent", event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]
+    assert final["type"] == "response.completed"
+    output = final["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message", "function_call"]
+    assert output[0]["content"][0]["text"] == "thinking"
+    assert output[1]["content"][0]["text"] == "Sure."
+    assert output[2]["arguments"] == '{"a": 1, "b": 2}' and output[2]["call_id"] == "call_1"
+    assert final["response"]["usage"]["output_tokens"] == 5
