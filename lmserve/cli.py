@@ -95,6 +95,7 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             reasoning_parser=args.reasoning_parser,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
             enable_force_include_usage=args.enable_force_include_usage,
+            return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
@@ -269,6 +270,12 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="report usage.prompt_tokens_details.cached_tokens: prompt tokens served from the "
         "prefix cache",
+    )
+    parser.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help='logprobs name each token "token_id:{id}" instead of its text (for clients that '
+        "must not re-tokenize text that does not decode cleanly)",
     )
     parser.add_argument(
         "--enable-force-include-usage",

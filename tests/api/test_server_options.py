@@ -45,7 +45,8 @@ def detailed(smollm2_dir):
     server = start_server(
         "--max-model-len", "1024", "--kv-cache-memory-gb", "0.25",
         "--enable-prompt-tokens-details", "--enable-force-include-usage",
-        "--disable-log-stats", "--disable-uvicorn-access-log", uvicorn_log_level="info",
+        "--disable-log-stats", "--disable-uvicorn-access-log", "--return-tokens-as-token-ids",
+        uvicorn_log_level="info",
     )  # fmt: skip
     yield server
     stop_server(server)
@@ -71,6 +72,23 @@ def test_prompt_tokens_details_and_forced_usage(detailed: Server) -> None:
     messages = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "max_tokens": 4, **chat}
     reply = httpx.post(f"{detailed.url}/v1/messages", json=messages, timeout=60).json()
     assert reply["usage"]["cache_read_input_tokens"] == cached
+
+
+def test_tokens_as_token_ids(detailed: Server) -> None:
+    """--return-tokens-as-token-ids: every logprob token is "token_id:{id}", the sampled ones
+    the ids generated."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True,
+            "top_logprobs": 2, "return_token_ids": True}  # fmt: skip
+    reply = httpx.post(f"{detailed.url}/v1/chat/completions", json=chat, timeout=60).json()
+    choice = reply["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(top["token"].startswith("token_id:") for c in content for top in c["top_logprobs"])
+    body = {"prompt": "Hi", "max_tokens": 3, "logprobs": 2, "return_token_ids": True}
+    reply = httpx.post(f"{detailed.url}/v1/completions", json=body, timeout=60).json()
+    choice = reply["choices"][0]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(k.startswith("token_id:") for top in choice["logprobs"]["top_logprobs"] for k in top)
 
 
 def test_quiet_logs(detailed: Server) -> None:

@@ -231,12 +231,16 @@ class ChatServing:
         ):
             chosen = entry[token_id]
             top = sorted(
-                (lp for lp in entry.values() if (lp.rank or 0) <= k), key=lambda lp: lp.rank
+                ((tid, lp) for tid, lp in entry.items() if (lp.rank or 0) <= k),
+                key=lambda item: item[1].rank,
             )
+            text = self.config.token_text
             content.append(
                 {
-                    **_token_logprob(chosen.decoded_token, chosen.logprob),
-                    "top_logprobs": [_token_logprob(lp.decoded_token, lp.logprob) for lp in top],
+                    **_token_logprob(text(token_id, chosen.decoded_token), chosen.logprob),
+                    "top_logprobs": [
+                        _token_logprob(text(tid, lp.decoded_token), lp.logprob) for tid, lp in top
+                    ],
                 }
             )
         return {"content": content, "refusal": None}
@@ -385,8 +389,7 @@ def _delta_json(delta: MessageDelta, with_reasoning: bool) -> dict[str, Any]:
     return body
 
 
-def _token_logprob(token: str | None, logprob: float) -> dict[str, Any]:
-    text = token or ""
+def _token_logprob(text: str, logprob: float) -> dict[str, Any]:
     return {
         "token": text,
         "logprob": common.finite_logprob(logprob),

@@ -38,6 +38,7 @@ class ServingConfig:
     # adapters served by name; the registry object is shared, its contents change at runtime
     lora_modules: LoRAModules = field(default_factory=LoRAModules)
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
     server_dev_mode: bool = False  # vLLM's dev-only routes: /sleep, /wake_up, /is_sleeping
 
     @property
@@ -47,6 +48,11 @@ class ServingConfig:
     def cached_tokens(self, num_cached: int) -> int | None:
         """What usage reports of prefix-cache hits: nothing unless asked for."""
         return num_cached if self.enable_prompt_tokens_details else None
+
+    def token_text(self, token_id: int, decoded: str | None) -> str:
+        """A logprob entry's token: its text, or "token_id:{id}" with
+        --return-tokens-as-token-ids (for clients that must not re-tokenize text)."""
+        return f"token_id:{token_id}" if self.return_tokens_as_token_ids else decoded or ""
 
     def include_usage(self, stream_options: Any) -> bool:
         """Whether a stream ends with a usage chunk."""

@@ -103,12 +103,13 @@ class CompletionServing:
             out.token_ids[start:end], (out.logprobs or [])[start:end], strict=False
         ):
             chosen = entry[token_id]
-            tokens.append(chosen.decoded_token or "")
+            text = self.config.token_text
+            tokens.append(text(token_id, chosen.decoded_token))
             token_logprobs.append(common.finite_logprob(chosen.logprob))
             top.append(
                 {
-                    (lp.decoded_token or ""): common.finite_logprob(lp.logprob)
-                    for lp in entry.values()
+                    text(tid, lp.decoded_token): common.finite_logprob(lp.logprob)
+                    for tid, lp in entry.items()
                 }
             )
         return {
