@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.metadata
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -97,26 +98,16 @@ def build_app(
         )
 
     @app.post("/v1/messages")
+    @_anthropic_errors
     async def create_message(raw: Request) -> Response:
-        try:
-            request = MessagesRequest.model_validate(await _json_body(raw))
-            return await _unless_disconnected(raw, messages.create(request))
-        except Exception as exc:
-            response = anthropic_error_for(exc)
-            if response is None:
-                raise
-            return response
+        request = MessagesRequest.model_validate(await _json_body(raw))
+        return await _unless_disconnected(raw, messages.create(request))
 
     @app.post("/v1/messages/count_tokens")
+    @_anthropic_errors
     async def count_message_tokens(raw: Request) -> Response:
-        try:
-            request = CountTokensRequest.model_validate(await _json_body(raw))
-            return JSONResponse(messages.count_tokens(request))
-        except Exception as exc:
-            response = anthropic_error_for(exc)
-            if response is None:
-                raise
-            return response
+        request = CountTokensRequest.model_validate(await _json_body(raw))
+        return JSONResponse(messages.count_tokens(request))
 
     @app.post("/invocations")
     async def invocations(raw: Request) -> Response:
@@ -288,6 +279,25 @@ def _install_sleep_routes(app: FastAPI, engine: EngineClient) -> None:
     @app.get("/is_sleeping")
     async def is_sleeping() -> dict[str, bool]:
         return {"is_sleeping": engine.is_sleeping}
+
+
+def _anthropic_errors(
+    route: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A route that answers in Anthropic's error body whatever the OpenAI routes would answer
+    in theirs (the body is parsed inside, so bad JSON and fields are caught too)."""
+
+    @functools.wraps(route)
+    async def anthropic_route(raw: Request) -> Response:
+        try:
+            return await route(raw)
+        except Exception as exc:
+            response = anthropic_error_for(exc)
+            if response is None:
+                raise
+            return response
+
+    return anthropic_route
 
 
 async def _json_body(raw: Request) -> Any:

@@ -125,11 +125,7 @@ async def _events(message_id: str, chunks: AsyncIterator[str]) -> AsyncIterator[
     stop: tuple[str | None, str | None] = ("end_turn", None)
     output_tokens = 0
     try:
-        async for line in chunks:
-            data = line.removeprefix("data: ").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in common.sse_payloads(chunks):
             usage = chunk.get("usage")
             if usage:
                 output_tokens = usage["completion_tokens"]

@@ -98,11 +98,7 @@ async def _events(head: _Head, chunks: AsyncIterator[str]) -> AsyncIterator[str]
     items = _ItemStream()
     model, usage, finish = "", None, None
     started = False
-    async for line in chunks:
-        data = line.removeprefix("data: ").strip()
-        if data == "[DONE]":
-            break
-        chunk = json.loads(data)
+    async for chunk in common.sse_payloads(chunks):
         model = chunk.get("model", model)
         if chunk.get("usage"):
             usage = _usage(chunk["usage"])

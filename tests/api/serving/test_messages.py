@@ -235,7 +235,8 @@ def test_errors_are_anthropic_errors(client: anthropic.Anthropic, server: Server
     assert client.messages.create(model=MODEL, max_tokens=2, messages=FRANCE).content
 
 
-async def _chunks(*chunks: dict[str, Any]):
+async def chat_stream(*chunks: dict[str, Any]):
+    """A chat endpoint's SSE stream of these chunks, for the converters built on it."""
     for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
@@ -264,7 +265,7 @@ def test_reasoning_and_tool_call_deltas_become_blocks() -> None:
     chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
 
     async def collect() -> list[str]:
-        return [text async for text in _events("msg_1", _chunks(*chunks))]
+        return [text async for text in _events("msg_1", chat_stream(*chunks))]
 
     events = []
     for text in asyncio.run(collect()):

@@ -14,22 +14,17 @@ import openai
 import pytest
 
 from tests.api.conftest import Server, start_server, stop_server
+from tests.api.serving.test_messages import ADD as ANTHROPIC_ADD
+from tests.api.serving.test_messages import chat_stream
 from tests.api.test_openai_schema import validate  # noqa: F401 - the fixture
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
-ADD = {
+ADD = {  # the Messages tests' tool, as a Responses function tool
     "type": "function",
-    "name": "add",
-    "description": "Add two numbers",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "a": {"type": "integer", "minimum": 0, "maximum": 99},
-            "b": {"type": "integer", "minimum": 0, "maximum": 99},
-        },
-        "required": ["a", "b"],
-    },
+    "name": ANTHROPIC_ADD["name"],
+    "description": ANTHROPIC_ADD["description"],
+    "parameters": ANTHROPIC_ADD["input_schema"],
 }
 
 
@@ -162,12 +157,6 @@ def test_errors(client, server) -> None:
     assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).output
 
 
-async def _chunks(*chunks: dict[str, Any]):
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
 def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa: F811
     """A chat stream with reasoning, content and a call (as the parsers produce it): one
     reasoning, one message and one function_call item, every event valid and numbered."""
@@ -199,7 +188,7 @@ def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa:
     head = _Head(ResponsesRequest(input="x", tools=[ADD]), "resp_1", 0)
 
     async def collect() -> list[str]:
-        return [text async for text in _events(head, _chunks(*chunks))]
+        return [text async for text in _events(head, chat_stream(*chunks))]
 
     events = [json.loads(t.split("\n")[1].removeprefix("data: ")) for t in asyncio.run(collect())]
     for event in events:
