@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from lmserve.api.replies import Whole
 from lmserve.engine.protocol import EngineDeadError, EngineSleepingError
+
+ErrorStyle = Literal["openai", "anthropic"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,26 @@ def error_body(
             "code": code,  # a string or null, as OpenAI's schema has it
         }
     }
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error")
+
+
+def anthropic_error_body(message: str, status: int) -> dict[str, Any]:
+    """Anthropic's error JSON, which its clients parse for the Messages routes."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
 
 
 def error_response(
@@ -86,6 +109,17 @@ def error_for(exc: Exception) -> tuple[int, dict[str, Any]] | None:
     if isinstance(exc, ValueError):
         return 400, error_body(str(exc), 400)
     return None
+
+
+def error_reply(exc: Exception, style: ErrorStyle = "openai") -> Whole | None:
+    """The answer to a known failure, in the endpoint's error style; None for a bug."""
+    known = error_for(exc)
+    if known is None:
+        return None
+    status, body = known
+    if style == "anthropic":
+        return Whole(anthropic_error_body(body["error"]["message"], status), status)
+    return Whole(body, status)
 
 
 def install_error_handlers(app: FastAPI) -> None:

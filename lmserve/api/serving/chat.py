@@ -14,6 +14,7 @@ from jinja2 import TemplateError
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from lmserve.api.reasoning import get_reasoning_parser
+from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.serving import common
 from lmserve.api.serving.chat_message import (
     MessageDelta,
@@ -117,7 +118,7 @@ class ChatServing:
         self.engine = engine
         self.config = config
 
-    async def create(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def create(self, request: ChatCompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
@@ -147,7 +148,8 @@ class ChatServing:
             {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt, lora
         )
         if request.stream:
-            return self._stream(request, model, request_id, stream, parser)
+            events = self._stream(request, model, request_id, stream, parser)
+            return Stream(events, done_marker=True)
         final = await common.run_to_end(stream)
         choices = [self._choice(request, out, parser) for out in final.outputs]
         num_completion = sum(len(o.token_ids) for o in final.outputs)
@@ -165,7 +167,7 @@ class ChatServing:
             response["prompt_logprobs"] = common.prompt_logprobs_json(final)
         if request.return_token_ids:
             response["prompt_token_ids"] = final.prompt_token_ids
-        return response
+        return Whole(response)
 
     def _tool_mode(
         self, request: ChatCompletionRequest, tools: list[dict[str, Any]] | None
@@ -252,7 +254,7 @@ class ChatServing:
         request_id: str,
         stream: AsyncIterator[RequestOutput],
         parser: MessageParser,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[Event]:
         created = common.now()
         head = {
             "id": request_id,
@@ -269,7 +271,7 @@ class ChatServing:
                 if tracker.is_new(out.index):
                     messages[out.index] = parser.stream()
                     role = {"role": self.config.response_role, "content": ""}
-                    yield common.sse(
+                    yield Event(
                         {
                             **head,
                             "choices": [
@@ -313,18 +315,17 @@ class ChatServing:
                 chunk = {**head, "choices": [choice]}
                 if request.stream_options and request.stream_options.continuous_usage_stats:
                     chunk["usage"] = common.running_usage(snapshot)
-                yield common.sse(chunk)
+                yield Event(chunk)
         if self.config.include_usage(request.stream_options) and last is not None:
             num_completion = sum(len(o.token_ids) for o in last.outputs)
             cached = self.config.cached_tokens(last.num_cached_tokens)
-            yield common.sse(
+            yield Event(
                 {
                     **head,
                     "choices": [],
                     "usage": common.usage(len(last.prompt_token_ids), num_completion, cached),
                 }
             )
-        yield common.sse("[DONE]")
 
 
 def _params_for_tools(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -195,21 +194,6 @@ def finite_logprob(logprob: float) -> float:
 def running_usage(snapshot: RequestOutput) -> dict[str, int]:
     """Usage so far, for stream_options.continuous_usage_stats."""
     return usage(len(snapshot.prompt_token_ids), sum(len(o.token_ids) for o in snapshot.outputs))
-
-
-async def sse_payloads(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of an SSE stream made by `sse`, up to its [DONE] (the Messages and
-    Responses APIs rewrite the chat stream this way)."""
-    async for line in lines:
-        data = line.removeprefix("data: ").strip()
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 def usage(

@@ -7,6 +7,7 @@ from typing import Any
 
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import CompletionRequest
+from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.serving import common
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
@@ -43,7 +44,7 @@ class CompletionServing:
             prompts.append({"prompt_token_ids": ids, "prompt": text})
         return prompts
 
-    async def create(self, request: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def create(self, request: CompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
         prompts = self._prompts(request)
@@ -59,7 +60,7 @@ class CompletionServing:
             for i, p in enumerate(prompts)
         ]
         if request.stream:
-            return self._stream(request, model, base_id, prompts, streams)
+            return Stream(self._stream(request, model, base_id, prompts, streams), done_marker=True)
         finals = [await common.run_to_end(s) for s in streams]
         choices = []
         for i, final in enumerate(finals):
@@ -68,14 +69,16 @@ class CompletionServing:
         num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
         num_completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         cached = self.config.cached_tokens(sum(f.num_cached_tokens for f in finals))
-        return {
-            "id": base_id,
-            "object": "text_completion",
-            "created": common.now(),
-            "model": model,
-            "choices": choices,
-            "usage": common.usage(num_prompt, num_completion, cached),
-        }
+        return Whole(
+            {
+                "id": base_id,
+                "object": "text_completion",
+                "created": common.now(),
+                "model": model,
+                "choices": choices,
+                "usage": common.usage(num_prompt, num_completion, cached),
+            }
+        )
 
     def _choice(
         self, request: CompletionRequest, index: int, final: RequestOutput, out: CompletionOutput
@@ -126,7 +129,7 @@ class CompletionServing:
         base_id: str,
         prompts: list[dict[str, Any]],
         streams: list[AsyncIterator[RequestOutput]],
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[Event]:
         n = request.n or 1
         tracker = common.DeltaTracker()
         created = common.now()
@@ -166,11 +169,11 @@ class CompletionServing:
                 }
                 if request.stream_options and request.stream_options.continuous_usage_stats:
                     chunk["usage"] = common.running_usage(snapshot)
-                yield common.sse(chunk)
+                yield Event(chunk)
         if self.config.include_usage(request.stream_options):
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
             cached = self.config.cached_tokens(sum(num_cached.values()))
-            yield common.sse(
+            yield Event(
                 {
                     "id": base_id,
                     "object": "text_completion",
@@ -180,4 +183,3 @@ class CompletionServing:
                     "usage": common.usage(num_prompt, num_completion, cached),
                 }
             )
-        yield common.sse("[DONE]")

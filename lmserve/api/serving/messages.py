@@ -13,41 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from lmserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from lmserve.api.errors import error_for
+from lmserve.api.errors import anthropic_error_type, error_for
 from lmserve.api.protocol import ChatMessage
+from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing, apply_chat_template
 from lmserve.engine.protocol import EngineClient
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
-
-
-def anthropic_error(status: int, message: str) -> JSONResponse:
-    body = {
-        "type": "error",
-        "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message},
-    }
-    return JSONResponse(body, status_code=status)
-
-
-def anthropic_error_for(exc: Exception) -> JSONResponse | None:
-    """Anthropic's error response for a failure the OpenAI routes would answer; None for a bug."""
-    known = error_for(exc)
-    if known is None:
-        return None
-    status, body = known
-    return anthropic_error(status, body["error"]["message"])
 
 
 class MessagesServing:
@@ -56,14 +28,14 @@ class MessagesServing:
         self.config = config
         self.chat = chat
 
-    async def create(self, request: MessagesRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def create(self, request: MessagesRequest) -> Reply:
         result = await self.chat.create(request.chat_request())
         message_id = f"msg_{uuid.uuid4().hex}"
-        if isinstance(result, dict):
-            return _message(message_id, result)
-        return _events(message_id, result)
+        if isinstance(result, Whole):
+            return Whole(_message(message_id, result.body))
+        return Stream(_events(message_id, result.events))
 
-    def count_tokens(self, request: CountTokensRequest) -> dict[str, int]:
+    async def count_tokens(self, request: CountTokensRequest) -> Reply:
         common.check_model(self.config, request.model)
         text = apply_chat_template(
             self.engine,
@@ -76,7 +48,9 @@ class MessagesServing:
             tools=request.chat_tools(),
         )
         assert self.engine.tokenizer is not None  # apply_chat_template checked it
-        return {"input_tokens": len(self.engine.tokenizer.encode(text, add_special_tokens=False))}
+        return Whole(
+            {"input_tokens": len(self.engine.tokenizer.encode(text, add_special_tokens=False))}
+        )
 
 
 def _message(message_id: str, chat: dict[str, Any]) -> dict[str, Any]:
@@ -118,14 +92,15 @@ def _message(message_id: str, chat: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _events(message_id: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _events(message_id: str, chunks: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """The chat stream's chunks (with usage on each) as Anthropic's events."""
     blocks = _BlockStream()
     started = False
     stop: tuple[str | None, str | None] = ("end_turn", None)
     output_tokens = 0
     try:
-        async for chunk in common.sse_payloads(chunks):
+        async for event in chunks:
+            chunk = event.data
             usage = chunk.get("usage")
             if usage:
                 output_tokens = usage["completion_tokens"]
@@ -145,7 +120,7 @@ async def _events(message_id: str, chunks: AsyncIterator[str]) -> AsyncIterator[
         if known is None:
             raise
         status, body = known
-        error = {"type": _ERROR_TYPES.get(status, "api_error"), "message": body["error"]["message"]}
+        error = {"type": anthropic_error_type(status), "message": body["error"]["message"]}
         yield _event("error", {"error": error})
         return
     for event in blocks.close():
@@ -162,8 +137,8 @@ class _BlockStream:
         self.index = -1
         self.kind: str | None = None
 
-    def feed(self, delta: dict[str, Any]) -> list[str]:
-        events: list[str] = []
+    def feed(self, delta: dict[str, Any]) -> list[Event]:
+        events: list[Event] = []
         if delta.get("reasoning_content"):
             events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
             events.append(
@@ -189,13 +164,13 @@ class _BlockStream:
                 )
         return events
 
-    def close(self) -> list[str]:
+    def close(self) -> list[Event]:
         if self.kind is None:
             return []
         self.kind = None
         return [_event("content_block_stop", {"index": self.index})]
 
-    def _open(self, kind: str, block: dict[str, Any]) -> list[str]:
+    def _open(self, kind: str, block: dict[str, Any]) -> list[Event]:
         if self.kind == kind and kind != "tool_use":
             return []
         events = self.close()
@@ -204,7 +179,7 @@ class _BlockStream:
         events.append(_event("content_block_start", {"index": self.index, "content_block": block}))
         return events
 
-    def _delta(self, delta: dict[str, Any]) -> str:
+    def _delta(self, delta: dict[str, Any]) -> Event:
         return _event("content_block_delta", {"index": self.index, "delta": delta})
 
 
@@ -225,8 +200,8 @@ def _start(message_id: str, chunk: dict[str, Any], input_tokens: int) -> dict[st
     }
 
 
-def _event(kind: str, payload: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
+def _event(kind: str, payload: dict[str, Any]) -> Event:
+    return Event({"type": kind, **payload}, name=kind)
 
 
 def _stop(finish_reason: str | None, stop_reason: Any) -> tuple[str, str | None]:

@@ -7,11 +7,11 @@ event stream response.created ... response.completed with sequence numbers.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.responses_protocol import ResponsesRequest
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing
@@ -21,12 +21,12 @@ class ResponsesServing:
     def __init__(self, chat: ChatServing) -> None:
         self.chat = chat
 
-    async def create(self, request: ResponsesRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def create(self, request: ResponsesRequest) -> Reply:
         result = await self.chat.create(request.chat_request())
         head = _Head(request, f"resp_{uuid.uuid4().hex}", common.now())
-        if isinstance(result, dict):
-            return _whole(head, result)
-        return _events(head, result)
+        if isinstance(result, Whole):
+            return Whole(_whole(head, result.body))
+        return Stream(_events(head, result.events))
 
 
 class _Head:
@@ -93,12 +93,13 @@ def _whole(head: _Head, chat: dict[str, Any]) -> dict[str, Any]:
     return head.response(chat["model"], status, output, _usage(chat["usage"]))
 
 
-async def _events(head: _Head, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _events(head: _Head, chunks: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """The chat stream's chunks (usage on each) as the Responses API's events."""
     items = _ItemStream()
     model, usage, finish = "", None, None
     started = False
-    async for chunk in common.sse_payloads(chunks):
+    async for event in chunks:
+        chunk = event.data
         model = chunk.get("model", model)
         if chunk.get("usage"):
             usage = _usage(chunk["usage"])
@@ -128,13 +129,13 @@ class _ItemStream:
         self.item: dict[str, Any] | None = None  # the open one
         self.text = ""
 
-    def event(self, kind: str, **payload: Any) -> str:
+    def event(self, kind: str, **payload: Any) -> Event:
         body = {"type": kind, **payload, "sequence_number": self.sequence}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return Event(body, name=kind)
 
-    def feed(self, delta: dict[str, Any]) -> list[str]:
-        events: list[str] = []
+    def feed(self, delta: dict[str, Any]) -> list[Event]:
+        events: list[Event] = []
         if delta.get("reasoning_content"):
             events += self._open("reasoning")
             events.append(
@@ -169,7 +170,7 @@ class _ItemStream:
                 )
         return events
 
-    def close(self) -> list[str]:
+    def close(self) -> list[Event]:
         item, text = self.item, self.text
         if item is None:
             return []
@@ -211,7 +212,7 @@ class _ItemStream:
         self.output.append(done)
         return events
 
-    def _open(self, kind: str) -> list[str]:
+    def _open(self, kind: str) -> list[Event]:
         if self.item is not None and self.item["type"] == kind:
             return []
         events = self.close()
@@ -236,7 +237,7 @@ class _ItemStream:
         )
         return events
 
-    def _text_delta(self, kind: str, text: str, **extra: Any) -> str:
+    def _text_delta(self, kind: str, text: str, **extra: Any) -> Event:
         assert self.item is not None
         self.text += text
         return self.event(

@@ -15,7 +15,9 @@ import openai
 import pydantic
 import pytest
 
+from lmserve.api.replies import Event
 from lmserve.api.serving.messages import _events
+from lmserve.api.sse import encode
 from tests.api.conftest import Server, start_server, stop_server
 from tests.api.test_server import metric, metrics_once_idle
 
@@ -236,10 +238,9 @@ def test_errors_are_anthropic_errors(client: anthropic.Anthropic, server: Server
 
 
 async def chat_stream(*chunks: dict[str, Any]):
-    """A chat endpoint's SSE stream of these chunks, for the converters built on it."""
+    """A chat endpoint's stream of these chunks, for the converters built on it."""
     for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n"
-    yield "data: [DONE]\n\n"
+        yield Event(chunk)
 
 
 def test_reasoning_and_tool_call_deltas_become_blocks() -> None:
@@ -264,14 +265,13 @@ def test_reasoning_and_tool_call_deltas_become_blocks() -> None:
     ]
     chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
 
-    async def collect() -> list[str]:
-        return [text async for text in _events("msg_1", chat_stream(*chunks))]
+    async def collect() -> list[Event]:
+        return [event async for event in _events("msg_1", chat_stream(*chunks))]
 
     events = []
-    for text in asyncio.run(collect()):
-        kind, data = text.split("\n")[:2]
-        events.append(json.loads(data.removeprefix("data: ")))
-        assert kind == f"event: {events[-1]['type']}"
+    for event in asyncio.run(collect()):
+        events.append(json.loads(encode(event).split("\n")[1].removeprefix("data: ")))
+        assert event.name == events[-1]["type"]
     starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
     assert [b["type"] for b in starts] == ["thinking", "text", "tool_use"]
     assert starts[2]["id"] == "call_1" and starts[2]["name"] == "add"

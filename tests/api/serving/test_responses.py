@@ -164,6 +164,7 @@ def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa:
 
     from lmserve.api.responses_protocol import ResponsesRequest
     from lmserve.api.serving.responses import _events, _Head
+    from lmserve.api.sse import encode
 
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
     deltas = [
@@ -188,7 +189,7 @@ def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa:
     head = _Head(ResponsesRequest(input="x", tools=[ADD]), "resp_1", 0)
 
     async def collect() -> list[str]:
-        return [text async for text in _events(head, chat_stream(*chunks))]
+        return [encode(event) async for event in _events(head, chat_stream(*chunks))]
 
     events = [json.loads(t.split("\n")[1].removeprefix("data: ")) for t in asyncio.run(collect())]
     for event in events:

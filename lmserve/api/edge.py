@@ -1,0 +1,77 @@
+"""The HTTP edge of the endpoint table: JSON bodies in, replies out as JSON or SSE.
+
+Both servers mount the table through `mount`, each with its own way to answer (the single
+server's engine, or the Ray ingress's handles), so parsing, error shapes, SSE encoding and
+client disconnects behave the same on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lmserve.api import sse
+from lmserve.api.endpoints import Endpoint
+from lmserve.api.errors import APIError, error_reply
+from lmserve.api.replies import Reply, Whole
+
+Answer = Callable[[Endpoint, Any], Awaitable[Reply]]
+
+
+def mount(app: FastAPI | APIRouter, endpoints: Iterable[Endpoint], answer: Answer) -> None:
+    for endpoint in endpoints:
+        app.add_api_route(endpoint.path, _route(endpoint, answer), methods=["POST"])
+
+
+def _route(endpoint: Endpoint, answer: Answer) -> Callable[[Request], Awaitable[Response]]:
+    async def route(raw: Request) -> Response:
+        try:
+            body = await _json_body(raw)
+            return await _unless_disconnected(raw, answer(endpoint, body))
+        except Exception as exc:
+            reply = error_reply(exc, endpoint.errors)
+            if reply is None:
+                raise
+            return respond(reply)
+
+    route.__name__ = endpoint.name
+    return route
+
+
+def respond(reply: Reply) -> Response:
+    if isinstance(reply, Whole):
+        return JSONResponse(reply.body, status_code=reply.status)
+    return StreamingResponse(sse.lines(reply), media_type="text/event-stream")
+
+
+async def _json_body(raw: Request) -> Any:
+    try:
+        return await raw.json()
+    except ValueError as exc:
+        raise APIError(f"The request body is not valid JSON: {exc}") from None
+
+
+async def _unless_disconnected(raw: Request, work: Awaitable[Reply]) -> Response:
+    """Run a request, cancelled (and so aborted in the engine) if the client goes away first:
+    a non-streaming request would otherwise keep its KV blocks until it finished for nobody."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(raw))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        gone.cancel()
+        return respond(task.result())
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody reads it: the client closed the connection
+
+
+async def _disconnected(raw: Request) -> None:
+    """Returns once the client disconnects (the body was read already, so only that is left)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass

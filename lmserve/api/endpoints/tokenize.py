@@ -1,0 +1,60 @@
+"""POST /tokenize and /detokenize: a prompt or chat as the model's token ids, and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmserve.api.endpoints.base import Endpoint, Servings
+from lmserve.api.errors import APIError
+from lmserve.api.protocol import DetokenizeRequest, TokenizeRequest
+from lmserve.api.replies import Reply, Whole
+from lmserve.api.serving import common
+from lmserve.api.serving.chat import apply_chat_template
+
+
+async def tokenize(servings: Servings, request: TokenizeRequest) -> Reply:
+    engine, config = servings.engine, servings.config
+    common.check_model(config, request.model)
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise APIError("this model has no tokenizer")
+    if request.messages is not None:
+        text = apply_chat_template(
+            engine,
+            request.messages,
+            config.chat_template,
+            request.add_generation_prompt,
+            request.continue_final_message,
+            request.chat_template_kwargs,
+        )
+        add_special = bool(request.add_special_tokens)
+    elif request.prompt is not None:
+        text, add_special = request.prompt, request.add_special_tokens is not False
+    else:
+        raise APIError("give either 'prompt' or 'messages'", param="prompt")
+    ids = tokenizer.encode(text, add_special_tokens=add_special)
+    body: dict[str, Any] = {
+        "count": len(ids),
+        "max_model_len": engine.config.scheduler.max_model_len,
+        "tokens": ids,
+    }
+    if request.return_token_strs:
+        body["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+    return Whole(body)
+
+
+async def detokenize(servings: Servings, request: DetokenizeRequest) -> Reply:
+    engine = servings.engine
+    common.check_model(servings.config, request.model)
+    if engine.tokenizer is None:
+        raise APIError("this model has no tokenizer")
+    vocab = engine.config.model.vocab_size
+    if any(not 0 <= t < vocab for t in request.tokens):
+        raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
+    return Whole({"prompt": engine.tokenizer.decode(request.tokens)})
+
+
+ENDPOINTS = (
+    Endpoint("tokenize", "/tokenize", TokenizeRequest, tokenize),
+    Endpoint("detokenize", "/detokenize", DetokenizeRequest, detokenize),
+)

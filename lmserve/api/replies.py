@@ -1,0 +1,41 @@
+"""What serving code answers with: a whole JSON body, or a stream of typed events.
+
+Serving never writes SSE text: the events are encoded once, at the HTTP edge (`api/sse.py`), so
+the Messages and Responses converters transform chat's events as data, and a Ray replica hands
+its answer to the ingress as these objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One server-sent event: a JSON payload, with the event name the Anthropic and Responses
+    streams give theirs (OpenAI's chat and completion streams name none)."""
+
+    data: dict[str, Any]
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """A whole answer: a JSON body (an error's too) and its status."""
+
+    body: Any
+    status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A streamed answer. `done_marker`: it ends with `data: [DONE]`, as OpenAI's chat and
+    completion streams do (Anthropic's and the Responses API's end with their own events)."""
+
+    events: AsyncIterator[Event]
+    done_marker: bool = False
+
+
+Reply = Whole | Stream
