@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validato
 from lmserve.engine.args import create_engine_config
 
 
+# Serve's default of 5 requests in flight per replica would throttle a model that batches
+_DEFAULT_DEPLOYMENT = {"max_ongoing_requests": 64, "health_check_period_s": 10}
+
+
 class ModelLoadingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str  # the name clients send as `model`
@@ -74,6 +78,31 @@ class LLMConfig(BaseModel):
                 f"{', '.join(sorted(_engine_arg_names()))}"
             )
         return value
+
+    def get_serve_options(self, name_prefix: str = "LLMServer:") -> dict[str, Any]:
+        """The Serve deployment options of this model's replicas, as Ray Serve LLM's method of
+        this name gives them: deployment_config over lmserve's defaults, the runtime_env and
+        accelerator as actor options, placement bundles, and the name.
+
+        A CPU replica reserves Serve's default of one CPU unless `ray_actor_options.num_cpus`
+        says otherwise; Ray sets the replica's OMP_NUM_THREADS from it, so its engine computes
+        on as many threads as it reserves."""
+        options: dict[str, Any] = {**_DEFAULT_DEPLOYMENT, **self.deployment_config}
+        actor_options = dict(options.get("ray_actor_options") or {})
+        if self.runtime_env is not None:
+            actor_options.setdefault("runtime_env", self.runtime_env)
+        if self.accelerator_type is not None:
+            resources = dict(actor_options.get("resources") or {})
+            resources.setdefault(f"accelerator_type:{self.accelerator_type}", 0.001)
+            actor_options["resources"] = resources
+            actor_options.setdefault("num_gpus", 1)
+        if actor_options:
+            options["ray_actor_options"] = actor_options
+        if self.placement_group_config is not None:
+            options["placement_group_bundles"] = self.placement_group_config.bundles
+            options["placement_group_strategy"] = self.placement_group_config.strategy
+        options["name"] = name_prefix + self.model_id.replace("/", "--")
+        return options
 
     @property
     def engine_args(self) -> dict[str, Any]:

@@ -1,34 +1,137 @@
-"""LLMRouter: the OpenAI ingress. It maps each request's `model` to its LLMServer deployment and
-streams SSE back through Serve's streaming handles.
+"""LLMRouter: the OpenAI ingress. It serves lmserve.api's endpoint table by forwarding each
+request to the deployment of the body's `model`, and encodes the replica's typed reply at the
+same HTTP edge `lmserve serve` uses, so both servers answer every endpoint alike."""
 
-NOTE: no `from __future__ import annotations` here: Serve rebuilds the routes of an ingress
-class, and FastAPI must see real types (a string "Request" becomes a query parameter).
-"""
+from __future__ import annotations
 
-import time
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import Response
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve import Deployment
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from lmserve.api.errors import error_body
+from lmserve.api import edge
+from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, responses
+from lmserve.api.errors import APIError, install_error_handlers
+from lmserve.api.replies import Event, Reply, Stream, Whole
+from lmserve.serve.config import LLMConfig
+from lmserve.serve.server import StreamStart
 
-app = FastAPI(title="lmserve on Ray Serve")
+# It only forwards: many requests in flight, and no CPU of its own, so a machine's CPUs go to
+# the models (two models on 2 cores fit; with one CPU for the router they never would).
+_ROUTER_OPTIONS = {
+    "name": "LLMRouter",
+    "max_ongoing_requests": 1024,
+    "ray_actor_options": {"num_cpus": 0},
+}
 
 
-def _card(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "lmserve"}
+@serve.ingress()
+class LLMRouter:
+    async def __init__(self, llm_deployments: list[DeploymentHandle]) -> None:
+        configs: list[LLMConfig] = await asyncio.gather(
+            *(handle.llm_config.remote() for handle in llm_deployments)
+        )
+        cards = await asyncio.gather(*(handle.model_card.remote() for handle in llm_deployments))
+        self._servers = {c.model_id: h for c, h in zip(configs, llm_deployments, strict=True)}
+        self._cards = {c.model_id: card for c, card in zip(configs, cards, strict=True)}
+        self._lora_paths = {  # model id -> dynamic_lora_loading_path
+            c.model_id: c.lora_config.dynamic_lora_loading_path
+            for c in configs
+            if c.lora_config is not None and c.lora_config.dynamic_lora_loading_path
+        }
+
+    @classmethod
+    def as_deployment(cls, deployment_options: dict[str, Any] | None = None) -> Deployment:
+        """Ray Serve LLM's form: `LLMRouter.as_deployment().bind([deployment, ...])`."""
+        return serve.deployment(cls).options(**{**_ROUTER_OPTIONS, **(deployment_options or {})})
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The ingress's app, built on each router replica over its handles."""
+        app = FastAPI(title="lmserve on Ray Serve", version=health.VERSION)
+        install_error_handlers(app)
+        edge.mount(app, ENDPOINTS, self._answer)
+        app.include_router(responses.routes())
+        app.include_router(health.version_routes())
+
+        @app.get("/v1/models")
+        async def list_models() -> dict[str, Any]:
+            return {"object": "list", "data": [self._card(name) for name in self._model_ids()]}
+
+        @app.get("/v1/models/{model:path}")
+        async def get_model(model: str) -> dict[str, Any]:
+            if model not in self._model_ids():
+                raise _not_found(model)
+            return self._card(model)
+
+        @app.get("/health")
+        async def health_check() -> Response:
+            return Response(status_code=200)
+
+        return app
+
+    async def _answer(self, endpoint: Endpoint, body: Any) -> Reply:
+        stream = self._handle(body).options(stream=True).answer.remote(endpoint.name, body)
+        try:
+            first = await stream.__anext__()
+        except BaseException:
+            stream.cancel()
+            raise
+        if isinstance(first, Whole):
+            return first
+        assert isinstance(first, StreamStart)
+        return Stream(_events(stream), first.done_marker)
+
+    def _handle(self, body: Any) -> DeploymentHandle:
+        """The deployment for the body's `model`; `base:adapter` goes to the base model's
+        deployment with the adapter as Serve's multiplexed model id, so it lands on replicas
+        holding it. A body with no model (or no object at all) goes to the only model."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is None:
+            if len(self._servers) == 1:
+                return next(iter(self._servers.values()))
+            raise APIError(
+                f"give `model`: this server serves {', '.join(self._servers)}", param="model"
+            )
+        if isinstance(model, str):
+            if model in self._servers:
+                return self._servers[model]
+            base, _, adapter = model.partition(":")
+            if adapter and base in self._lora_paths:
+                return self._servers[base].options(multiplexed_model_id=adapter)
+        raise _not_found(model)
+
+    def _model_ids(self) -> list[str]:
+        ids = list(self._servers)
+        for model_id, root in self._lora_paths.items():
+            ids += _adapter_names(model_id, root)
+        return ids
+
+    def _card(self, name: str) -> dict[str, Any]:
+        base, _, adapter = name.partition(":")
+        if name in self._cards or not adapter:
+            return self._cards[name]
+        root = str(Path(self._lora_paths[base]) / adapter)
+        return {**self._cards[base], "id": name, "root": root, "parent": base}
 
 
-def _not_found(model: Any) -> JSONResponse:
-    return JSONResponse(
-        error_body(
-            f"The model `{model}` does not exist.", 404, param="model", code="model_not_found"
-        ),
-        status_code=404,
+async def _events(stream: DeploymentResponseGenerator) -> AsyncIterator[Event]:
+    """A replica's events; a client that leaves ends the replica's stream (and its request)."""
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        stream.cancel()
+
+
+def _not_found(model: Any) -> APIError:
+    return APIError(
+        f"The model `{model}` does not exist.", 404, param="model", code="model_not_found"
     )
 
 
@@ -39,76 +142,3 @@ def _adapter_names(model_id: str, root: str) -> list[str]:
         return []
     found = (p.name for p in sorted(path.iterdir()) if (p / "adapter_config.json").is_file())
     return [f"{model_id}:{name}" for name in found]
-
-
-@serve.ingress(app)
-class LLMRouter:
-    def __init__(
-        self, servers: dict[str, DeploymentHandle], lora_paths: dict[str, str] | None = None
-    ) -> None:
-        self.servers = servers
-        self.lora_paths = lora_paths or {}  # model id -> dynamic_lora_loading_path
-
-    @app.post("/v1/chat/completions")
-    async def chat(self, request: Request) -> Response:
-        return await self._forward("chat", request)
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._forward("completions", request)
-
-    @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [_card(model_id) for model_id in self._model_ids()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str) -> Response:
-        if model_id not in self._model_ids():
-            return _not_found(model_id)
-        return JSONResponse(_card(model_id))
-
-    def _model_ids(self) -> list[str]:
-        ids = list(self.servers)
-        for model_id, root in self.lora_paths.items():
-            ids += _adapter_names(model_id, root)
-        return ids
-
-    @app.get("/health")
-    async def health(self) -> Response:
-        return Response(status_code=200)
-
-    def _handle(self, model: Any) -> DeploymentHandle | None:
-        """The deployment for `model`; `base:adapter` goes to the base model's deployment with
-        the adapter as Serve's multiplexed model id, so it lands on replicas holding it."""
-        if not isinstance(model, str):
-            return None
-        if model in self.servers:
-            return self.servers[model]
-        base, _, adapter = model.partition(":")
-        if adapter and base in self.lora_paths:
-            return self.servers[base].options(multiplexed_model_id=adapter)
-        return None
-
-    async def _forward(self, kind: str, request: Request) -> Response:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return JSONResponse(error_body(f"The request body is not valid JSON: {exc}", 400), 400)
-        if not isinstance(body, dict):
-            return JSONResponse(error_body("The request body must be a JSON object", 400), 400)
-        model = body.get("model")
-        if model is None and len(self.servers) == 1:
-            model = next(iter(self.servers))
-        handle = self._handle(model)
-        if handle is None:
-            return _not_found(model)
-        body["model"] = model
-        if not body.get("stream"):
-            status, payload = await handle.generate.remote(kind, body)
-            return JSONResponse(payload, status_code=status)
-        stream = handle.options(stream=True).generate_stream.remote(kind, body)
-        status, payload = await stream.__anext__()
-        if status != 200:
-            stream.cancel()
-            return JSONResponse(payload, status_code=status)
-        return StreamingResponse(stream, media_type="text/event-stream")

@@ -1,36 +1,41 @@
-"""LLMServer: one Serve replica hosting one AsyncEngine, answering through lmserve.api's serving
-code (no second OpenAI layer). Results cross the handle as (status, body) pairs, so the router
-returns the replica's own errors with their status."""
+"""LLMServer: one Serve replica hosting one AsyncEngine, answering the endpoint table of
+lmserve.api (no second OpenAI layer). Replies cross the handle as typed objects: a `Whole`
+(errors too, with their status), or a `StreamStart` and then the stream's `Event`s, which the
+ingress encodes as SSE."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
 from ray import serve
+from ray.serve import Application
 
-from lmserve.api.errors import APIError, error_for
-from lmserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from lmserve.api.serving.chat import ChatServing
+from lmserve.api.endpoints import ENDPOINTS_BY_NAME, Servings
+from lmserve.api.errors import APIError, error_reply
+from lmserve.api.replies import Event, Whole
 from lmserve.api.serving.common import ServingConfig
-from lmserve.api.serving.completions import CompletionServing
-from lmserve.api.serving.models import LoRAModules
+from lmserve.api.serving.models import LoRAModules, model_card
 from lmserve.engine.async_engine import AsyncEngine
 from lmserve.lora.request import LoRARequest
 from lmserve.serve.config import LLMConfig
 
-Result = tuple[int, Any]  # (HTTP status, JSON body)
-_REQUESTS: dict[str, type[BaseModel]] = {
-    "chat": ChatCompletionRequest,
-    "completions": CompletionRequest,
-}
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """The first item of a streamed reply over the handle; its events follow."""
+
+    done_marker: bool
+
+
+ReplyItem = Whole | StreamStart | Event
 
 
 class LLMServer:
     async def __init__(self, llm_config: LLMConfig) -> None:
-        self.llm_config = llm_config
+        self._llm_config = llm_config
         try:
             self.engine = await AsyncEngine.start(
                 llm_config.model_source,
@@ -43,10 +48,7 @@ class LLMServer:
                 f"larger engine_start_timeout_s (now {llm_config.engine_start_timeout_s:g} s)"
             ) from None
         serving = ServingConfig([llm_config.model_id])
-        self._serving = {
-            "chat": ChatServing(self.engine, serving),
-            "completions": CompletionServing(self.engine, serving),
-        }
+        self._servings = Servings(self.engine, serving)
         self._adapters = serving.lora_modules
         lora = llm_config.lora_config
         if lora is not None:
@@ -59,6 +61,11 @@ class LLMServer:
                 max_num_models_per_replica=lora.max_num_adapters_per_replica
             )(load)
 
+    @classmethod
+    def as_deployment(cls, deployment_options: dict[str, Any] | None = None) -> LLMServerDeployment:
+        """Ray Serve LLM's form, `LLMServer.as_deployment(options).bind(llm_config)`."""
+        return LLMServerDeployment(dict(deployment_options or {}))
+
     async def __del__(self) -> None:
         """Serve's replica shutdown (after its graceful wait for ongoing requests): requests
         still running are aborted, and the engine core process stops with the replica."""
@@ -69,31 +76,53 @@ class LLMServer:
         if not self.engine.is_healthy:
             raise RuntimeError("the engine core process is gone")
 
-    async def generate(self, kind: str, body: dict[str, Any]) -> Result:
-        """A whole (non-streaming) answer."""
-        result = await self._create(kind, body)
-        if isinstance(result, tuple):
-            return result
-        assert isinstance(result, dict)
-        return 200, result
+    async def llm_config(self) -> LLMConfig:
+        """What the router asks each deployment it is bound to: the model it serves."""
+        return self._llm_config
 
-    async def generate_stream(self, kind: str, body: dict[str, Any]) -> AsyncIterator[Any]:
-        """The status first (with the error body when not 200), then SSE lines."""
-        result = await self._create(kind, body)
-        if isinstance(result, tuple):
-            yield result
+    async def model_card(self) -> dict[str, Any]:
+        """This model's /v1/models entry, as `lmserve serve` lists it."""
+        return model_card(self.engine, self._llm_config.model_id)
+
+    async def answer(self, endpoint_name: str, body: Any) -> AsyncIterator[ReplyItem]:
+        """The endpoint's reply to a JSON body: a `Whole`, or a `StreamStart` and the events."""
+        endpoint = ENDPOINTS_BY_NAME[endpoint_name]
+        try:
+            await self._load_requested_adapter()
+        except Exception as exc:
+            error = error_reply(exc, endpoint.errors)
+            if error is None:
+                raise
+            yield error
             return
-        yield 200, None
-        assert not isinstance(result, dict)
-        async for line in result:
-            yield line
+        reply = await self._servings.answer(endpoint, body)
+        if isinstance(reply, Whole):
+            yield reply
+            return
+        yield StreamStart(reply.done_marker)
+        async for event in reply.events:
+            yield event
+
+    async def _load_requested_adapter(self) -> None:
+        """The adapter of a `model_id:adapter` request, loaded on this replica if not already."""
+        adapter = serve.get_multiplexed_model_id()
+        if not adapter:
+            return
+        if self._llm_config.lora_config is None:
+            raise APIError(
+                f"{self._llm_config.model_id} serves no LoRA adapters (no lora_config)",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+        await self._multiplexed_load(adapter)
 
     def _load_adapter(self, adapter: str) -> _ServedAdapter:
         """Serve `model_id:adapter` from the adapter's directory (Serve calls this through the
         multiplexed loader, at most once while the adapter stays loaded)."""
-        lora = self.llm_config.lora_config
+        lora = self._llm_config.lora_config
         assert lora is not None
-        name = f"{self.llm_config.model_id}:{adapter}"
+        name = f"{self._llm_config.model_id}:{adapter}"
         root = lora.dynamic_lora_loading_path
         path = Path(root or "") / adapter
         if root is None or "/" in adapter or adapter in ("", ".", "..") or not path.is_dir():
@@ -103,25 +132,25 @@ class LLMServer:
         request = self._adapters.get(name) or self._adapters.add(self.engine, name, str(path))
         return _ServedAdapter(self._adapters, request)
 
-    async def _create(self, kind: str, body: dict[str, Any]) -> Any:
-        try:
-            adapter = serve.get_multiplexed_model_id()
-            if adapter:
-                if self.llm_config.lora_config is None:
-                    raise APIError(
-                        f"{self.llm_config.model_id} serves no LoRA adapters (no lora_config)",
-                        404,
-                        param="model",
-                        code="model_not_found",
-                    )
-                await self._multiplexed_load(adapter)
-            request = _REQUESTS[kind].model_validate(body)
-            return await self._serving[kind].create(request)  # type: ignore[arg-type]
-        except Exception as exc:
-            known = error_for(exc)
-            if known is None:
-                raise
-            return known
+
+VLLMService = LLMServer  # the name Ray Serve LLM's first releases gave it
+
+
+@dataclass(frozen=True)
+class LLMServerDeployment:
+    """An LLMServer deployment waiting for its LLMConfig. Bound, its options are the config's
+    own (`get_serve_options`: deployment_config, runtime_env, placement) with these over them,
+    so a config's autoscaling applies however the deployment was made."""
+
+    overrides: dict[str, Any]
+
+    def options(self, **overrides: Any) -> LLMServerDeployment:
+        return LLMServerDeployment({**self.overrides, **overrides})
+
+    def bind(self, llm_config: LLMConfig | dict[str, Any]) -> Application:
+        config = LLMConfig.model_validate(llm_config)
+        options = {**config.get_serve_options(), **self.overrides}
+        return serve.deployment(LLMServer).options(**options).bind(config)
 
 
 class _ServedAdapter:
