@@ -96,6 +96,8 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
             enable_force_include_usage=args.enable_force_include_usage,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+            max_num_queued_reqs=args.max_num_queued_reqs,
+            sse_keep_alive_interval=args.sse_keep_alive_interval,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
@@ -286,6 +288,20 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "--enable-log-requests",
         action="store_true",
         help="log each request received: its prompt and sampling parameters (off by default)",
+    )
+    parser.add_argument(
+        "--max-num-queued-reqs",
+        type=int,
+        default=None,
+        help="most requests waiting beyond the --max-num-seqs running; past it a request gets "
+        "503 with Retry-After before any work is done for it (default: unbounded)",
+    )
+    parser.add_argument(
+        "--sse-keep-alive-interval",
+        type=float,
+        default=None,
+        help="send an SSE comment on a stream idle for this many seconds, so proxies that drop "
+        "idle connections keep it open (default: none)",
     )
     parser.add_argument(
         "--max-log-len",

@@ -52,7 +52,8 @@ def build_app(
         _install_request_ids(app)
     if api_key:
         _install_auth(app, api_key)
-    edge.mount(app, ENDPOINTS, Servings(engine, config).answer)
+    servings = Servings(engine, config)
+    edge.mount(app, ENDPOINTS, servings.answer, config.sse_keep_alive_interval)
     app.include_router(responses.routes())
     app.include_router(models.routes(engine, config))
     app.include_router(lora.routes(engine, config))

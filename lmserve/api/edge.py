@@ -23,30 +23,39 @@ from lmserve.api.replies import Reply, Whole
 Answer = Callable[[Endpoint, Any], Awaitable[Reply]]
 
 
-def mount(app: FastAPI | APIRouter, endpoints: Iterable[Endpoint], answer: Answer) -> None:
+def mount(
+    app: FastAPI | APIRouter,
+    endpoints: Iterable[Endpoint],
+    answer: Answer,
+    sse_keep_alive_s: float | None = None,
+) -> None:
+    """Each endpoint as a POST route answered by `answer`; streams send an SSE comment after
+    `sse_keep_alive_s` without an event."""
     for endpoint in endpoints:
-        app.add_api_route(endpoint.path, _route(endpoint, answer), methods=["POST"])
+        route = _route(endpoint, answer, sse_keep_alive_s)
+        app.add_api_route(endpoint.path, route, methods=["POST"])
 
 
-def _route(endpoint: Endpoint, answer: Answer) -> Callable[[Request], Awaitable[Response]]:
+def _route(
+    endpoint: Endpoint, answer: Answer, sse_keep_alive_s: float | None
+) -> Callable[[Request], Awaitable[Response]]:
     async def route(raw: Request) -> Response:
         try:
             body = await _json_body(raw)
-            return await _unless_disconnected(raw, answer(endpoint, body))
+            reply = await _unless_disconnected(raw, answer(endpoint, body))
         except Exception as exc:
             reply = error_reply(exc, endpoint.errors)
             if reply is None:
                 raise
-            return respond(reply)
+        if reply is None:
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
+        if isinstance(reply, Whole):
+            return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+        lines = sse.lines(reply, sse_keep_alive_s)
+        return StreamingResponse(lines, media_type="text/event-stream")
 
     route.__name__ = endpoint.name
     return route
-
-
-def respond(reply: Reply) -> Response:
-    if isinstance(reply, Whole):
-        return JSONResponse(reply.body, status_code=reply.status)
-    return StreamingResponse(sse.lines(reply), media_type="text/event-stream")
 
 
 async def _json_body(raw: Request) -> Any:
@@ -56,19 +65,20 @@ async def _json_body(raw: Request) -> Any:
         raise APIError(f"The request body is not valid JSON: {exc}") from None
 
 
-async def _unless_disconnected(raw: Request, work: Awaitable[Reply]) -> Response:
-    """Run a request, cancelled (and so aborted in the engine) if the client goes away first:
-    a non-streaming request would otherwise keep its KV blocks until it finished for nobody."""
+async def _unless_disconnected(raw: Request, work: Awaitable[Reply]) -> Reply | None:
+    """Run a request, cancelled (and so aborted in the engine) if the client goes away first,
+    then None: a non-streaming request would otherwise keep its KV blocks until it finished
+    for nobody."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(raw))
     await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         gone.cancel()
-        return respond(task.result())
+        return task.result()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    return Response(status_code=499)  # nobody reads it: the client closed the connection
+    return None
 
 
 async def _disconnected(raw: Request) -> None:

@@ -22,13 +22,19 @@ logger = logging.getLogger(__name__)
 
 class APIError(Exception):
     def __init__(
-        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 _TYPES = {
@@ -117,9 +123,10 @@ def error_reply(exc: Exception, style: ErrorStyle = "openai") -> Whole | None:
     if known is None:
         return None
     status, body = known
+    headers = exc.headers if isinstance(exc, APIError) else None
     if style == "anthropic":
-        return Whole(anthropic_error_body(body["error"]["message"], status), status)
-    return Whole(body, status)
+        body = anthropic_error_body(body["error"]["message"], status)
+    return Whole(body, status, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -129,7 +136,8 @@ def install_error_handlers(app: FastAPI) -> None:
             logger.exception("unexpected error serving a request")
             return error_response(f"Internal error: {type(exc).__name__}", 500)
         status, body = known
-        return JSONResponse(body, status_code=status)
+        headers = exc.headers if isinstance(exc, APIError) else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     # The request's own faults, by class: Starlette answers these and is done. A handler for
     # Exception alone runs in its outermost middleware, which re-raises after answering, so

@@ -23,10 +23,11 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Whole:
-    """A whole answer: a JSON body (an error's too) and its status."""
+    """A whole answer: a JSON body (an error's too), its status and any extra headers."""
 
     body: Any
     status: int = 200
+    headers: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

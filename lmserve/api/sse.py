@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 from lmserve.api.replies import Event, Stream
 
 DONE = "data: [DONE]\n\n"
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
 
 
 def encode(event: Event) -> str:
@@ -17,8 +19,37 @@ def encode(event: Event) -> str:
     return f"event: {event.name}\ndata: {data}\n\n"
 
 
-async def lines(stream: Stream) -> AsyncIterator[str]:
-    async for event in stream.events:
-        yield encode(event)
+async def lines(stream: Stream, keep_alive_s: float | None = None) -> AsyncIterator[str]:
+    """The stream as SSE text; with `keep_alive_s`, a comment line whenever no event came for
+    that long (a long prefill behind a proxy that drops idle connections)."""
+    events = stream.events if keep_alive_s is None else _with_pings(stream.events, keep_alive_s)
+    async for event in events:
+        yield KEEP_ALIVE if event is None else encode(event)
     if stream.done_marker:
         yield DONE
+
+
+async def _with_pings(
+    events: AsyncIterator[Event], interval_s: float
+) -> AsyncIterator[Event | None]:
+    """The events, with None for each `interval_s` without one."""
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(anext(events))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()

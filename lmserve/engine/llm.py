@@ -8,6 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmserve.chat_template import render_chat
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.core import EngineCore
 from lmserve.engine.generation_config import load_sampling_defaults
@@ -85,25 +86,21 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template (the server's renderer: text
+        parts or strings, tool calls, `continue_final_message`), then generate. What cannot be
+        rendered raises ChatTemplateError, a ValueError that says why."""
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model.path} has no tokenizer, so it cannot chat")
-        if add_generation_prompt and continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message are exclusive")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        if chat_template is None and not self.tokenizer.chat_template:
-            raise ValueError(
-                "the model has no chat template; pass chat_template=... (a Jinja string)"
-            )
         prompts = []
         for conversation in conversations:
-            text = self.tokenizer.apply_chat_template(
+            text = render_chat(
+                self.tokenizer,
                 list(conversation),
                 chat_template=chat_template,
-                tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                **(chat_template_kwargs or {}),
+                chat_template_kwargs=chat_template_kwargs,
             )
             prompts.append(self.input_processor.tokenize_prompt(text, add_special_tokens=False))
         return self._run(prompts, sampling_params, use_tqdm, lora_request)

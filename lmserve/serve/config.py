@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validato
 
 from lmserve.engine.args import create_engine_config
 
-
 # Serve's default of 5 requests in flight per replica would throttle a model that batches
 _DEFAULT_DEPLOYMENT = {"max_ongoing_requests": 64, "health_check_period_s": 10}
 

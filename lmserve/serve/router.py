@@ -90,8 +90,11 @@ class LLMRouter:
     def _handle(self, body: Any) -> DeploymentHandle:
         """The deployment for the body's `model`; `base:adapter` goes to the base model's
         deployment with the adapter as Serve's multiplexed model id, so it lands on replicas
-        holding it. A body with no model (or no object at all) goes to the only model."""
-        model = body.get("model") if isinstance(body, dict) else None
+        holding it. A body with no model goes to the only model; one that is no JSON object to
+        any model, whose validation answers as `lmserve serve` does."""
+        if not isinstance(body, dict):
+            return next(iter(self._servers.values()))
+        model = body.get("model")
         if model is None:
             if len(self._servers) == 1:
                 return next(iter(self._servers.values()))

@@ -1,9 +1,12 @@
 """build_openai_app on a real local Ray: two models behind one router, driven by the openai
-client. Ray starts once for the module (a few seconds); nothing about Ray is mocked."""
+client. Ray starts once for the module (a few seconds) with the machine's own CPUs; nothing about
+Ray is mocked. The two models reserve half a CPU each (as a user serving several models on a
+small machine would set it), so the other tests' applications fit beside them on 2 cores."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -11,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -18,11 +22,15 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
+from lmserve.api.replies import Event  # noqa: E402
 from lmserve.serve import LLMConfig, build_llm_deployment, build_openai_app  # noqa: E402
-from tests.api.conftest import free_port  # noqa: E402
+from tests.api.conftest import Server, free_port, start_server, stop_server  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMALL_ENGINE = {"max_model_len": 512, "kv_cache_memory_gb": 0.05}
+HALF_CPU = {"ray_actor_options": {"num_cpus": 0.5}}
+USER_X = [{"role": "user", "content": "x"}]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +39,23 @@ def app_url(smollm2_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iterator[str
     # Serve pushes autoscaling metrics every 10 s by default: too slow for a test's burst.
     for name in ("REPLICA", "HANDLE"):
         os.environ[f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_openai_app(
         {
             "llm_configs": [
-                LLMConfig(model_loading_config={"model_id": SMOLLM2}, engine_kwargs=SMALL_ENGINE),
+                LLMConfig(
+                    model_loading_config={"model_id": SMOLLM2},
+                    engine_kwargs=SMALL_ENGINE,
+                    deployment_config=HALF_CPU,
+                ),
                 {
                     "model_loading_config": {
                         "model_id": "tiny",
                         "model_source": str(tiny_model_dirs["llama"]),
                     },
                     "engine_kwargs": SMALL_ENGINE,
+                    "deployment_config": HALF_CPU,
                 },
             ]
         }
@@ -123,7 +136,11 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
                     "engine_kwargs": SMALL_ENGINE,
                     # few requests per replica, so the burst queues and lasts while a second
                     # replica loads its engine
-                    "deployment_config": {"autoscaling_config": scaling, "max_ongoing_requests": 4},
+                    "deployment_config": {
+                        "autoscaling_config": scaling,
+                        "max_ongoing_requests": 4,
+                        **HALF_CPU,
+                    },
                 }
             ]
         }
@@ -158,35 +175,41 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
     serve.delete("scaling")
 
 
-def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, tiny_model_dirs) -> None:
-    """Replica shutdown after Serve's graceful wait: the in-flight stream ends, not hangs."""
+def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, smollm2_dir: Path) -> None:
+    """Replica shutdown after Serve's graceful wait: the in-flight stream ends, not hangs, and
+    the replica (with the CPU it reserved) is gone. SmolLM2 takes seconds for 400 tokens here,
+    longer than the delete."""
     app = build_llm_deployment(
         {
-            "model_loading_config": {"model_id": "tiny", "model_source": str(tiny_model_dirs["llama"])},
+            "model_loading_config": {"model_id": "doomed", "model_source": SMOLLM2},
             "engine_kwargs": SMALL_ENGINE,
             "deployment_config": {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.5},
         }
     )  # fmt: skip
     serve.run(app, name="doomed", route_prefix="/doomed")
     handle = serve.get_app_handle("doomed")
-    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {"model": "doomed", "prompt": "Once upon a time", "max_tokens": 400,
+            "ignore_eos": True, "stream": True, "return_token_ids": True}  # fmt: skip
+    token_ids: list[int] = []
 
-    async def stream_until_deleted() -> list[Any]:
-        items = []
-        async for item in handle.options(stream=True).generate_stream.remote("completions", body):
-            items.append(item)
-            if len(items) == 3:
-                serve.delete("doomed", _blocking=False)
-        return items
+    async def stream_until_deleted() -> None:
+        deleted = False
+        async for item in handle.options(stream=True).answer.remote("completions", body):
+            if isinstance(item, Event):
+                token_ids.extend(item.data["choices"][0]["token_ids"])
+            if token_ids and not deleted:  # Serve's delete blocks: not on the stream's loop
+                deleted = True
+                await asyncio.to_thread(serve.delete, "doomed", _blocking=False)
 
     start = time.monotonic()
-    try:
-        items = asyncio.run(asyncio.wait_for(stream_until_deleted(), timeout=60))
-    except Exception as exc:  # noqa: BLE001 - the stream may end with the replica's error
-        items = [exc]
+    with contextlib.suppress(Exception):  # the stream may end with the replica's error
+        asyncio.run(asyncio.wait_for(stream_until_deleted(), timeout=60))
     assert time.monotonic() - start < 60
-    assert len(items) < 500  # cut short, not run to the end after the delete
+    assert 0 < len(token_ids) < 400  # cut short, not run to the end after the delete
+    deadline = time.monotonic() + 60
+    while "doomed" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "doomed" not in serve.status().applications
 
 
 def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_dirs) -> None:
@@ -194,7 +217,8 @@ def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_di
         {
             "model_loading_config": {"model_id": "tiny", "model_source": str(tiny_model_dirs["llama"])},
             "engine_kwargs": SMALL_ENGINE,
-            "placement_group_config": {"bundles": [{"CPU": 1}, {"CPU": 0.5}], "strategy": "PACK"},
+            "placement_group_config": {"bundles": [{"CPU": 0.5}, {"CPU": 0.25}], "strategy": "PACK"},
+            "deployment_config": HALF_CPU,
         }
     )  # fmt: skip
     before = set(ray.util.placement_group_table())
@@ -206,12 +230,12 @@ def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_di
             if key not in before and group["state"] == "CREATED"
         ]
         assert [(g["bundles"], g["strategy"]) for g in created] == [
-            ({0: {"CPU": 1.0}, 1: {"CPU": 0.5}}, "PACK")
+            ({0: {"CPU": 0.5}, 1: {"CPU": 0.25}}, "PACK")
         ]
         handle = serve.get_app_handle("placed")
         body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 3}
-        status, answer = handle.generate.remote("completions", body).result(timeout_s=60)
-        assert status == 200 and answer["usage"]["completion_tokens"] == 3
+        (answer,) = list(handle.options(stream=True).answer.remote("completions", body))
+        assert answer.status == 200 and answer.body["usage"]["completion_tokens"] == 3
     finally:
         serve.delete("placed")
 
@@ -291,3 +315,104 @@ def test_base_colon_adapter_is_multiplexed_to_the_base_model(
             client.completions.create(model="tiny:../sql", prompt=prompt, max_tokens=2)
     finally:
         serve.delete("lora")
+
+
+@pytest.fixture(scope="module")
+def single_server(smollm2_dir: Path) -> Iterator[Server]:
+    """`lmserve serve` on the same model and limits as the Ray app's SmolLM2: the reference
+    for what the ingress must answer."""
+    server = start_server("--max-model-len", "512", "--kv-cache-memory-gb", "0.05")
+    yield server
+    stop_server(server)
+
+
+LONG_PROMPT = "hello " * 600  # past max_model_len 512
+BAD_REQUESTS = [
+    ("/v1/chat/completions", {"model": SMOLLM2, "messages": USER_X, "temperature": -1}),
+    ("/v1/chat/completions", {"model": SMOLLM2, "messages": USER_X, "bogus": 1}),
+    ("/v1/chat/completions", {"model": SMOLLM2, "messages": USER_X, "stream": True, "n": 0}),
+    ("/v1/chat/completions", {"model": "nope", "messages": USER_X}),
+    ("/v1/chat/completions", {"model": SMOLLM2}),
+    ("/v1/chat/completions", [1, 2]),
+    ("/v1/chat/completions", b"{not json"),
+    ("/v1/completions", {"model": SMOLLM2, "prompt": LONG_PROMPT}),
+    ("/v1/completions", {"model": SMOLLM2, "prompt": "a", "max_tokens": 600}),
+    ("/v1/responses", {"model": SMOLLM2, "input": "x", "previous_response_id": "resp_1"}),
+    ("/v1/responses", {"model": SMOLLM2, "input": 5}),
+    ("/v1/messages", {"model": SMOLLM2, "messages": USER_X}),
+    ("/v1/messages", {"model": "nope", "max_tokens": 3, "messages": USER_X}),
+    ("/v1/messages", b"{not json"),
+    ("/v1/messages/count_tokens", {"model": SMOLLM2}),
+    ("/tokenize", {"model": SMOLLM2}),
+    ("/detokenize", {"model": SMOLLM2, "tokens": [-1]}),
+    ("/invocations", {"model": SMOLLM2, "neither": True}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BAD_REQUESTS, ids=[p for p, _ in BAD_REQUESTS])
+def test_errors_answer_as_the_single_server_does(
+    app_url: str, single_server: Server, path: str, body: Any
+) -> None:
+    def post(url: str) -> httpx.Response:
+        if isinstance(body, bytes):
+            return httpx.post(url + path, content=body, timeout=60)
+        return httpx.post(url + path, json=body, timeout=60)
+
+    expected, got = post(single_server.url), post(app_url)
+    assert 400 <= expected.status_code < 500
+    assert (got.status_code, got.json()) == (expected.status_code, expected.json())
+
+
+def test_tokenizers_and_invocations_answer_as_the_single_server_does(
+    app_url: str, single_server: Server
+) -> None:
+    bodies = [
+        ("/tokenize", {"model": SMOLLM2, "prompt": "Hello world", "return_token_strs": True}),
+        ("/tokenize", {"model": SMOLLM2, "messages": FRANCE, "add_generation_prompt": True}),
+        ("/detokenize", {"model": SMOLLM2, "tokens": [19556, 905]}),
+        ("/v1/messages/count_tokens", {"model": SMOLLM2, "messages": FRANCE}),
+    ]
+    for path, body in bodies:
+        expected = httpx.post(single_server.url + path, json=body, timeout=60)
+        got = httpx.post(app_url + path, json=body, timeout=60)
+        assert expected.status_code == 200 and got.json() == expected.json(), path
+    missing = httpx.get(f"{app_url}/v1/responses/resp_1", timeout=10)
+    reference = httpx.get(f"{single_server.url}/v1/responses/resp_1", timeout=10)
+    assert (missing.status_code, missing.json()) == (404, reference.json())
+    invocation = {"model": SMOLLM2, "messages": FRANCE, "max_tokens": 12, "temperature": 0}
+    expected = httpx.post(single_server.url + "/invocations", json=invocation, timeout=60).json()
+    got = httpx.post(app_url + "/invocations", json=invocation, timeout=60).json()
+    assert got["choices"][0]["message"] == expected["choices"][0]["message"]
+    assert got["usage"] == expected["usage"]
+
+
+def test_responses_api_through_the_router(client: openai.OpenAI) -> None:
+    whole = client.responses.create(
+        model=SMOLLM2, input="What is the capital of France?", temperature=0, max_output_tokens=16
+    )
+    assert whole.model == SMOLLM2 and "Paris" in whole.output_text
+    with client.responses.stream(
+        model=SMOLLM2, input="What is the capital of France?", temperature=0, max_output_tokens=16
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == f"response.{whole.status}"
+    assert final.output_text == whole.output_text and final.status == whole.status
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.responses.create(model="tiny", input="hi", max_output_tokens=3)
+
+
+def test_messages_api_through_the_router(app_url: str) -> None:
+    claude = anthropic.Anthropic(base_url=app_url, api_key="unused", max_retries=0)
+    greedy = {"temperature": 0}
+    whole = claude.messages.create(model=SMOLLM2, max_tokens=16, messages=FRANCE, extra_body=greedy)
+    assert whole.model == SMOLLM2 and "Paris" in whole.content[0].text
+    with claude.messages.stream(
+        model=SMOLLM2, max_tokens=16, messages=FRANCE, extra_body=greedy
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == whole.content[0].text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="nope", max_tokens=3, messages=FRANCE)

@@ -3,6 +3,8 @@ Ray's own `serve run` and through `lmserve run`; each starts its own local Ray."
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import yaml
 pytest.importorskip("ray")
 
 from tests.api.conftest import free_port  # noqa: E402
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
@@ -41,16 +45,30 @@ def interrupt(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def write_config(tmp_path: Path, tiny: Path, per_model_file: bool, port: int) -> Path:
-    model = {
-        "model_loading_config": {"model_id": "tiny", "model_source": str(tiny)},
-        "engine_kwargs": {"max_model_len": 256, "kv_cache_memory_gb": 0.02},
-    }
+SMALL_ENGINE = {"max_model_len": 256, "kv_cache_memory_gb": 0.02}
+
+
+def write_config(
+    tmp_path: Path, tiny: Path, per_model_file: bool, port: int, **deployment_config: object
+) -> Path:
+    """Two models, the bundled SmolLM2 and a tiny random one, each with Serve's default
+    reservation (one CPU) unless `deployment_config` says otherwise."""
+    models = [
+        {
+            "model_loading_config": {"model_id": "tiny", "model_source": str(tiny)},
+            "engine_kwargs": SMALL_ENGINE,
+            "deployment_config": deployment_config,
+        },
+        {"model_loading_config": {"model_id": "smollm2", "model_source": SMOLLM2},
+         "engine_kwargs": SMALL_ENGINE},
+    ]  # fmt: skip
     if per_model_file:
-        (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(model))
-        llm_configs: list = ["tiny.yaml"]
+        for model in models:
+            name = model["model_loading_config"]["model_id"]
+            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(model))
+        llm_configs: list = ["tiny.yaml", "smollm2.yaml"]
     else:
-        llm_configs = [model]
+        llm_configs = models
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
@@ -84,11 +102,39 @@ def test_yaml_config_deploys(
     try:
         wait_until_serving(proc, url, tmp_path / "run.log")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
-        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert [m.id for m in client.models.list().data] == ["tiny", "smollm2"]
         reply = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4)
         assert reply.usage.completion_tokens == 4
+        chat = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Capital of France?"}],
+            max_tokens=12, temperature=0,
+        )  # fmt: skip
+        assert "Paris" in chat.choices[0].message.content
     finally:
         interrupt(proc)
+
+
+def test_lmserve_run_fails_fast_when_the_models_do_not_fit(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """More CPUs asked for than the machine has: `lmserve run` says so and exits, instead of
+    Serve waiting forever for resources."""
+    wanted = 2 * (os.cpu_count() or 1) + 1
+    config = write_config(
+        tmp_path, tiny_model_dirs["llama"], False, free_port(),
+        ray_actor_options={"num_cpus": wanted},
+    )  # fmt: skip
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "lmserve.cli", "run", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert f"CPU {wanted + 1:g}" in out  # tiny's replicas and smollm2's one
+    assert "LLMServer:tiny: 1 x {'CPU': " in out and "cluster has CPU" in out
+    assert elapsed < 60  # Ray's start-up, then the check: no wait for a placement
 
 
 SEED_SERVER = """
@@ -133,3 +179,146 @@ def test_seed_server_snippet_runs(tmp_path: Path, smollm2_dir: Path) -> None:
         assert "Paris" in response.choices[0].message.content
     finally:
         interrupt(proc)
+
+
+# Seed 001's three Python forms, each as the seed writes it but for the import lines, the
+# bundled model in place of Qwen/Llama, and no accelerator_type / tensor_parallel_size; then the
+# seed's own client query. They run one after another in one script, as one user would.
+SEED_FORMS = """
+import os
+from ray import serve
+from lmserve.serve import LLMConfig
+from lmserve.serve import VLLMService, LLMRouter
+
+llm_config = LLMConfig(
+    model_loading_config=dict(
+        model_id="qwen-0.5b",
+        model_source="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    deployment_config=dict(
+        autoscaling_config=dict(
+            min_replicas=1, max_replicas=2,
+        )
+    ),
+)
+
+# Deploy the application
+deployment = VLLMService.as_deployment().bind(llm_config)
+llm_app = LLMRouter.as_deployment().bind([deployment])
+serve.run(llm_app)
+ask("qwen-0.5b")
+
+llm_config1 = LLMConfig(
+    model_loading_config=dict(
+        model_id="qwen-0.5b",
+        model_source="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    deployment_config=dict(
+        autoscaling_config=dict(
+            min_replicas=1, max_replicas=2,
+        )
+    ),
+)
+
+llm_config2 = LLMConfig(
+    model_loading_config=dict(
+        model_id="qwen-1.5b",
+        model_source=TINY,
+    ),
+    deployment_config=dict(
+        autoscaling_config=dict(
+            min_replicas=1, max_replicas=2,
+        )
+    ),
+)
+
+# Deploy the application
+deployment1 = VLLMService.as_deployment().bind(llm_config1)
+deployment2 = VLLMService.as_deployment().bind(llm_config2)
+llm_app = LLMRouter.as_deployment().bind([deployment1, deployment2])
+serve.run(llm_app)
+ask("qwen-0.5b")
+ask("qwen-1.5b")
+
+llm_config = LLMConfig(
+    model_loading_config=dict(
+        model_id="llama-3-8b-instruct",
+        model_source="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    deployment_config=dict(
+        autoscaling_config=dict(
+            min_replicas=1, max_replicas=2,
+        )
+    ),
+    runtime_env=dict(
+        env_vars=dict(
+            HF_TOKEN=os.environ["HF_TOKEN"],
+            HF_HUB_ENABLE_HF_TRANSFER="1"
+        )
+    ),
+)
+
+# Deploy the application
+deployment = VLLMService.as_deployment(llm_config.get_serve_options(name_prefix="VLLM:")).bind(llm_config)
+llm_app = LLMRouter.as_deployment().bind([deployment])
+serve.run(llm_app)
+ask("llama-3-8b-instruct")
+report_replica_env("VLLM:llama-3-8b-instruct")
+"""
+
+SEED_HARNESS = '''
+import json
+from pathlib import Path
+from openai import OpenAI
+
+TINY = {tiny!r}
+
+def ask(model):
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{{"role": "user", "content": "What is the capital of France?"}}],
+        stream=True, temperature=0, max_tokens=12,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+    print("ANSWER", json.dumps([model, text]), flush=True)
+
+def report_replica_env(deployment):
+    """The environment of the replica process of that deployment (Ray names it in its title)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\\0", b" ").decode()
+            environ = (proc / "environ").read_bytes().split(b"\\0")
+        except OSError:
+            continue
+        if "ServeReplica" in title and deployment in title:
+            env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
+            keys = ("HF_TOKEN", "HF_HUB_ENABLE_HF_TRANSFER", "OMP_NUM_THREADS")
+            print("ENV", json.dumps({{k: env.get(k) for k in keys}}), flush=True)
+'''
+
+
+def test_seed_deployment_forms_run(tmp_path: Path, smollm2_dir: Path, tiny_model_dirs) -> None:
+    """Seed 001: router over one deployment, two models, and get_serve_options with a
+    runtime_env whose variables reach the replica (and not from the driver's environment: the
+    driver has no HF_HUB_ENABLE_HF_TRANSFER)."""
+    script = tmp_path / "forms.py"
+    harness = SEED_HARNESS.format(tiny=str(tiny_model_dirs["llama"]))
+    script.write_text(harness + SEED_FORMS + "\nserve.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_ENABLE_HF_TRANSFER"}
+    env["HF_TOKEN"] = "hf_seed_test_token"
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    out = done.stdout
+    assert done.returncode == 0, (out + done.stderr)[-4000:]
+    answers = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("ANSWER ")]
+    assert [model for model, _ in answers] == [
+        "qwen-0.5b", "qwen-0.5b", "qwen-1.5b", "llama-3-8b-instruct"
+    ]  # fmt: skip
+    smol = [text for model, text in answers if model != "qwen-1.5b"]
+    assert "Paris" in smol[0] and smol == [smol[0]] * 3  # the same model, greedy
+    (replica_env,) = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ENV ")]
+    assert replica_env["HF_TOKEN"] == "hf_seed_test_token"
+    assert replica_env["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
+    assert replica_env["OMP_NUM_THREADS"] == "1"  # its engine's threads: the one CPU it reserves

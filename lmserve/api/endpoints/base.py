@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmserve.api.admission import Admission
 from lmserve.api.errors import ErrorStyle, error_reply
 from lmserve.api.replies import Reply
 from lmserve.api.serving.chat import ChatServing
@@ -29,13 +30,24 @@ class Servings:
         self.completions = CompletionServing(engine, config)
         self.messages = MessagesServing(engine, config, self.chat)
         self.responses = ResponsesServing(self.chat)
+        self.admission = Admission(engine.config.scheduler.max_num_seqs, config.max_num_queued_reqs)
 
     async def answer(self, endpoint: Endpoint, body: Any) -> Reply:
         """The endpoint's reply to a JSON body; a request's fault is a reply in the endpoint's
-        error style (a bug still raises)."""
+        error style (a bug still raises). An overloaded server turns a generating request away
+        before anything is done for it."""
         try:
-            request = body if endpoint.request is None else endpoint.request.model_validate(body)
-            return await endpoint.serve(self, request)
+            ticket = self.admission.admit() if endpoint.generates else None
+            try:
+                request = (
+                    body if endpoint.request is None else endpoint.request.model_validate(body)
+                )
+                reply = await endpoint.serve(self, request)
+            except BaseException:
+                if ticket is not None:
+                    ticket.release()
+                raise
+            return reply if ticket is None else ticket.hold_until_done(reply)
         except Exception as exc:
             reply = error_reply(exc, endpoint.errors)
             if reply is None:
@@ -54,3 +66,4 @@ class Endpoint:
     request: type[BaseModel] | None
     serve: Callable[[Servings, Any], Awaitable[Reply]]
     errors: ErrorStyle = "openai"
+    generates: bool = True  # runs a request in the engine (counted against the queue limit)

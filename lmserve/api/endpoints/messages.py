@@ -24,5 +24,6 @@ ENDPOINTS = (
         CountTokensRequest,
         count_message_tokens,
         "anthropic",
+        generates=False,
     ),
 )

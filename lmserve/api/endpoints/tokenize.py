@@ -55,6 +55,6 @@ async def detokenize(servings: Servings, request: DetokenizeRequest) -> Reply:
 
 
 ENDPOINTS = (
-    Endpoint("tokenize", "/tokenize", TokenizeRequest, tokenize),
-    Endpoint("detokenize", "/detokenize", DetokenizeRequest, detokenize),
+    Endpoint("tokenize", "/tokenize", TokenizeRequest, tokenize, generates=False),
+    Endpoint("detokenize", "/detokenize", DetokenizeRequest, detokenize, generates=False),
 )

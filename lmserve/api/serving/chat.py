@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
-
-from jinja2 import TemplateError
 
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
@@ -23,58 +18,10 @@ from lmserve.api.serving.chat_message import (
     required_calls_schema,
 )
 from lmserve.api.tool_parsers import get_tool_parser
+from lmserve.chat_template import ChatTemplateError, ContentFormat, render_chat
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
-
-# A template that loops over a message's content expects OpenAI's list of parts.
-_LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
-
-
-def detect_content_format(template: str) -> str:
-    """ "openai" when the template iterates over content parts, else "string"."""
-    return "openai" if _LOOPS_OVER_CONTENT.search(template) else "string"
-
-
-def render_messages(messages: list[ChatMessage], content_format: str) -> list[dict[str, Any]]:
-    """With the "string" format, text parts are joined into one string; with "openai" the
-    parts are passed to the template as they came. Non-text parts are refused either way. No
-    content (an assistant turn of tool calls) is "" or no parts, as vLLM renders it."""
-    rendered = []
-    for message in messages:
-        item = message.model_dump(exclude_none=True)
-        if message.content is None:
-            item["content"] = [] if content_format == "openai" else ""
-        for call in item.get("tool_calls") or []:
-            _arguments_to_dict(call)
-        if isinstance(message.content, list) and content_format == "openai":
-            for part in message.content:
-                if part.get("type") != "text":
-                    raise APIError(
-                        f"content part type {part.get('type')!r} is not supported (text only)",
-                        param="messages",
-                    )
-        elif isinstance(message.content, list):
-            texts = []
-            for part in message.content:
-                if part.get("type") != "text":
-                    raise APIError(
-                        f"content part type {part.get('type')!r} is not supported (text only)",
-                        param="messages",
-                    )
-                texts.append(part.get("text", ""))
-            item["content"] = "\n".join(texts)
-        rendered.append(item)
-    return rendered
-
-
-def _arguments_to_dict(call: dict[str, Any]) -> None:
-    """Templates render a past call's arguments as a mapping (`| tojson`); OpenAI sends a JSON
-    string, so it is parsed first, as vLLM does. Arguments that are not JSON stay as they are."""
-    function = call.get("function")
-    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-        with contextlib.suppress(json.JSONDecodeError):
-            function["arguments"] = json.loads(function["arguments"])
 
 
 def apply_chat_template(
@@ -84,33 +31,23 @@ def apply_chat_template(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
-    content_format: str = "auto",
+    content_format: ContentFormat = "auto",
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    tokenizer = engine.tokenizer
-    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
-    if tokenizer is None or not isinstance(template, str):
-        raise APIError(
-            "This model has no chat template, so it cannot serve chat requests. Start the server "
-            "with --chat-template (a Jinja file or string), or use /v1/completions.",
-        )
-    if content_format == "auto":
-        content_format = detect_content_format(template)
-    rendered = render_messages(messages, content_format)
+    """The request's messages through the one renderer; what it cannot render is a 400."""
     try:
-        return tokenizer.apply_chat_template(
-            rendered,
+        return render_chat(
+            engine.tokenizer,
+            [message.model_dump(exclude_none=True) for message in messages],
             chat_template=chat_template,
-            tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            content_format=content_format,
             tools=tools,
-            **(chat_template_kwargs or {}),
+            chat_template_kwargs=chat_template_kwargs,
         )
-    except TemplateError as exc:  # the messages do not fit the template: the caller's to fix
-        raise APIError(
-            f"the chat template cannot render these messages: {exc}", param="messages"
-        ) from None
+    except ChatTemplateError as exc:
+        raise APIError(str(exc), param="messages") from None
 
 
 class ChatServing:

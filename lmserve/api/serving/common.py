@@ -12,6 +12,7 @@ from typing import Any
 
 from lmserve.api.errors import APIError
 from lmserve.api.serving.models import LoRAModules
+from lmserve.chat_template import ContentFormat
 from lmserve.engine.protocol import EngineClient
 from lmserve.lora.request import LoRARequest
 from lmserve.outputs import CompletionOutput, RequestOutput
@@ -25,7 +26,7 @@ class ServingConfig:
     served_model_names: list[str]
     response_role: str = "assistant"
     chat_template: str | None = None
-    chat_template_content_format: str = "auto"  # auto | string | openai
+    chat_template_content_format: ContentFormat = "auto"
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     log_requests: bool = False  # --enable-log-requests: off by default, as in vLLM
     max_log_len: int | None = None  # prompt characters a request's log line shows
@@ -39,6 +40,16 @@ class ServingConfig:
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
     server_dev_mode: bool = False  # vLLM's dev-only routes: /sleep, /wake_up, /is_sleeping
+    max_num_queued_reqs: int | None = None  # beyond it a generating request gets a 503
+    sse_keep_alive_interval: float | None = None  # seconds an idle stream waits for a ping
+
+    def __post_init__(self) -> None:
+        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
+            raise ValueError(f"--max-num-queued-reqs must be >= 0, got {self.max_num_queued_reqs}")
+        if self.sse_keep_alive_interval is not None and self.sse_keep_alive_interval <= 0:
+            raise ValueError(
+                f"--sse-keep-alive-interval must be > 0 seconds, got {self.sse_keep_alive_interval}"
+            )
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,100 @@
+"""The one chat-template renderer, below both `LLM.chat` and the server, so a conversation
+renders the same way offline and over HTTP: content given as OpenAI's parts or as a string,
+past tool calls with their arguments as mappings, tools, `continue_final_message`, and template
+failures as one error that says what to fix. (HF's renderer runs the Jinja in its sandbox.)"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from jinja2 import TemplateError
+
+ContentFormat = Literal["auto", "string", "openai"]
+
+# A template that loops over a message's content expects OpenAI's list of parts.
+_LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered: the message says why, and what to do."""
+
+
+def detect_content_format(template: str) -> Literal["string", "openai"]:
+    """ "openai" when the template iterates over content parts, else "string"."""
+    return "openai" if _LOOPS_OVER_CONTENT.search(template) else "string"
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    *,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    content_format: ContentFormat = "auto",
+    tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The prompt text of `messages` (OpenAI-style dicts) under the model's template, or
+    `chat_template` in its place."""
+    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
+    if tokenizer is None or not isinstance(template, str):
+        raise ChatTemplateError(
+            "This model has no chat template, so it cannot render a chat. Give one (the "
+            "server's --chat-template, or LLM.chat(chat_template=...): a Jinja string), or send "
+            "a plain prompt."
+        )
+    if add_generation_prompt and continue_final_message:
+        raise ChatTemplateError(
+            "continue_final_message continues the last message, add_generation_prompt starts a "
+            "new one: set only one of them"
+        )
+    if content_format == "auto":
+        content_format = detect_content_format(template)
+    rendered = [_render_message(m, content_format) for m in messages]
+    try:
+        return tokenizer.apply_chat_template(
+            rendered,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            **(chat_template_kwargs or {}),
+        )
+    except (TemplateError, ValueError) as exc:  # the messages do not fit the template
+        raise ChatTemplateError(f"the chat template cannot render these messages: {exc}") from None
+
+
+def _render_message(message: dict[str, Any], content_format: str) -> dict[str, Any]:
+    """With the "string" format, text parts are joined into one string; with "openai" the
+    parts are passed to the template as they came. Non-text parts are refused either way. No
+    content (an assistant turn of tool calls) is "" or no parts, as vLLM renders it."""
+    item = copy.deepcopy(dict(message))
+    content = item.get("content")
+    if content is None:
+        item["content"] = [] if content_format == "openai" else ""
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ChatTemplateError(f"content part type {kind!r} is not supported (text only)")
+        if content_format != "openai":
+            item["content"] = "\n".join(part.get("text", "") for part in content)
+    for call in item.get("tool_calls") or []:
+        _arguments_to_dict(call)
+    return item
+
+
+def _arguments_to_dict(call: dict[str, Any]) -> None:
+    """Templates render a past call's arguments as a mapping (`| tojson`); OpenAI sends a JSON
+    string, so it is parsed first, as vLLM does. Arguments that are not JSON stay as they are."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        with contextlib.suppress(json.JSONDecodeError):
+            function["arguments"] = json.loads(function["arguments"])

@@ -1,0 +1,117 @@
+"""Overload answers instead of queues (--max-num-queued-reqs) and SSE keep-alive pings
+(--sse-keep-alive-interval), on a real server with a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.api.conftest import Server, start_server, stop_server
+
+MAX_NUM_SEQS, MAX_QUEUED = 2, 4
+LONG = {"prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs) -> Iterator[Server]:
+    server = start_server(
+        str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.05",
+        "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-queued-reqs", str(MAX_QUEUED),
+        "--sse-keep-alive-interval", "0.02", "--served-model-name", "tiny",
+    )  # fmt: skip
+    yield server
+    stop_server(server)
+
+
+async def _timed_post(port: int, path: str, body: dict[str, Any]) -> tuple[float, int, dict, Any]:
+    """(seconds, status, headers, JSON body) of one POST on its own open connection, timed
+    from the request's first byte. Plain asyncio streams: with 50 at once, httpx's own work
+    on a 2-core machine would be most of what is measured."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+    await asyncio.sleep(0.2)  # every connection open before the first request is sent
+    start = time.monotonic()
+    writer.write(request)
+    await writer.drain()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
+    payload = json.loads(await reader.readexactly(int(headers["content-length"])))
+    elapsed = time.monotonic() - start
+    writer.close()
+    return elapsed, int(head[0].split()[1]), headers, payload
+
+
+def test_a_burst_gets_200s_and_fast_503s_then_the_server_serves(server: Server) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+
+    async def burst() -> list[tuple[float, int, dict, Any]]:
+        return await asyncio.gather(
+            *(_timed_post(port, "/v1/completions", LONG) for _ in range(50))
+        )
+
+    answers = asyncio.run(burst())
+    statuses = [status for _, status, _, _ in answers]
+    assert set(statuses) == {200, 503}
+    assert statuses.count(200) >= MAX_NUM_SEQS + MAX_QUEUED
+    for elapsed, status, headers, body in answers:
+        if status == 503:
+            error = body["error"]
+            assert error["type"] == "ServiceUnavailableError"
+            assert "max-num-queued-reqs" in error["message"]
+            assert headers["retry-after"] == "1"
+            assert elapsed < 0.05, elapsed
+        else:
+            assert body["usage"]["completion_tokens"] == 500
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    after = client.completions.create(model="tiny", prompt=[1, 2], max_tokens=4)
+    assert after.usage.completion_tokens == 4  # nothing left counted as in flight
+
+
+def test_idle_streams_get_keep_alive_comments_the_client_skips(server: Server) -> None:
+    """A stream queued behind two long requests waits with nothing to send: it gets SSE
+    comments, which the openai client skips."""
+    body = {**LONG, "max_tokens": 5, "stream": True}
+
+    async def behind_two_running(stream: Callable[[], Awaitable[Any]]) -> Any:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            running = [client.post("/v1/completions", json=LONG) for _ in range(MAX_NUM_SEQS)]
+            tasks = [asyncio.ensure_future(r) for r in running]
+            await asyncio.sleep(0.05)  # both running: the next one waits for a slot
+            result = await stream()
+            await asyncio.gather(*tasks)
+            return result
+
+    async def raw_lines() -> list[str]:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+            client.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            return [line async for line in response.aiter_lines()]
+
+    lines = asyncio.run(behind_two_running(raw_lines))
+    data = [line for line in lines if line.startswith("data: ")]
+    assert ": keep-alive" in lines
+    assert lines.index(": keep-alive") < lines.index(data[0])  # while it waited
+    assert data[-1] == "data: [DONE]"
+
+    async def client_chunks() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        stream = await client.completions.create(
+            model="tiny", prompt=[1, 2, 3], max_tokens=5, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(behind_two_running(client_chunks))
+    assert chunks[-1].choices[0].finish_reason == "length"

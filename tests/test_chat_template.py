@@ -1,0 +1,72 @@
+"""The one chat renderer: LLM.chat and the server render a conversation alike."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve import SamplingParams
+from lmserve.chat_template import ChatTemplateError, detect_content_format, render_chat
+
+FRANCE = "What is the capital of France?"
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}  # fmt: skip
+
+
+def test_parts_render_as_the_string_they_join_to(smollm2_llm) -> None:
+    tokenizer = smollm2_llm.get_tokenizer()
+    as_string = render_chat(tokenizer, [{"role": "user", "content": FRANCE}])
+    as_parts = render_chat(
+        tokenizer, [{"role": "user", "content": [{"type": "text", "text": FRANCE}]}]
+    )
+    assert (
+        as_parts
+        == as_string
+        == tokenizer.apply_chat_template(
+            [{"role": "user", "content": FRANCE}], tokenize=False, add_generation_prompt=True
+        )
+    )
+    assert detect_content_format(tokenizer.chat_template) == "string"
+
+
+def test_llm_chat_takes_what_the_server_takes(smollm2_llm) -> None:
+    """Content parts, and a past tool call whose arguments come as a JSON string (rendered as a
+    mapping, as the server does), work offline too; the tokens follow the same prompt."""
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    parts = [{"role": "user", "content": [{"type": "text", "text": FRANCE}]}]
+    by_parts = smollm2_llm.chat(parts, greedy, use_tqdm=False)[0]
+    by_string = smollm2_llm.chat([{"role": "user", "content": FRANCE}], greedy, use_tqdm=False)[0]
+    assert by_parts.outputs[0].token_ids == by_string.outputs[0].token_ids
+    assert "Paris" in by_parts.outputs[0].text
+    template = (
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.function.arguments.a }}]{% endfor %}|"
+        "{% endfor %}"
+    )
+    conversation = [{"role": "user", "content": "add"},
+                    {"role": "assistant", "content": None, "tool_calls": [CALL]}]  # fmt: skip
+    text = render_chat(
+        smollm2_llm.get_tokenizer(), conversation, chat_template=template,
+        add_generation_prompt=False,
+    )  # fmt: skip
+    assert text == "user:add|assistant:[1]|"
+    out = smollm2_llm.chat(
+        conversation, greedy, use_tqdm=False, chat_template=template, add_generation_prompt=False
+    )[0]
+    assert smollm2_llm.get_tokenizer().decode(out.prompt_token_ids) == text
+
+
+@pytest.mark.parametrize(
+    ("messages", "options", "match"),
+    [
+        ([{"role": "user", "content": [{"type": "image_url"}]}], {}, "not supported"),
+        ([{"role": "user", "content": "x"}], {"continue_final_message": True}, "only one"),
+        ([{"role": "user", "content": "x"}], {"chat_template": "{{ raise_exception('no') }}"},
+         "cannot render these messages: no"),
+    ],
+    ids=["image-part", "both-prompt-flags", "template-raises"],
+)  # fmt: skip
+def test_what_cannot_render_says_why(smollm2_llm, messages, options, match) -> None:
+    with pytest.raises(ChatTemplateError, match=match):
+        render_chat(smollm2_llm.get_tokenizer(), messages, **options)
+    with pytest.raises(ValueError, match=match):  # LLM.chat raises the same
+        smollm2_llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, **options)
