@@ -106,7 +106,7 @@ def test_yaml_config_deploys(
         reply = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4)
         assert reply.usage.completion_tokens == 4
         chat = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "Capital of France?"}],
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=12, temperature=0,
         )  # fmt: skip
         assert "Paris" in chat.choices[0].message.content
@@ -182,7 +182,7 @@ def test_seed_server_snippet_runs(tmp_path: Path, smollm2_dir: Path) -> None:
 
 
 # Seed 001's three Python forms, each as the seed writes it but for the import lines, the
-# bundled model in place of Qwen/Llama, and no accelerator_type / tensor_parallel_size; then the
+# bundled model in place of each Qwen/Llama, and no accelerator_type / tensor_parallel_size; then the
 # seed's own client query. They run one after another in one script, as one user would.
 SEED_FORMS = """
 import os
@@ -223,7 +223,7 @@ llm_config1 = LLMConfig(
 llm_config2 = LLMConfig(
     model_loading_config=dict(
         model_id="qwen-1.5b",
-        model_source=TINY,
+        model_source="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     deployment_config=dict(
         autoscaling_config=dict(
@@ -271,40 +271,49 @@ import json
 from pathlib import Path
 from openai import OpenAI
 
-TINY = {tiny!r}
-
 def ask(model):
     client = OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
     response = client.chat.completions.create(
         model=model,
-        messages=[{{"role": "user", "content": "What is the capital of France?"}}],
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
         stream=True, temperature=0, max_tokens=12,
     )
     text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
     print("ANSWER", json.dumps([model, text]), flush=True)
 
 def report_replica_env(deployment):
-    """The environment of the replica process of that deployment (Ray names it in its title)."""
+    """The environment of that deployment's replica (Ray names it in the process title) and of
+    the engine core process it started (Ray sets OMP_NUM_THREADS after the replica starts, so
+    only a process started later shows it)."""
+    def read(pid):
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\\0", b" ").decode()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\\0")
+        parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        return title, dict(e.decode().split("=", 1) for e in environ if b"=" in e), parent
+    procs = {}
     for proc in Path("/proc").iterdir():
-        try:
-            title = (proc / "cmdline").read_bytes().replace(b"\\0", b" ").decode()
-            environ = (proc / "environ").read_bytes().split(b"\\0")
-        except OSError:
-            continue
-        if "ServeReplica" in title and deployment in title:
-            env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
-            keys = ("HF_TOKEN", "HF_HUB_ENABLE_HF_TRANSFER", "OMP_NUM_THREADS")
-            print("ENV", json.dumps({{k: env.get(k) for k in keys}}), flush=True)
+        if proc.name.isdigit():
+            try:
+                procs[proc.name] = read(proc.name)
+            except OSError:
+                continue
+    (replica,) = [pid for pid, (title, _, _) in procs.items()
+                  if "ServeReplica" in title and deployment in title]
+    (engine,) = [pid for pid, (_, _, parent) in procs.items()
+                 if parent == replica and "spawn_main" in procs[pid][0]]
+    keys = ("HF_TOKEN", "HF_HUB_ENABLE_HF_TRANSFER", "OMP_NUM_THREADS")
+    for name, pid in (("replica", replica), ("engine", engine)):
+        env = procs[pid][1]
+        print("ENV", json.dumps({"process": name, **{k: env.get(k) for k in keys}}), flush=True)
 '''
 
 
-def test_seed_deployment_forms_run(tmp_path: Path, smollm2_dir: Path, tiny_model_dirs) -> None:
+def test_seed_deployment_forms_run(tmp_path: Path, smollm2_dir: Path) -> None:
     """Seed 001: router over one deployment, two models, and get_serve_options with a
     runtime_env whose variables reach the replica (and not from the driver's environment: the
     driver has no HF_HUB_ENABLE_HF_TRANSFER)."""
     script = tmp_path / "forms.py"
-    harness = SEED_HARNESS.format(tiny=str(tiny_model_dirs["llama"]))
-    script.write_text(harness + SEED_FORMS + "\nserve.shutdown()\n")
+    script.write_text(SEED_HARNESS + SEED_FORMS + "\nserve.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_ENABLE_HF_TRANSFER"}
     env["HF_TOKEN"] = "hf_seed_test_token"
     done = subprocess.run(
@@ -316,9 +325,10 @@ def test_seed_deployment_forms_run(tmp_path: Path, smollm2_dir: Path, tiny_model
     assert [model for model, _ in answers] == [
         "qwen-0.5b", "qwen-0.5b", "qwen-1.5b", "llama-3-8b-instruct"
     ]  # fmt: skip
-    smol = [text for model, text in answers if model != "qwen-1.5b"]
-    assert "Paris" in smol[0] and smol == [smol[0]] * 3  # the same model, greedy
-    (replica_env,) = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ENV ")]
-    assert replica_env["HF_TOKEN"] == "hf_seed_test_token"
-    assert replica_env["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
-    assert replica_env["OMP_NUM_THREADS"] == "1"  # its engine's threads: the one CPU it reserves
+    texts = [text for _, text in answers]
+    assert "Paris" in texts[0] and texts == [texts[0]] * 4  # the same model each time, greedy
+    replica, engine = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ENV ")]
+    for env in (replica, engine):
+        assert env["HF_TOKEN"] == "hf_seed_test_token"
+        assert env["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
+    assert engine["OMP_NUM_THREADS"] == "1"  # its engine's threads: the one CPU it reserves
