@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmserve.api import sse
@@ -24,16 +24,43 @@ Answer = Callable[[Endpoint, Any], Awaitable[Reply]]
 
 
 def mount(
-    app: FastAPI | APIRouter,
+    app: FastAPI,
     endpoints: Iterable[Endpoint],
     answer: Answer,
     sse_keep_alive_s: float | None = None,
 ) -> None:
     """Each endpoint as a POST route answered by `answer`; streams send an SSE comment after
-    `sse_keep_alive_s` without an event."""
+    `sse_keep_alive_s` without an event. The bodies are parsed here, not by FastAPI, so the
+    request models are added to the app's OpenAPI document by hand."""
+    schemas: dict[str, Any] = {}
     for endpoint in endpoints:
         route = _route(endpoint, answer, sse_keep_alive_s)
-        app.add_api_route(endpoint.path, route, methods=["POST"])
+        extra = None
+        if endpoint.request is not None:
+            name = endpoint.request.__name__
+            schema = endpoint.request.model_json_schema(ref_template=_REF + "{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[name] = schema
+            body = {"schema": {"$ref": _REF + name}}
+            extra = {"requestBody": {"required": True, "content": {"application/json": body}}}
+        app.add_api_route(endpoint.path, route, methods=["POST"], openapi_extra=extra)
+    _add_schemas(app, schemas)
+
+
+_REF = "#/components/schemas/"
+
+
+def _add_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            components = build().setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in schemas.items():
+                components.setdefault(name, schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _route(
