@@ -70,13 +70,10 @@ _ANTHROPIC_TYPES = {
 }
 
 
-def anthropic_error_type(status: int) -> str:
-    return _ANTHROPIC_TYPES.get(status, "api_error")
-
-
 def anthropic_error_body(message: str, status: int) -> dict[str, Any]:
     """Anthropic's error JSON, which its clients parse for the Messages routes."""
-    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+    kind = _ANTHROPIC_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def error_response(
@@ -131,13 +128,11 @@ def error_reply(exc: Exception, style: ErrorStyle = "openai") -> Whole | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def _error(_: Request, exc: Exception) -> JSONResponse:
-        known = error_for(exc)
-        if known is None:
+        reply = error_reply(exc)
+        if reply is None:
             logger.exception("unexpected error serving a request")
             return error_response(f"Internal error: {type(exc).__name__}", 500)
-        status, body = known
-        headers = exc.headers if isinstance(exc, APIError) else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
     # The request's own faults, by class: Starlette answers these and is done. A handler for
     # Exception alone runs in its outermost middleware, which re-raises after answering, so

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from lmserve.api.errors import anthropic_error_type, error_for
+from lmserve.api.errors import error_reply
 from lmserve.api.protocol import ChatMessage
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.serving import common
@@ -116,12 +116,10 @@ async def _events(message_id: str, chunks: AsyncIterator[Event]) -> AsyncIterato
                 if choice.get("finish_reason"):
                     stop = _stop(choice["finish_reason"], choice.get("stop_reason"))
     except Exception as exc:  # noqa: BLE001 - an engine failure mid-stream is an error event
-        known = error_for(exc)
-        if known is None:
+        reply = error_reply(exc, "anthropic")
+        if reply is None:
             raise
-        status, body = known
-        error = {"type": anthropic_error_type(status), "message": body["error"]["message"]}
-        yield _event("error", {"error": error})
+        yield _event("error", {"error": reply.body["error"]})
         return
     for event in blocks.close():
         yield event
