@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from lmserve.engine.messages import FinishReason
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
@@ -24,14 +25,14 @@ class RequestStatus(enum.IntEnum):
         return self > RequestStatus.PREEMPTED
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         return _FINISH_REASONS.get(self)
 
 
 _FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
 }
 
 
@@ -57,7 +58,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit length on first scheduling; -1 until then
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
-    stop_reason: int | str | None = None
+    stop_reason: int | None = None  # the stop token id that ended it
     block_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:

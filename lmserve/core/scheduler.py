@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from lmserve.config import SchedulerConfig
 from lmserve.core.grammar_tracker import GrammarTracker
@@ -19,39 +18,16 @@ from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request, RequestStatus
 from lmserve.core.scheduler_output import (
     CachedRequestData,
+    GrammarBitmask,
     NewRequestData,
     SampledTokens,
     SchedulerOutput,
-    TokenLogprobs,
 )
+from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats
 
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStats:
-    """A snapshot of the scheduler: gauges now, counters since start."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of usable KV blocks held by requests
-    num_free_blocks: int
-    num_usable_blocks: int
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-
-
-@dataclass(slots=True)
-class RequestUpdate:
-    """A request's progress after one step, for the engine to report to the frontend."""
-
-    req_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None
-    stop_reason: int | str | None
-    num_cached_tokens: int
-    first_scheduled_time: float | None = None  # wall clock, on the request's first update
-    logprobs: list[TokenLogprobs] | None = None
-    prompt_logprobs: list[TokenLogprobs] | None = None
+# How long a scheduler with nothing to run waits for a waiting request's grammar to compile, so an
+# engine with only compiling requests sleeps instead of spinning.
+_GRAMMAR_WAIT_S = 0.01
 
 
 class Scheduler:
@@ -70,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # to tell the worker at the next step
+        self._grammar_failures: list[EngineCoreOutput] = []  # reported by the next update
         self._known_to_worker: set[str] = set()
         # cumulative counters since start, for metrics and tests
         self.num_preemptions = 0
@@ -170,11 +147,18 @@ class Scheduler:
             num_scheduled[request.req_id] = num_new
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
+        if self.grammars is not None:
+            self._abort_failed_grammars()
+            if not num_scheduled and self.waiting:
+                self.grammars.wait_for_compile(_GRAMMAR_WAIT_S)
 
+        sampling = []
         for request in self.running:
             if request.req_id in num_scheduled:
                 request.num_computed_tokens += num_scheduled[request.req_id]
                 self._known_to_worker.add(request.req_id)
+                if request.num_computed_tokens == request.num_tokens:
+                    sampling.append(request.req_id)
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(
             new_reqs=new_reqs,
@@ -182,7 +166,21 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_req_ids=finished,
+            sampling_req_ids=sampling,
         )
+
+    def grammar_bitmask(self, output: SchedulerOutput) -> GrammarBitmask | None:
+        """The allowed next tokens of the requests sampling this step under a grammar."""
+        if self.grammars is None or not output.sampling_req_ids:
+            return None
+        return self.grammars.grammar_bitmask(output.sampling_req_ids)
+
+    def _abort_failed_grammars(self) -> None:
+        """A grammar that failed to build (the frontend checks specs, so rarely) aborts its
+        request; the next update reports it."""
+        assert self.grammars is not None
+        for request in self.abort_requests(self.grammars.take_failed()):
+            self._grammar_failures.append(EngineCoreOutput(request.req_id, [], FinishReason.ABORT))
 
     def _lora_fits(self, request: Request) -> bool:
         """Whether admitting `request` keeps the running adapters within max_loras."""
@@ -203,9 +201,9 @@ class Scheduler:
     # ---- results ----------------------------------------------------------------------------
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, SampledTokens]
-    ) -> list[RequestUpdate]:
+    ) -> list[EngineCoreOutput]:
         """Append sampled tokens, apply token-level stops, free finished requests' blocks."""
-        updates = []
+        updates, self._grammar_failures = self._grammar_failures, []
         for req_id in output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.status.finished:
@@ -223,7 +221,7 @@ class Scheduler:
                         break
             if new_tokens or (result is not None and result.prompt_logprobs is not None):
                 updates.append(
-                    RequestUpdate(
+                    EngineCoreOutput(
                         req_id=req_id,
                         new_token_ids=new_tokens,
                         finish_reason=request.status.finish_reason,

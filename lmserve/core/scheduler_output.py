@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from lmserve.engine.messages import TokenLogprobs
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
@@ -40,19 +43,20 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # requests the worker must forget before this step: finished, aborted or preempted
     finished_req_ids: set[str] = field(default_factory=set)
+    # requests whose scheduled tokens reach their last token, in batch order: they sample
+    sampling_req_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
 
 
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Logprobs at one position: the chosen token first, then the top-k, and the chosen one's rank."""
+@dataclass(frozen=True)
+class GrammarBitmask:
+    """The allowed next tokens of this step's constrained requests: row i is `req_ids[i]`'s."""
 
-    token_ids: list[int]
-    logprobs: list[float]
-    rank: int
+    req_ids: list[str]
+    bitmask: np.ndarray  # [num_constrained, ceil(vocab / 32)] int32, bit t of word w: token 32w+t
 
 
 @dataclass(frozen=True, slots=True)

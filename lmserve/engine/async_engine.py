@@ -15,11 +15,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve.config import EngineConfig
-from lmserve.core.scheduler import SchedulerStats
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.core_client import AsyncMPCoreClient
 from lmserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
-from lmserve.engine.messages import EngineCoreRequest
+from lmserve.engine.messages import (
+    Abort,
+    ControlDone,
+    CoreFailed,
+    EngineCoreRequest,
+    GetStats,
+    Outputs,
+    Ready,
+    SchedulerStats,
+    Sleep,
+    Stats,
+    WakeUp,
+)
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.protocol import EngineClient, EngineDeadError, EngineSleepingError
@@ -124,7 +135,7 @@ class AsyncEngine(EngineClient):
         try:
             for child in children:
                 self.metrics.record_arrival(child.req_id, len(child.prompt_token_ids))
-                await self.client.send("add", child)
+                await self.client.send(child)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -143,26 +154,26 @@ class AsyncEngine(EngineClient):
         for child_id in child_ids:
             self.metrics.record_abort(child_id)
         if child_ids and self.is_healthy:
-            await self.client.send("abort", child_ids)
+            await self.client.send(Abort(child_ids))
 
     async def sleep(self, level: int = 1) -> None:
         async with self._control:
-            await self._call_core("sleep", level)
+            await self._call_core(Sleep(level))
             self._sleep_level = level
 
     async def wake_up(self) -> None:
         async with self._control:
-            await self._call_core("wake_up")
+            await self._call_core(WakeUp())
             self._sleep_level = 0
 
     @property
     def is_sleeping(self) -> bool:
         return self._sleep_level > 0
 
-    async def _call_core(self, kind: str, payload: int | None = None) -> None:
+    async def _call_core(self, message: Sleep | WakeUp) -> None:
         """Send a control message and wait for the core's answer (a level-2 wake-up loads the
         weights again, so it may take as long as the start did)."""
-        await self.client.send(kind, payload)
+        await self.client.send(message)
         error = await asyncio.wait_for(self._done.get(), timeout=600)
         if self._dead is not None:
             raise EngineDeadError(self._dead)
@@ -171,34 +182,32 @@ class AsyncEngine(EngineClient):
 
     async def get_stats(self) -> SchedulerStats:
         """The core's counters: running/waiting requests, free blocks, preemptions."""
-        await self.client.send("stats")
+        await self.client.send(GetStats())
         return await asyncio.wait_for(self._stats.get(), timeout=30)
 
     async def _output_loop(self) -> None:
         while True:
-            kind, payload = await self.client.receive()
-            if kind == "outputs":
-                assert isinstance(payload, tuple)
-                core_outputs, stats = payload
-                self.metrics.record_step(core_outputs, stats)
-                outputs, to_abort = self.output_processor.process(core_outputs, snapshots=True)
-                if to_abort:
-                    with contextlib.suppress(EngineDeadError):  # the next receive says so
-                        await self.client.send("abort", to_abort)
-                for output in outputs:
-                    queue = self._queues.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output)
-            elif kind == "stats":
-                assert isinstance(payload, SchedulerStats)
-                self.metrics.record_stats(payload)
-                self._stats.put_nowait(payload)
-            elif kind == "done":
-                assert isinstance(payload, str)
-                self._done.put_nowait(payload)
-            elif kind == "error":
-                self._fail(str(payload))
-                return
+            match await self.client.receive():
+                case Outputs(outputs=core_outputs, stats=stats):
+                    self.metrics.record_step(core_outputs, stats)
+                    outputs, to_abort = self.output_processor.process(core_outputs, snapshots=True)
+                    if to_abort:
+                        with contextlib.suppress(EngineDeadError):  # the next receive says so
+                            await self.client.send(Abort(to_abort))
+                    for output in outputs:
+                        queue = self._queues.get(output.request_id)
+                        if queue is not None:
+                            queue.put_nowait(output)
+                case Stats(stats=stats):
+                    self.metrics.record_stats(stats)
+                    self._stats.put_nowait(stats)
+                case ControlDone(error=error):
+                    self._done.put_nowait(error)
+                case CoreFailed(reason=reason):
+                    self._fail(reason)
+                    return
+                case Ready():
+                    pass  # only ever the first message, which start() consumed
 
     async def _log_loop(self, interval_s: float = 10.0) -> None:
         while True:

@@ -5,21 +5,13 @@ It sees token ids only; tokenization, stop strings and output assembly belong to
 
 from __future__ import annotations
 
-import logging
-
 from lmserve.config import EngineConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request
-from lmserve.core.scheduler import RequestUpdate, Scheduler
-from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest
+from lmserve.core.scheduler import Scheduler
+from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 from lmserve.structured_output.manager import StructuredOutputManager
 from lmserve.worker.model_runner import ModelRunner
-
-logger = logging.getLogger(__name__)
-
-
-# How long an engine with nothing to run but grammars to compile sleeps between checks.
-_GRAMMAR_WAIT_S = 0.01
 
 
 class EngineCore:
@@ -82,25 +74,18 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model, mask by the grammars, sample, and apply the tokens."""
         if not self.has_unfinished_requests():
             return []
         scheduler_output = self.scheduler.schedule()
-        failed = self._abort_failed_grammars()
-        if scheduler_output.is_empty and self.structured_output.has_pending():
-            self.structured_output.wait_for_compile(_GRAMMAR_WAIT_S)
-        sampling = [
-            r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens
-        ]  # NOTE: schedule() has advanced num_computed_tokens; equal means sampled this step
-        bitmask = self.structured_output.grammar_bitmask(sampling)
-        sampled = self.runner.execute(scheduler_output, bitmask)
-        return failed + self.scheduler.update_from_output(scheduler_output, sampled)
-
-    def _abort_failed_grammars(self) -> list[EngineCoreOutput]:
-        """A grammar that failed to build (the frontend checks specs, so rarely) aborts its request."""
-        failed = self.structured_output.take_failed()
-        self.scheduler.abort_requests(failed)
-        return [RequestUpdate(req_id, [], "abort", None, 0) for req_id in failed]
+        self.runner.execute(scheduler_output)
+        bitmask = self.scheduler.grammar_bitmask(scheduler_output)
+        sampled = self.runner.sample(bitmask)
+        return self.scheduler.update_from_output(scheduler_output, sampled)
 
     def shutdown(self) -> None:
         self.structured_output.shutdown()

@@ -1,19 +1,65 @@
-"""Typed messages between the frontend and the engine core (msgspec-encodable for the process
-boundary of the server)."""
+"""The wire between the frontend and the engine core: typed messages, one tagged union each way.
+
+Every message is a msgspec Struct whose tag names it on the wire, so each side decodes straight
+into the right type and dispatches with `match`. The core's scheduler builds `EngineCoreOutput`
+and `SchedulerStats` itself (the one import `lmserve.core` makes from the engine), so nothing is
+copied between its result and the wire.
+"""
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
-from lmserve.core.scheduler import RequestUpdate
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
-# What the core reports per request per step.
-EngineCoreOutput = RequestUpdate
+
+class FinishReason(enum.StrEnum):
+    """Why the core ended a request (the frontend adds stop strings, reported as STOP)."""
+
+    STOP = "stop"  # EOS, a stop token id, or a grammar that completed
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # asked to, or its grammar could not be built, or the engine went to sleep
 
 
-class EngineCoreRequest(msgspec.Struct, frozen=True):
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """Logprobs at one position: the chosen token first, then the top-k, and the chosen one's rank."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, gc=False):
+    """A request's progress after one step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None  # the stop token id that ended it
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None  # wall clock, on the request's first output
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+
+
+class SchedulerStats(msgspec.Struct, frozen=True):
+    """A snapshot of the scheduler: gauges now, counters since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of usable KV blocks held by requests
+    num_free_blocks: int
+    num_usable_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+# ---- to the core ---------------------------------------------------------------------------------
+class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     req_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
@@ -21,3 +67,61 @@ class EngineCoreRequest(msgspec.Struct, frozen=True):
     arrival_time: float
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort"):
+    req_ids: list[str]
+
+
+class GetStats(msgspec.Struct, frozen=True, tag="stats"):
+    pass
+
+
+class Sleep(msgspec.Struct, frozen=True, tag="sleep"):
+    level: int
+
+
+class WakeUp(msgspec.Struct, frozen=True, tag="wake_up"):
+    pass
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    pass
+
+
+ToCore = EngineCoreRequest | Abort | GetStats | Sleep | WakeUp | Shutdown
+
+
+# ---- from the core -------------------------------------------------------------------------------
+class Ready(msgspec.Struct, frozen=True, tag="ready"):
+    """The model is loaded and the KV cache allocated."""
+
+    stats: SchedulerStats
+
+
+class Outputs(msgspec.Struct, frozen=True, tag="outputs"):
+    """One step's results, with the scheduler's state after it."""
+
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+
+
+class Stats(msgspec.Struct, frozen=True, tag="stats"):
+    """The answer to GetStats."""
+
+    stats: SchedulerStats
+
+
+class ControlDone(msgspec.Struct, frozen=True, tag="done"):
+    """The answer to Sleep or WakeUp: empty, or why it was refused."""
+
+    error: str = ""
+
+
+class CoreFailed(msgspec.Struct, frozen=True, tag="error"):
+    """The core died (its traceback), or its process is gone."""
+
+    reason: str
+
+
+FromCore = Ready | Outputs | Stats | ControlDone | CoreFailed

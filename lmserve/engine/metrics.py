@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lmserve.core.scheduler import SchedulerStats
-from lmserve.engine.messages import EngineCoreOutput
+from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats
 
 logger = logging.getLogger("lmserve.stats")
 
@@ -115,9 +114,9 @@ class EngineMetrics:
                 self._finish(out.req_id, out.finish_reason, now)
         self.record_stats(stats)
 
-    def _finish(self, req_id: str, reason: str, now: float) -> None:
+    def _finish(self, req_id: str, reason: FinishReason, now: float) -> None:
         timing = self._timings.pop(req_id)
-        self._success.labels(**self._label, finished_reason=reason).inc()
+        self._success.labels(**self._label, finished_reason=reason.value).inc()
         self._e2e.labels(**self._label).observe(now - timing.arrival)
         self._req_prompt.labels(**self._label).observe(timing.num_prompt_tokens)
         self._req_generation.labels(**self._label).observe(timing.num_generated)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lmserve.core.scheduler_output import TokenLogprobs
-from lmserve.engine.messages import EngineCoreOutput
+from lmserve.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -162,7 +161,7 @@ class OutputProcessor:
                     i
                 ].logprobs[0]
             is_last = i == len(out.new_token_ids) - 1
-            stop_token = is_last and out.finish_reason == "stop"
+            stop_token = is_last and out.finish_reason is FinishReason.STOP
             if sample.decoder is not None and not (
                 stop_token and not params.include_stop_str_in_output
             ):
@@ -172,7 +171,7 @@ class OutputProcessor:
             if self._check_stop_strings(sample):
                 return True
         if out.finish_reason is not None:
-            output.finish_reason = out.finish_reason
+            output.finish_reason = out.finish_reason.value
             output.stop_reason = out.stop_reason
         return False
 
@@ -189,7 +188,7 @@ class OutputProcessor:
         index, stop = min(found)
         end = index + len(stop) if params.include_stop_str_in_output else index
         output.text = output.text[:end]
-        output.finish_reason = "stop"
+        output.finish_reason = FinishReason.STOP.value
         output.stop_reason = stop
         return True
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve.config import EngineConfig
-from lmserve.core.scheduler import SchedulerStats
+from lmserve.engine.messages import SchedulerStats
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.lora.request import LoRARequest
 from lmserve.outputs import RequestOutput

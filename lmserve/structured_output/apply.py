@@ -8,20 +8,11 @@ the result to the constrained rows in place costs ~0.3 ms.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmserve.transfer import to_device
-
-
-@dataclass(frozen=True)
-class GrammarBitmask:
-    """The allowed next tokens of this step's constrained requests: row i is `req_ids[i]`'s."""
-
-    req_ids: list[str]
-    bitmask: torch.Tensor  # [num_constrained, ceil(vocab / 32)] int32, bit t of word w: token 32w+t
 
 
 @functools.cache
@@ -30,11 +21,11 @@ def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(np.where(bits, 0.0, -np.inf), dtype=dtype, device=device)  # [256, 8]
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: np.ndarray, rows: torch.Tensor) -> None:
     """Set the logits of disallowed tokens to -inf, in place, on `rows` of `logits` only."""
     vocab = logits.shape[1]
     table = _byte_table(logits.device, logits.dtype)
-    mask_bytes = to_device(bitmask.contiguous(), logits.device).view(torch.uint8).long()
+    mask_bytes = to_device(bitmask, logits.device).view(torch.uint8).long()
     additive = torch.nn.functional.embedding(mask_bytes, table).view(len(rows), -1)  # [G, 32W]
     if additive.shape[1] > vocab:
         additive = additive[:, :vocab]

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmserve.config import StructuredOutputConfig
 from lmserve.core.request import Request
-from lmserve.structured_output.apply import GrammarBitmask
+from lmserve.core.scheduler_output import GrammarBitmask
 from lmserve.structured_output.backend import GrammarBackend, Matcher, backend_class
 from lmserve.structured_output.spec import GrammarSpec
 
@@ -62,7 +63,7 @@ class StructuredOutputManager:
         self._backends: dict[str, GrammarBackend] = {}
         self._compiled: OrderedDict[tuple[str, GrammarSpec], Any] = OrderedDict()
         self._reasoning_ids: tuple[list[int], list[int]] | None = None
-        self._bitmask: torch.Tensor | None = None
+        self._bitmask: np.ndarray | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -139,29 +140,29 @@ class StructuredOutputManager:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- per step -----------------------------------------------------------------------------
-    def grammar_bitmask(self, requests: list[Request]) -> GrammarBitmask | None:
-        """Masks for the requests sampled this step whose grammar is in force, in one tensor."""
-        req_ids = []
-        for request in requests:
-            state = self._states.get(request.req_id)
+    def grammar_bitmask(self, req_ids: list[str]) -> GrammarBitmask | None:
+        """Masks for those of this step's sampling requests whose grammar is in force, in one
+        array (the matchers fill a torch view of it)."""
+        constrained = []
+        for req_id in req_ids:
+            state = self._states.get(req_id)
             if (
                 state is not None
                 and state.matcher is not None
                 and state.reasoning_ended
                 and not state.matcher.is_terminated()
             ):
-                req_ids.append(request.req_id)
-        if not req_ids:
+                constrained.append(req_id)
+        if not constrained:
             return None
         if self._bitmask is None:
-            self._bitmask = torch.empty(
-                self.max_num_seqs, -(-self.vocab_size // 32), dtype=torch.int32
-            )
-        for row, req_id in enumerate(req_ids):
+            self._bitmask = np.empty((self.max_num_seqs, -(-self.vocab_size // 32)), np.int32)
+        rows = torch.from_numpy(self._bitmask)
+        for row, req_id in enumerate(constrained):
             matcher = self._states[req_id].matcher
             assert matcher is not None
-            matcher.fill_bitmask(self._bitmask, row)
-        return GrammarBitmask(req_ids, self._bitmask[: len(req_ids)])
+            matcher.fill_bitmask(rows, row)
+        return GrammarBitmask(constrained, self._bitmask[: len(constrained)])
 
     # ---- compile thread -----------------------------------------------------------------------
     def _prepare(self, backend_name: str, spec: GrammarSpec, prompt_ids: list[int]) -> _Prepared:

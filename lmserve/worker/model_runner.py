@@ -1,4 +1,5 @@
-"""One step of the model: SchedulerOutput -> tensors -> forward -> logits -> sampled tokens."""
+"""One step of the model: SchedulerOutput -> tensors -> forward -> logits (execute), then logits ->
+sampled tokens (sample)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from torch import nn
 
 from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata, get_backend
 from lmserve.config import EngineConfig
-from lmserve.core.scheduler_output import SampledTokens, SchedulerOutput, TokenLogprobs
+from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
+from lmserve.engine.messages import TokenLogprobs
 from lmserve.forward_context import set_forward_context
 from lmserve.lora.layers import LoRAMapping
 from lmserve.lora.manager import LoRAManager
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
-from lmserve.structured_output.apply import GrammarBitmask, apply_grammar_bitmask
+from lmserve.structured_output.apply import apply_grammar_bitmask
 from lmserve.transfer import to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
@@ -39,7 +41,17 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     common: CommonAttentionMetadata
-    sample_mask: np.ndarray  # [num_reqs] True where this step's chunk reaches the last token
+    sample_mask: np.ndarray  # [num_reqs] True where the scheduler says the request samples
+
+
+@dataclass(frozen=True)
+class _ExecutedStep:
+    """What `execute()` leaves for `sample()`."""
+
+    inputs: StepInputs
+    hidden: torch.Tensor  # [num_tokens, hidden]
+    sample_idx: np.ndarray  # batch positions that sample
+    logits: torch.Tensor | None  # [len(sample_idx), vocab]
 
 
 class ModelRunner:
@@ -68,6 +80,7 @@ class ModelRunner:
         generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.sampler = Sampler(generator)
         self._bind_kv_caches()
+        self._executed: _ExecutedStep | None = None
         self.lora = lora
         self.graphs = graphs
         if graphs is not None:
@@ -140,30 +153,43 @@ class ModelRunner:
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
             layer.kv_cache = cache
 
-    # ---- one step ---------------------------------------------------------------------------
+    # ---- one step: execute, then sample --------------------------------------------------------
     @torch.inference_mode()
-    def execute(
-        self, so: SchedulerOutput, grammar: GrammarBitmask | None = None
-    ) -> dict[str, SampledTokens]:
+    def execute(self, so: SchedulerOutput) -> None:
+        """Run the model over the step's tokens. The sampling rows' logits wait for `sample()`,
+        so the step's grammar masks can be filled while a GPU still runs the forward."""
         self._update_states(so)
+        self._executed = None
         if so.is_empty:
-            return {}
+            return
         inputs = self._prepare_inputs(so)
         hidden = self._forward(inputs)  # [num_tokens, hidden]
-        results: dict[str, SampledTokens] = {}
         sample_idx = np.flatnonzero(inputs.sample_mask)
+        logits = None
         if len(sample_idx):
             last_token = inputs.common.query_start_loc[1:] - 1
             logits = self.model.compute_logits(
                 hidden[to_device(last_token[sample_idx], self.device)]
             )
+        self._executed = _ExecutedStep(inputs, hidden, sample_idx, logits)
+
+    @torch.inference_mode()
+    def sample(self, grammar: GrammarBitmask | None = None) -> dict[str, SampledTokens]:
+        """Sample the executed step's sampling rows (masked by `grammar`) and gather any prompt
+        logprobs its chunks asked for."""
+        step, self._executed = self._executed, None
+        results: dict[str, SampledTokens] = {}
+        if step is None:
+            return results
+        inputs, sample_idx = step.inputs, step.sample_idx
+        if step.logits is not None:
             if grammar is not None:
-                self._apply_grammar(grammar, [inputs.req_ids[i] for i in sample_idx], logits)
+                self._apply_grammar(grammar, [inputs.req_ids[i] for i in sample_idx], step.logits)
             rows = inputs.rows[sample_idx]
             md = build_sampling_metadata(self.batch, rows, self.vocab_size, self.device)
-            out = self.sampler(logits, md)
+            out = self.sampler(step.logits, md)
             self._collect_samples(inputs, sample_idx, out, results)
-        self._collect_prompt_logprobs(inputs, hidden, results)
+        self._collect_prompt_logprobs(inputs, step.hidden, results)
         return results
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -231,6 +257,7 @@ class ModelRunner:
     def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         batch = self.batch
         req_ids = list(so.num_scheduled_tokens)
+        sampling = set(so.sampling_req_ids)
         rows = batch.rows_of(req_ids)
         num_scheduled = np.fromiter(so.num_scheduled_tokens.values(), np.int64, len(req_ids))
         query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int64)
@@ -258,7 +285,7 @@ class ModelRunner:
             input_ids=to_device(input_ids, self.device),
             positions=to_device(positions, self.device),
             common=common,
-            sample_mask=seq_lens == batch.num_tokens[rows],
+            sample_mask=np.fromiter((r in sampling for r in req_ids), bool, len(req_ids)),
         )
 
     def _collect_samples(

@@ -9,14 +9,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from lmserve.config import SchedulerConfig
 from lmserve.core.grammar_tracker import GrammarTracker
 from lmserve.core.kv_cache_manager import KVCacheManager, cdiv
 from lmserve.core.request import Request, RequestStatus
-from lmserve.core.scheduler import RequestUpdate, Scheduler
-from lmserve.core.scheduler_output import SampledTokens, SchedulerOutput
+from lmserve.core.scheduler import Scheduler
+from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
+from lmserve.engine.messages import EngineCoreOutput, FinishReason
 from lmserve.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -103,17 +105,23 @@ class Harness:
     def sample(
         self, out: SchedulerOutput, token_fn: TokenFn = count_up
     ) -> dict[str, SampledTokens]:
-        """One token for each request whose prompt (and outputs) are now fully computed."""
-        sampled = {}
-        for req_id in out.num_scheduled_tokens:
-            request = self.sched.requests[req_id]
-            if request.num_computed_tokens == request.num_tokens:
-                sampled[req_id] = SampledTokens([token_fn(request)])
-        return sampled
+        """One token for each request the scheduler says samples: those whose prompt (and
+        outputs) are now fully computed, in batch order."""
+        complete = [
+            req_id
+            for req_id in out.num_scheduled_tokens
+            if self.sched.requests[req_id].num_computed_tokens
+            == self.sched.requests[req_id].num_tokens
+        ]
+        assert out.sampling_req_ids == complete
+        return {
+            req_id: SampledTokens([token_fn(self.sched.requests[req_id])])
+            for req_id in out.sampling_req_ids
+        }
 
     def update(
         self, out: SchedulerOutput, sampled: dict[str, SampledTokens]
-    ) -> list[RequestUpdate]:
+    ) -> list[EngineCoreOutput]:
         live = [
             self.sched.requests[r] for r in out.num_scheduled_tokens if r in self.sched.requests
         ]
@@ -126,7 +134,9 @@ class Harness:
                 assert self.kv.block_ids(request.req_id) == []
         return updates
 
-    def step(self, token_fn: TokenFn = count_up) -> tuple[SchedulerOutput, list[RequestUpdate]]:
+    def step(
+        self, token_fn: TokenFn = count_up
+    ) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
         out = self.schedule()
         return out, self.update(out, self.sample(out, token_fn))
 
@@ -262,7 +272,7 @@ def finish_of(h: Harness, req_id: str) -> tuple[RequestStatus, list[int], int | 
 def test_finish_length_at_max_tokens() -> None:
     h = Harness()
     h.add("a", range(5), max_tokens=3)
-    last_updates: list[RequestUpdate] = []
+    last_updates: list[EngineCoreOutput] = []
     for _ in range(3):
         _, last_updates = h.step()
     assert [(u.finish_reason, u.new_token_ids) for u in last_updates] == [("length", [1002])]
@@ -656,12 +666,27 @@ class FakeGrammars:
 
     def __init__(self, length: int = 100) -> None:
         self.ready: set[str] = set()
+        self.failed: list[str] = []
+        self.waits = 0
+        self.asked: list[list[str]] = []  # req_ids of each grammar_bitmask call
         self.accepted: dict[str, list[int]] = {}
         self.removed: list[str] = []
         self.length = length
 
     def is_ready(self, request: Request) -> bool:
         return request.req_id in self.ready
+
+    def take_failed(self) -> list[str]:
+        failed, self.failed = self.failed, []
+        return failed
+
+    def wait_for_compile(self, timeout_s: float) -> None:
+        self.waits += 1
+
+    def grammar_bitmask(self, req_ids: list[str]) -> GrammarBitmask | None:
+        self.asked.append(list(req_ids))
+        constrained = [r for r in req_ids if r in self.ready]
+        return GrammarBitmask(constrained, np.zeros((len(constrained), 1), np.int32))
 
     def accept(self, request: Request, token_id: int) -> bool:
         self.accepted.setdefault(request.req_id, []).append(token_id)
@@ -699,3 +724,47 @@ def test_completed_grammar_stops_the_request_and_state_is_dropped() -> None:
     assert h.finished["a"].num_output_tokens == 3
     assert grammars.accepted["a"] == h.finished["a"].output_token_ids
     assert sorted(grammars.removed) == ["a", "b"]
+
+
+def test_grammar_masks_are_asked_for_the_sampling_requests_only() -> None:
+    grammars = FakeGrammars()
+    h = Harness(grammars=grammars, max_num_batched_tokens=10)
+    h.add("long", range(16))  # prefilled over two steps: samples only in the second
+    h.add("short", range(100, 104))
+    grammars.ready |= {"long", "short"}
+    masks = []
+    for _ in range(3):
+        out = h.schedule()
+        masks.append(h.sched.grammar_bitmask(out))
+        h.update(out, h.sample(out))
+    assert masks[0] is None  # nothing samples in a prefill-only step: nothing is asked
+    assert grammars.asked == [["long", "short"], ["long", "short"]]
+    assert [m.req_ids for m in masks[1:]] == grammars.asked
+
+
+def test_failed_grammar_aborts_its_request_and_is_reported_once() -> None:
+    grammars = FakeGrammars()
+    h = Harness(grammars=grammars)
+    h.add("bad", range(8))
+    h.add("good", range(100, 108))
+    grammars.ready.add("good")
+    grammars.failed.append("bad")
+    out, updates = h.step()
+    assert list(out.num_scheduled_tokens) == ["good"]
+    assert [(u.req_id, u.finish_reason) for u in updates if u.req_id == "bad"] == [
+        ("bad", FinishReason.ABORT)
+    ]
+    assert "bad" not in h.sched.requests and "bad" in grammars.removed
+    _, updates = h.step()
+    assert all(u.req_id != "bad" for u in updates)
+
+
+def test_scheduler_with_only_compiling_requests_waits_for_them() -> None:
+    grammars = FakeGrammars()
+    h = Harness(grammars=grammars)
+    h.add("slow", range(8))
+    out = h.schedule()
+    assert out.is_empty and grammars.waits == 1
+    grammars.ready.add("slow")
+    out = h.schedule()
+    assert list(out.num_scheduled_tokens) == ["slow"] and grammars.waits == 1

@@ -4,15 +4,17 @@ back until they are ruled out."""
 from __future__ import annotations
 
 from lmserve import SamplingParams
-from lmserve.engine.messages import EngineCoreOutput
+from lmserve.engine.messages import EngineCoreOutput, FinishReason
 from lmserve.engine.output_processor import OutputProcessor
 
 
-def feed(processor: OutputProcessor, token_ids: list[int], last_reason: str | None = None):
+def feed(
+    processor: OutputProcessor, token_ids: list[int], last_reason: FinishReason | None = None
+):
     snapshots = []
     for i, token_id in enumerate(token_ids):
         reason = last_reason if i == len(token_ids) - 1 else None
-        out = EngineCoreOutput("r", [token_id], reason, None, 0)
+        out = EngineCoreOutput("r", [token_id], reason)
         outputs, _ = processor.process([out], snapshots=True)
         snapshots += outputs
     return snapshots
@@ -25,7 +27,7 @@ def test_multibyte_characters_are_never_split(smollm2_llm) -> None:
     assert len(ids) > len(text.split())  # some characters span several byte tokens
     processor = OutputProcessor(tokenizer)
     processor.add_request("r", None, tokenizer.encode("Hi"), SamplingParams(max_tokens=50), ["r"])
-    snapshots = feed(processor, ids, last_reason="length")
+    snapshots = feed(processor, ids, last_reason=FinishReason.LENGTH)
     texts = [s.outputs[0].text for s in snapshots]
     assert all("\ufffd" not in t for t in texts)
     assert all(texts[-1].startswith(t) for t in texts)
@@ -41,7 +43,7 @@ def test_possible_stop_string_is_held_back(smollm2_llm) -> None:
     snapshots = []
     to_abort = []
     for token_id in ids:
-        outputs, abort = processor.process([EngineCoreOutput("r", [token_id], None, None, 0)], True)
+        outputs, abort = processor.process([EngineCoreOutput("r", [token_id])], True)
         snapshots += outputs
         to_abort += abort
     texts = [s.outputs[0].text for s in snapshots]

@@ -26,16 +26,16 @@ def test_gpu_step_waits_for_the_device_once(tiny_model_dirs, enforce_eager: bool
         max_num_batched_tokens=32,
         enforce_eager=enforce_eager,
     )
-    runner = llm.engine_core.runner
+    core = llm.engine_core
     syncs_per_step: list[int] = []
-    execute = runner.execute
+    step = core.step
 
-    def counting_execute(so, grammar=None):
+    def counting_step():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                result = execute(so, grammar)
+                result = step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs_per_step.append(sum("synchroniz" in str(w.message) for w in caught))
@@ -51,7 +51,7 @@ def test_gpu_step_waits_for_the_device_once(tiny_model_dirs, enforce_eager: bool
     ]
     prompts = [{"prompt_token_ids": p} for p in random_prompts([5, 17, 40, 3, 9, 60])]
     llm.generate(prompts, params, use_tqdm=False)  # compiles the kernels
-    runner.execute = counting_execute
+    core.step = counting_step
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outputs)
     assert max(syncs_per_step) == 1 and syncs_per_step.count(1) >= 8, syncs_per_step
