@@ -1,5 +1,5 @@
-"""Overload answers instead of queues (--max-num-queued-reqs) and SSE keep-alive pings
-(--sse-keep-alive-interval), on a real server with a tiny random model."""
+"""Overload answers instead of queues (--max-num-queued-reqs, --max-num-queued-tokens) and SSE
+keep-alive pings (--sse-keep-alive-interval), on a real server with a tiny random model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from tests.api.conftest import Server, start_server, stop_server
 
-MAX_NUM_SEQS, MAX_QUEUED = 2, 4
+MAX_NUM_SEQS, MAX_QUEUED, MAX_QUEUED_TOKENS = 2, 4, 100
 LONG = {"prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True, "temperature": 0}
 
 
@@ -24,6 +24,7 @@ def server(tiny_model_dirs) -> Iterator[Server]:
     server = start_server(
         str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.05",
         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-queued-reqs", str(MAX_QUEUED),
+        "--max-num-queued-tokens", str(MAX_QUEUED_TOKENS),
         "--sse-keep-alive-interval", "0.02", "--served-model-name", "tiny",
     )  # fmt: skip
     yield server
@@ -63,7 +64,7 @@ def test_a_burst_gets_200s_and_fast_503s_then_the_server_serves(server: Server) 
     answers = asyncio.run(burst())
     statuses = [status for _, status, _, _ in answers]
     assert set(statuses) == {200, 503}
-    assert statuses.count(200) >= MAX_NUM_SEQS + MAX_QUEUED
+    assert statuses.count(200) >= MAX_QUEUED  # in flight at once: running and waiting
     for elapsed, status, headers, body in answers:
         if status == 503:
             error = body["error"]
@@ -76,6 +77,46 @@ def test_a_burst_gets_200s_and_fast_503s_then_the_server_serves(server: Server) 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     after = client.completions.create(model="tiny", prompt=[1, 2], max_tokens=4)
     assert after.usage.completion_tokens == 4  # nothing left counted as in flight
+
+
+def test_a_prefill_backlog_past_the_token_limit_turns_requests_away(server: Server) -> None:
+    """Two long requests hold both slots; a waiting 120-token prompt puts the prefill backlog
+    past 100 tokens, so the next request gets a 503 naming the flag, though only 3 of the 4
+    allowed sequences are in flight. Once the backlog is prefilled, requests are served."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def scenario() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            running = [
+                asyncio.ensure_future(http.post("/v1/completions", json=LONG))
+                for _ in range(MAX_NUM_SEQS)
+            ]
+            await asyncio.sleep(0.2)  # both running and past their prefill
+            big = {"prompt": list(range(1, 121)), "max_tokens": 2}
+            waiting = asyncio.ensure_future(http.post("/v1/completions", json=big))
+            await asyncio.sleep(0.05)  # taken, waiting for a slot: 120 tokens of backlog
+            turned_away = await http.post("/v1/completions", json={**LONG, "max_tokens": 2})
+            return turned_away, await asyncio.gather(*running, waiting)
+
+    turned_away, served = asyncio.run(scenario())
+    assert turned_away.status_code == 503, turned_away.text
+    assert "max-num-queued-tokens" in turned_away.json()["error"]["message"]
+    assert turned_away.headers["retry-after"] == "1"
+    assert [r.status_code for r in served] == [200, 200, 200]
+    after = client.completions.create(model="tiny", prompt=[1, 2], max_tokens=4)
+    assert after.usage.completion_tokens == 4  # the backlog emptied: nothing left counted
+
+
+def test_a_request_for_more_sequences_than_ever_run_is_a_400(server: Server) -> None:
+    too_many = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": [[1, 2], [3, 4], [5, 6]], "n": 2, "max_tokens": 1},
+    )
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+    ok = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": [1, 2], "n": 4, "max_tokens": 1}
+    )
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
 
 
 def test_idle_streams_get_keep_alive_comments_the_client_skips(server: Server) -> None:

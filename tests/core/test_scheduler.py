@@ -134,9 +134,7 @@ class Harness:
                 assert self.kv.block_ids(request.req_id) == []
         return updates
 
-    def step(
-        self, token_fn: TokenFn = count_up
-    ) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
+    def step(self, token_fn: TokenFn = count_up) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
         out = self.schedule()
         return out, self.update(out, self.sample(out, token_fn))
 

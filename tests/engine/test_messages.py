@@ -21,8 +21,8 @@ from lmserve.engine.messages import (
     Shutdown,
     Sleep,
     Stats,
-    TokenLogprobs,
     ToCore,
+    TokenLogprobs,
     WakeUp,
 )
 from lmserve.lora.request import LoRARequest

@@ -8,9 +8,7 @@ from lmserve.engine.messages import EngineCoreOutput, FinishReason
 from lmserve.engine.output_processor import OutputProcessor
 
 
-def feed(
-    processor: OutputProcessor, token_ids: list[int], last_reason: FinishReason | None = None
-):
+def feed(processor: OutputProcessor, token_ids: list[int], last_reason: FinishReason | None = None):
     snapshots = []
     for i, token_id in enumerate(token_ids):
         reason = last_reason if i == len(token_ids) - 1 else None

@@ -196,7 +196,7 @@ def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, smollm2_dir:
         deleted = False
         async for item in handle.options(stream=True).answer.remote("completions", body):
             if isinstance(item, Event):
-                token_ids.extend(item.data["choices"][0]["token_ids"])
+                token_ids.extend(item.data.choices[0].token_ids)
             if token_ids and not deleted:  # Serve's delete blocks: not on the stream's loop
                 deleted = True
                 await asyncio.to_thread(serve.delete, "doomed", _blocking=False)
@@ -235,7 +235,7 @@ def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_di
         handle = serve.get_app_handle("placed")
         body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 3}
         (answer,) = list(handle.options(stream=True).answer.remote("completions", body))
-        assert answer.status == 200 and answer.body["usage"]["completion_tokens"] == 3
+        assert answer.status == 200 and answer.body.usage.completion_tokens == 3
     finally:
         serve.delete("placed")
 
@@ -416,3 +416,49 @@ def test_messages_api_through_the_router(app_url: str) -> None:
     assert final.usage.output_tokens == whole.usage.output_tokens
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="nope", max_tokens=3, messages=FRANCE)
+
+
+@pytest.mark.parametrize(
+    ("name", "engine_extra", "deployment_extra", "says"),
+    [
+        # the replica's own admission: vLLM's engine argument, in engine_kwargs
+        ("admission", {"max_num_queued_reqs": 3}, {}, "max-num-queued-reqs"),
+        # Serve's queue in front of the replica
+        ("backpressure", {}, {"max_ongoing_requests": 1, "max_queued_requests": 1}, "overloaded"),
+    ],
+)
+def test_a_burst_through_the_router_gets_200s_and_503s(
+    app_url: str, tiny_model_dirs, name: str, engine_extra: dict, deployment_extra: dict, says: str
+) -> None:
+    app = build_openai_app(
+        {
+            "llm_configs": [
+                {
+                    "model_loading_config": {
+                        "model_id": name, "model_source": str(tiny_model_dirs["llama"])
+                    },
+                    "engine_kwargs": {**SMALL_ENGINE, "max_num_seqs": 2, **engine_extra},
+                    "deployment_config": {**HALF_CPU, **deployment_extra},
+                }
+            ]
+        }
+    )  # fmt: skip
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    try:
+        url = f"{app_url}/{name}/v1/completions"
+        body = {"model": name, "prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True}
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: httpx.post(url, json=body, timeout=120), range(12)))
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {200, 503}, statuses
+        for answer in answers:
+            if answer.status_code == 503:
+                error = answer.json()["error"]
+                assert error["type"] == "ServiceUnavailableError" and says in error["message"]
+                assert answer.headers["retry-after"] == "1"
+            else:
+                assert answer.json()["usage"]["completion_tokens"] == 200
+        after = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60)
+        assert after.status_code == 200  # nothing left counted as in flight
+    finally:
+        serve.delete(name)

@@ -11,11 +11,13 @@ from typing import Any
 import anthropic
 import httpx
 import jsonschema
+import msgspec
 import openai
 import pydantic
 import pytest
 
 from lmserve.api.replies import Event
+from lmserve.api.schemas.chat import ChatCompletionChunk
 from lmserve.api.serving.messages import _events
 from lmserve.api.sse import encode
 from tests.api.conftest import Server, start_server, stop_server
@@ -238,15 +240,17 @@ def test_errors_are_anthropic_errors(client: anthropic.Anthropic, server: Server
 
 
 async def chat_stream(*chunks: dict[str, Any]):
-    """A chat endpoint's stream of these chunks, for the converters built on it."""
+    """A chat endpoint's stream of these chunks (typed as the chat endpoint types them), for the
+    converters built on it."""
     for chunk in chunks:
-        yield Event(chunk)
+        yield Event(msgspec.convert(chunk, ChatCompletionChunk))
 
 
 def test_reasoning_and_tool_call_deltas_become_blocks() -> None:
     """A chat stream with reasoning, content and a call, as a reasoning parser and a tool
     parser produce it: one thinking, one text and one tool_use block, in order."""
-    head = {"model": "m", "usage": {"prompt_tokens": 7, "completion_tokens": 1}}
+    usage = {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}
+    head = {"id": "chatcmpl-1", "created": 0, "model": "m", "usage": usage}
     deltas = [
         {"role": "assistant", "content": ""},
         {"reasoning_content": "think"},

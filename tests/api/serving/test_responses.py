@@ -167,6 +167,7 @@ def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa:
     from lmserve.api.sse import encode
 
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    chunk_head = {"id": "chatcmpl-1", "created": 0, "model": "m"}
     deltas = [
         {"role": "assistant", "content": ""},
         {"reasoning_content": "think"},
@@ -181,10 +182,10 @@ def test_reasoning_text_and_call_deltas_become_items(validate) -> None:  # noqa:
         {"tool_calls": [{"index": 0, "function": {"arguments": ', "b": 2}'}}]},
     ]
     chunks = [
-        {"model": "m", "usage": usage, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+        {**chunk_head, "usage": usage, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
         for d in deltas
     ]
-    chunks.append({"model": "m", "usage": usage,
+    chunks.append({**chunk_head, "usage": usage,
                    "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})  # fmt: skip
     head = _Head(ResponsesRequest(input="x", tools=[ADD]), "resp_1", 0)
 
