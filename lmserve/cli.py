@@ -97,6 +97,7 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             enable_force_include_usage=args.enable_force_include_usage,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             max_num_queued_reqs=args.max_num_queued_reqs,
+            max_num_queued_tokens=args.max_num_queued_tokens,
             sse_keep_alive_interval=args.sse_keep_alive_interval,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
@@ -293,8 +294,17 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "--max-num-queued-reqs",
         type=int,
         default=None,
-        help="most requests waiting beyond the --max-num-seqs running; past it a request gets "
-        "503 with Retry-After before any work is done for it (default: unbounded)",
+        help="most sequences in flight, running and waiting (a request with n > 1 counts n); "
+        "past it a request gets 503 with Retry-After before any work is done for it "
+        "(default: unbounded)",
+    )
+    parser.add_argument(
+        "--max-num-queued-tokens",
+        type=int,
+        default=None,
+        help="most prompt tokens waiting for prefill (sent to the engine, no token out yet); "
+        "while the backlog is at it a request gets 503 with Retry-After before it is templated "
+        "or tokenized. About the TTFT you accept times the prefill rate (default: unbounded)",
     )
     parser.add_argument(
         "--sse-keep-alive-interval",

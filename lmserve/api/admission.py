@@ -1,51 +1,93 @@
-"""Overload answers instead of queues: with --max-num-queued-reqs, a generating request that
-would wait behind that many others gets a 503 with Retry-After before any work is done for it
-(no templating, no tokenizing), so a burst costs the server almost nothing to turn away."""
+"""Overload answers instead of queues, with vLLM's two limits: `--max-num-queued-reqs` bounds the
+sequences in flight (running and waiting), `--max-num-queued-tokens` the prompt tokens waiting
+for prefill. Past either, a generating request gets a 503 with Retry-After before any work is
+done for it (no templating, no tokenizing), so a burst costs the server almost nothing to turn
+away."""
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 
 from lmserve.api.errors import APIError
 from lmserve.api.replies import Event, Reply, Stream
+from lmserve.engine.protocol import EngineClient
 
 RETRY_AFTER_S = 1
 
 
 class Admission:
-    """The one count of a server's generating requests in flight (admitted, not yet answered
-    in full); the engine runs `max_num_seqs` of them, the rest wait."""
+    """The one count of a server's generating sequences in flight (admitted, not yet answered
+    in full). The prefill backlog is the engine's own count."""
 
-    def __init__(self, max_num_seqs: int, max_num_queued_reqs: int | None) -> None:
-        self.max_num_seqs = max_num_seqs
+    def __init__(
+        self,
+        engine: EngineClient,
+        max_num_queued_reqs: int | None,
+        max_num_queued_tokens: int | None = None,
+    ) -> None:
+        self.engine = engine
         self.max_num_queued_reqs = max_num_queued_reqs
+        self.max_num_queued_tokens = max_num_queued_tokens
         self.num_in_flight = 0
 
-    def admit(self) -> Ticket:
-        """A ticket for one more request; a 503 when it would queue past the limit."""
-        if self.max_num_queued_reqs is not None:
-            num_queued = self.num_in_flight - self.max_num_seqs
-            if num_queued >= self.max_num_queued_reqs:
+    def admit(self, body: Any) -> Ticket:
+        """A ticket for the request with this (unparsed) body; a 503 past either limit."""
+        num_seqs = _num_seqs(body)
+        limit = self.max_num_queued_reqs
+        if limit is not None:
+            if num_seqs > limit:
                 raise APIError(
-                    f"The server is overloaded: {num_queued} requests are waiting "
-                    f"(--max-num-queued-reqs {self.max_num_queued_reqs}); retry later",
-                    status=503,
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                    f"The request asks for {num_seqs} sequences, more than this server ever runs "
+                    f"at once (--max-num-queued-reqs {limit})",
+                    param="n",
                 )
-        self.num_in_flight += 1
-        return Ticket(self)
+            if self.num_in_flight + num_seqs > limit:
+                raise _overloaded(
+                    f"{self.num_in_flight} sequences are in flight (--max-num-queued-reqs {limit})"
+                )
+        tokens_limit = self.max_num_queued_tokens
+        if tokens_limit is not None and self.engine.num_prefill_tokens >= tokens_limit:
+            raise _overloaded(
+                f"{self.engine.num_prefill_tokens} prompt tokens wait for prefill "
+                f"(--max-num-queued-tokens {tokens_limit})"
+            )
+        self.num_in_flight += num_seqs
+        return Ticket(self, num_seqs)
+
+
+def _overloaded(why: str) -> APIError:
+    return APIError(
+        f"The server is overloaded: {why}; retry later",
+        status=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def _num_seqs(body: Any) -> int:
+    """The sequences a body asks for, read without parsing it: n per prompt (a completion may
+    send a list of prompts). Whatever is malformed counts 1 and fails validation later."""
+    if not isinstance(body, dict):
+        return 1
+    n = body.get("n")
+    n = n if isinstance(n, int) and n > 1 else 1
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return n * len(prompt)
+    return n
 
 
 class Ticket:
     """One admitted request's place; given back once, however its answer ends."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, num_seqs: int) -> None:
         self._admission: Admission | None = admission
+        self._num_seqs = num_seqs
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.num_in_flight -= 1
+            self._admission.num_in_flight -= self._num_seqs
             self._admission = None
 
     def hold_until_done(self, reply: Reply) -> Reply:

@@ -11,11 +11,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from lmserve.api import edge
 from lmserve.api.endpoints import ENDPOINTS, Servings, dev, health, lora, models, responses
 from lmserve.api.errors import anthropic_error_body, error_response, install_error_handlers
+from lmserve.api.json_response import json_response
 from lmserve.api.serving.common import ServingConfig
 from lmserve.engine.protocol import EngineClient
 
@@ -88,6 +89,6 @@ def _install_auth(app: FastAPI, api_key: str) -> None:
             ):
                 message = "Invalid or missing API key"
                 if path.startswith("/v1/messages"):
-                    return JSONResponse(anthropic_error_body(message, 401), status_code=401)
+                    return json_response(anthropic_error_body(message, 401), 401)
                 return error_response(message, 401, code="invalid_api_key")
         return await call_next(request)

@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from lmserve.api import sse
 from lmserve.api.endpoints import Endpoint
 from lmserve.api.errors import APIError, error_reply
+from lmserve.api.json_response import json_response
 from lmserve.api.replies import Reply, Whole
 
 Answer = Callable[[Endpoint, Any], Awaitable[Reply]]
@@ -77,7 +78,7 @@ def _route(
         if reply is None:
             return Response(status_code=499)  # nobody reads it: the client closed the connection
         if isinstance(reply, Whole):
-            return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+            return json_response(reply.body, reply.status, reply.headers)
         lines = sse.lines(reply, sse_keep_alive_s)
         return StreamingResponse(lines, media_type="text/event-stream")
 

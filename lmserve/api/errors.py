@@ -9,10 +9,17 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
+from lmserve.api.json_response import json_response
 from lmserve.api.replies import Whole
+from lmserve.api.schemas.common import (
+    AnthropicErrorInfo,
+    AnthropicErrorResponse,
+    ErrorInfo,
+    ErrorResponse,
+)
 from lmserve.engine.protocol import EngineDeadError, EngineSleepingError
 
 ErrorStyle = Literal["openai", "anthropic"]
@@ -48,15 +55,9 @@ _TYPES = {
 
 def error_body(
     message: str, status: int, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, HTTPStatus(status).phrase),
-            "param": param,
-            "code": code,  # a string or null, as OpenAI's schema has it
-        }
-    }
+) -> ErrorResponse:
+    kind = _TYPES.get(status, HTTPStatus(status).phrase)
+    return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
 
 
 _ANTHROPIC_TYPES = {
@@ -70,16 +71,16 @@ _ANTHROPIC_TYPES = {
 }
 
 
-def anthropic_error_body(message: str, status: int) -> dict[str, Any]:
+def anthropic_error_body(message: str, status: int) -> AnthropicErrorResponse:
     """Anthropic's error JSON, which its clients parse for the Messages routes."""
     kind = _ANTHROPIC_TYPES.get(status, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    return AnthropicErrorResponse(error=AnthropicErrorInfo(type=kind, message=message))
 
 
 def error_response(
     message: str, status: int, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param, code), status_code=status)
+) -> Response:
+    return json_response(error_body(message, status, param, code), status)
 
 
 def validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
@@ -96,7 +97,7 @@ def validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
     return message, field
 
 
-def error_for(exc: Exception) -> tuple[int, dict[str, Any]] | None:
+def error_for(exc: Exception) -> tuple[int, ErrorResponse] | None:
     """(status, error body) for a failure caused by the request or a dead engine; None for a
     bug. Shared by the HTTP server's handlers and the Ray Serve replicas."""
     if isinstance(exc, APIError):
@@ -122,17 +123,17 @@ def error_reply(exc: Exception, style: ErrorStyle = "openai") -> Whole | None:
     status, body = known
     headers = exc.headers if isinstance(exc, APIError) else None
     if style == "anthropic":
-        body = anthropic_error_body(body["error"]["message"], status)
+        return Whole(anthropic_error_body(body.error.message, status), status, headers)
     return Whole(body, status, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def _error(_: Request, exc: Exception) -> JSONResponse:
+    async def _error(_: Request, exc: Exception) -> Response:
         reply = error_reply(exc)
         if reply is None:
             logger.exception("unexpected error serving a request")
             return error_response(f"Internal error: {type(exc).__name__}", 500)
-        return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+        return json_response(reply.body, reply.status, reply.headers)
 
     # The request's own faults, by class: Starlette answers these and is done. A handler for
     # Exception alone runs in its outermost middleware, which re-raises after answering, so

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+
+import msgspec
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One server-sent event: a JSON payload, with the event name the Anthropic and Responses
-    streams give theirs (OpenAI's chat and completion streams name none)."""
+    """One server-sent event: a typed payload (`api/schemas/`), with the event name the
+    Anthropic and Responses streams give theirs (OpenAI's chat and completion streams name
+    none)."""
 
-    data: dict[str, Any]
+    data: msgspec.Struct
     name: str | None = None
+
+    @classmethod
+    def tagged(cls, data: msgspec.Struct) -> Event:
+        """An event named by its payload's tag, as Anthropic's and the Responses API's are."""
+        return cls(data, str(data.__struct_config__.tag))
 
 
 @dataclass(frozen=True, slots=True)
 class Whole:
-    """A whole answer: a JSON body (an error's too), its status and any extra headers."""
+    """A whole answer: a typed body (an error's too), its status and any extra headers."""
 
-    body: Any
+    body: msgspec.Struct
     status: int = 200
     headers: dict[str, str] | None = None
 

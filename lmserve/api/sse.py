@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
+
+import msgspec
 
 from lmserve.api.replies import Event, Stream
 
@@ -13,7 +14,7 @@ KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see 
 
 
 def encode(event: Event) -> str:
-    data = json.dumps(event.data, ensure_ascii=False)
+    data = msgspec.json.encode(event.data).decode()
     if event.name is None:
         return f"data: {data}\n\n"
     return f"event: {event.name}\ndata: {data}\n\n"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -61,6 +62,8 @@ class AsyncEngine(EngineClient):
         self._log_task: asyncio.Task[None] | None = None
         self._dead: str | None = None
         self._counter = itertools.count()
+        self._prefill: dict[str, int] = {}  # child request id -> its prompt tokens, until output
+        self._num_prefill_tokens = 0
 
     @classmethod
     async def start(
@@ -87,6 +90,10 @@ class AsyncEngine(EngineClient):
     def is_healthy(self) -> bool:
         return self._dead is None and self.client.is_alive
 
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self._num_prefill_tokens
+
     def generate(
         self,
         prompt: PromptType,
@@ -108,7 +115,19 @@ class AsyncEngine(EngineClient):
         children = self.input_processor.make_requests(
             request_id, processed, sampling_params, cache_salt, lora_request
         )
-        return self._run(request_id, processed, sampling_params, children)
+        # Counted now, not when the stream is first read, so a burst of streams sees itself;
+        # a stream dropped unread gives its count back when it is collected.
+        for child in children:
+            self._prefill[child.req_id] = len(child.prompt_token_ids)
+            self._num_prefill_tokens += len(child.prompt_token_ids)
+        stream = self._run(request_id, processed, sampling_params, children)
+        weakref.finalize(stream, self._prefilled, [c.req_id for c in children])
+        return stream
+
+    def _prefilled(self, child_ids: list[str]) -> None:
+        """These requests are past prefill (or gone): out of the backlog."""
+        for child_id in child_ids:
+            self._num_prefill_tokens -= self._prefill.pop(child_id, 0)
 
     def check_lora(self, lora_request: LoRARequest) -> None:
         self.input_processor.check_lora(lora_request)
@@ -151,6 +170,7 @@ class AsyncEngine(EngineClient):
         """Stop a request now; its KV blocks are freed in the core's next step."""
         child_ids = self.output_processor.abort(request_id)
         self._queues.pop(request_id, None)
+        self._prefilled(child_ids)
         for child_id in child_ids:
             self.metrics.record_abort(child_id)
         if child_ids and self.is_healthy:
@@ -190,6 +210,8 @@ class AsyncEngine(EngineClient):
             match await self.client.receive():
                 case Outputs(outputs=core_outputs, stats=stats):
                     self.metrics.record_step(core_outputs, stats)
+                    if self._prefill:
+                        self._prefilled([out.req_id for out in core_outputs])
                     outputs, to_abort = self.output_processor.process(core_outputs, snapshots=True)
                     if to_abort:
                         with contextlib.suppress(EngineDeadError):  # the next receive says so
@@ -218,6 +240,8 @@ class AsyncEngine(EngineClient):
         """The core died: every waiting request gets EngineDeadError instead of hanging."""
         logger.error("engine core died: %s", reason)
         self._dead = reason
+        self._prefill.clear()
+        self._num_prefill_tokens = 0
         self._done.put_nowait(reason)  # a sleep / wake_up waiting for the core
         for request_id, queue in list(self._queues.items()):
             queue.put_nowait(EngineDeadError(reason))

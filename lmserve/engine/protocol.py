@@ -31,6 +31,12 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def is_healthy(self) -> bool: ...
 
+    @property
+    @abc.abstractmethod
+    def num_prefill_tokens(self) -> int:
+        """Prompt tokens of the requests taken that have no output token yet: the prefill
+        backlog, which --max-num-queued-tokens bounds."""
+
     @abc.abstractmethod
     def generate(
         self,

@@ -50,7 +50,12 @@ def _engine_arg_names() -> set[str]:
         name
         for name, p in inspect.signature(create_engine_config).parameters.items()
         if p.kind == p.KEYWORD_ONLY
-    }
+    } | _SERVING_ARGS
+
+
+# vLLM's engine arguments that lmserve applies in front of the engine, in each replica's
+# admission (so a request is turned away before it is templated): taken from engine_kwargs.
+_SERVING_ARGS = {"max_num_queued_reqs", "max_num_queued_tokens"}
 
 
 class LLMConfig(BaseModel):
@@ -76,6 +81,9 @@ class LLMConfig(BaseModel):
                 f"unknown engine_kwargs {unknown}; lmserve engine arguments are "
                 f"{', '.join(sorted(_engine_arg_names()))}"
             )
+        for name in _SERVING_ARGS & set(value):
+            if not isinstance(value[name], int) or value[name] < 1:
+                raise ValueError(f"engine_kwargs {name} must be a positive integer")
         return value
 
     def get_serve_options(self, name_prefix: str = "LLMServer:") -> dict[str, Any]:
@@ -105,10 +113,16 @@ class LLMConfig(BaseModel):
 
     @property
     def engine_args(self) -> dict[str, Any]:
-        """engine_kwargs, with LoRA turned on when the config serves adapters."""
+        """engine_kwargs for the engine, with LoRA turned on when the config serves adapters."""
+        args = {k: v for k, v in self.engine_kwargs.items() if k not in _SERVING_ARGS}
         if self.lora_config is None:
-            return self.engine_kwargs
-        return {"enable_lora": True, **self.engine_kwargs}
+            return args
+        return {"enable_lora": True, **args}
+
+    @property
+    def serving_args(self) -> dict[str, Any]:
+        """engine_kwargs that each replica's admission applies (the queue limits)."""
+        return {k: v for k, v in self.engine_kwargs.items() if k in _SERVING_ARGS}
 
     @property
     def model_id(self) -> str:

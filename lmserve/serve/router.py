@@ -9,16 +9,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI
 from fastapi.responses import Response
 from ray import serve
 from ray.serve import Deployment
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from lmserve.api import edge
+from lmserve.api.admission import RETRY_AFTER_S
 from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, responses
 from lmserve.api.errors import APIError, install_error_handlers
+from lmserve.api.json_response import json_response
 from lmserve.api.replies import Event, Reply, Stream, Whole
+from lmserve.api.schemas.models import ModelCard, ModelList
 from lmserve.serve.config import LLMConfig
 from lmserve.serve.server import StreamStart
 
@@ -60,14 +65,15 @@ class LLMRouter:
         app.include_router(health.version_routes())
 
         @app.get("/v1/models")
-        async def list_models() -> dict[str, Any]:
-            return {"object": "list", "data": [self._card(name) for name in self._model_ids()]}
+        async def list_models() -> Response:
+            cards = [self._card(name) for name in self._model_ids()]
+            return json_response(ModelList(data=cards))
 
         @app.get("/v1/models/{model:path}")
-        async def get_model(model: str) -> dict[str, Any]:
+        async def get_model(model: str) -> Response:
             if model not in self._model_ids():
                 raise _not_found(model)
-            return self._card(model)
+            return json_response(self._card(model))
 
         @app.get("/health")
         async def health_check() -> Response:
@@ -79,6 +85,9 @@ class LLMRouter:
         stream = self._handle(body).options(stream=True).answer.remote(endpoint.name, body)
         try:
             first = await stream.__anext__()
+        except BackPressureError as exc:  # the deployment's max_queued_requests are waiting
+            # never assigned to a replica: nothing to cancel (cancel() would raise it again)
+            raise _backpressure(exc) from None
         except BaseException:
             stream.cancel()
             raise
@@ -115,12 +124,20 @@ class LLMRouter:
             ids += _adapter_names(model_id, root)
         return ids
 
-    def _card(self, name: str) -> dict[str, Any]:
+    def _card(self, name: str) -> ModelCard:
         base, _, adapter = name.partition(":")
         if name in self._cards or not adapter:
             return self._cards[name]
         root = str(Path(self._lora_paths[base]) / adapter)
-        return {**self._cards[base], "id": name, "root": root, "parent": base}
+        return msgspec.structs.replace(self._cards[base], id=name, root=root, parent=base)
+
+
+def _backpressure(exc: BackPressureError) -> APIError:
+    return APIError(
+        f"The server is overloaded: {exc}; retry later",
+        status=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 async def _events(stream: DeploymentResponseGenerator) -> AsyncIterator[Event]:

@@ -16,6 +16,7 @@ from ray.serve import Application
 from lmserve.api.endpoints import ENDPOINTS_BY_NAME, Servings
 from lmserve.api.errors import APIError, error_reply
 from lmserve.api.replies import Event, Whole
+from lmserve.api.schemas.models import ModelCard
 from lmserve.api.serving.common import ServingConfig
 from lmserve.api.serving.models import LoRAModules, model_card
 from lmserve.engine.async_engine import AsyncEngine
@@ -47,7 +48,7 @@ class LLMServer:
                 f"{llm_config.model_id}: {exc}; a model that needs longer to load needs a "
                 f"larger engine_start_timeout_s (now {llm_config.engine_start_timeout_s:g} s)"
             ) from None
-        serving = ServingConfig([llm_config.model_id])
+        serving = ServingConfig([llm_config.model_id], **llm_config.serving_args)
         self._servings = Servings(self.engine, serving)
         self._adapters = serving.lora_modules
         lora = llm_config.lora_config
@@ -80,7 +81,7 @@ class LLMServer:
         """What the router asks each deployment it is bound to: the model it serves."""
         return self._llm_config
 
-    async def model_card(self) -> dict[str, Any]:
+    async def model_card(self) -> ModelCard:
         """This model's /v1/models entry, as `lmserve serve` lists it."""
         return model_card(self.engine, self._llm_config.model_id)
 

@@ -30,14 +30,14 @@ class Servings:
         self.completions = CompletionServing(engine, config)
         self.messages = MessagesServing(engine, config, self.chat)
         self.responses = ResponsesServing(self.chat)
-        self.admission = Admission(engine.config.scheduler.max_num_seqs, config.max_num_queued_reqs)
+        self.admission = Admission(engine, config.max_num_queued_reqs, config.max_num_queued_tokens)
 
     async def answer(self, endpoint: Endpoint, body: Any) -> Reply:
         """The endpoint's reply to a JSON body; a request's fault is a reply in the endpoint's
         error style (a bug still raises). An overloaded server turns a generating request away
         before anything is done for it."""
         try:
-            ticket = self.admission.admit() if endpoint.generates else None
+            ticket = self.admission.admit(body) if endpoint.generates else None
             try:
                 request = (
                     body if endpoint.request is None else endpoint.request.model_validate(body)

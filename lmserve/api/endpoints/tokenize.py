@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lmserve.api.endpoints.base import Endpoint, Servings
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import DetokenizeRequest, TokenizeRequest
 from lmserve.api.replies import Reply, Whole
+from lmserve.api.schemas.tokenize import DetokenizeResponse, TokenizeResponse
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import apply_chat_template
 
@@ -33,13 +32,11 @@ async def tokenize(servings: Servings, request: TokenizeRequest) -> Reply:
     else:
         raise APIError("give either 'prompt' or 'messages'", param="prompt")
     ids = tokenizer.encode(text, add_special_tokens=add_special)
-    body: dict[str, Any] = {
-        "count": len(ids),
-        "max_model_len": engine.config.scheduler.max_model_len,
-        "tokens": ids,
-    }
+    body = TokenizeResponse(
+        count=len(ids), max_model_len=engine.config.scheduler.max_model_len, tokens=ids
+    )
     if request.return_token_strs:
-        body["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        body.token_strs = tokenizer.convert_ids_to_tokens(ids)
     return Whole(body)
 
 
@@ -51,7 +48,7 @@ async def detokenize(servings: Servings, request: DetokenizeRequest) -> Reply:
     vocab = engine.config.model.vocab_size
     if any(not 0 <= t < vocab for t in request.tokens):
         raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
-    return Whole({"prompt": engine.tokenizer.decode(request.tokens)})
+    return Whole(DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens)))
 
 
 ENDPOINTS = (

@@ -6,10 +6,28 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+from msgspec import UNSET, UnsetType
+
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from lmserve.api.reasoning import get_reasoning_parser
 from lmserve.api.replies import Event, Reply, Stream, Whole
+from lmserve.api.schemas.chat import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatDelta,
+    ChoiceLogprobs,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+)
+from lmserve.api.schemas.common import Usage
 from lmserve.api.serving import common
 from lmserve.api.serving.chat_message import (
     MessageDelta,
@@ -88,22 +106,20 @@ class ChatServing:
             events = self._stream(request, model, request_id, stream, parser)
             return Stream(events, done_marker=True)
         final = await common.run_to_end(stream)
-        choices = [self._choice(request, out, parser) for out in final.outputs]
         num_completion = sum(len(o.token_ids) for o in final.outputs)
-        response = {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": common.now(),
-            "model": model,
-            "choices": choices,
-            "usage": common.usage(
+        response = ChatCompletion(
+            id=request_id,
+            created=common.now(),
+            model=model,
+            choices=[self._choice(request, out, parser) for out in final.outputs],
+            usage=Usage.of(
                 len(ids), num_completion, self.config.cached_tokens(final.num_cached_tokens)
             ),
-        }
+        )
         if request.prompt_logprobs is not None:
-            response["prompt_logprobs"] = common.prompt_logprobs_json(final)
+            response.prompt_logprobs = common.prompt_logprobs(final)
         if request.return_token_ids:
-            response["prompt_token_ids"] = final.prompt_token_ids
+            response.prompt_token_ids = final.prompt_token_ids
         return Whole(response)
 
     def _tool_mode(
@@ -135,34 +151,31 @@ class ChatServing:
 
     def _choice(
         self, request: ChatCompletionRequest, out: CompletionOutput, parser: MessageParser
-    ) -> dict[str, Any]:
+    ) -> ChatChoice:
         parsed = parser.parse(out.text)
         content = parsed.content
         if request.echo and request.messages and request.messages[-1].role == "assistant":
             content = str(request.messages[-1].content or "") + (content or "")
-        message: dict[str, Any] = {
-            "role": self.config.response_role,
-            "content": content,
-            "refusal": None,
-        }
+        message = ChatCompletionMessage(role=self.config.response_role, content=content)
         if parsed.tool_calls:
-            message["tool_calls"] = [_tool_call_json(c) for c in parsed.tool_calls]
+            message.tool_calls = [
+                ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                for c in parsed.tool_calls
+            ]
         if parser.reasoning is not None:
-            message["reasoning_content"] = message["reasoning"] = parsed.reasoning
-        choice: dict[str, Any] = {
-            "index": out.index,
-            "message": message,
-            "logprobs": self._logprobs(out, 0, len(out.token_ids), request.top_logprobs or 0)
+            message.reasoning_content = message.reasoning = parsed.reasoning
+        return ChatChoice(
+            index=out.index,
+            message=message,
+            logprobs=self._logprobs(out, 0, len(out.token_ids), request.top_logprobs or 0)
             if request.logprobs
             else None,
-            "finish_reason": _finish_reason(out.finish_reason, bool(parsed.tool_calls)),
-            "stop_reason": out.stop_reason,
-        }
-        if request.return_token_ids:
-            choice["token_ids"] = out.token_ids
-        return choice
+            finish_reason=_finish_reason(out.finish_reason, bool(parsed.tool_calls)),
+            stop_reason=out.stop_reason,
+            token_ids=out.token_ids if request.return_token_ids else UNSET,
+        )
 
-    def _logprobs(self, out: CompletionOutput, start: int, end: int, k: int) -> dict[str, Any]:
+    def _logprobs(self, out: CompletionOutput, start: int, end: int, k: int) -> ChoiceLogprobs:
         """OpenAI's shape: each sampled token, and the k most likely tokens at its position."""
         content = []
         for token_id, entry in zip(
@@ -173,16 +186,19 @@ class ChatServing:
                 ((tid, lp) for tid, lp in entry.items() if (lp.rank or 0) <= k),
                 key=lambda item: item[1].rank,
             )
-            text = self.config.token_text
+            text = self.config.token_text(token_id, chosen.decoded_token)
             content.append(
-                {
-                    **_token_logprob(text(token_id, chosen.decoded_token), chosen.logprob),
-                    "top_logprobs": [
-                        _token_logprob(text(tid, lp.decoded_token), lp.logprob) for tid, lp in top
+                TokenLogprob(
+                    token=text,
+                    logprob=common.finite_logprob(chosen.logprob),
+                    bytes=list(text.encode("utf-8")),
+                    top_logprobs=[
+                        _top_logprob(self.config.token_text(tid, lp.decoded_token), lp.logprob)
+                        for tid, lp in top
                     ],
-                }
+                )
             )
-        return {"content": content, "refusal": None}
+        return ChoiceLogprobs(content=content)
 
     async def _stream(
         self,
@@ -193,12 +209,14 @@ class ChatServing:
         parser: MessageParser,
     ) -> AsyncIterator[Event]:
         created = common.now()
-        head = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-        }
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | UnsetType = UNSET) -> Event:
+            return Event(
+                ChatCompletionChunk(
+                    id=request_id, created=created, model=model, choices=choices, usage=usage
+                )
+            )
+
         tracker = common.DeltaTracker()
         messages = {}  # choice index -> its MessageStream
         last: RequestOutput | None = None
@@ -207,20 +225,8 @@ class ChatServing:
             for out in snapshot.outputs:
                 if tracker.is_new(out.index):
                     messages[out.index] = parser.stream()
-                    role = {"role": self.config.response_role, "content": ""}
-                    yield Event(
-                        {
-                            **head,
-                            "choices": [
-                                {
-                                    "index": out.index,
-                                    "delta": role,
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
+                    role = ChatDelta(role=self.config.response_role, content="")
+                    yield chunk([ChatChunkChoice(index=out.index, delta=role)])
                 sent = tracker.advance(out.index, out)
                 if sent is None:
                     continue
@@ -239,30 +245,24 @@ class ChatServing:
                     if request.logprobs
                     else None
                 )
-                if not delta and out.finish_reason is None and not (logprobs or {}).get("content"):
+                if not delta and out.finish_reason is None and not (logprobs and logprobs.content):
                     continue  # held back by a parser: nothing to send yet
-                choice = {
-                    "index": out.index,
-                    "delta": _delta_json(delta, parser.reasoning is not None),
-                    "logprobs": logprobs,
-                    "finish_reason": _finish_reason(out.finish_reason, message.called),
-                }
+                choice = ChatChunkChoice(
+                    index=out.index,
+                    delta=_delta(delta, parser.reasoning is not None),
+                    logprobs=logprobs,
+                    finish_reason=_finish_reason(out.finish_reason, message.called),
+                )
                 if out.finish_reason is not None:
-                    choice["stop_reason"] = out.stop_reason
-                chunk = {**head, "choices": [choice]}
-                if request.stream_options and request.stream_options.continuous_usage_stats:
-                    chunk["usage"] = common.running_usage(snapshot)
-                yield Event(chunk)
+                    choice.stop_reason = out.stop_reason
+                continuous = (
+                    request.stream_options and request.stream_options.continuous_usage_stats
+                )
+                yield chunk([choice], common.running_usage(snapshot) if continuous else UNSET)
         if self.config.include_usage(request.stream_options) and last is not None:
             num_completion = sum(len(o.token_ids) for o in last.outputs)
             cached = self.config.cached_tokens(last.num_cached_tokens)
-            yield Event(
-                {
-                    **head,
-                    "choices": [],
-                    "usage": common.usage(len(last.prompt_token_ids), num_completion, cached),
-                }
-            )
+            yield chunk([], Usage.of(len(last.prompt_token_ids), num_completion, cached))
 
 
 def _params_for_tools(
@@ -299,37 +299,28 @@ def _join(a: str | None, b: str | None) -> str | None:
     return (a or "") + (b or "") or None
 
 
-def _tool_call_json(call: Any) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
-
-
-def _delta_json(delta: MessageDelta, with_reasoning: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {}
+def _delta(delta: MessageDelta, with_reasoning: bool) -> ChatDelta:
+    body = ChatDelta()
     if delta.content is not None:
-        body["content"] = delta.content
+        body.content = delta.content
     if with_reasoning and delta.reasoning is not None:
-        body["reasoning_content"] = body["reasoning"] = delta.reasoning
+        body.reasoning_content = body.reasoning = delta.reasoning
     if delta.tool_calls:
-        body["tool_calls"] = []
-        for call in delta.tool_calls:
-            item: dict[str, Any] = {"index": call.index}
-            function: dict[str, Any] = {"arguments": call.arguments}
-            if call.id is not None:
-                item.update(id=call.id, type="function")
-            if call.name is not None:
-                function["name"] = call.name
-            item["function"] = function
-            body["tool_calls"].append(item)
+        body.tool_calls = [
+            DeltaToolCall(
+                index=call.index,
+                id=UNSET if call.id is None else call.id,
+                type=UNSET if call.id is None else "function",
+                function=DeltaFunction(
+                    name=UNSET if call.name is None else call.name, arguments=call.arguments
+                ),
+            )
+            for call in delta.tool_calls
+        ]
     return body
 
 
-def _token_logprob(text: str, logprob: float) -> dict[str, Any]:
-    return {
-        "token": text,
-        "logprob": common.finite_logprob(logprob),
-        "bytes": list(text.encode("utf-8")),
-    }
+def _top_logprob(text: str, logprob: float) -> TopLogprob:
+    return TopLogprob(
+        token=text, logprob=common.finite_logprob(logprob), bytes=list(text.encode("utf-8"))
+    )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmserve.api.errors import APIError
+from lmserve.api.schemas.common import PromptLogprob, PromptLogprobs, Usage
 from lmserve.api.serving.models import LoRAModules
 from lmserve.chat_template import ContentFormat
 from lmserve.engine.protocol import EngineClient
@@ -40,12 +41,17 @@ class ServingConfig:
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
     server_dev_mode: bool = False  # vLLM's dev-only routes: /sleep, /wake_up, /is_sleeping
-    max_num_queued_reqs: int | None = None  # beyond it a generating request gets a 503
+    max_num_queued_reqs: int | None = None  # sequences in flight; beyond it a 503
+    max_num_queued_tokens: int | None = None  # prompt tokens waiting for prefill; at it a 503
     sse_keep_alive_interval: float | None = None  # seconds an idle stream waits for a ping
 
     def __post_init__(self) -> None:
-        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 0:
-            raise ValueError(f"--max-num-queued-reqs must be >= 0, got {self.max_num_queued_reqs}")
+        if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
+            raise ValueError(f"--max-num-queued-reqs must be >= 1, got {self.max_num_queued_reqs}")
+        if self.max_num_queued_tokens is not None and self.max_num_queued_tokens < 1:
+            raise ValueError(
+                f"--max-num-queued-tokens must be >= 1, got {self.max_num_queued_tokens}"
+            )
         if self.sse_keep_alive_interval is not None and self.sse_keep_alive_interval <= 0:
             raise ValueError(
                 f"--sse-keep-alive-interval must be > 0 seconds, got {self.sse_keep_alive_interval}"
@@ -202,29 +208,17 @@ def finite_logprob(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
-def running_usage(snapshot: RequestOutput) -> dict[str, int]:
+def running_usage(snapshot: RequestOutput) -> Usage:
     """Usage so far, for stream_options.continuous_usage_stats."""
-    return usage(len(snapshot.prompt_token_ids), sum(len(o.token_ids) for o in snapshot.outputs))
-
-
-def usage(
-    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    if cached_tokens is not None:
-        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
-    return body
+    num_completion = sum(len(o.token_ids) for o in snapshot.outputs)
+    return Usage.of(len(snapshot.prompt_token_ids), num_completion)
 
 
 def truncate(ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
     return ids[-truncate_prompt_tokens:] if truncate_prompt_tokens else ids
 
 
-def prompt_logprobs_json(output: RequestOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+def prompt_logprobs(output: RequestOutput) -> PromptLogprobs | None:
     """vLLM's shape: per prompt token, None for the first, else {token id: {logprob, rank,
     decoded_token}}."""
     if output.prompt_logprobs is None:
@@ -233,11 +227,9 @@ def prompt_logprobs_json(output: RequestOutput) -> list[dict[str, dict[str, Any]
         None
         if entry is None
         else {
-            str(tid): {
-                "logprob": finite_logprob(lp.logprob),
-                "rank": lp.rank,
-                "decoded_token": lp.decoded_token,
-            }
+            str(tid): PromptLogprob(
+                logprob=finite_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
+            )
             for tid, lp in entry.items()
         }
         for entry in output.prompt_logprobs

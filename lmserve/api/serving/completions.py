@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from msgspec import UNSET
+
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import CompletionRequest
 from lmserve.api.replies import Event, Reply, Stream, Whole
+from lmserve.api.schemas.common import Usage
+from lmserve.api.schemas.completions import Completion, CompletionChoice, CompletionLogprobs
 from lmserve.api.serving import common
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
@@ -70,37 +74,36 @@ class CompletionServing:
         num_completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         cached = self.config.cached_tokens(sum(f.num_cached_tokens for f in finals))
         return Whole(
-            {
-                "id": base_id,
-                "object": "text_completion",
-                "created": common.now(),
-                "model": model,
-                "choices": choices,
-                "usage": common.usage(num_prompt, num_completion, cached),
-            }
+            Completion(
+                id=base_id,
+                created=common.now(),
+                model=model,
+                choices=choices,
+                usage=Usage.of(num_prompt, num_completion, cached),
+            )
         )
 
     def _choice(
         self, request: CompletionRequest, index: int, final: RequestOutput, out: CompletionOutput
-    ) -> dict[str, Any]:
+    ) -> CompletionChoice:
         text = (final.prompt or "") + out.text if request.echo else out.text
-        choice: dict[str, Any] = {
-            "index": index,
-            "text": text,
-            "logprobs": self._logprobs(out, 0, len(out.token_ids))
+        choice = CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=self._logprobs(out, 0, len(out.token_ids))
             if request.logprobs is not None
             else None,
-            "finish_reason": out.finish_reason,
-            "stop_reason": out.stop_reason,
-        }
+            finish_reason=out.finish_reason,
+            stop_reason=out.stop_reason,
+        )
         if request.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = common.prompt_logprobs_json(final)
+            choice.prompt_logprobs = common.prompt_logprobs(final)
         if request.return_token_ids:
-            choice["prompt_token_ids"] = final.prompt_token_ids
-            choice["token_ids"] = out.token_ids
+            choice.prompt_token_ids = final.prompt_token_ids
+            choice.token_ids = out.token_ids
         return choice
 
-    def _logprobs(self, out: CompletionOutput, start: int, end: int) -> dict[str, Any]:
+    def _logprobs(self, out: CompletionOutput, start: int, end: int) -> CompletionLogprobs:
         tokens, token_logprobs, top = [], [], []
         for token_id, entry in zip(
             out.token_ids[start:end], (out.logprobs or [])[start:end], strict=False
@@ -115,12 +118,9 @@ class CompletionServing:
                     for tid, lp in entry.items()
                 }
             )
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top,
-            "text_offset": [],
-        }
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=[]
+        )
 
     async def _stream(
         self,
@@ -145,41 +145,34 @@ class CompletionServing:
                 if sent is None:
                     continue
                 delta, token_start = sent
-                choice = {
-                    "index": index,
-                    "text": delta,
-                    "logprobs": self._logprobs(out, token_start, len(out.token_ids))
+                choice = CompletionChoice(
+                    index=index,
+                    text=delta,
+                    logprobs=self._logprobs(out, token_start, len(out.token_ids))
                     if request.logprobs is not None
                     else None,
-                    "finish_reason": out.finish_reason,
-                    "stop_reason": out.stop_reason,
-                }
+                    finish_reason=out.finish_reason,
+                    stop_reason=out.stop_reason,
+                )
                 if request.return_token_ids:  # as vLLM: the new tokens, the prompt's first
-                    choice["token_ids"] = out.token_ids[token_start:]
+                    choice.token_ids = out.token_ids[token_start:]
                     if first:
-                        choice["prompt_token_ids"] = snapshot.prompt_token_ids
+                        choice.prompt_token_ids = snapshot.prompt_token_ids
                 if out.finish_reason is not None:
                     num_completion += len(out.token_ids)
-                chunk = {
-                    "id": base_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                }
-                if request.stream_options and request.stream_options.continuous_usage_stats:
-                    chunk["usage"] = common.running_usage(snapshot)
-                yield Event(chunk)
+                continuous = (
+                    request.stream_options and request.stream_options.continuous_usage_stats
+                )
+                usage = common.running_usage(snapshot) if continuous else UNSET
+                yield Event(
+                    Completion(
+                        id=base_id, created=created, model=model, choices=[choice], usage=usage
+                    )
+                )
         if self.config.include_usage(request.stream_options):
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
             cached = self.config.cached_tokens(sum(num_cached.values()))
+            usage = Usage.of(num_prompt, num_completion, cached)
             yield Event(
-                {
-                    "id": base_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": common.usage(num_prompt, num_completion, cached),
-                }
+                Completion(id=base_id, created=created, model=model, choices=[], usage=usage)
             )

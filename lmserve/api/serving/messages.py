@@ -17,6 +17,9 @@ from lmserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from lmserve.api.errors import error_reply
 from lmserve.api.protocol import ChatMessage
 from lmserve.api.replies import Event, Reply, Stream, Whole
+from lmserve.api.schemas import messages as m
+from lmserve.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatDelta
+from lmserve.api.schemas.common import AnthropicErrorResponse
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing, apply_chat_template
 from lmserve.engine.protocol import EngineClient
@@ -48,84 +51,73 @@ class MessagesServing:
             tools=request.chat_tools(),
         )
         assert self.engine.tokenizer is not None  # apply_chat_template checked it
-        return Whole(
-            {"input_tokens": len(self.engine.tokenizer.encode(text, add_special_tokens=False))}
-        )
+        num_tokens = len(self.engine.tokenizer.encode(text, add_special_tokens=False))
+        return Whole(m.CountTokensResponse(input_tokens=num_tokens))
 
 
-def _message(message_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-    choice = chat["choices"][0]
-    message = choice["message"]
-    content: list[dict[str, Any]] = []
-    if message.get("reasoning_content"):
+def _message(message_id: str, chat: ChatCompletion) -> m.Message:
+    choice = chat.choices[0]
+    message = choice.message
+    content: list[m.ContentBlock] = []
+    if message.reasoning_content:
+        content.append(m.ThinkingBlock(thinking=message.reasoning_content))
+    if message.content:
+        content.append(m.TextBlock(text=message.content))
+    for call in message.tool_calls or []:
+        function = call.function
         content.append(
-            {"type": "thinking", "thinking": message["reasoning_content"], "signature": ""}
+            m.ToolUseBlock(id=call.id, name=function.name, input=_tool_input(function.arguments))
         )
-    if message.get("content"):
-        content.append({"type": "text", "text": message["content"]})
-    for call in message.get("tool_calls") or []:
-        function = call["function"]
-        content.append(
-            {
-                "type": "tool_use",
-                "id": call["id"],
-                "name": function["name"],
-                "input": _tool_input(function["arguments"]),
-            }
-        )
-    stop_reason, stop_sequence = _stop(choice["finish_reason"], choice.get("stop_reason"))
-    usage = {
-        "input_tokens": chat["usage"]["prompt_tokens"],
-        "output_tokens": chat["usage"]["completion_tokens"],
-    }
-    if "prompt_tokens_details" in chat["usage"]:  # --enable-prompt-tokens-details
-        usage["cache_read_input_tokens"] = chat["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": chat["model"],
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": stop_sequence,
-        "usage": usage,
-    }
+    stop_reason, stop_sequence = _stop(choice.finish_reason, choice.stop_reason)
+    usage = m.MessageUsage(
+        input_tokens=chat.usage.prompt_tokens, output_tokens=chat.usage.completion_tokens
+    )
+    if chat.usage.prompt_tokens_details:  # --enable-prompt-tokens-details
+        usage.cache_read_input_tokens = chat.usage.prompt_tokens_details.cached_tokens
+    return m.Message(
+        id=message_id,
+        model=chat.model,
+        content=content,
+        stop_reason=stop_reason,
+        stop_sequence=stop_sequence,
+        usage=usage,
+    )
 
 
 async def _events(message_id: str, chunks: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """The chat stream's chunks (with usage on each) as Anthropic's events."""
     blocks = _BlockStream()
     started = False
-    stop: tuple[str | None, str | None] = ("end_turn", None)
+    stop: tuple[m.StopReason, str | None] = ("end_turn", None)
     output_tokens = 0
     try:
         async for event in chunks:
             chunk = event.data
-            usage = chunk.get("usage")
+            assert isinstance(chunk, ChatCompletionChunk)
+            usage = chunk.usage or None
             if usage:
-                output_tokens = usage["completion_tokens"]
-            choices = chunk.get("choices") or []
-            has_content = any(_has_content(c.get("delta") or {}) for c in choices)
+                output_tokens = usage.completion_tokens
+            has_content = any(c.delta.has_content() for c in chunk.choices)
             if not started and (usage or has_content):
                 started = True
-                input_tokens = usage["prompt_tokens"] if usage else 0
-                yield _event("message_start", {"message": _start(message_id, chunk, input_tokens)})
-            for choice in choices:
-                for event in blocks.feed(choice.get("delta") or {}):
-                    yield event
-                if choice.get("finish_reason"):
-                    stop = _stop(choice["finish_reason"], choice.get("stop_reason"))
+                input_tokens = usage.prompt_tokens if usage else 0
+                yield _event(m.MessageStart(message=_start(message_id, chunk, input_tokens)))
+            for choice in chunk.choices:
+                for block_event in blocks.feed(choice.delta):
+                    yield block_event
+                if choice.finish_reason:
+                    stop = _stop(choice.finish_reason, choice.stop_reason)
     except Exception as exc:  # noqa: BLE001 - an engine failure mid-stream is an error event
         reply = error_reply(exc, "anthropic")
         if reply is None:
             raise
-        yield _event("error", {"error": reply.body["error"]})
+        yield _event(reply.body)
         return
-    for event in blocks.close():
-        yield event
-    delta = {"stop_reason": stop[0], "stop_sequence": stop[1]}
-    yield _event("message_delta", {"delta": delta, "usage": {"output_tokens": output_tokens}})
-    yield _event("message_stop", {})
+    for block_event in blocks.close():
+        yield block_event
+    delta = m.StopDelta(stop_reason=stop[0], stop_sequence=stop[1])
+    yield _event(m.MessageDelta(delta=delta, usage=m.OutputUsage(output_tokens=output_tokens)))
+    yield _event(m.MessageStop())
 
 
 class _BlockStream:
@@ -133,76 +125,60 @@ class _BlockStream:
 
     def __init__(self) -> None:
         self.index = -1
-        self.kind: str | None = None
+        self.kind: type[m.ContentBlock] | None = None
 
-    def feed(self, delta: dict[str, Any]) -> list[Event]:
+    def feed(self, delta: ChatDelta) -> list[Event]:
         events: list[Event] = []
-        if delta.get("reasoning_content"):
-            events += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-            events.append(
-                self._delta({"type": "thinking_delta", "thinking": delta["reasoning_content"]})
-            )
-        if delta.get("content"):
-            events += self._open("text", {"type": "text", "text": ""})
-            events.append(self._delta({"type": "text_delta", "text": delta["content"]}))
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") or {}
-            if call.get("id"):  # a new call
+        if delta.reasoning_content:
+            events += self._open(m.ThinkingBlock(thinking=""))
+            events.append(self._delta(m.ThinkingDelta(thinking=delta.reasoning_content)))
+        if delta.content:
+            events += self._open(m.TextBlock(text=""))
+            events.append(self._delta(m.TextDelta(text=delta.content)))
+        for call in delta.tool_calls or []:
+            function = call.function
+            if call.id:  # a new call
                 events += self.close()
-                block = {
-                    "type": "tool_use",
-                    "id": call["id"],
-                    "name": function.get("name"),
-                    "input": {},
-                }
-                events += self._open("tool_use", block)
-            if function.get("arguments"):
-                events.append(
-                    self._delta({"type": "input_json_delta", "partial_json": function["arguments"]})
-                )
+                events += self._open(m.ToolUseBlock(id=call.id, name=function.name or "", input={}))
+            if function.arguments:
+                events.append(self._delta(m.InputJSONDelta(partial_json=function.arguments)))
         return events
 
     def close(self) -> list[Event]:
         if self.kind is None:
             return []
         self.kind = None
-        return [_event("content_block_stop", {"index": self.index})]
+        return [_event(m.ContentBlockStop(index=self.index))]
 
-    def _open(self, kind: str, block: dict[str, Any]) -> list[Event]:
-        if self.kind == kind and kind != "tool_use":
+    def _open(self, block: m.ContentBlock) -> list[Event]:
+        if type(block) is self.kind and not isinstance(block, m.ToolUseBlock):
             return []
         events = self.close()
         self.index += 1
-        self.kind = kind
-        events.append(_event("content_block_start", {"index": self.index, "content_block": block}))
+        self.kind = type(block)
+        events.append(_event(m.ContentBlockStart(index=self.index, content_block=block)))
         return events
 
-    def _delta(self, delta: dict[str, Any]) -> Event:
-        return _event("content_block_delta", {"index": self.index, "delta": delta})
+    def _delta(self, delta: m.TextDelta | m.ThinkingDelta | m.InputJSONDelta) -> Event:
+        return _event(m.ContentBlockDelta(index=self.index, delta=delta))
 
 
-def _has_content(delta: dict[str, Any]) -> bool:
-    return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
+def _start(message_id: str, chunk: ChatCompletionChunk, input_tokens: int) -> m.Message:
+    return m.Message(
+        id=message_id,
+        model=chunk.model,
+        content=[],
+        stop_reason=None,
+        stop_sequence=None,
+        usage=m.MessageUsage(input_tokens=input_tokens, output_tokens=0),
+    )
 
 
-def _start(message_id: str, chunk: dict[str, Any], input_tokens: int) -> dict[str, Any]:
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": chunk["model"],
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 0},
-    }
+def _event(payload: m.StreamEvent | AnthropicErrorResponse) -> Event:
+    return Event.tagged(payload)
 
 
-def _event(kind: str, payload: dict[str, Any]) -> Event:
-    return Event({"type": kind, **payload}, name=kind)
-
-
-def _stop(finish_reason: str | None, stop_reason: Any) -> tuple[str, str | None]:
+def _stop(finish_reason: str | None, stop_reason: object) -> tuple[m.StopReason, str | None]:
     """(Anthropic stop_reason, stop_sequence) for a chat choice's finish."""
     if finish_reason == "tool_calls":
         return "tool_use", None

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
 
 from lmserve.api.errors import APIError
+from lmserve.api.schemas.models import ModelCard
 from lmserve.engine.protocol import EngineClient
 from lmserve.lora.request import LoRARequest
 
@@ -50,14 +50,12 @@ class LoRAModules:
 
 def model_card(
     engine: EngineClient, name: str, lora: LoRARequest | None = None, parent: str | None = None
-) -> dict[str, Any]:
+) -> ModelCard:
     """vLLM's /v1/models entry: an adapter's root is its path, its parent the base model's name."""
-    return {
-        "id": name,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "lmserve",
-        "root": lora.lora_path if lora else str(engine.config.model.model),
-        "parent": parent if lora else None,
-        "max_model_len": engine.config.scheduler.max_model_len,
-    }
+    return ModelCard(
+        id=name,
+        created=int(time.time()),
+        root=lora.lora_path if lora else str(engine.config.model.model),
+        parent=parent if lora else None,
+        max_model_len=engine.config.scheduler.max_model_len,
+    )

@@ -11,8 +11,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from msgspec import UNSET
+
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.responses_protocol import ResponsesRequest
+from lmserve.api.schemas import responses as r
+from lmserve.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatDelta
+from lmserve.api.schemas.common import Usage
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing
 
@@ -41,56 +46,54 @@ class _Head:
         self,
         model: str,
         status: str,
-        output: list[dict[str, Any]],
-        usage: dict[str, Any] | None,
-    ) -> dict[str, Any]:
+        output: list[r.OutputItem],
+        usage: r.ResponseUsage | None,
+    ) -> r.Response:
         request = self.request
-        body = {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created,
-            "status": status,
-            "completed_at": common.now() if status == "completed" else None,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"}
+        return r.Response(
+            id=self.id,
+            created_at=self.created,
+            status=status,  # type: ignore[arg-type]
+            completed_at=common.now() if status == "completed" else None,
+            incomplete_details=r.IncompleteDetails(reason="max_output_tokens")
             if status == "incomplete"
             else None,
-            "instructions": request.instructions,
-            "model": model,
-            "output": output,
-            "parallel_tool_calls": request.parallel_tool_calls is not False,
-            "metadata": request.metadata or {},
-            "tool_choice": request.tool_choice or "auto",
-            "tools": [_tool_echo(tool) for tool in request.tools or []],
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "max_output_tokens": request.max_output_tokens,
-            "text": request.text or {"format": {"type": "text"}},
-            "truncation": "disabled",
-            "store": False,
-        }
-        if usage is not None:  # optional, but not nullable
-            body["usage"] = usage
-        return body
+            instructions=request.instructions,
+            model=model,
+            output=output,
+            parallel_tool_calls=request.parallel_tool_calls is not False,
+            metadata=request.metadata or {},
+            tool_choice=request.tool_choice or "auto",
+            tools=[_tool_echo(tool) for tool in request.tools or []],
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_output_tokens=request.max_output_tokens,
+            text=request.text or {"format": {"type": "text"}},
+            usage=UNSET if usage is None else usage,
+        )
 
 
-def _whole(head: _Head, chat: dict[str, Any]) -> dict[str, Any]:
-    choice = chat["choices"][0]
-    message = choice["message"]
-    output = []
-    if message.get("reasoning_content"):
-        output.append(_reasoning_item(_new_id("rs"), message["reasoning_content"], "completed"))
-    if message.get("content"):
-        output.append(_message_item(_new_id("msg"), message["content"], "completed"))
-    for call in message.get("tool_calls") or []:
-        function = call["function"]
+def _whole(head: _Head, chat: ChatCompletion) -> r.Response:
+    choice = chat.choices[0]
+    message = choice.message
+    output: list[r.OutputItem] = []
+    if message.reasoning_content:
+        output.append(_reasoning_item(_new_id("rs"), message.reasoning_content, "completed"))
+    if message.content:
+        output.append(_message_item(_new_id("msg"), message.content, "completed"))
+    for call in message.tool_calls or []:
+        function = call.function
         output.append(
-            _call_item(
-                _new_id("fc"), call["id"], function["name"], function["arguments"], "completed"
+            r.FunctionCallItem(
+                id=_new_id("fc"),
+                call_id=call.id,
+                name=function.name,
+                arguments=function.arguments,
+                status="completed",
             )
         )
-    status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-    return head.response(chat["model"], status, output, _usage(chat["usage"]))
+    status = "incomplete" if choice.finish_reason == "length" else "completed"
+    return head.response(chat.model, status, output, _usage(chat.usage))
 
 
 async def _events(head: _Head, chunks: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -100,23 +103,25 @@ async def _events(head: _Head, chunks: AsyncIterator[Event]) -> AsyncIterator[Ev
     started = False
     async for event in chunks:
         chunk = event.data
-        model = chunk.get("model", model)
-        if chunk.get("usage"):
-            usage = _usage(chunk["usage"])
+        assert isinstance(chunk, ChatCompletionChunk)
+        model = chunk.model
+        if chunk.usage:
+            usage = _usage(chunk.usage)
         if not started:
             started = True
             snapshot = head.response(model, "in_progress", [], None)
-            yield items.event("response.created", response=snapshot)
-            yield items.event("response.in_progress", response=snapshot)
-        for choice in chunk.get("choices") or []:
-            for event in items.feed(choice.get("delta") or {}):
-                yield event
-            finish = choice.get("finish_reason") or finish
-    for event in items.close():
-        yield event
+            yield items.emit(r.ResponseCreated, response=snapshot)
+            yield items.emit(r.ResponseInProgress, response=snapshot)
+        for choice in chunk.choices:
+            for item_event in items.feed(choice.delta):
+                yield item_event
+            finish = choice.finish_reason or finish
+    for item_event in items.close():
+        yield item_event
     status = "incomplete" if finish == "length" else "completed"
     final = head.response(model, status, items.output, usage)
-    yield items.event(f"response.{status}", response=final)
+    done = r.ResponseIncomplete if status == "incomplete" else r.ResponseCompleted
+    yield items.emit(done, response=final)
 
 
 class _ItemStream:
@@ -124,48 +129,46 @@ class _ItemStream:
     event numbered in order."""
 
     def __init__(self) -> None:
-        self.output: list[dict[str, Any]] = []  # finished items
+        self.output: list[r.OutputItem] = []  # finished items
         self.sequence = 0
-        self.item: dict[str, Any] | None = None  # the open one
+        self.item: r.OutputItem | None = None  # the open one
         self.text = ""
 
-    def event(self, kind: str, **payload: Any) -> Event:
-        body = {"type": kind, **payload, "sequence_number": self.sequence}
+    def emit(self, kind: type[r.StreamEvent], **payload: Any) -> Event:
+        event = kind(sequence_number=self.sequence, **payload)
         self.sequence += 1
-        return Event(body, name=kind)
+        return Event.tagged(event)
 
-    def feed(self, delta: dict[str, Any]) -> list[Event]:
+    def feed(self, delta: ChatDelta) -> list[Event]:
         events: list[Event] = []
-        if delta.get("reasoning_content"):
-            events += self._open("reasoning")
-            events.append(
-                self._text_delta("response.reasoning_text.delta", delta["reasoning_content"])
-            )
-        if delta.get("content"):
-            events += self._open("message")
-            events.append(
-                self._text_delta("response.output_text.delta", delta["content"], logprobs=[])
-            )
-        for call in delta.get("tool_calls") or []:
-            function = call.get("function") or {}
-            if call.get("id"):
+        if delta.reasoning_content:
+            events += self._open(r.ReasoningItem)
+            events.append(self._text_delta(r.ReasoningTextDelta, delta.reasoning_content))
+        if delta.content:
+            events += self._open(r.MessageItem)
+            events.append(self._text_delta(r.OutputTextDelta, delta.content))
+        for call in delta.tool_calls or []:
+            function = call.function
+            if call.id:
                 events += self.close()
-                self.item = _call_item(
-                    _new_id("fc"), call["id"], function.get("name") or "", "", "in_progress"
+                self.item = r.FunctionCallItem(
+                    id=_new_id("fc"),
+                    call_id=call.id,
+                    name=function.name or "",
+                    arguments="",
+                    status="in_progress",
                 )
                 events.append(
-                    self.event(
-                        "response.output_item.added", output_index=len(self.output), item=self.item
-                    )
+                    self.emit(r.OutputItemAdded, output_index=len(self.output), item=self.item)
                 )
-            if function.get("arguments") and self.item is not None:
-                self.text += function["arguments"]
+            if function.arguments and self.item is not None:
+                self.text += function.arguments
                 events.append(
-                    self.event(
-                        "response.function_call_arguments.delta",
-                        item_id=self.item["id"],
+                    self.emit(
+                        r.FunctionCallArgumentsDelta,
+                        item_id=self.item.id,
                         output_index=len(self.output),
-                        delta=function["arguments"],
+                        delta=function.arguments,
                     )
                 )
         return events
@@ -175,124 +178,82 @@ class _ItemStream:
         if item is None:
             return []
         self.item, self.text = None, ""
-        index = len(self.output)
-        where = {"item_id": item["id"], "output_index": index}
+        where = {"item_id": item.id, "output_index": len(self.output)}
         events = []
-        if item["type"] == "message":
-            done = _message_item(item["id"], text, "completed")
-            part = done["content"][0]
+        done: r.OutputItem
+        if isinstance(item, r.MessageItem):
+            done = _message_item(item.id, text, "completed")
+            events.append(self.emit(r.OutputTextDone, **where, content_index=0, text=text))
             events.append(
-                self.event(
-                    "response.output_text.done", **where, content_index=0, text=text, logprobs=[]
-                )
+                self.emit(r.ContentPartDone, **where, content_index=0, part=done.content[0])
             )
+        elif isinstance(item, r.ReasoningItem):
+            done = _reasoning_item(item.id, text, "completed")
+            events.append(self.emit(r.ReasoningTextDone, **where, content_index=0, text=text))
             events.append(
-                self.event("response.content_part.done", **where, content_index=0, part=part)
-            )
-        elif item["type"] == "reasoning":
-            done = _reasoning_item(item["id"], text, "completed")
-            part = done["content"][0]
-            events.append(
-                self.event("response.reasoning_text.done", **where, content_index=0, text=text)
-            )
-            events.append(
-                self.event("response.content_part.done", **where, content_index=0, part=part)
+                self.emit(r.ContentPartDone, **where, content_index=0, part=done.content[0])
             )
         else:
-            done = _call_item(item["id"], item["call_id"], item["name"], text, "completed")
-            events.append(
-                self.event(
-                    "response.function_call_arguments.done",
-                    **where,
-                    name=item["name"],
-                    arguments=text,
-                )
+            done = r.FunctionCallItem(
+                id=item.id, call_id=item.call_id, name=item.name, arguments=text, status="completed"
             )
-        events.append(self.event("response.output_item.done", output_index=index, item=done))
+            events.append(
+                self.emit(r.FunctionCallArgumentsDone, **where, name=item.name, arguments=text)
+            )
+        events.append(self.emit(r.OutputItemDone, output_index=len(self.output), item=done))
         self.output.append(done)
         return events
 
-    def _open(self, kind: str) -> list[Event]:
-        if self.item is not None and self.item["type"] == kind:
+    def _open(self, kind: type[r.MessageItem | r.ReasoningItem]) -> list[Event]:
+        if isinstance(self.item, kind):
             return []
         events = self.close()
-        if kind == "message":
-            self.item = {"id": _new_id("msg"), "type": "message", "status": "in_progress",
-                         "role": "assistant", "content": []}  # fmt: skip
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        part: r.OutputText | r.ReasoningText
+        if kind is r.MessageItem:
+            self.item = r.MessageItem(id=_new_id("msg"), status="in_progress", content=[])
+            part = r.OutputText(text="")
         else:
-            self.item = {"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": [],
-                         "status": "in_progress"}  # fmt: skip
-            part = {"type": "reasoning_text", "text": ""}
-        where = {"output_index": len(self.output)}
-        events.append(self.event("response.output_item.added", **where, item=self.item))
+            self.item = r.ReasoningItem(id=_new_id("rs"), content=[], status="in_progress")
+            part = r.ReasoningText(text="")
+        index = len(self.output)
+        events.append(self.emit(r.OutputItemAdded, output_index=index, item=self.item))
         events.append(
-            self.event(
-                "response.content_part.added",
-                item_id=self.item["id"],
-                **where,
+            self.emit(
+                r.ContentPartAdded,
+                item_id=self.item.id,
+                output_index=index,
                 content_index=0,
                 part=part,
             )
         )
         return events
 
-    def _text_delta(self, kind: str, text: str, **extra: Any) -> Event:
+    def _text_delta(self, kind: type[r.OutputTextDelta | r.ReasoningTextDelta], text: str) -> Event:
         assert self.item is not None
         self.text += text
-        return self.event(
-            kind,
-            item_id=self.item["id"],
-            output_index=len(self.output),
-            content_index=0,
-            delta=text,
-            **extra,
+        return self.emit(
+            kind, item_id=self.item.id, output_index=len(self.output), content_index=0, delta=text
         )
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    return {
-        "id": item_id,
-        "type": "message",
-        "status": status,
-        "role": "assistant",
-        "content": [part],
-    }
+def _message_item(item_id: str, text: str, status: r.ItemStatus) -> r.MessageItem:
+    return r.MessageItem(id=item_id, status=status, content=[r.OutputText(text=text)])
 
 
-def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "type": "reasoning",
-        "summary": [],
-        "content": [{"type": "reasoning_text", "text": text}],
-        "status": status,
-    }
+def _reasoning_item(item_id: str, text: str, status: r.ItemStatus) -> r.ReasoningItem:
+    return r.ReasoningItem(id=item_id, content=[r.ReasoningText(text=text)], status=status)
 
 
-def _call_item(
-    item_id: str, call_id: str, name: str, arguments: str, status: str
-) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "type": "function_call",
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-        "status": status,
-    }
-
-
-def _usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
-    cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return {
-        "input_tokens": chat_usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-        "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": chat_usage["total_tokens"],
-    }
+def _usage(chat_usage: Usage) -> r.ResponseUsage:
+    details = chat_usage.prompt_tokens_details
+    return r.ResponseUsage(
+        input_tokens=chat_usage.prompt_tokens,
+        input_tokens_details=r.InputTokensDetails(
+            cached_tokens=details.cached_tokens if details else 0
+        ),
+        output_tokens=chat_usage.completion_tokens,
+        total_tokens=chat_usage.total_tokens,
+    )
 
 
 def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
