@@ -53,9 +53,10 @@ def _engine_arg_names() -> set[str]:
     } | _SERVING_ARGS
 
 
-# vLLM's engine arguments that lmserve applies in front of the engine, in each replica's
-# admission (so a request is turned away before it is templated): taken from engine_kwargs.
-_SERVING_ARGS = {"max_num_queued_reqs", "max_num_queued_tokens"}
+# Server arguments taken from engine_kwargs, as vLLM takes them from its engine arguments: the
+# queue limits apply in each replica's admission (a request is turned away before it is
+# templated); the router sends SSE keep-alive pings at the smallest interval its models ask.
+_SERVING_ARGS = {"max_num_queued_reqs", "max_num_queued_tokens", "sse_keep_alive_interval"}
 
 
 class LLMConfig(BaseModel):
@@ -82,7 +83,11 @@ class LLMConfig(BaseModel):
                 f"{', '.join(sorted(_engine_arg_names()))}"
             )
         for name in _SERVING_ARGS & set(value):
-            if not isinstance(value[name], int) or value[name] < 1:
+            number = value[name]
+            if name == "sse_keep_alive_interval":
+                if isinstance(number, bool) or not isinstance(number, int | float) or number <= 0:
+                    raise ValueError(f"engine_kwargs {name} must be a positive number of seconds")
+            elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
                 raise ValueError(f"engine_kwargs {name} must be a positive integer")
         return value
 
@@ -121,7 +126,7 @@ class LLMConfig(BaseModel):
 
     @property
     def serving_args(self) -> dict[str, Any]:
-        """engine_kwargs that each replica's admission applies (the queue limits)."""
+        """engine_kwargs that the HTTP side applies (queue limits, SSE keep-alive)."""
         return {k: v for k, v in self.engine_kwargs.items() if k in _SERVING_ARGS}
 
     @property

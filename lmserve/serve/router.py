@@ -50,6 +50,8 @@ class LLMRouter:
             for c in configs
             if c.lora_config is not None and c.lora_config.dynamic_lora_loading_path
         }
+        intervals = [c.serving_args.get("sse_keep_alive_interval") for c in configs]
+        self._keep_alive_s = min((i for i in intervals if i is not None), default=None)
 
     @classmethod
     def as_deployment(cls, deployment_options: dict[str, Any] | None = None) -> Deployment:
@@ -60,7 +62,7 @@ class LLMRouter:
         """The ingress's app, built on each router replica over its handles."""
         app = FastAPI(title="lmserve on Ray Serve", version=health.VERSION)
         install_error_handlers(app)
-        edge.mount(app, ENDPOINTS, self._answer)
+        edge.mount(app, ENDPOINTS, self._answer, self._keep_alive_s)
         app.include_router(responses.routes())
         app.include_router(health.version_routes())
 

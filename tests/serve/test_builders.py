@@ -421,8 +421,13 @@ def test_messages_api_through_the_router(app_url: str) -> None:
 @pytest.mark.parametrize(
     ("name", "engine_extra", "deployment_extra", "says"),
     [
-        # the replica's own admission: vLLM's engine argument, in engine_kwargs
-        ("admission", {"max_num_queued_reqs": 3}, {}, "max-num-queued-reqs"),
+        # the replica's own admission: vLLM's engine argument, in engine_kwargs; and SSE pings
+        (
+            "admission",
+            {"max_num_queued_reqs": 3, "sse_keep_alive_interval": 0.02},
+            {},
+            "max-num-queued-reqs",
+        ),
         # Serve's queue in front of the replica
         ("backpressure", {}, {"max_ongoing_requests": 1, "max_queued_requests": 1}, "overloaded"),
     ],
@@ -460,5 +465,27 @@ def test_a_burst_through_the_router_gets_200s_and_503s(
                 assert answer.json()["usage"]["completion_tokens"] == 200
         after = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60)
         assert after.status_code == 200  # nothing left counted as in flight
+        if "sse_keep_alive_interval" in engine_extra:
+            lines = _stream_behind_two_running(url, body)
+            assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+            first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+            assert lines.index(": keep-alive") < first_data  # pinged while it waited
     finally:
         serve.delete(name)
+
+
+def _stream_behind_two_running(url: str, body: dict) -> list[str]:
+    """The SSE lines of a stream that waits for one of two running requests to finish."""
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            long = {**body, "max_tokens": 500}
+            running = [asyncio.ensure_future(client.post(url, json=long)) for _ in range(2)]
+            await asyncio.sleep(0.1)  # both running: the stream waits for a slot
+            streamed = {**body, "max_tokens": 3, "stream": True}
+            async with client.stream("POST", url, json=streamed) as response:
+                lines = [line async for line in response.aiter_lines() if line]
+            await asyncio.gather(*running)
+            return lines
+
+    return asyncio.run(run())
