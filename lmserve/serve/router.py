@@ -50,6 +50,7 @@ class LLMRouter:
             for c in configs
             if c.lora_config is not None and c.lora_config.dynamic_lora_loading_path
         }
+        self._in_flight = 0  # requests this router replica is answering: its /load
         intervals = [c.serving_args.get("sse_keep_alive_interval") for c in configs]
         self._keep_alive_s = min((i for i in intervals if i is not None), default=None)
 
@@ -81,22 +82,46 @@ class LLMRouter:
         async def health_check() -> Response:
             return Response(status_code=200)
 
+        @app.get("/ping")
+        async def ping() -> Response:  # SageMaker's health check
+            return Response(status_code=200)
+
+        @app.get("/load")
+        async def load() -> dict[str, int]:
+            return {"server_load": self._in_flight}
+
         return app
 
     async def _answer(self, endpoint: Endpoint, body: Any) -> Reply:
-        stream = self._handle(body).options(stream=True).answer.remote(endpoint.name, body)
+        self._in_flight += 1
         try:
-            first = await stream.__anext__()
-        except BackPressureError as exc:  # the deployment's max_queued_requests are waiting
-            # never assigned to a replica: nothing to cancel (cancel() would raise it again)
-            raise _backpressure(exc) from None
+            stream = self._handle(body).options(stream=True).answer.remote(endpoint.name, body)
+            try:
+                first = await stream.__anext__()
+            except BackPressureError as exc:  # the deployment's max_queued_requests are waiting
+                # never assigned to a replica: nothing to cancel (cancel() would raise it again)
+                raise _backpressure(exc) from None
+            except BaseException:
+                stream.cancel()
+                raise
         except BaseException:
-            stream.cancel()
+            self._in_flight -= 1
             raise
         if isinstance(first, Whole):
+            self._in_flight -= 1
             return first
         assert isinstance(first, StreamStart)
-        return Stream(_events(stream), first.done_marker)
+        return Stream(self._events(stream), first.done_marker)
+
+    async def _events(self, stream: DeploymentResponseGenerator) -> AsyncIterator[Event]:
+        """A replica's events; a client that leaves ends the replica's stream (and its
+        request)."""
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            stream.cancel()
+            self._in_flight -= 1
 
     def _handle(self, body: Any) -> DeploymentHandle:
         """The deployment for the body's `model`; `base:adapter` goes to the base model's
@@ -140,15 +165,6 @@ def _backpressure(exc: BackPressureError) -> APIError:
         status=503,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
-
-
-async def _events(stream: DeploymentResponseGenerator) -> AsyncIterator[Event]:
-    """A replica's events; a client that leaves ends the replica's stream (and its request)."""
-    try:
-        async for item in stream:
-            yield item
-    finally:
-        stream.cancel()
 
 
 def _not_found(model: Any) -> APIError:

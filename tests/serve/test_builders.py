@@ -100,6 +100,26 @@ def test_each_model_answers_by_id_streaming_and_not(client: openai.OpenAI) -> No
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_health_ping_and_load(app_url: str) -> None:
+    """/load counts the requests the router is answering: an open stream, until it ends."""
+    assert httpx.get(f"{app_url}/health").status_code == 200
+    assert httpx.get(f"{app_url}/ping").status_code == 200
+    assert httpx.get(f"{app_url}/load").json() == {"server_load": 0}
+    body = {
+        "model": SMOLLM2,
+        "prompt": "Once",
+        "max_tokens": 64,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{app_url}/v1/completions", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert httpx.get(f"{app_url}/load").json() == {"server_load": 1}
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert httpx.get(f"{app_url}/load").json() == {"server_load": 0}
+
+
 def test_errors_keep_their_status(app_url: str, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
