@@ -9,10 +9,11 @@ import contextlib
 import copy
 import json
 import re
-from collections.abc import Sequence
-from typing import Any, Literal
-
-from jinja2 import TemplateError
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, Literal, TypeVar
 
 ContentFormat = Literal["auto", "string", "openai"]
 
@@ -20,8 +21,23 @@ ContentFormat = Literal["auto", "string", "openai"]
 _LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
 
 
+# Arguments the renderer passes itself: chat_template_kwargs may not set them.
+RESERVED_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+     "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+)  # fmt: skip
+
+T = TypeVar("T")
+
+
 class ChatTemplateError(ValueError):
-    """The conversation cannot be rendered: the message says why, and what to do."""
+    """The conversation cannot be rendered: the message says why, and what to do. `param` is
+    the request field at fault."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def detect_content_format(template: str) -> Literal["string", "openai"]:
@@ -39,9 +55,11 @@ def render_chat(
     content_format: ContentFormat = "auto",
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    timeout_s: float | None = None,
 ) -> str:
     """The prompt text of `messages` (OpenAI-style dicts) under the model's template, or
-    `chat_template` in its place."""
+    `chat_template` in its place. With `timeout_s`, a template still rendering after that long
+    is stopped (for templates that came with a request: one can loop for ever)."""
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     if tokenizer is None or not isinstance(template, str):
         raise ChatTemplateError(
@@ -54,10 +72,18 @@ def render_chat(
             "continue_final_message continues the last message, add_generation_prompt starts a "
             "new one: set only one of them"
         )
+    reserved = sorted(RESERVED_KWARGS & set(chat_template_kwargs or {}))
+    if reserved:
+        raise ChatTemplateError(
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the renderer sets "
+            "them (use the request's own fields)",
+            param="chat_template_kwargs",
+        )
     if content_format == "auto":
         content_format = detect_content_format(template)
     rendered = [_render_message(m, content_format) for m in messages]
-    try:
+
+    def render() -> str:
         return tokenizer.apply_chat_template(
             rendered,
             chat_template=chat_template,
@@ -67,8 +93,34 @@ def render_chat(
             tools=tools,
             **(chat_template_kwargs or {}),
         )
-    except (TemplateError, ValueError) as exc:  # the messages do not fit the template
-        raise ChatTemplateError(f"the chat template cannot render these messages: {exc}") from None
+
+    try:
+        return render() if timeout_s is None else _within(timeout_s, render)
+    except ChatTemplateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a template is code: any failure of it is the input's
+        reason = str(exc) or type(exc).__name__
+        raise ChatTemplateError(
+            f"the chat template cannot render these messages: {reason}"
+        ) from None
+
+
+def _within(seconds: float, work: Callable[[], T]) -> T:
+    """`work()`, stopped with ChatTemplateError once it has run `seconds`: a trace function
+    checks the clock on every line the (compiled Jinja) template runs in this thread."""
+    deadline = time.monotonic() + seconds
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise ChatTemplateError(f"the chat template did not finish within {seconds:g} s")
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        return work()
+    finally:
+        sys.settrace(previous)
 
 
 def _render_message(message: dict[str, Any], content_format: str) -> dict[str, Any]:
@@ -84,9 +136,21 @@ def _render_message(message: dict[str, Any], content_format: str) -> dict[str, A
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ChatTemplateError(f"content part type {kind!r} is not supported (text only)")
+            if not isinstance(part.get("text"), str):
+                raise ChatTemplateError("a text content part needs `text`, a string")
         if content_format != "openai":
-            item["content"] = "\n".join(part.get("text", "") for part in content)
-    for call in item.get("tool_calls") or []:
+            item["content"] = "\n".join(part["text"] for part in content)
+    elif not isinstance(content, str):
+        raise ChatTemplateError("a message's content is a string or a list of content parts")
+    calls = item.get("tool_calls")
+    if calls is not None and not (
+        isinstance(calls, list)
+        and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
+    ):
+        raise ChatTemplateError(
+            "tool_calls is a list of {id, type, function: {name, arguments}} objects"
+        )
+    for call in calls or []:
         _arguments_to_dict(call)
     return item
 

@@ -99,6 +99,8 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             max_num_queued_reqs=args.max_num_queued_reqs,
             max_num_queued_tokens=args.max_num_queued_tokens,
             sse_keep_alive_interval=args.sse_keep_alive_interval,
+            max_request_body_mb=args.max_request_body_mb,
+            trust_request_chat_template=args.trust_request_chat_template,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
@@ -312,6 +314,19 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="send an SSE comment on a stream idle for this many seconds, so proxies that drop "
         "idle connections keep it open (default: none)",
+    )
+    parser.add_argument(
+        "--max-request-body-mb",
+        type=float,
+        default=32.0,
+        help="largest request body, in MB; a larger one gets 413 before it is read whole "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="run a `chat_template` sent in a request body (Jinja from a client: sandboxed and "
+        "stopped after 0.5 s, but still code); without it such a request gets 400",
     )
     parser.add_argument(
         "--max-log-len",

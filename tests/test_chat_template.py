@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import pytest
 
 from lmserve import SamplingParams
@@ -62,11 +65,41 @@ def test_llm_chat_takes_what_the_server_takes(smollm2_llm) -> None:
         ([{"role": "user", "content": "x"}], {"continue_final_message": True}, "only one"),
         ([{"role": "user", "content": "x"}], {"chat_template": "{{ raise_exception('no') }}"},
          "cannot render these messages: no"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], {}, "`text`, a string"),
+        ([{"role": "user", "content": [{"type": "text"}]}], {}, "`text`, a string"),
+        ([{"role": "user", "content": 7}], {}, "a string or a list of content parts"),
+        ([{"role": "assistant", "tool_calls": "abc"}], {}, "tool_calls is a list"),
+        ([{"role": "assistant", "tool_calls": [{"function": "f"}]}], {}, "tool_calls is a list"),
+        ([{"role": "user", "content": "x"}], {"chat_template": "{{ 1 / 0 }}"},
+         "cannot render these messages: division by zero"),
+        ([{"role": "user", "content": "x"}], {"chat_template": "{% include 'other' %}"},
+         "cannot render these messages"),
+        ([{"role": "user", "content": "x"}],
+         {"chat_template": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"},
+         "cannot render these messages"),
+        ([{"role": "user", "content": "x"}], {"chat_template_kwargs": {"tokenize": True}},
+         "chat_template_kwargs may not set tokenize"),
     ],
-    ids=["image-part", "both-prompt-flags", "template-raises"],
+    ids=["image-part", "both-prompt-flags", "template-raises", "text-number", "text-missing",
+         "content-number", "tool-calls-string", "function-string", "division-by-zero", "include",
+         "recursion", "reserved-kwarg"],
 )  # fmt: skip
 def test_what_cannot_render_says_why(smollm2_llm, messages, options, match) -> None:
     with pytest.raises(ChatTemplateError, match=match):
         render_chat(smollm2_llm.get_tokenizer(), messages, **options)
     with pytest.raises(ValueError, match=match):  # LLM.chat raises the same
         smollm2_llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, **options)
+
+
+def test_a_template_that_loops_is_stopped_in_time(smollm2_llm) -> None:
+    looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="did not finish within 0.2 s"):
+        render_chat(
+            smollm2_llm.get_tokenizer(),
+            [{"role": "user", "content": "x"}],
+            chat_template=looping,
+            timeout_s=0.2,
+        )
+    assert time.monotonic() - started < 1.0
+    assert sys.gettrace() is None  # the deadline's tracing is gone with it

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from lmserve.api import edge
 from lmserve.api.endpoints import ENDPOINTS, Servings, dev, health, lora, models, responses
 from lmserve.api.errors import anthropic_error_body, error_response, install_error_handlers
+from lmserve.api.http_metrics import HTTPMetrics
 from lmserve.api.json_response import json_response
 from lmserve.api.serving.common import ServingConfig
 from lmserve.engine.protocol import EngineClient
@@ -54,13 +55,17 @@ def build_app(
     if api_key:
         _install_auth(app, api_key)
     servings = Servings(engine, config)
-    edge.mount(app, ENDPOINTS, servings.answer, config.sse_keep_alive_interval)
+    http_metrics = HTTPMetrics()
+    options = edge.EdgeOptions(
+        config.sse_keep_alive_interval, config.max_request_body_mb, http_metrics
+    )
+    edge.mount(app, ENDPOINTS, servings.answer, options)
     app.include_router(responses.routes())
     app.include_router(models.routes(engine, config))
     app.include_router(lora.routes(engine, config))
     if config.server_dev_mode:
         app.include_router(dev.routes(engine))
-    app.include_router(health.routes(engine))
+    app.include_router(health.routes(engine, http_metrics))
     app.include_router(health.version_routes())
     return app
 

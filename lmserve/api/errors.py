@@ -132,7 +132,11 @@ def install_error_handlers(app: FastAPI) -> None:
         reply = error_reply(exc)
         if reply is None:
             logger.exception("unexpected error serving a request")
-            return error_response(f"Internal error: {type(exc).__name__}", 500)
+            # Starlette drops the connection after this answer: say so, or a keep-alive
+            # client's next request on it fails
+            response = error_response(f"Internal error: {type(exc).__name__}", 500)
+            response.headers["Connection"] = "close"
+            return response
         return json_response(reply.body, reply.status, reply.headers)
 
     # The request's own faults, by class: Starlette answers these and is done. A handler for

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmserve.api.errors import APIError
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -25,6 +25,8 @@ _IGNORED = (
 )  # fmt: skip
 # Fields whose feature is not implemented: refused, never ignored.
 _UNSUPPORTED = ("functions", "function_call")
+MAX_N = 128  # choices one request may ask for (OpenAI's bound on `n`)
+MAX_STOP = 64  # stop strings one request may give
 # vLLM's `structured_outputs` keys
 _CONSTRAINT_KEYS = ("json", "regex", "choice", "grammar", "json_object", "whitespace_pattern")
 
@@ -45,7 +47,7 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = None
-    n: int | None = Field(default=1, ge=1)
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -73,7 +75,7 @@ class _SamplingRequest(BaseModel):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
-    best_of: Any = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     # output constraints: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
     response_format: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -82,6 +84,13 @@ class _SamplingRequest(BaseModel):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     structured_outputs: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stop)}")
+        return stop
 
     def check_supported(self) -> None:
         for name in _UNSUPPORTED:

@@ -55,8 +55,15 @@ def _engine_arg_names() -> set[str]:
 
 # Server arguments taken from engine_kwargs, as vLLM takes them from its engine arguments: the
 # queue limits apply in each replica's admission (a request is turned away before it is
-# templated); the router sends SSE keep-alive pings at the smallest interval its models ask.
-_SERVING_ARGS = {"max_num_queued_reqs", "max_num_queued_tokens", "sse_keep_alive_interval"}
+# templated); the router sends SSE keep-alive pings at the smallest interval its models ask,
+# and takes bodies up to the largest max_request_body_mb any of them allows.
+_SERVING_ARGS = {
+    "max_num_queued_reqs",
+    "max_num_queued_tokens",
+    "sse_keep_alive_interval",
+    "max_request_body_mb",
+}
+_SECONDS_OR_MB = {"sse_keep_alive_interval", "max_request_body_mb"}
 
 
 class LLMConfig(BaseModel):
@@ -84,9 +91,9 @@ class LLMConfig(BaseModel):
             )
         for name in _SERVING_ARGS & set(value):
             number = value[name]
-            if name == "sse_keep_alive_interval":
+            if name in _SECONDS_OR_MB:
                 if isinstance(number, bool) or not isinstance(number, int | float) or number <= 0:
-                    raise ValueError(f"engine_kwargs {name} must be a positive number of seconds")
+                    raise ValueError(f"engine_kwargs {name} must be a positive number")
             elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
                 raise ValueError(f"engine_kwargs {name} must be a positive integer")
         return value

@@ -19,11 +19,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from lmserve.api import edge
 from lmserve.api.admission import RETRY_AFTER_S
+from lmserve.api.edge import EdgeOptions
 from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, responses
 from lmserve.api.errors import APIError, install_error_handlers
 from lmserve.api.json_response import json_response
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.schemas.models import ModelCard, ModelList
+from lmserve.api.serving.common import ServingConfig
 from lmserve.serve.config import LLMConfig
 from lmserve.serve.server import StreamStart
 
@@ -51,8 +53,12 @@ class LLMRouter:
             if c.lora_config is not None and c.lora_config.dynamic_lora_loading_path
         }
         self._in_flight = 0  # requests this router replica is answering: its /load
-        intervals = [c.serving_args.get("sse_keep_alive_interval") for c in configs]
-        self._keep_alive_s = min((i for i in intervals if i is not None), default=None)
+        servings = [ServingConfig([c.model_id], **c.serving_args) for c in configs]
+        intervals = [s.sse_keep_alive_interval for s in servings]
+        self._edge = EdgeOptions(
+            sse_keep_alive_s=min((i for i in intervals if i is not None), default=None),
+            max_body_mb=max(s.max_request_body_mb for s in servings),
+        )
 
     @classmethod
     def as_deployment(cls, deployment_options: dict[str, Any] | None = None) -> Deployment:
@@ -63,7 +69,7 @@ class LLMRouter:
         """The ingress's app, built on each router replica over its handles."""
         app = FastAPI(title="lmserve on Ray Serve", version=health.VERSION)
         install_error_handlers(app)
-        edge.mount(app, ENDPOINTS, self._answer, self._keep_alive_s)
+        edge.mount(app, ENDPOINTS, self._answer, self._edge)
         app.include_router(responses.routes())
         app.include_router(health.version_routes())
 

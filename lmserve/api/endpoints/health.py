@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmserve.api.errors import error_response
+from lmserve.api.http_metrics import HTTPMetrics
 from lmserve.engine.protocol import EngineClient
 
 VERSION = importlib.metadata.version("lmserve")
@@ -25,7 +26,7 @@ def version_routes() -> APIRouter:
     return router
 
 
-def routes(engine: EngineClient) -> APIRouter:
+def routes(engine: EngineClient, http_metrics: HTTPMetrics) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
@@ -46,6 +47,7 @@ def routes(engine: EngineClient) -> APIRouter:
     @router.get("/metrics")
     async def metrics() -> Response:
         await engine.get_stats()  # fresh gauges even when idle
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(engine.metrics.registry) + generate_latest(http_metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return router

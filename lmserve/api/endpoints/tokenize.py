@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from lmserve.api.endpoints.base import Endpoint, Servings
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import DetokenizeRequest, TokenizeRequest
@@ -18,10 +20,11 @@ async def tokenize(servings: Servings, request: TokenizeRequest) -> Reply:
     if tokenizer is None:
         raise APIError("this model has no tokenizer")
     if request.messages is not None:
-        text = apply_chat_template(
+        text = await apply_chat_template(
             engine,
+            config,
             request.messages,
-            config.chat_template,
+            None,
             request.add_generation_prompt,
             request.continue_final_message,
             request.chat_template_kwargs,
@@ -31,7 +34,7 @@ async def tokenize(servings: Servings, request: TokenizeRequest) -> Reply:
         text, add_special = request.prompt, request.add_special_tokens is not False
     else:
         raise APIError("give either 'prompt' or 'messages'", param="prompt")
-    ids = tokenizer.encode(text, add_special_tokens=add_special)
+    ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special)
     body = TokenizeResponse(
         count=len(ids), max_model_len=engine.config.scheduler.max_model_len, tokens=ids
     )

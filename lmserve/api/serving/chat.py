@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -36,61 +37,77 @@ from lmserve.api.serving.chat_message import (
     required_calls_schema,
 )
 from lmserve.api.tool_parsers import get_tool_parser
-from lmserve.chat_template import ChatTemplateError, ContentFormat, render_chat
+from lmserve.chat_template import ChatTemplateError, render_chat
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
+# How long a template that came with a request may render (it is code from a client).
+REQUEST_TEMPLATE_TIMEOUT_S = 0.5
 
-def apply_chat_template(
+
+async def apply_chat_template(
     engine: EngineClient,
+    config: common.ServingConfig,
     messages: list[ChatMessage],
-    chat_template: str | None,
+    request_template: str | None,
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
-    content_format: ContentFormat = "auto",
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The request's messages through the one renderer; what it cannot render is a 400."""
+    """The request's messages through the one renderer, in a worker thread (a long
+    conversation does not hold the event loop); what it cannot render is a 400. A template
+    sent with the request runs only with --trust-request-chat-template, and for a bounded
+    time."""
+    if request_template is not None and not config.trust_request_chat_template:
+        raise APIError(
+            "this server does not run chat templates sent with a request: leave out "
+            "`chat_template`, or start the server with --trust-request-chat-template",
+            param="chat_template",
+        )
+    dumped = [message.model_dump(exclude_none=True) for message in messages]
     try:
-        return render_chat(
+        return await asyncio.to_thread(
+            render_chat,
             engine.tokenizer,
-            [message.model_dump(exclude_none=True) for message in messages],
-            chat_template=chat_template,
+            dumped,
+            chat_template=request_template or config.chat_template,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
-            content_format=content_format,
+            content_format=config.chat_template_content_format,
             tools=tools,
             chat_template_kwargs=chat_template_kwargs,
+            timeout_s=None if request_template is None else REQUEST_TEMPLATE_TIMEOUT_S,
         )
     except ChatTemplateError as exc:
-        raise APIError(str(exc), param="messages") from None
+        raise APIError(str(exc), param=exc.param) from None
 
 
 class ChatServing:
     def __init__(self, engine: EngineClient, config: common.ServingConfig) -> None:
         self.engine = engine
         self.config = config
+        self.encoder = common.PromptEncoder(engine)
 
     async def create(self, request: ChatCompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
         tool_mode = self._tool_mode(request, tools)
-        text = apply_chat_template(
+        text = await apply_chat_template(
             self.engine,
+            self.config,
             request.messages,
-            request.chat_template or self.config.chat_template,
+            request.chat_template,
             request.add_generation_prompt,
             request.continue_final_message,
             request.chat_template_kwargs,
-            self.config.chat_template_content_format,
             tools,
         )
-        assert self.engine.tokenizer is not None
-        ids = self.engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
-        ids = common.truncate(ids, request.truncate_prompt_tokens)
+        ids = await self.encoder.encode(
+            text, request.add_special_tokens, request.truncate_prompt_tokens
+        )
         max_tokens = request.max_completion_tokens or request.max_tokens
         common.check_prompt_length(self.engine, len(ids), max_tokens)
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None

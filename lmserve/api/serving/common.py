@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -44,6 +45,8 @@ class ServingConfig:
     max_num_queued_reqs: int | None = None  # sequences in flight; beyond it a 503
     max_num_queued_tokens: int | None = None  # prompt tokens waiting for prefill; at it a 503
     sse_keep_alive_interval: float | None = None  # seconds an idle stream waits for a ping
+    max_request_body_mb: float = 32.0  # a larger body is a 413 before it is read whole
+    trust_request_chat_template: bool = False  # run a `chat_template` sent with a request
 
     def __post_init__(self) -> None:
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
@@ -52,6 +55,8 @@ class ServingConfig:
             raise ValueError(
                 f"--max-num-queued-tokens must be >= 1, got {self.max_num_queued_tokens}"
             )
+        if self.max_request_body_mb <= 0:
+            raise ValueError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
         if self.sse_keep_alive_interval is not None and self.sse_keep_alive_interval <= 0:
             raise ValueError(
                 f"--sse-keep-alive-interval must be > 0 seconds, got {self.sse_keep_alive_interval}"
@@ -109,6 +114,42 @@ def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int |
         )
 
 
+class PromptEncoder:
+    """Prompt text to token ids in a worker thread, so a long prompt does not hold the event
+    loop (the tokenizer releases the GIL while it works). A text too long to fit the context
+    whatever its tokens is refused before it is tokenized: no token covers more bytes than the
+    longest vocabulary entry, so a text of B bytes has at least B / that many tokens (halved
+    again for normalizers that drop characters)."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+
+    @functools.cached_property
+    def _bytes_per_token(self) -> int:
+        vocab = self.engine.tokenizer.get_vocab()
+        return 2 * max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1)
+
+    async def encode(
+        self, text: str, add_special_tokens: bool, truncate_to: int | None = None
+    ) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise APIError("this model has no tokenizer: send token ids", param="prompt")
+        limit = self.engine.config.scheduler.max_model_len
+        if truncate_to is None and len(text) > limit:
+            at_least = len(text.encode()) // self._bytes_per_token
+            if at_least > limit:
+                raise APIError(
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"request has at least {at_least} input tokens. Please reduce the length "
+                    "of the input messages.",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+        ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return truncate(ids, truncate_to)
+
+
 def log_request(
     config: ServingConfig,
     request_id: str,
@@ -131,6 +172,18 @@ def new_id(prefix: str, request_id: str | None) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+async def run_all_to_end(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """The final outputs of several requests run at once (so the scheduler batches them);
+    if one fails, the others are cancelled, and so aborted."""
+    tasks = [asyncio.ensure_future(run_to_end(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def run_to_end(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -21,8 +21,9 @@ class CompletionServing:
     def __init__(self, engine: EngineClient, config: common.ServingConfig) -> None:
         self.engine = engine
         self.config = config
+        self.encoder = common.PromptEncoder(engine)
 
-    def _prompts(self, request: CompletionRequest) -> list[dict[str, Any]]:
+    async def _prompts(self, request: CompletionRequest) -> list[dict[str, Any]]:
         """Each prompt as {"prompt_token_ids", "prompt"}; vLLM's four prompt shapes."""
         prompt = request.prompt
         if isinstance(prompt, str):
@@ -33,17 +34,16 @@ class CompletionServing:
             items = list(prompt)  # type: ignore[arg-type]
         if not items:
             raise APIError("prompt must not be empty", param="prompt")
-        tokenizer = self.engine.tokenizer
         prompts = []
         for item in items:
             if isinstance(item, str):
-                if tokenizer is None:
-                    raise APIError("this model has no tokenizer: send token ids", param="prompt")
-                ids = tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                ids = await self.encoder.encode(
+                    item, request.add_special_tokens, request.truncate_prompt_tokens
+                )
                 text: str | None = item
             else:
-                ids, text = list(item), None
-            ids = common.truncate(ids, request.truncate_prompt_tokens)
+                ids = common.truncate(list(item), request.truncate_prompt_tokens)
+                text = None
             common.check_prompt_length(self.engine, len(ids), request.max_tokens)
             prompts.append({"prompt_token_ids": ids, "prompt": text})
         return prompts
@@ -51,7 +51,7 @@ class CompletionServing:
     async def create(self, request: CompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         params = request.sampling_params(
             request.max_tokens or 16, request.logprobs, self.config.sampling_defaults
         )
@@ -65,7 +65,7 @@ class CompletionServing:
         ]
         if request.stream:
             return Stream(self._stream(request, model, base_id, prompts, streams), done_marker=True)
-        finals = [await common.run_to_end(s) for s in streams]
+        finals = await common.run_all_to_end(streams)
         choices = []
         for i, final in enumerate(finals):
             for out in final.outputs:

@@ -40,14 +40,14 @@ class MessagesServing:
 
     async def count_tokens(self, request: CountTokensRequest) -> Reply:
         common.check_model(self.config, request.model)
-        text = apply_chat_template(
+        text = await apply_chat_template(
             self.engine,
+            self.config,
             [ChatMessage(**m) for m in request.chat_messages()],
-            self.config.chat_template,
+            None,
             add_generation_prompt=not request.continues_reply,
             continue_final_message=request.continues_reply,
             chat_template_kwargs=None,
-            content_format=self.config.chat_template_content_format,
             tools=request.chat_tools(),
         )
         assert self.engine.tokenizer is not None  # apply_chat_template checked it
