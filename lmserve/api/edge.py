@@ -82,13 +82,14 @@ def _route(
 ) -> Callable[[Request], Awaitable[Response]]:
     max_bytes = int(options.max_body_mb * 2**20)
 
-    def failed(exc: Exception) -> Whole:
+    def failed(exc: Exception, raw: Request) -> Whole:
         """The last line of defence: a request's fault in the endpoint's error style, and a
-        bug a 500 in it too, logged once with the request id; the connection stays usable."""
+        bug a 500 in it too, logged once with the request id (the client's X-Request-Id if
+        it sent one); the connection stays usable."""
         reply = error_reply(exc, endpoint.errors)
         if reply is not None:
             return reply
-        request_id = uuid.uuid4().hex
+        request_id = raw.headers.get("x-request-id") or uuid.uuid4().hex
         logger.error("request %s to %s failed", request_id, endpoint.path, exc_info=exc)
         message = f"Internal error: {type(exc).__name__} (request {request_id})"
         reply = error_reply(APIError(message, status=500), endpoint.errors)
@@ -105,7 +106,7 @@ def _route(
             parsed = body.parse(await _read_body(raw, max_bytes))
             reply = await _unless_disconnected(raw, answer(endpoint, parsed))
         except Exception as exc:
-            reply = failed(exc)
+            reply = failed(exc, raw)
         if reply is None:
             return Response(status_code=499)  # nobody reads it: the client closed the connection
         if isinstance(reply, Whole):
@@ -113,7 +114,7 @@ def _route(
             return json_response(reply.body, reply.status, reply.headers)
 
         def on_error(exc: Exception) -> Whole:
-            return counted(failed(exc))
+            return counted(failed(exc, raw))
 
         lines = sse.lines(reply, options.sse_keep_alive_s, on_error)
         return StreamingResponse(lines, media_type="text/event-stream")
