@@ -101,6 +101,7 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
             sse_keep_alive_interval=args.sse_keep_alive_interval,
             max_request_body_mb=args.max_request_body_mb,
             trust_request_chat_template=args.trust_request_chat_template,
+            max_waiting_time_s=args.max_waiting_time_s,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
@@ -321,6 +322,14 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         default=32.0,
         help="largest request body, in MB; a larger one gets 413 before it is read whole "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-waiting-time-s",
+        type=float,
+        default=None,
+        help="a request with no output token after this many seconds (queued behind others, "
+        "or in a long prefill) is aborted with 503 and Retry-After, instead of holding its "
+        "client (default: wait as long as it takes)",
     )
     parser.add_argument(
         "--trust-request-chat-template",

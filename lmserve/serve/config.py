@@ -62,8 +62,9 @@ _SERVING_ARGS = {
     "max_num_queued_tokens",
     "sse_keep_alive_interval",
     "max_request_body_mb",
+    "max_waiting_time_s",
 }
-_SECONDS_OR_MB = {"sse_keep_alive_interval", "max_request_body_mb"}
+_SECONDS_OR_MB = {"sse_keep_alive_interval", "max_request_body_mb", "max_waiting_time_s"}
 
 
 class LLMConfig(BaseModel):

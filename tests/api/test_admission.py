@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -156,3 +157,40 @@ def test_idle_streams_get_keep_alive_comments_the_client_skips(server: Server) -
 
     chunks = asyncio.run(behind_two_running(client_chunks))
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_a_request_waiting_past_max_waiting_time_gets_a_503(tiny_model_dirs) -> None:
+    """Behind a long request on one slot, a request with no token after 0.3 s is aborted
+    with a 503 (whole, or as the stream's error event); the slot then serves normally."""
+    server = start_server(
+        str(tiny_model_dirs["llama"]), "--kv-cache-memory-gb", "0.05", "--max-num-seqs", "1",
+        "--max-waiting-time-s", "0.3", "--served-model-name", "tiny",
+    )  # fmt: skip
+    try:
+
+        async def behind_a_long_one() -> tuple[httpx.Response, float, list[str]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                four = {**LONG, "n": 4}  # one after another on the one slot: seconds of work
+                long = asyncio.ensure_future(client.post("/v1/completions", json=four))
+                await asyncio.sleep(0.1)  # running: the slot is taken
+                started = time.monotonic()
+                waited = await client.post("/v1/completions", json={**LONG, "max_tokens": 2})
+                elapsed = time.monotonic() - started
+                streamed = {**LONG, "max_tokens": 2, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=streamed) as response:
+                    lines = [line async for line in response.aiter_lines() if line]
+                assert (await long).status_code == 200
+                return waited, elapsed, lines
+
+        waited, elapsed, lines = asyncio.run(behind_a_long_one())
+        assert waited.status_code == 503 and waited.headers["retry-after"] == "1"
+        assert "--max-waiting-time-s" in waited.json()["error"]["message"]
+        assert 0.3 <= elapsed < 1.0
+        error = json.loads(lines[0].removeprefix("data: "))["error"]
+        assert error["type"] == "ServiceUnavailableError" and lines[-1] == "data: [DONE]"
+        ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1], "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert re.search(r"lmserve:num_requests_waiting\{[^}]*\} 0\.0", metrics)  # none left
+    finally:
+        stop_server(server)

@@ -116,8 +116,15 @@ class ChatServing:
         parser = MessageParser(self._reasoning_parser(text), tool_mode)
         request_id = common.new_id("chatcmpl", request.request_id)
         common.log_request(self.config, request_id, text, len(ids), params)
-        stream = self.engine.generate(
-            {"prompt_token_ids": ids, "prompt": text}, params, request_id, request.cache_salt, lora
+        stream = common.first_within(
+            self.engine.generate(
+                {"prompt_token_ids": ids, "prompt": text},
+                params,
+                request_id,
+                request.cache_salt,
+                lora,
+            ),
+            self.config.max_waiting_time_s,
         )
         if request.stream:
             events = self._stream(request, model, request_id, stream, parser)

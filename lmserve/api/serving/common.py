@@ -47,6 +47,7 @@ class ServingConfig:
     sse_keep_alive_interval: float | None = None  # seconds an idle stream waits for a ping
     max_request_body_mb: float = 32.0  # a larger body is a 413 before it is read whole
     trust_request_chat_template: bool = False  # run a `chat_template` sent with a request
+    max_waiting_time_s: float | None = None  # a request with no token by then gets a 503
 
     def __post_init__(self) -> None:
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
@@ -55,6 +56,8 @@ class ServingConfig:
             raise ValueError(
                 f"--max-num-queued-tokens must be >= 1, got {self.max_num_queued_tokens}"
             )
+        if self.max_waiting_time_s is not None and self.max_waiting_time_s <= 0:
+            raise ValueError(f"--max-waiting-time-s must be > 0, got {self.max_waiting_time_s}")
         if self.max_request_body_mb <= 0:
             raise ValueError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
         if self.sse_keep_alive_interval is not None and self.sse_keep_alive_interval <= 0:
@@ -172,6 +175,31 @@ def new_id(prefix: str, request_id: str | None) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+async def first_within(
+    stream: AsyncIterator[RequestOutput], seconds: float | None
+) -> AsyncIterator[RequestOutput]:
+    """The stream, ended (and its request aborted) with a 503 if its first output has not come
+    within `seconds` (--max-waiting-time-s): a client behind a long queue is told to come back
+    instead of being held until it gives up."""
+    if seconds is None:
+        async for output in stream:
+            yield output
+        return
+    try:
+        first = await asyncio.wait_for(anext(stream), seconds)
+    except asyncio.TimeoutError:
+        await stream.aclose()  # type: ignore[attr-defined]  # aborts it, if not already
+        raise APIError(
+            f"The request had no output after {seconds:g} s waiting for the engine "
+            "(--max-waiting-time-s): the server is busy, retry later",
+            status=503,
+            headers={"Retry-After": "1"},
+        ) from None
+    yield first
+    async for output in stream:
+        yield output
 
 
 async def run_all_to_end(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

@@ -60,7 +60,10 @@ class CompletionServing:
             num_prompt = len(p["prompt_token_ids"])
             common.log_request(self.config, f"{base_id}-{i}", p["prompt"], num_prompt, params)
         streams = [
-            self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt, lora)
+            common.first_within(
+                self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt, lora),
+                self.config.max_waiting_time_s,
+            )
             for i, p in enumerate(prompts)
         ]
         if request.stream:
