@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -194,3 +195,42 @@ def test_thinking_off_gives_content_and_the_grammar_applies(client: openai.OpenA
     message = reply.choices[0].message.model_dump()
     assert message["reasoning_content"] is None
     assert isinstance(json.loads(message["content"]), dict)
+
+
+def test_a_required_array_cut_by_max_tokens_keeps_its_whole_calls(
+    server: Server, client: openai.OpenAI
+) -> None:
+    """A small model forced to call tools may go on emitting calls until max_tokens cuts the
+    array: the calls completed before the cut come back, with finish_reason "length"."""
+    kwargs = dict(
+        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="required", temperature=0,
+        extra_body={**NO_THINKING, "return_token_ids": True},
+    )  # fmt: skip
+
+    def calls(choice: Any) -> list[tuple[str, str]]:
+        return [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+
+    full = client.chat.completions.create(**kwargs, max_tokens=300)
+    longest = calls(full.choices[0])
+    assert longest, full
+    used = full.usage.completion_tokens
+    for limit in (used - 1, used * 3 // 4):
+        cut = client.chat.completions.create(**kwargs, max_tokens=limit).choices[0]
+        assert cut.finish_reason == "length"
+        kept = calls(cut)
+        assert kept == longest[: len(kept)]  # whole calls only, the same as without the cut
+        assert (cut.message.content is None) == bool(kept)
+    # Cut the array's closing tokens (and the end token), not the last call: every call stays
+    ids = full.choices[0].token_ids
+
+    def text_of(token_id: int) -> str:
+        answer = httpx.post(f"{server.url}/detokenize", json={"tokens": [token_id]})
+        return answer.json()["prompt"].strip()
+
+    closing = 0
+    while text_of(ids[-1 - closing]) in ("]", "", "<|im_end|>"):
+        closing += 1
+    assert 0 < closing < used
+    open_array = client.chat.completions.create(**kwargs, max_tokens=used - closing).choices[0]
+    assert open_array.finish_reason == "length" and open_array.message.content is None
+    assert calls(open_array) == longest

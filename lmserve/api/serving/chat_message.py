@@ -4,6 +4,7 @@ for the whole text or as stream deltas that concatenate to exactly the whole-tex
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,17 +179,44 @@ class MessageStream:
         return MessageDelta(content=text or None)
 
 
+_SPACE = re.compile(r"\s*")
+
+
 def _required_calls(text: str) -> list[ToolCall] | None:
-    """The calls in a tool_choice="required" array; None when the text is not one (cut short)."""
+    """The calls in a tool_choice="required" array; when max_tokens cut the array short, the
+    calls completed before the cut. None when there is no complete call."""
     try:
         items = json.loads(text)
     except json.JSONDecodeError:
-        return None
-    if not isinstance(items, list) or not all(
-        isinstance(i, dict) and isinstance(i.get("name"), str) for i in items
+        items = _complete_items(text)
+    if (
+        not items
+        or not isinstance(items, list)
+        or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items)
     ):
         return None
     return [
         ToolCall(new_call_id(), i["name"], json.dumps(i.get("parameters", {}), ensure_ascii=False))
         for i in items
     ]
+
+
+def _complete_items(text: str) -> list[Any]:
+    """The whole elements at the start of a JSON array that was cut off (the grammar makes the
+    text a valid prefix of one)."""
+    decoder = json.JSONDecoder()
+    at = _SPACE.match(text).end()
+    if not text.startswith("[", at):
+        return []
+    items: list[Any] = []
+    at += 1
+    while True:
+        try:
+            item, at = decoder.raw_decode(text, _SPACE.match(text, at).end())
+        except json.JSONDecodeError:
+            return items
+        items.append(item)
+        at = _SPACE.match(text, at).end()
+        if not text.startswith(",", at):
+            return items
+        at += 1

@@ -75,7 +75,9 @@ def test_named_choice_streams_the_arguments_as_generated() -> None:
         assert streamed(parser, pieces) == expected
 
 
-def test_required_array_becomes_calls_and_a_cut_one_stays_content() -> None:
+def test_required_array_becomes_calls_and_a_cut_one_keeps_its_whole_calls() -> None:
+    """max_tokens can cut the forced array: the calls completed before the cut come back
+    (finish_reason stays "length"); with none complete, the text stays content."""
     parser = MessageParser(None, ToolMode("required"))
     text = '[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "f", "parameters": {}}]'
     expected = whole(parser, text)
@@ -85,6 +87,11 @@ def test_required_array_becomes_calls_and_a_cut_one_stays_content() -> None:
     ]
     cut = text[:30]
     assert whole(parser, cut) == (None, cut, [])
-    for source in (text, cut):
+    after_one = text[: text.index('{"name": "f"') + 5]
+    assert [(n, json.loads(a)) for n, a in whole(parser, after_one)[2]] == [
+        ("add", {"a": 1, "b": 2})
+    ]
+    assert whole(parser, after_one)[1] is None
+    for source in (text, cut, after_one):
         for pieces in splits(source)[:5]:
             assert streamed(parser, pieces) == whole(parser, source)
