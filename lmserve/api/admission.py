@@ -44,12 +44,12 @@ class Admission:
                     param="n",
                 )
             if self.num_in_flight + num_seqs > limit:
-                raise _overloaded(
+                raise overloaded(
                     f"{self.num_in_flight} sequences are in flight (--max-num-queued-reqs {limit})"
                 )
         tokens_limit = self.max_num_queued_tokens
         if tokens_limit is not None and self.engine.num_prefill_tokens >= tokens_limit:
-            raise _overloaded(
+            raise overloaded(
                 f"{self.engine.num_prefill_tokens} prompt tokens wait for prefill "
                 f"(--max-num-queued-tokens {tokens_limit})"
             )
@@ -57,7 +57,8 @@ class Admission:
         return Ticket(self, num_seqs)
 
 
-def _overloaded(why: str) -> APIError:
+def overloaded(why: str) -> APIError:
+    """The 503 of a server turned away by load, shared by every queue that does it."""
     return APIError(
         f"The server is overloaded: {why}; retry later",
         status=503,

@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from lmserve.api import edge
-from lmserve.api.admission import RETRY_AFTER_S
+from lmserve.api.admission import overloaded
 from lmserve.api.edge import EdgeOptions
 from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, responses
 from lmserve.api.errors import APIError, install_error_handlers
@@ -106,7 +106,7 @@ class LLMRouter:
                 first = await stream.__anext__()
             except BackPressureError as exc:  # the deployment's max_queued_requests are waiting
                 # never assigned to a replica: nothing to cancel (cancel() would raise it again)
-                raise _backpressure(exc) from None
+                raise overloaded(str(exc)) from None
             except BaseException:
                 stream.cancel()
                 raise
@@ -163,14 +163,6 @@ class LLMRouter:
             return self._cards[name]
         root = str(Path(self._lora_paths[base]) / adapter)
         return msgspec.structs.replace(self._cards[base], id=name, root=root, parent=base)
-
-
-def _backpressure(exc: BackPressureError) -> APIError:
-    return APIError(
-        f"The server is overloaded: {exc}; retry later",
-        status=503,
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
 
 
 def _not_found(model: Any) -> APIError:

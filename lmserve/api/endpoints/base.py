@@ -12,7 +12,7 @@ from lmserve.api.admission import Admission
 from lmserve.api.errors import ErrorStyle, error_reply
 from lmserve.api.replies import Reply
 from lmserve.api.serving.chat import ChatServing
-from lmserve.api.serving.common import ServingConfig
+from lmserve.api.serving.common import PromptEncoder, ServingConfig
 from lmserve.api.serving.completions import CompletionServing
 from lmserve.api.serving.messages import MessagesServing
 from lmserve.api.serving.responses import ResponsesServing
@@ -26,8 +26,9 @@ class Servings:
     def __init__(self, engine: EngineClient, config: ServingConfig) -> None:
         self.engine = engine
         self.config = config
-        self.chat = ChatServing(engine, config)
-        self.completions = CompletionServing(engine, config)
+        encoder = PromptEncoder(engine)  # one: its bound is worked out from the vocabulary once
+        self.chat = ChatServing(engine, config, encoder)
+        self.completions = CompletionServing(engine, config, encoder)
         self.messages = MessagesServing(engine, config, self.chat)
         self.responses = ResponsesServing(self.chat)
         self.admission = Admission(engine, config.max_num_queued_reqs, config.max_num_queued_tokens)

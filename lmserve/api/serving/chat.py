@@ -85,10 +85,12 @@ async def apply_chat_template(
 
 
 class ChatServing:
-    def __init__(self, engine: EngineClient, config: common.ServingConfig) -> None:
+    def __init__(
+        self, engine: EngineClient, config: common.ServingConfig, encoder: common.PromptEncoder
+    ) -> None:
         self.engine = engine
         self.config = config
-        self.encoder = common.PromptEncoder(engine)
+        self.encoder = encoder
 
     async def create(self, request: ChatCompletionRequest) -> Reply:
         request.check_supported()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmserve.api.admission import overloaded
 from lmserve.api.errors import APIError
 from lmserve.api.schemas.common import PromptLogprob, PromptLogprobs, Usage
 from lmserve.api.serving.models import LoRAModules
@@ -191,11 +192,8 @@ async def first_within(
         first = await asyncio.wait_for(anext(stream), seconds)
     except asyncio.TimeoutError:
         await stream.aclose()  # type: ignore[attr-defined]  # aborts it, if not already
-        raise APIError(
-            f"The request had no output after {seconds:g} s waiting for the engine "
-            "(--max-waiting-time-s): the server is busy, retry later",
-            status=503,
-            headers={"Retry-After": "1"},
+        raise overloaded(
+            f"no output after {seconds:g} s waiting for the engine (--max-waiting-time-s)"
         ) from None
     yield first
     async for output in stream:

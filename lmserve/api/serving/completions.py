@@ -18,10 +18,12 @@ from lmserve.outputs import CompletionOutput, RequestOutput
 
 
 class CompletionServing:
-    def __init__(self, engine: EngineClient, config: common.ServingConfig) -> None:
+    def __init__(
+        self, engine: EngineClient, config: common.ServingConfig, encoder: common.PromptEncoder
+    ) -> None:
         self.engine = engine
         self.config = config
-        self.encoder = common.PromptEncoder(engine)
+        self.encoder = encoder
 
     async def _prompts(self, request: CompletionRequest) -> list[dict[str, Any]]:
         """Each prompt as {"prompt_token_ids", "prompt"}; vLLM's four prompt shapes."""
