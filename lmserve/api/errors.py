@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from lmserve.api.json_response import json_response
 from lmserve.api.replies import Whole
@@ -20,7 +21,7 @@ from lmserve.api.schemas.common import (
     ErrorInfo,
     ErrorResponse,
 )
-from lmserve.engine.protocol import EngineDeadError, EngineSleepingError
+from lmserve.engine.protocol import EngineDeadError, EngineRequestError, EngineSleepingError
 
 ErrorStyle = Literal["openai", "anthropic"]
 
@@ -84,17 +85,33 @@ def error_response(
 
 
 def validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
-    """A request body that failed validation: the message for its first error, and the field."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    """A request body that failed validation: the message for its deepest error (in a union,
+    the member that got furthest says most), and the field."""
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default=None) or {
+        "msg": "invalid request",
+        "loc": (),
+    }
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_member(p)]
     field = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         message = f"Unknown field {field!r}: it is neither an OpenAI field nor an lmserve extra"
-    elif first.get("type") == "json_invalid":
-        message = f"The request body is not valid JSON: {first.get('msg')}"
+    elif first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+        message, field = f"The request body is not valid JSON: {first.get('msg')}", None
     else:
         message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+        got = first.get("input")
+        if first.get("type") in ("literal_error", "enum") and isinstance(got, str | int):
+            message += f", got {got!r}"
     return message, field
+
+
+def _is_union_member(part: Any) -> bool:
+    """Pydantic names the union member an error came from in its location ('str',
+    'list[...]'); a field name never looks like that."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
 def error_for(exc: Exception) -> tuple[int, ErrorResponse] | None:
@@ -106,10 +123,14 @@ def error_for(exc: Exception) -> tuple[int, ErrorResponse] | None:
         # malformed JSON and bad fields are 400 naming the field, not FastAPI's 422
         message, field = validation_error(exc.errors())
         return 400, error_body(message, 400, param=field)
+    if isinstance(exc, HTTPException):  # routing (404, 405) and FastAPI's own body parsing
+        return exc.status_code, error_body(str(exc.detail), exc.status_code)
     if isinstance(exc, EngineDeadError):
         return 503, error_body(f"The engine is not running: {exc}", 503)
     if isinstance(exc, EngineSleepingError):
         return 503, error_body(str(exc), 503)
+    if isinstance(exc, EngineRequestError):  # the engine's fault, not the request's; it goes on
+        return 500, error_body(str(exc), 500)
     if isinstance(exc, ValueError):
         return 400, error_body(str(exc), 400)
     return None
@@ -121,7 +142,7 @@ def error_reply(exc: Exception, style: ErrorStyle = "openai") -> Whole | None:
     if known is None:
         return None
     status, body = known
-    headers = exc.headers if isinstance(exc, APIError) else None
+    headers = exc.headers if isinstance(exc, APIError | HTTPException) else None
     if style == "anthropic":
         return Whole(anthropic_error_body(body.error.message, status), status, headers)
     return Whole(body, status, headers)
@@ -144,12 +165,14 @@ def install_error_handlers(app: FastAPI) -> None:
     # every 400 was logged as a crash and the connection dropped (a keep-alive client could
     # see a connection error instead of the 400).
     for known in (
+        HTTPException,
         APIError,
         RequestValidationError,
         ValidationError,
         ValueError,
         EngineDeadError,
         EngineSleepingError,
+        EngineRequestError,
     ):
         app.add_exception_handler(known, _error)
     app.add_exception_handler(Exception, _error)  # a bug: 500, and the traceback logged

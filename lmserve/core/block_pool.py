@@ -99,6 +99,11 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block
 
+    def uncache(self, blocks: Iterable[KVBlock]) -> None:
+        """Take blocks out of the prefix cache (their contents cannot be trusted)."""
+        for block in blocks:
+            self._evict(block)
+
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():
             block.block_hash = None

@@ -87,10 +87,17 @@ class KVCacheManager:
         self._publish_full_blocks(request, num_tokens)
         return True
 
-    def free(self, request: Request) -> None:
-        """Release every block the request holds, tail first so shared prefixes stay cached."""
+    def free(self, request: Request, num_written: int | None = None) -> None:
+        """Release every block the request holds, tail first so shared prefixes stay cached.
+
+        `num_written`: the tokens whose KV is known to be in the cache, when a failed step may
+        have left the rest half written; blocks past them leave the prefix cache, so no later
+        request can hit them.
+        """
         blocks = self._req_blocks.pop(request.req_id, [])
         self._num_published.pop(request.req_id, None)
+        if num_written is not None:
+            self.pool.uncache(blocks[num_written // self.block_size :])
         self.pool.release(reversed(blocks))
 
     def reset_prefix_cache(self) -> None:

@@ -19,6 +19,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
 
     @property
     def finished(self) -> bool:
@@ -33,7 +34,17 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
     RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
+
+
+class RequestFailed(Exception):
+    """Raised by a part of a step that knows which requests it failed for, so the engine core
+    ends those requests only and keeps serving the others."""
+
+    def __init__(self, req_ids: list[str], reason: str) -> None:
+        super().__init__(reason)
+        self.req_ids = req_ids
 
 
 @dataclass(eq=False)

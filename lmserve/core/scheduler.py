@@ -8,9 +8,10 @@ waiting queue, usually hitting its own blocks in the prefix cache.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from lmserve.config import SchedulerConfig
 from lmserve.core.grammar_tracker import GrammarTracker
@@ -24,6 +25,8 @@ from lmserve.core.scheduler_output import (
     SchedulerOutput,
 )
 from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats
+
+logger = logging.getLogger(__name__)
 
 # How long a scheduler with nothing to run waits for a waiting request's grammar to compile, so an
 # engine with only compiling requests sleeps instead of spinning.
@@ -48,6 +51,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()  # to tell the worker at the next step
         self._grammar_failures: list[EngineCoreOutput] = []  # reported by the next update
         self._known_to_worker: set[str] = set()
+        self._suspects: set[str] = set()  # in a batch that failed; each runs alone until it passes
         # cumulative counters since start, for metrics and tests
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
@@ -76,6 +80,8 @@ class Scheduler:
 
     # ---- scheduling -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self._suspects:
+            return self._schedule_suspect()
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -119,31 +125,11 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             hits = self.kv.get_computed_blocks(request)
-            num_computed = len(hits) * self.kv.block_size
-            num_new = min(request.num_tokens - num_computed, budget)
+            num_new = min(request.num_tokens - len(hits) * self.kv.block_size, budget)
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_computed
-                request.first_scheduled_time = time.time()
-                self.prefix_cache_queries += request.num_tokens
-                self.prefix_cache_hits += num_computed
-            request.num_computed_tokens = num_computed
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            new_reqs.append(
-                NewRequestData(
-                    req_id=request.req_id,
-                    token_ids=list(request.all_token_ids),
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    sampling_params=request.sampling_params,
-                    block_ids=self.kv.block_ids(request.req_id),
-                    num_computed_tokens=num_computed,
-                    eos_token_id=request.eos_token_id,
-                    lora_request=request.lora_request,
-                )
-            )
+            new_reqs.append(self._start(request, len(hits) * self.kv.block_size))
             num_scheduled[request.req_id] = num_new
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
@@ -151,7 +137,50 @@ class Scheduler:
             self._abort_failed_grammars()
             if not num_scheduled and self.waiting:
                 self.grammars.wait_for_compile(_GRAMMAR_WAIT_S)
+        return self._output(new_reqs, cached_reqs, num_scheduled)
 
+    def _schedule_suspect(self) -> SchedulerOutput:
+        """After a batch failed for a reason nothing could pin on one request, its requests run
+        one per step (the others wait), so the one that fails alone is the one that ends."""
+        request = next(r for r in self.waiting if r.req_id in self._suspects)
+        while True:
+            hits = self.kv.get_computed_blocks(request)
+            num_computed = len(hits) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, self.config.max_num_batched_tokens)
+            if self._lora_fits(request) and self.kv.allocate_slots(request, num_new, hits):
+                break
+            self._preempt(self.running.pop())  # the cache holds max_model_len, so it ends
+        self.waiting.remove(request)
+        new = self._start(request, num_computed)
+        return self._output([new], [], {request.req_id: num_new})
+
+    def _start(self, request: Request, num_computed: int) -> NewRequestData:
+        """Move a request that got its blocks from waiting to running."""
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_computed
+            request.first_scheduled_time = time.time()
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_computed
+        request.num_computed_tokens = num_computed
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return NewRequestData(
+            req_id=request.req_id,
+            token_ids=list(request.all_token_ids),
+            num_prompt_tokens=request.num_prompt_tokens,
+            sampling_params=request.sampling_params,
+            block_ids=self.kv.block_ids(request.req_id),
+            num_computed_tokens=num_computed,
+            eos_token_id=request.eos_token_id,
+            lora_request=request.lora_request,
+        )
+
+    def _output(
+        self,
+        new_reqs: list[NewRequestData],
+        cached_reqs: list[CachedRequestData],
+        num_scheduled: dict[str, int],
+    ) -> SchedulerOutput:
         sampling = []
         for request in self.running:
             if request.req_id in num_scheduled:
@@ -164,7 +193,7 @@ class Scheduler:
             new_reqs=new_reqs,
             cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=finished,
             sampling_req_ids=sampling,
         )
@@ -204,21 +233,19 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, apply token-level stops, free finished requests' blocks."""
         updates, self._grammar_failures = self._grammar_failures, []
+        self._suspects.difference_update(output.num_scheduled_tokens)  # passed alone
         for req_id in output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.status.finished:
                 continue  # aborted while the step ran
             result = sampled.get(req_id)
-            new_tokens: list[int] = []
-            if result is not None:
-                for token_id in result.token_ids:
-                    request.append_output_token(token_id)
-                    new_tokens.append(token_id)
-                    if self._check_stop(request, token_id):
-                        break
-                    if self.grammars is not None and self.grammars.accept(request, token_id):
-                        self._finish(request, RequestStatus.FINISHED_STOPPED)
-                        break
+            try:
+                new_tokens = self._append_tokens(request, result)
+            except Exception:  # noqa: BLE001 - one request's grammar fails it alone
+                logger.exception("request %s failed applying its sampled tokens", req_id)
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                updates.append(EngineCoreOutput(req_id, [], FinishReason.ERROR))
+                continue
             if new_tokens or (result is not None and result.prompt_logprobs is not None):
                 updates.append(
                     EngineCoreOutput(
@@ -232,6 +259,47 @@ class Scheduler:
                         prompt_logprobs=result.prompt_logprobs if result else None,
                     )
                 )
+        return updates
+
+    def _append_tokens(self, request: Request, result: SampledTokens | None) -> list[int]:
+        """Apply one request's sampled tokens until a stop; the tokens kept."""
+        new_tokens: list[int] = []
+        for token_id in result.token_ids if result is not None else ():
+            request.append_output_token(token_id)
+            new_tokens.append(token_id)
+            if self._check_stop(request, token_id):
+                break
+            if self.grammars is not None and self.grammars.accept(request, token_id):
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                break
+        return new_tokens
+
+    def fail_step(
+        self, output: SchedulerOutput, culprits: Collection[str] | None
+    ) -> list[EngineCoreOutput]:
+        """A scheduled step raised. Its KV may be half written, so its requests keep none of what
+        they cached in it and go back to recompute; `culprits` (named by the part that failed)
+        end with an error. With none named, a lone request is the culprit, and a batch's
+        requests become suspects that run alone until one fails by itself."""
+        scheduled = [
+            r for req_id in output.num_scheduled_tokens if (r := self.requests.get(req_id))
+        ]
+        if culprits is None and len(scheduled) == 1:
+            culprits = [scheduled[0].req_id]
+        elif culprits is None:
+            self._suspects.update(r.req_id for r in scheduled)
+        failed = set(culprits or ())
+        updates = []
+        self._finished_ids |= output.finished_req_ids  # the worker may not have seen them
+        for request in reversed(scheduled):  # preempted to the front of the queue, in order
+            num_written = request.num_computed_tokens - output.num_scheduled_tokens[request.req_id]
+            self.kv.free(request, num_written)
+            self.running.remove(request)
+            if request.req_id in failed:
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                updates.append(EngineCoreOutput(request.req_id, [], FinishReason.ERROR))
+            else:
+                self._preempt(request)
         return updates
 
     def stats(self) -> SchedulerStats:
@@ -275,6 +343,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         del self.requests[request.req_id]
+        self._suspects.discard(request.req_id)
         if self.grammars is not None:
             self.grammars.remove(request.req_id)
         self._forget_in_worker(request.req_id)

@@ -24,6 +24,7 @@ from lmserve.engine.messages import (
     ControlDone,
     CoreFailed,
     EngineCoreRequest,
+    FinishReason,
     GetStats,
     Outputs,
     Ready,
@@ -34,7 +35,12 @@ from lmserve.engine.messages import (
 )
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
-from lmserve.engine.protocol import EngineClient, EngineDeadError, EngineSleepingError
+from lmserve.engine.protocol import (
+    EngineClient,
+    EngineDeadError,
+    EngineRequestError,
+    EngineSleepingError,
+)
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.lora.request import LoRARequest
 from lmserve.outputs import RequestOutput
@@ -159,6 +165,11 @@ class AsyncEngine(EngineClient):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if any(o.finish_reason == FinishReason.ERROR for o in item.outputs):
+                    raise EngineRequestError(
+                        f"the engine failed while running request {request_id} and went on "
+                        "without it; the server's log has the cause"
+                    )
                 finished = item.finished
                 yield item
         finally:

@@ -5,13 +5,17 @@ It sees token ids only; tokenization, stop strings and output assembly belong to
 
 from __future__ import annotations
 
+import logging
+
 from lmserve.config import EngineConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
-from lmserve.core.request import Request
+from lmserve.core.request import Request, RequestFailed
 from lmserve.core.scheduler import Scheduler
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 from lmserve.structured_output.manager import StructuredOutputManager
 from lmserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -54,6 +58,7 @@ class EngineCore:
         return cls(config, scheduler, runner, grammars)
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request; raises (and holds nothing of it) when it cannot be queued."""
         if self.sleep_level:
             raise ValueError("the engine is asleep: wake it up (wake_up()) before sending requests")
         core_request = Request(
@@ -66,7 +71,11 @@ class EngineCore:
             lora_request=request.lora_request,
         )
         self.scheduler.add_request(core_request)
-        self.structured_output.add(core_request)
+        try:
+            self.structured_output.add(core_request)
+        except BaseException:
+            self.scheduler.abort_requests([request.req_id])
+            raise
 
     def abort_requests(self, req_ids: list[str]) -> None:
         self.scheduler.abort_requests(req_ids)
@@ -82,9 +91,19 @@ class EngineCore:
         if not self.has_unfinished_requests():
             return []
         scheduler_output = self.scheduler.schedule()
-        self.runner.execute(scheduler_output)
-        bitmask = self.scheduler.grammar_bitmask(scheduler_output)
-        sampled = self.runner.sample(bitmask)
+        try:
+            self.runner.execute(scheduler_output)
+            bitmask = self.scheduler.grammar_bitmask(scheduler_output)
+            sampled = self.runner.sample(bitmask)
+        except RequestFailed as exc:
+            logger.exception("requests %s failed; the others go on", exc.req_ids)
+            return self.scheduler.fail_step(scheduler_output, exc.req_ids)
+        except Exception:  # noqa: BLE001 - the core outlives one bad batch
+            logger.exception(
+                "a step of %d requests failed; they rerun one at a time to find the cause",
+                len(scheduler_output.num_scheduled_tokens),
+            )
+            return self.scheduler.fail_step(scheduler_output, None)
         return self.scheduler.update_from_output(scheduler_output, sampled)
 
     def shutdown(self) -> None:

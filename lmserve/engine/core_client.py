@@ -116,6 +116,10 @@ def _handle(core: EngineCore, message: ToCore) -> FromCore | None:
             except ValueError:  # sent while the engine went to sleep: it ends aborted
                 aborted = EngineCoreOutput(message.req_id, [], FinishReason.ABORT)
                 return Outputs([aborted], core.stats())
+            except Exception:  # noqa: BLE001 - one request that cannot be queued fails alone
+                logger.exception("request %s could not be queued", message.req_id)
+                failed = EngineCoreOutput(message.req_id, [], FinishReason.ERROR)
+                return Outputs([failed], core.stats())
         case Abort(req_ids=req_ids):
             core.abort_requests(req_ids)
         case GetStats():

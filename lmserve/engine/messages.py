@@ -22,6 +22,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id, or a grammar that completed
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"  # asked to, or its grammar could not be built, or the engine went to sleep
+    ERROR = "error"  # the core failed while running it (the core's log has the traceback)
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True, gc=False):

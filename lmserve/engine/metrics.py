@@ -93,26 +93,30 @@ class EngineMetrics:
         now = time.time()
         for out in outputs:
             timing = self._timings.get(out.req_id)
-            if timing is None or not out.new_token_ids:
+            if timing is None:
                 continue
-            num_new = len(out.new_token_ids)
-            if timing.last_token is None:
-                self._ttft.labels(**self._label).observe(now - timing.arrival)
-                if out.first_scheduled_time is not None:
-                    queued = max(0.0, out.first_scheduled_time - timing.arrival)
-                    self._queue.labels(**self._label).observe(queued)
-                computed = timing.num_prompt_tokens - out.num_cached_tokens
-                self._prompt_tokens.labels(**self._label).inc(computed)
-                self._interval.prompt_tokens += computed
-            else:
-                self._itl.labels(**self._label).observe((now - timing.last_token) / num_new)
-            timing.last_token = now
-            timing.num_generated += num_new
-            self._generation_tokens.labels(**self._label).inc(num_new)
-            self._interval.generation_tokens += num_new
-            if out.finish_reason is not None:
+            if out.new_token_ids:
+                self._record_tokens(timing, out, now)
+            if out.finish_reason is not None:  # with no token too: aborted or failed
                 self._finish(out.req_id, out.finish_reason, now)
         self.record_stats(stats)
+
+    def _record_tokens(self, timing: _Timing, out: EngineCoreOutput, now: float) -> None:
+        num_new = len(out.new_token_ids)
+        if timing.last_token is None:
+            self._ttft.labels(**self._label).observe(now - timing.arrival)
+            if out.first_scheduled_time is not None:
+                queued = max(0.0, out.first_scheduled_time - timing.arrival)
+                self._queue.labels(**self._label).observe(queued)
+            computed = timing.num_prompt_tokens - out.num_cached_tokens
+            self._prompt_tokens.labels(**self._label).inc(computed)
+            self._interval.prompt_tokens += computed
+        else:
+            self._itl.labels(**self._label).observe((now - timing.last_token) / num_new)
+        timing.last_token = now
+        timing.num_generated += num_new
+        self._generation_tokens.labels(**self._label).inc(num_new)
+        self._interval.generation_tokens += num_new
 
     def _finish(self, req_id: str, reason: FinishReason, now: float) -> None:
         timing = self._timings.pop(req_id)

@@ -18,6 +18,11 @@ class EngineDeadError(RuntimeError):
     """The engine core process is gone; requests cannot be served until a restart."""
 
 
+class EngineRequestError(RuntimeError):
+    """The engine core failed while running this request (the core's log says why); the core
+    itself goes on serving the others."""
+
+
 class EngineSleepingError(RuntimeError):
     """The engine was put to sleep (sleep mode); requests wait for a wake-up, not a restart."""
 

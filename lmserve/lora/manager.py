@@ -76,13 +76,13 @@ class LoRAManager:
         slot = self._slot_of.get(request.lora_int_id)
         if slot is not None:
             return slot
+        adapter = self._host_copy(request)  # first: an adapter that fails to load takes no slot
         if not self._free_slots:
             victim = next(i for i in self._slot_of if i not in in_use)
             self._free_slots.append(self._slot_of.pop(victim))
         slot = self._free_slots.pop()
         for module in self.modules:
             module.clear(slot)
-        adapter = self._host_copy(request)
         for (layer, target), (a, b) in adapter.weights.items():
             module, part = self.layers[(layer, target)]
             module.set_part(slot, part, a, b, adapter.config.scaling)

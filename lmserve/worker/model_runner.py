@@ -12,6 +12,7 @@ from torch import nn
 
 from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata, get_backend
 from lmserve.config import EngineConfig
+from lmserve.core.request import RequestFailed
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
 from lmserve.engine.messages import TokenLogprobs
 from lmserve.forward_context import set_forward_context
@@ -228,7 +229,15 @@ class ModelRunner:
         for lora_id in np.unique(ids[ids > 0]).tolist():
             request = self.batch.state(int(inputs.rows[np.argmax(ids == lora_id)])).lora_request
             assert request is not None
-            slot = self.lora.activate(request, in_use)
+            try:
+                slot = self.lora.activate(request, in_use)
+            except Exception as exc:  # its files changed since it was checked: its requests fail
+                users = [
+                    r for r, i in zip(inputs.req_ids, ids.tolist(), strict=True) if i == lora_id
+                ]
+                raise RequestFailed(
+                    users, f"LoRA adapter {request.lora_name!r} could not be loaded: {exc}"
+                ) from exc
             if (ids == lora_id).all():
                 groups.append((slot, None))
             else:

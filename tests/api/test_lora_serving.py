@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -118,6 +121,36 @@ def test_adapters_load_and_unload_at_runtime(server, tiny_model_dirs, adapters) 
     gone = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "late"})
     assert gone.status_code == 404
     assert _tokens(client, "all", prompt)  # still serving
+
+
+def test_an_adapter_whose_files_vanished_fails_its_requests_only(
+    server, tiny_model_dirs, adapters, tmp_path
+) -> None:
+    """Its files are read when it first runs: gone by then, the engine core fails the requests
+    that use it (a 500 saying so) and goes on serving the others, exactly."""
+    client = _client(server)
+    vanishing = shutil.copytree(adapters["late"], tmp_path / "vanishing")
+    load = httpx.post(
+        f"{server.url}/v1/load_lora_adapter",
+        json={"lora_name": "vanishing", "lora_path": str(vanishing)},
+    )
+    assert load.status_code == 200, load.text
+    shutil.rmtree(vanishing)
+    base_dir = tiny_model_dirs["llama"]
+    prompts = random_prompts([17, 23], seed=8)
+    with ThreadPoolExecutor(2) as pool:
+        base = pool.submit(_tokens, client, "base", prompts[0], True)
+        with pytest.raises(openai.InternalServerError, match="failed while running"):
+            _tokens(client, "vanishing", prompts[1])
+        assert base.result() == peft_greedy(base_dir, None, [prompts[0]])[0]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert (
+        _tokens(client, "all", prompts[1]) == peft_greedy(base_dir, adapters["all"], prompts[1:])[0]
+    )
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r'lmserve:request_success_total\{.*finished_reason="error".*\} 1\.0', metrics)
+    assert re.search(r"lmserve:num_requests_running\{.*\} 0\.0", metrics)
+    assert re.search(r"lmserve:kv_cache_usage_perc\{.*\} 0\.0", metrics)
 
 
 def test_runtime_updates_are_off_unless_asked_for(tiny_model_dirs, adapters) -> None:

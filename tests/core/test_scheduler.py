@@ -37,9 +37,12 @@ class FakeWorker:
     def __init__(self) -> None:
         self.block_ids: dict[str, list[int]] = {}
         self.num_computed: dict[str, int] = {}
+        self.failed = False  # after a failed step, forgetting twice is allowed (as the real one)
 
     def apply(self, out: SchedulerOutput, kv: KVCacheManager) -> None:
         for req_id in out.finished_req_ids:
+            if self.failed and req_id not in self.block_ids:
+                continue
             assert req_id in self.block_ids, f"told to forget unknown {req_id}"
             del self.block_ids[req_id], self.num_computed[req_id]
         for new in out.new_reqs:
@@ -132,6 +135,15 @@ class Harness:
                 self.finished[request.req_id] = request
                 assert request.req_id not in self.sched.requests
                 assert self.kv.block_ids(request.req_id) == []
+        return updates
+
+    def fail(self, out: SchedulerOutput, culprits: list[str] | None) -> list[EngineCoreOutput]:
+        """The step of `out` raised (its KV may be half written)."""
+        self.worker.failed = True
+        updates = self.sched.fail_step(out, culprits)
+        self.kv.check_invariants()
+        for request in self.sched.waiting:
+            assert self.kv.block_ids(request.req_id) == []
         return updates
 
     def step(self, token_fn: TokenFn = count_up) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
@@ -766,3 +778,87 @@ def test_scheduler_with_only_compiling_requests_waits_for_them() -> None:
     grammars.ready.add("slow")
     out = h.schedule()
     assert list(out.num_scheduled_tokens) == ["slow"] and grammars.waits == 1
+
+
+# ---- a step that raises -------------------------------------------------------------------------
+def _errors(updates: list[EngineCoreOutput]) -> list[str]:
+    return [u.req_id for u in updates if u.finish_reason is FinishReason.ERROR]
+
+
+def test_named_culprit_ends_with_an_error_and_the_others_rerun() -> None:
+    h = Harness()
+    bad, good = h.add("bad", range(10)), h.add("good", range(100, 110))
+    out = h.schedule()
+    assert _errors(h.fail(out, ["bad"])) == ["bad"]
+    assert bad.status == RequestStatus.FINISHED_ERROR and "bad" not in h.sched.requests
+    assert good.status == RequestStatus.PREEMPTED and good.num_computed_tokens == 0
+    assert h.all_blocks_free()
+    out, _ = h.step()
+    assert out.new_reqs[0].num_computed_tokens == 0  # nothing of the failed step is a hit
+    h.run_until_done()
+    assert good.status == RequestStatus.FINISHED_LENGTH and good.num_output_tokens == 4
+    assert h.all_blocks_free()
+
+
+def test_blocks_written_in_the_failed_step_leave_the_prefix_cache() -> None:
+    h = Harness()
+    h.add("a", range(10), max_tokens=4)
+    h.fail(h.schedule(), ["a"])
+    probe = Request("probe", list(range(10)) + [7], SamplingParams())
+    assert h.kv.get_computed_blocks(probe) == []
+
+
+def test_blocks_written_before_the_failed_step_stay_cached() -> None:
+    h = Harness()
+    h.add("a", range(10), max_tokens=4)
+    h.step()  # the prompt's two full blocks are written
+    h.fail(h.schedule(), ["a"])  # a decode step fails
+    probe = Request("probe", list(range(10)) + [7], SamplingParams())
+    assert len(h.kv.get_computed_blocks(probe)) == 2
+
+
+def test_unnamed_failure_runs_the_batch_alone_until_the_culprit_fails_by_itself() -> None:
+    h = Harness()
+    b = [h.add(name, range(ord(name) * 10, ord(name) * 10 + 6), max_tokens=3) for name in "abc"][1]
+    out = h.schedule()
+    assert h.fail(out, None) == []
+    assert [r.req_id for r in h.sched.waiting] == ["a", "b", "c"]
+    out, _ = h.step()
+    assert list(out.num_scheduled_tokens) == ["a"]  # alone, and it passes
+    out = h.schedule()
+    assert list(out.num_scheduled_tokens) == ["b"]  # alone, and it fails: the culprit
+    assert _errors(h.fail(out, None)) == ["b"]
+    out, _ = h.step()
+    assert list(out.num_scheduled_tokens) == ["c"]
+    out, _ = h.step()
+    assert list(out.num_scheduled_tokens) == ["a", "c"]  # no suspects left: batched again
+    h.run_until_done()
+    assert h.finished["a"].num_output_tokens == h.finished["c"].num_output_tokens == 3
+    assert b.status == RequestStatus.FINISHED_ERROR
+    assert h.all_blocks_free()
+
+
+def test_a_lone_request_that_fails_is_the_culprit() -> None:
+    h = Harness()
+    h.add("only", range(6))
+    assert _errors(h.fail(h.schedule(), None)) == ["only"]
+    assert h.sched.num_unfinished == 0 and h.all_blocks_free()
+
+
+def test_a_grammar_that_raises_on_a_token_fails_its_request_only() -> None:
+    class Raising(FakeGrammars):
+        def accept(self, request: Request, token_id: int) -> bool:
+            if request.req_id == "bad":
+                raise RuntimeError("matcher rejected a token it had allowed")
+            return super().accept(request, token_id)
+
+    grammars = Raising()
+    h = Harness(grammars=grammars)
+    h.add("bad", range(8))
+    h.add("good", range(100, 108))
+    grammars.ready |= {"bad", "good"}
+    _, updates = h.step()
+    assert _errors(updates) == ["bad"]
+    h.run_until_done()
+    assert h.finished["good"].num_output_tokens == 4
+    assert h.all_blocks_free()

@@ -96,5 +96,5 @@ def test_a_message_of_the_other_direction_or_an_unknown_tag_is_refused() -> None
 
 
 def test_finish_reasons_are_the_openai_strings() -> None:
-    assert [r.value for r in FinishReason] == ["stop", "length", "abort"]
+    assert [r.value for r in FinishReason] == ["stop", "length", "abort", "error"]
     assert msgspec.json.encode(FinishReason.LENGTH) == b'"length"'
