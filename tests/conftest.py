@@ -92,6 +92,28 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama behind SmolLM2's real tokenizer and chat template: every text route
+    works, and a request of any length the server allows runs in milliseconds."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("tiny_chat")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**{**_COMMON, "vocab_size": 49152}, bos_token_id=1, eos_token_id=2)
+    model = tf.LlamaForCausalLM(config)
+    _randomize(model)
+    model.save_pretrained(root)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):  # fmt: skip
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2():
     """HF transformers loading the same GGUF file itself: the independent reference."""
     import torch

@@ -7,9 +7,9 @@ messages, function calls and their outputs (images, files, built-in tools) are r
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import ChatCompletionRequest, StreamOptions
@@ -25,19 +25,106 @@ _IGNORED = (
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
+class _Item(BaseModel):
+    """Input items echo fields of earlier outputs (id, status): kept, not used."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Item):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class MessageItem(_Item):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[TextPart] | None = None
+
+
+class FunctionCallItem(_Item):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = ""
+
+
+class FunctionCallOutputItem(_Item):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[TextPart] = ""
+
+
+class ReasoningItem(_Item):
+    type: Literal["reasoning"]
+
+
+def _item_type(item: Any) -> str | None:
+    """A message may leave out its type; any other item names it."""
+    if isinstance(item, dict):
+        kind = item.get("type", "message")
+        return kind if isinstance(kind, str) else None
+    return getattr(item, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(
+        _item_type,
+        custom_error_type="input_item_type",
+        custom_error_message="input item type must be message, function_call, "
+        "function_call_output or reasoning (others are not supported)",
+    ),
+]
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = "output"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: TextFormat | None = None
+
+
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    text: dict[str, Any] | None = None
+    text: TextConfig | None = None
     stream: bool = False
     previous_response_id: str | None = None
     background: bool | None = None
@@ -96,92 +183,57 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
         for item in self.input:
-            kind = item.get("type", "message")
-            if kind == "message":
-                role = _ROLES.get(item.get("role", ""))
-                if role is None:
-                    raise APIError(f"unknown message role {item.get('role')!r}", param="input")
-                messages.append({"role": role, "content": _text(item.get("content"))})
-            elif kind == "function_call":
-                call = {
-                    "id": item.get("call_id"),
-                    "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
-                }
-                last = messages[-1] if messages else None
-                if last and last["role"] == "assistant" and "tool_calls" in last:
-                    last["tool_calls"].append(call)  # parallel calls: one assistant turn
-                else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            elif kind == "function_call_output":
-                output = item.get("output", "")
-                messages.append(
-                    {
-                        "role": "tool",
-                        "tool_call_id": item.get("call_id"),
-                        "content": output if isinstance(output, str) else _text(output),
-                    }
-                )
-            elif kind == "reasoning":
-                continue  # earlier reasoning is not replayed into the prompt
-            else:
-                raise APIError(
-                    f"input item type {kind!r} is not supported (messages, function_call and "
-                    "function_call_output only)",
-                    param="input",
-                )
+            match item:
+                case MessageItem():
+                    content = _text(item.content)
+                    messages.append({"role": _ROLES[item.role], "content": content})
+                case FunctionCallItem():
+                    function = {"name": item.name, "arguments": item.arguments}
+                    call = {"id": item.call_id, "type": "function", "function": function}
+                    last = messages[-1] if messages else None
+                    if last and last["role"] == "assistant" and "tool_calls" in last:
+                        last["tool_calls"].append(call)  # parallel calls: one assistant turn
+                    else:
+                        messages.append(
+                            {"role": "assistant", "content": None, "tool_calls": [call]}
+                        )
+                case FunctionCallOutputItem():
+                    content = _text(item.output)
+                    messages.append(
+                        {"role": "tool", "tool_call_id": item.call_id, "content": content}
+                    )
+                case ReasoningItem():
+                    continue  # earlier reasoning is not replayed into the prompt
         return messages
 
     def _chat_tools(self) -> list[dict[str, Any]] | None:
         if not self.tools:
             return None
-        tools = []
-        for tool in self.tools:
-            if tool.get("type") != "function":
-                raise APIError(
-                    f"tool type {tool.get('type')!r} is not supported (function tools only)",
-                    param="tools",
-                )
-            function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
-            tools.append({"type": "function", "function": function})
-        return tools
+        return [
+            {
+                "type": "function",
+                "function": tool.model_dump(exclude={"type", "strict"}, exclude_none=True),
+            }
+            for tool in self.tools
+        ]
 
     def _chat_tool_choice(self) -> str | dict[str, Any] | None:
         choice = self.tool_choice
-        if isinstance(choice, dict):
-            if choice.get("type") != "function" or "name" not in choice:
-                raise APIError(
-                    'tool_choice must be "none", "auto", "required" or {"type": "function", '
-                    '"name": ...}',
-                    param="tool_choice",
-                )
-            return {"type": "function", "function": {"name": choice["name"]}}
+        if isinstance(choice, FunctionToolChoice):
+            return {"type": "function", "function": {"name": choice.name}}
         return choice
 
     def _response_format(self) -> dict[str, Any] | None:
-        fmt = (self.text or {}).get("format")
-        if not fmt or fmt.get("type") == "text":
+        fmt = self.text.format if self.text else None
+        if fmt is None or fmt.type == "text":
             return None
-        if fmt.get("type") == "json_object":
+        if fmt.type == "json_object":
             return {"type": "json_object"}
-        if fmt.get("type") == "json_schema":
-            spec = {"name": fmt.get("name", "output"), "schema": fmt.get("schema", {})}
-            return {"type": "json_schema", "json_schema": spec}
-        raise APIError(
-            "text.format type must be text, json_object or json_schema", param="text.format"
-        )
+        return {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
 
 
-def _text(content: Any) -> str:
+def _text(content: str | list[TextPart] | None) -> str:
     """A message's content: a string, or its text parts (input_text / output_text) joined."""
     if content is None or isinstance(content, str):
         return content or ""
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text"):
-            raise APIError(
-                f"content part type {kind!r} is not supported (text only)", param="input"
-            )
-        texts.append(str(part.get("text", "")))
-    return "\n".join(texts)
+    return "\n".join(part.text for part in content)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from msgspec import UNSET
+from pydantic import BaseModel
 
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.responses_protocol import ResponsesRequest
@@ -63,12 +64,13 @@ class _Head:
             output=output,
             parallel_tool_calls=request.parallel_tool_calls is not False,
             metadata=request.metadata or {},
-            tool_choice=request.tool_choice or "auto",
-            tools=[_tool_echo(tool) for tool in request.tools or []],
+            tool_choice=_echo(request.tool_choice) or "auto",
+            # every key: the spec requires strict and parameters there, even when null
+            tools=[tool.model_dump() for tool in request.tools or []],
             temperature=request.temperature,
             top_p=request.top_p,
             max_output_tokens=request.max_output_tokens,
-            text=request.text or {"format": {"type": "text"}},
+            text=_echo(request.text) or {"format": {"type": "text"}},
             usage=UNSET if usage is None else usage,
         )
 
@@ -256,13 +258,11 @@ def _usage(chat_usage: Usage) -> r.ResponseUsage:
     )
 
 
-def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
-    """A function tool as a Response lists it: strict and parameters are required there."""
-    return {
-        **tool,
-        "parameters": tool.get("parameters"),
-        "strict": tool.get("strict"),
-    }
+def _echo(field: BaseModel | str | None) -> Any:
+    """A request field as the Response object repeats it."""
+    if isinstance(field, BaseModel):  # as sent: no defaults filled in
+        return field.model_dump(by_alias=True, exclude_none=True, exclude_unset=True)
+    return field
 
 
 def _new_id(prefix: str) -> str:
