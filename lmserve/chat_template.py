@@ -9,11 +9,10 @@ import contextlib
 import copy
 import json
 import re
-import sys
-import time
-from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import Any, Literal, TypeVar
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from lmserve import template_bounds
 
 ContentFormat = Literal["auto", "string", "openai"]
 
@@ -27,8 +26,6 @@ RESERVED_KWARGS = frozenset(
      "continue_final_message", "tokenize", "padding", "truncation", "max_length",
      "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 )  # fmt: skip
-
-T = TypeVar("T")
 
 
 class ChatTemplateError(ValueError):
@@ -58,8 +55,9 @@ def render_chat(
     timeout_s: float | None = None,
 ) -> str:
     """The prompt text of `messages` (OpenAI-style dicts) under the model's template, or
-    `chat_template` in its place. With `timeout_s`, a template still rendering after that long
-    is stopped (for templates that came with a request: one can loop for ever)."""
+    `chat_template` in its place. With `timeout_s` (for templates that came with a request,
+    which are code a client runs here), it renders within template_bounds: that time, bounded
+    memory, no one operation building a huge value."""
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     if tokenizer is None or not isinstance(template, str):
         raise ChatTemplateError(
@@ -84,6 +82,13 @@ def render_chat(
     rendered = [_render_message(m, content_format) for m in messages]
 
     def render() -> str:
+        if timeout_s is not None:  # a request's template: operations past the bounds refused
+            context = {**tokenizer.special_tokens_map, **(chat_template_kwargs or {})}
+            template_bounds.check(
+                template,
+                {**context, "messages": rendered, "tools": tools,
+                 "add_generation_prompt": add_generation_prompt},
+            )  # fmt: skip
         return tokenizer.apply_chat_template(
             rendered,
             chat_template=chat_template,
@@ -95,32 +100,16 @@ def render_chat(
         )
 
     try:
-        return render() if timeout_s is None else _within(timeout_s, render)
+        return render() if timeout_s is None else template_bounds.within(timeout_s, render)
     except ChatTemplateError:
         raise
+    except template_bounds.TemplateBoundError as exc:
+        raise ChatTemplateError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a template is code: any failure of it is the input's
         reason = str(exc) or type(exc).__name__
         raise ChatTemplateError(
             f"the chat template cannot render these messages: {reason}"
         ) from None
-
-
-def _within(seconds: float, work: Callable[[], T]) -> T:
-    """`work()`, stopped with ChatTemplateError once it has run `seconds`: a trace function
-    checks the clock on every line the (compiled Jinja) template runs in this thread."""
-    deadline = time.monotonic() + seconds
-
-    def trace(frame: FrameType, event: str, arg: Any) -> Any:
-        if time.monotonic() > deadline:
-            raise ChatTemplateError(f"the chat template did not finish within {seconds:g} s")
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        return work()
-    finally:
-        sys.settrace(previous)
 
 
 def _render_message(message: dict[str, Any], content_format: str) -> dict[str, Any]:

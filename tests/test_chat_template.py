@@ -103,3 +103,57 @@ def test_a_template_that_loops_is_stopped_in_time(smollm2_llm) -> None:
         )
     assert time.monotonic() - started < 1.0
     assert sys.gettrace() is None  # the deadline's tracing is gone with it
+
+
+BOMBS = {
+    "repeat": "{{ 'x' * 2000000000 }}",
+    "computed-repeat": "{{ 'x' * (1000 * 1000 * 1000) }}",
+    "list-repeat": "{{ ['a'] * 100000000 }}",
+    "percent-width": "{{ '%9999999999s' % 'x' }}",
+    "format-width": "{{ '{:>9999999999}'.format(1) }}",
+    "filter-width": "{{ 'x'|center(10**10) }}",
+    "method-width": "{{ 'x'.ljust(10000000000) }}",
+    "power": "{{ 7 ** 999999 }}",
+}
+
+
+@pytest.mark.parametrize("template", list(BOMBS.values()), ids=list(BOMBS))
+def test_a_request_template_cannot_build_a_huge_value(smollm2_llm, template) -> None:
+    """Each is one operation that would allocate gigabytes at once: refused before it runs."""
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="may build at most|too large"):
+        render_chat(
+            smollm2_llm.get_tokenizer(),
+            [{"role": "user", "content": "x"}],
+            chat_template=template,
+            timeout_s=0.5,
+        )
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_request_template_that_doubles_a_string_is_stopped(smollm2_llm) -> None:
+    doubling = (
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s|length }}"
+    )
+    with pytest.raises(ChatTemplateError, match="did not finish|more than 512 MB"):
+        render_chat(
+            smollm2_llm.get_tokenizer(),
+            [{"role": "user", "content": "x"}],
+            chat_template=doubling,
+            timeout_s=0.5,
+        )
+
+
+def test_the_bounds_do_not_change_what_a_template_renders(smollm2_llm) -> None:
+    tokenizer = smollm2_llm.get_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "%s {} 123456789 " * 3},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "Again."},
+    ]
+    template = tokenizer.chat_template
+    assert render_chat(tokenizer, messages, chat_template=template, timeout_s=2.0) == render_chat(
+        tokenizer, messages
+    )

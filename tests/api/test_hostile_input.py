@@ -71,6 +71,8 @@ CASES = [
     ("template-loops", CHAT, json.dumps({"messages": USER, "chat_template":
      "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"}).encode(),
      400, "messages", "did not finish within 0.5 s"),
+    ("template-builds-gigabytes", CHAT, json.dumps({"messages": USER,
+     "chat_template": "{{ 'x' * 10000000000 }}"}).encode(), 400, "messages", "may build at most"),
     ("reserved-template-kwarg", CHAT, json.dumps({"messages": USER,
      "chat_template_kwargs": {"messages": []}}).encode(), 400, "chat_template_kwargs",
      "may not set messages"),
