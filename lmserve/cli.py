@@ -371,7 +371,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmserve.benchmarks import accuracy, structured, throughput
+    from lmserve.benchmarks import accuracy, overload, soak, structured, throughput
     from lmserve.benchmarks import serve as serve_bench
 
     parser = argparse.ArgumentParser(
@@ -424,6 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     accuracy.add_arguments(fidelity)
     fidelity.set_defaults(func=lambda args: (accuracy.main(args), 0)[1])
+    burst = bench.add_parser(
+        "overload", help="many requests at once against a bounded queue: 200s or 503s, no hang"
+    )
+    overload.add_arguments(burst)
+    burst.set_defaults(func=lambda args: (overload.main(args), 0)[1])
+    long_run = bench.add_parser(
+        "soak", help="mixed traffic for a long while; the server's memory growth and errors"
+    )
+    soak.add_arguments(long_run)
+    long_run.set_defaults(func=lambda args: (soak.main(args), 0)[1])
     return parser
 
 

@@ -72,7 +72,7 @@ def test_a_burst_gets_200s_and_fast_503s_then_the_server_serves(server: Server) 
             assert error["type"] == "ServiceUnavailableError"
             assert "max-num-queued-reqs" in error["message"]
             assert headers["retry-after"] == "1"
-            assert elapsed < 0.05, elapsed
+            assert elapsed < 0.5, elapsed  # turned away at once, not queued behind seconds of work
         else:
             assert body["usage"]["completion_tokens"] == 500
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
