@@ -56,11 +56,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME")
-    api_key = args.api_key or os.environ.get("LMSERVE_API_KEY")
-    return asyncio.run(_run_server(args, api_key))
+    # as vLLM: the flag's keys, else the environment's (a vLLM deployment's VLLM_API_KEY too)
+    env_key = os.environ.get("LMSERVE_API_KEY") or os.environ.get("VLLM_API_KEY")
+    api_keys = [key for key in (args.api_key or [env_key]) if key]
+    return asyncio.run(_run_server(args, api_keys))
 
 
-async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
+async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
     import signal
 
     import uvicorn
@@ -125,7 +127,7 @@ async def _run_server(args: argparse.Namespace, api_key: str | None) -> int:
         app = build_app(
             engine,
             serving,
-            api_key=api_key,
+            api_keys=api_keys,
             cors=cors,
             request_id_headers=args.enable_request_id_headers,
             disable_docs=args.disable_fastapi_docs,
@@ -209,9 +211,10 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api-key",
+        nargs="+",
         default=None,
-        help="require this key on /v1/*, as Authorization: Bearer KEY or x-api-key: KEY "
-        "(or LMSERVE_API_KEY)",
+        help="require one of these keys on /v1/*, as Authorization: Bearer KEY or x-api-key: "
+        "KEY (default: LMSERVE_API_KEY, else VLLM_API_KEY, from the environment)",
     )
     parser.add_argument(
         "--served-model-name",

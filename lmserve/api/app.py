@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ class CORSConfig:
 def build_app(
     engine: EngineClient,
     config: ServingConfig,
-    api_key: str | None = None,
+    api_keys: Sequence[str] = (),
     cors: CORSConfig | None = None,
     request_id_headers: bool = False,
     disable_docs: bool = False,
@@ -52,8 +53,8 @@ def build_app(
         )
     if request_id_headers:
         _install_request_ids(app)
-    if api_key:
-        _install_auth(app, api_key)
+    if api_keys:
+        _install_auth(app, api_keys)
     servings = Servings(engine, config)
     http_metrics = HTTPMetrics()
     options = edge.EdgeOptions(
@@ -78,20 +79,24 @@ def _install_request_ids(app: FastAPI) -> None:
         return response
 
 
-def _install_auth(app: FastAPI, api_key: str) -> None:
-    """The key as OpenAI clients send it (Authorization: Bearer) or as Anthropic's do
+def _install_auth(app: FastAPI, api_keys: Sequence[str]) -> None:
+    """Any of the keys, as OpenAI clients send it (Authorization: Bearer) or as Anthropic's do
     (x-api-key)."""
-    bearer, key = f"Bearer {api_key}".encode(), api_key.encode()
+    bearers = [f"Bearer {key}".encode() for key in api_keys]
+    keys = [key.encode() for key in api_keys]
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Any) -> Response:
         path = request.url.path
         if path.startswith("/v1/"):
             headers = request.headers
-            if not (
-                hmac.compare_digest(headers.get("authorization", "").encode(), bearer)
-                or hmac.compare_digest(headers.get("x-api-key", "").encode(), key)
-            ):
+            authorization = headers.get("authorization", "").encode()
+            x_api_key = headers.get("x-api-key", "").encode()
+            # every key compared, so the time taken says nothing about which was close
+            matches = [hmac.compare_digest(authorization, b) for b in bearers] + [
+                hmac.compare_digest(x_api_key, k) for k in keys
+            ]
+            if not any(matches):
                 message = "Invalid or missing API key"
                 if path.startswith("/v1/messages"):
                     return json_response(anthropic_error_body(message, 401), 401)

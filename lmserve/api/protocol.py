@@ -27,14 +27,25 @@ _IGNORED = (
 _UNSUPPORTED = ("functions", "function_call")
 MAX_N = 128  # choices one request may ask for (OpenAI's bound on `n`)
 MAX_STOP = 64  # stop strings one request may give
-# vLLM's `structured_outputs` keys
-_CONSTRAINT_KEYS = ("json", "regex", "choice", "grammar", "json_object", "whitespace_pattern")
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` field: one constraint, and JSON's whitespace pattern."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
 
 
 class _SamplingRequest(BaseModel):
@@ -83,7 +94,15 @@ class _SamplingRequest(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
-    structured_outputs: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [key for key in bias or {} if not key.strip().lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids (integers as strings); not {bad[:5]}")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -93,6 +112,10 @@ class _SamplingRequest(BaseModel):
         return stop
 
     def check_supported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(
+                "stream_options can only be given when stream is true", param="stream_options"
+            )
         for name in _UNSUPPORTED:
             if getattr(self, name, None) is not None:
                 raise APIError(f"{name!r} is not supported yet", param=name)
@@ -102,13 +125,11 @@ class _SamplingRequest(BaseModel):
 
     def constraint(self) -> StructuredOutputsParams | None:
         """The one output constraint asked for, from whichever field carries it."""
-        extra = self.structured_outputs or {}
-        unknown = sorted(set(extra) - set(_CONSTRAINT_KEYS))
-        if unknown:
-            raise APIError(
-                f"unknown structured_outputs key(s) {unknown}; use {', '.join(_CONSTRAINT_KEYS)}",
-                param="structured_outputs",
-            )
+        extra = (
+            self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+            if self.structured_outputs
+            else {}
+        )
         sources: list[tuple[str, str, Any]] = [  # (field, constraint kind, value)
             (f"guided_{kind}", kind, getattr(self, f"guided_{kind}"))
             for kind in ("json", "regex", "choice", "grammar")
@@ -303,6 +324,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # rendered into the chat, as a chat request would be
     return_token_strs: bool = False
 
 

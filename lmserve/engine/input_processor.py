@@ -147,7 +147,10 @@ class InputProcessor:
             if not 0 <= t < vocab
         ]
         if bad:
-            raise ValueError(f"token ids in logit_bias/stop_token_ids out of vocabulary: {bad[:5]}")
+            raise ValueError(
+                f"token_id(s) {bad[:5]} in logit_bias/stop_token_ids contain out-of-vocab token "
+                f"ids. Vocabulary size: {vocab}"
+            )
 
 
 def _eos_token_id(model_config: ModelConfig, tokenizer: Any | None) -> int | None:

@@ -55,6 +55,17 @@ def read_adapter_config(path: str | Path, model: ModelConfig, max_rank: int) -> 
             f"LoRA adapter {str(path)!r} has rank {rank}, above max_lora_rank={max_rank}; "
             "raise --max-lora-rank"
         )
+    if peft.get("use_dora"):
+        raise ValueError(
+            f"LoRA adapter {str(path)!r} is a DoRA adapter (use_dora), which lmserve cannot "
+            "serve; only plain LoRA adapters are supported"
+        )
+    if str(peft.get("init_lora_weights", "")).lower().startswith(("pissa", "olora", "corda")):
+        raise ValueError(
+            f"LoRA adapter {str(path)!r} was initialized with {peft['init_lora_weights']!r}, "
+            "which changes the base weights as well; convert it to a plain LoRA adapter "
+            "(PEFT's path_initial_model_for_weight_conversion) to serve it"
+        )
     if peft.get("modules_to_save"):
         raise ValueError(
             f"LoRA adapter {str(path)!r} also trains {peft['modules_to_save']}, which lmserve "

@@ -112,7 +112,7 @@ def test_adapters_load_and_unload_at_runtime(server, tiny_model_dirs, adapters) 
         f"{server.url}/v1/load_lora_adapter",
         json={"lora_name": "nowhere", "lora_path": "/no/such/adapter"},
     )
-    assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+    assert bad.status_code == 404 and "No adapter found" in bad.json()["error"]["message"]
     unload = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "late"})
     assert unload.status_code == 200
     assert "late" not in {m.id for m in client.models.list().data}

@@ -4,6 +4,7 @@ on the same adapter, alone and mixed in one batch with other adapters and the ba
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,6 +161,13 @@ def test_bad_adapters_are_clear_errors(tiny_model_dirs, adapters, tmp_path) -> N
     )
     with pytest.raises(ValueError, match="lora_A but not its other half for layer 1 v_proj"):
         llm.generate(prompt, lora_request=LoRARequest("half", 5, str(half)))
+    for key, value, says in (("use_dora", True, "DoRA"), ("init_lora_weights", "pissa", "pissa")):
+        edited = tmp_path / f"config-{key}"
+        shutil.copytree(adapters["qv"], edited)
+        config = json.loads((edited / "adapter_config.json").read_text())
+        (edited / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=says):  # checkpoints vLLM refuses too
+            llm.generate(prompt, lora_request=LoRARequest(key, 6, str(edited)))
     with pytest.raises(ValueError, match="positive"):
         LoRARequest("zero", 0, str(head))
     # the engine still serves after every refusal

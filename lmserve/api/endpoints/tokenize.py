@@ -28,6 +28,7 @@ async def tokenize(servings: Servings, request: TokenizeRequest) -> Reply:
             request.add_generation_prompt,
             request.continue_final_message,
             request.chat_template_kwargs,
+            [t.model_dump(exclude_none=True) for t in request.tools or []] or None,
         )
         add_special = bool(request.add_special_tokens)
     elif request.prompt is not None:

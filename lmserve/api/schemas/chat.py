@@ -44,9 +44,10 @@ class ChatCompletionMessage(msgspec.Struct, kw_only=True):
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCall] | UnsetType = UNSET
-    # with a reasoning parser: the reasoning (vLLM sends it under both names)
+    # the reasoning: always there (null without a reasoning parser), as vLLM's; with a parser
+    # also under its older name
+    reasoning: str | None = None
     reasoning_content: str | None | UnsetType = UNSET
-    reasoning: str | None | UnsetType = UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):

@@ -24,8 +24,8 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     finish_reason: str | None
     stop_reason: int | str | None
     prompt_logprobs: PromptLogprobs | None | UnsetType = UNSET
-    prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids (a stream's first chunk)
-    token_ids: list[int] | UnsetType = UNSET
+    prompt_token_ids: list[int] | None | UnsetType = UNSET  # return_token_ids (a stream: first)
+    token_ids: list[int] | None | UnsetType = UNSET
 
 
 class Completion(msgspec.Struct, kw_only=True):

@@ -92,7 +92,7 @@ class CompletionServing:
         self, request: CompletionRequest, index: int, final: RequestOutput, out: CompletionOutput
     ) -> CompletionChoice:
         text = (final.prompt or "") + out.text if request.echo else out.text
-        choice = CompletionChoice(
+        return CompletionChoice(
             index=index,
             text=text,
             logprobs=self._logprobs(out, 0, len(out.token_ids))
@@ -100,13 +100,13 @@ class CompletionServing:
             else None,
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
+            # as vLLM's whole answers: present, null unless asked for
+            prompt_logprobs=common.prompt_logprobs(final)
+            if request.prompt_logprobs is not None
+            else None,
+            prompt_token_ids=final.prompt_token_ids if request.return_token_ids else None,
+            token_ids=out.token_ids if request.return_token_ids else None,
         )
-        if request.prompt_logprobs is not None:
-            choice.prompt_logprobs = common.prompt_logprobs(final)
-        if request.return_token_ids:
-            choice.prompt_token_ids = final.prompt_token_ids
-            choice.token_ids = out.token_ids
-        return choice
 
     def _logprobs(self, out: CompletionOutput, start: int, end: int) -> CompletionLogprobs:
         tokens, token_logprobs, top = [], [], []

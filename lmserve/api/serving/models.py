@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 from lmserve.api.errors import APIError
 from lmserve.api.schemas.models import ModelCard
@@ -30,6 +31,10 @@ class LoRAModules:
         """Check the adapter with the engine, then serve it as `name` (400 when it cannot be)."""
         if name in self._by_name:
             raise APIError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        if not Path(path).exists():  # as vLLM: a missing adapter is not found, not bad input
+            raise APIError(
+                f"No adapter found for {path}", status=404, param="lora_path", code="not_found"
+            )
         request = LoRARequest(name, next(self._ids), path)
         try:
             engine.check_lora(request)

@@ -1,0 +1,147 @@
+"""Drop-in for vLLM (issue 17): a deployment's VLLM_API_KEY, and the fields, shapes and errors
+that vLLM users' code reads, through a real server and the official clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.api.conftest import Server, start_server, stop_server
+
+MODEL = "tiny"
+KEY = "vllm-deployment-key"
+USER = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_dir) -> Iterator[Server]:
+    """Started as a vLLM deployment would be: the key only in VLLM_API_KEY."""
+    os.environ["VLLM_API_KEY"] = KEY
+    try:
+        server = start_server(
+            str(tiny_chat_dir), "--served-model-name", MODEL, "--max-model-len", "256",
+            "--kv-cache-memory-gb", "0.05",
+        )  # fmt: skip
+    finally:
+        del os.environ["VLLM_API_KEY"]
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def _post(server: Server, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+
+ROUTES = [
+    ("GET", "/v1/models", None),
+    ("GET", f"/v1/models/{MODEL}", None),
+    ("POST", "/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 2}),
+    ("POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2}),
+    ("POST", "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 2}),
+    ("POST", "/v1/messages", {"model": MODEL, "messages": USER, "max_tokens": 2}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=[r[1] for r in ROUTES])
+def test_vllm_api_key_guards_every_v1_route(server: Server, method, path, body) -> None:
+    def call(headers: dict[str, str]) -> httpx.Response:
+        return httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+    assert call({}).status_code == 401
+    assert call({"Authorization": "Bearer wrong"}).status_code == 401
+    assert call({"x-api-key": "wrong"}).status_code == 401
+    assert call({"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert call({"x-api-key": KEY}).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+
+
+def test_the_official_clients_pass_the_key(server: Server, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    messages = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0).messages
+    assert messages.create(model=MODEL, max_tokens=2, messages=USER).stop_reason
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_any_of_several_api_keys_is_accepted(tiny_chat_dir) -> None:
+    server = start_server(str(tiny_chat_dir), "--api-key", "first", "second",
+                          "--kv-cache-memory-gb", "0.02", "--max-model-len", "128")  # fmt: skip
+    try:
+        for key, status in (("first", 200), ("second", 200), ("third", 401), (None, 401)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == status
+    finally:
+        stop_server(server)
+
+
+def test_a_chat_message_always_has_a_reasoning_key(server: Server) -> None:
+    """vLLM's examples read message.reasoning; without a reasoning parser it is null."""
+    body = _post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2}).json()
+    message = body["choices"][0]["message"]
+    assert "reasoning" in message and message["reasoning"] is None
+
+
+def test_completion_choices_carry_prompt_fields_as_null(server: Server) -> None:
+    choice = _post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}).json()["choices"][
+        0
+    ]
+    assert choice["prompt_logprobs"] is None and choice["prompt_token_ids"] is None
+    asked = _post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2,
+                                               "return_token_ids": True}).json()  # fmt: skip
+    assert len(asked["choices"][0]["prompt_token_ids"]) == asked["usage"]["prompt_tokens"]
+
+
+CASES = [
+    # (name, path, body, param the 400 names, words in its message)
+    ("stream-options-without-stream", "/v1/completions",
+     {"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+    ("regex-not-a-string", "/v1/chat/completions",
+     {"messages": USER, "structured_outputs": {"regex": 5}}, "structured_outputs.regex", "string"),
+    ("seed-below-64-bits", "/v1/completions", {"prompt": "Hi", "seed": -(2**63) - 1}, "seed",
+     "64 bits"),
+    ("logit-bias-keys", "/v1/completions", {"prompt": "Hi", "logit_bias": {"abc": 1, "7": 2}},
+     "logit_bias", "'abc'"),
+    ("out-of-vocab", "/v1/completions", {"prompt": "Hi", "logit_bias": {"99999999": 1}}, None,
+     "Vocabulary size: 49152"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "param", "says"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_invalid_fields_are_400s_naming_them(server: Server, path, body, param, says) -> None:
+    answer = _post(server, path, {"model": MODEL, "max_tokens": 2, **body})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_tokenize_takes_tools_beside_messages(server: Server) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    answer = httpx.post(
+        f"{server.url}/tokenize",
+        json={"model": MODEL, "messages": USER, "tools": [tool], "return_token_strs": True},
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) > 0
+
+
+def test_unknown_routes_answer_in_openais_error_shape(server: Server) -> None:
+    answer = httpx.get(f"{server.url}/v2/nothing-here")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["type"] == "NotFoundError"
+    wrong_method = httpx.delete(f"{server.url}/health")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
