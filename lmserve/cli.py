@@ -77,11 +77,14 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
 
     # a shipped benchmark shape by name: `lmserve serve Llama-3-8B --load-format dummy`
     model = resolve_model(args.model) if args.load_format == "dummy" else args.model
+    names = args.served_model_name or [args.model or DEFAULT_MODEL]
     engine = await AsyncEngine.start(
-        model, log_stats=not args.disable_log_stats, **engine_kwargs_from_cli(args)
+        model,
+        log_stats=not args.disable_log_stats,
+        served_model_name=names[0],
+        **engine_kwargs_from_cli(args),
     )
     try:
-        names = args.served_model_name or [args.model or DEFAULT_MODEL]
         serving = ServingConfig(
             names,
             response_role=args.response_role,

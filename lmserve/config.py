@@ -154,6 +154,15 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """How the engine names itself in metrics: the served name (vLLM's model_name label) and
+    the series' prefix (`lmserve`, or `vllm` for dashboards written for vLLM)."""
+
+    served_model_name: str | None = None
+    metrics_prefix: str = "lmserve"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -164,3 +173,4 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     enable_sleep_mode: bool = False  # sleep() / wake_up() free and restore the KV cache, weights
     lora: LoRAConfig | None = None  # None: LoRA adapters are not served
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)

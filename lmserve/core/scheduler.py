@@ -56,6 +56,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found
+        self._step_tokens = 0  # tokens the last step scheduled
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -189,11 +190,12 @@ class Scheduler:
                 if request.num_computed_tokens == request.num_tokens:
                     sampling.append(request.req_id)
         finished, self._finished_ids = self._finished_ids, set()
+        self._step_tokens = sum(num_scheduled.values())
         return SchedulerOutput(
             new_reqs=new_reqs,
             cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            total_num_scheduled_tokens=self._step_tokens,
             finished_req_ids=finished,
             sampling_req_ids=sampling,
         )
@@ -312,6 +314,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
+            num_step_tokens=self._step_tokens,
         )
 
     def _check_stop(self, request: Request, token_id: int) -> bool:

@@ -19,6 +19,7 @@ from lmserve.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    ObservabilityConfig,
     SchedulerConfig,
     StructuredOutputConfig,
     default_cache_dir,
@@ -34,6 +35,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("cpu", "torch_ref", "triton")
 _QUANTIZATIONS = ("int8",)
+_METRICS_PREFIXES = ("lmserve", "vllm")
 
 
 def create_engine_config(
@@ -63,8 +65,18 @@ def create_engine_config(
     max_loras: int = 1,
     max_lora_rank: int = 16,
     max_cpu_loras: int | None = None,
+    served_model_name: str | list[str] | None = None,
+    metrics_prefix: str = "lmserve",
+    show_hidden_metrics_for_version: str | None = None,
 ) -> EngineConfig:
-    """Build from user-facing arguments (vLLM's names); resolves the model directory."""
+    """Build from user-facing arguments (vLLM's names); resolves the model directory.
+    (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.)"""
+    if metrics_prefix not in _METRICS_PREFIXES:
+        raise ValueError(
+            f"metrics_prefix must be one of {_METRICS_PREFIXES}, got {metrics_prefix!r}"
+        )
+    if isinstance(served_model_name, list):  # vLLM's list: the first names the metrics
+        served_model_name = served_model_name[0] if served_model_name else None
     if load_format not in _LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {load_format!r}")
     if dtype not in _DTYPES:
@@ -129,6 +141,7 @@ def create_engine_config(
         enforce_eager=enforce_eager,
         enable_sleep_mode=enable_sleep_mode,
         lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
+        observability=ObservabilityConfig(served_model_name, metrics_prefix),
     )
 
 
@@ -304,6 +317,18 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "llguidance for constraints xgrammar cannot enforce",
     )
     parser.add_argument(
+        "--metrics-prefix",
+        default="lmserve",
+        choices=list(_METRICS_PREFIXES),
+        help="the prefix of the Prometheus series on /metrics: lmserve:* or, for dashboards and "
+        "autoscalers written for vLLM, vllm:*",
+    )
+    parser.add_argument(
+        "--show-hidden-metrics-for-version",
+        default=None,
+        help="accepted for vLLM compatibility: no lmserve metric is hidden",
+    )
+    parser.add_argument(
         "--reasoning-parser",
         default=None,
         choices=list(REASONING_MARKERS),
@@ -337,4 +362,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        metrics_prefix=args.metrics_prefix,
+        show_hidden_metrics_for_version=args.show_hidden_metrics_for_version,
     )

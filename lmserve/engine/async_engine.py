@@ -63,7 +63,10 @@ class AsyncEngine(EngineClient):
         self._done: asyncio.Queue[str] = asyncio.Queue()  # the core's answers to sleep / wake_up
         self._control = asyncio.Lock()  # one sleep / wake_up at a time
         self._sleep_level = 0
-        self.metrics = EngineMetrics(config.model.model)
+        observability = config.observability
+        self.metrics = EngineMetrics(
+            observability.served_model_name or config.model.model, observability.metrics_prefix
+        )
         self._output_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._dead: str | None = None
@@ -85,8 +88,17 @@ class AsyncEngine(EngineClient):
         config = create_engine_config(model, **engine_args)
         tokenizer = load_tokenizer(config.model.path) if config.model.has_tokenizer else None
         client = AsyncMPCoreClient(config)
-        await client.start(start_timeout_s)
+        ready = await client.start(start_timeout_s)
         engine = cls(config, tokenizer, client)
+        cache = config.cache
+        engine.metrics.record_cache_config(
+            {
+                "block_size": str(cache.block_size),
+                "num_gpu_blocks": str(ready.num_usable_blocks),
+                "enable_prefix_caching": str(cache.enable_prefix_caching),
+                "gpu_memory_utilization": str(cache.gpu_memory_utilization),
+            }
+        )
         engine._output_task = asyncio.create_task(engine._output_loop(), name="lmserve-outputs")
         if log_stats:
             engine._log_task = asyncio.create_task(engine._log_loop(), name="lmserve-stats-log")
@@ -123,6 +135,7 @@ class AsyncEngine(EngineClient):
         )
         # Counted now, not when the stream is first read, so a burst of streams sees itself;
         # a stream dropped unread gives its count back when it is collected.
+        self.metrics.record_params(sampling_params.n, sampling_params.max_tokens)
         for child in children:
             self._prefill[child.req_id] = len(child.prompt_token_ids)
             self._num_prefill_tokens += len(child.prompt_token_ids)
@@ -191,11 +204,13 @@ class AsyncEngine(EngineClient):
         async with self._control:
             await self._call_core(Sleep(level))
             self._sleep_level = level
+            self.metrics.record_sleep(level)
 
     async def wake_up(self) -> None:
         async with self._control:
             await self._call_core(WakeUp())
             self._sleep_level = 0
+            self.metrics.record_sleep(0)
 
     @property
     def is_sleeping(self) -> bool:

@@ -57,6 +57,7 @@ class SchedulerStats(msgspec.Struct, frozen=True):
     num_preemptions: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    num_step_tokens: int = 0  # tokens the last step ran through the model
 
 
 # ---- to the core ---------------------------------------------------------------------------------

@@ -19,12 +19,16 @@ logger = logging.getLogger("lmserve.stats")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0)  # fmt: skip
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+_N_BUCKETS = (1, 2, 5, 10, 20)
+_SLEEP_STATES = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}  # vLLM's names by level
 
 
 @dataclass
 class _Timing:
     arrival: float
     num_prompt_tokens: int
+    scheduled: float | None = None  # wall clock of its first scheduling
+    first_token: float | None = None
     last_token: float | None = None
     num_generated: int = 0
 
@@ -39,27 +43,36 @@ class _Interval:
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str) -> None:
+    """`prefix` names the series: `lmserve` (ours) or `vllm`, so dashboards and autoscalers
+    written for vLLM's `vllm:*` series read an lmserve server unchanged; `model_name` labels
+    them with the served name, as vLLM does."""
+
+    def __init__(self, model_name: str, prefix: str = "lmserve") -> None:
         self.registry = CollectorRegistry()
+        self._prefix = prefix
         labels = ["model_name"]
         r = self.registry
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"lmserve:{name}", doc, labels, registry=r)
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"{prefix}:{name}", doc, [*labels, *extra], registry=r)
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"lmserve:{name}", doc, [*labels, *extra], registry=r)
+            return Counter(f"{prefix}:{name}", doc, [*labels, *extra], registry=r)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"lmserve:{name}", doc, labels, buckets=buckets, registry=r)
+            return Histogram(f"{prefix}:{name}", doc, labels, buckets=buckets, registry=r)
 
         self._running = gauge("num_requests_running", "Requests in the running batch")
         self._waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
         self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
+        self._sleep = gauge(
+            "engine_sleep_state", "1 for the engine's sleep state", ("sleep_state",)
+        )
         self._cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up")
         self._cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self._preemptions = counter("num_preemptions", "Requests preempted by recompute")
         self._prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
+        self._prompt_cached = counter("prompt_tokens_cached", "Prompt tokens taken from the cache")
         self._generation_tokens = counter("generation_tokens", "Tokens generated")
         self._success = counter("request_success", "Finished requests", ("finished_reason",))
         self._ttft = histogram(
@@ -68,9 +81,21 @@ class EngineMetrics:
         self._itl = histogram(
             "inter_token_latency_seconds", "Time between tokens", _LATENCY_BUCKETS
         )
+        self._tpot = histogram(
+            "time_per_output_token_seconds", "Decode time per output token", _LATENCY_BUCKETS
+        )
         self._e2e = histogram("e2e_request_latency_seconds", "Arrival to finish", _LATENCY_BUCKETS)
         self._queue = histogram(
             "request_queue_time_seconds", "Arrival to first scheduling", _LATENCY_BUCKETS
+        )
+        self._prefill = histogram(
+            "request_prefill_time_seconds", "First scheduling to first token", _LATENCY_BUCKETS
+        )
+        self._decode = histogram(
+            "request_decode_time_seconds", "First token to the last", _LATENCY_BUCKETS
+        )
+        self._inference = histogram(
+            "request_inference_time_seconds", "First scheduling to finish", _LATENCY_BUCKETS
         )
         self._req_prompt = histogram(
             "request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS
@@ -78,10 +103,34 @@ class EngineMetrics:
         self._req_generation = histogram(
             "request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS
         )
+        self._iteration = histogram(
+            "iteration_tokens_total", "Tokens run through the model per step", _TOKEN_BUCKETS
+        )
+        self._params_n = histogram("request_params_n", "The n of each request", _N_BUCKETS)
+        self._params_max_tokens = histogram(
+            "request_params_max_tokens", "The max_tokens of each request", _TOKEN_BUCKETS
+        )
         self._label = {"model_name": model_name}
+        self.record_sleep(0)
         self._timings: dict[str, _Timing] = {}
         self._last_stats: SchedulerStats | None = None
         self._interval = _Interval()
+
+    def record_params(self, n: int, max_tokens: int | None) -> None:
+        """A request's sampling parameters, once per request (not per sample)."""
+        self._params_n.labels(**self._label).observe(n)
+        if max_tokens is not None:
+            self._params_max_tokens.labels(**self._label).observe(max_tokens)
+
+    def record_cache_config(self, info: dict[str, str]) -> None:
+        """vLLM's cache_config_info: the KV cache's settings as labels of a gauge set to 1."""
+        gauge = Gauge(f"{self._prefix}:cache_config_info", "The KV cache's configuration",
+                      sorted(info), registry=self.registry)  # fmt: skip
+        gauge.labels(**info).set(1)
+
+    def record_sleep(self, level: int) -> None:
+        for state, value in _SLEEP_STATES.items():
+            self._sleep.labels(**self._label, sleep_state=state).set(int(level == value))
 
     def record_arrival(self, req_id: str, num_prompt_tokens: int) -> None:
         self._timings[req_id] = _Timing(time.time(), num_prompt_tokens)
@@ -99,17 +148,22 @@ class EngineMetrics:
                 self._record_tokens(timing, out, now)
             if out.finish_reason is not None:  # with no token too: aborted or failed
                 self._finish(out.req_id, out.finish_reason, now)
+        if stats.num_step_tokens:
+            self._iteration.labels(**self._label).observe(stats.num_step_tokens)
         self.record_stats(stats)
 
     def _record_tokens(self, timing: _Timing, out: EngineCoreOutput, now: float) -> None:
         num_new = len(out.new_token_ids)
         if timing.last_token is None:
+            timing.first_token = now
             self._ttft.labels(**self._label).observe(now - timing.arrival)
             if out.first_scheduled_time is not None:
-                queued = max(0.0, out.first_scheduled_time - timing.arrival)
-                self._queue.labels(**self._label).observe(queued)
+                timing.scheduled = max(out.first_scheduled_time, timing.arrival)
+                self._queue.labels(**self._label).observe(timing.scheduled - timing.arrival)
+                self._prefill.labels(**self._label).observe(now - timing.scheduled)
             computed = timing.num_prompt_tokens - out.num_cached_tokens
             self._prompt_tokens.labels(**self._label).inc(computed)
+            self._prompt_cached.labels(**self._label).inc(out.num_cached_tokens)
             self._interval.prompt_tokens += computed
         else:
             self._itl.labels(**self._label).observe((now - timing.last_token) / num_new)
@@ -124,6 +178,13 @@ class EngineMetrics:
         self._e2e.labels(**self._label).observe(now - timing.arrival)
         self._req_prompt.labels(**self._label).observe(timing.num_prompt_tokens)
         self._req_generation.labels(**self._label).observe(timing.num_generated)
+        if timing.first_token is not None and timing.last_token is not None:
+            self._decode.labels(**self._label).observe(timing.last_token - timing.first_token)
+            if timing.num_generated > 1:
+                per_token = (timing.last_token - timing.first_token) / (timing.num_generated - 1)
+                self._tpot.labels(**self._label).observe(per_token)
+        if timing.scheduled is not None:
+            self._inference.labels(**self._label).observe(now - timing.scheduled)
 
     def record_stats(self, stats: SchedulerStats) -> None:
         self._running.labels(**self._label).set(stats.num_running)

@@ -41,7 +41,7 @@ class LLMServer:
             self.engine = await AsyncEngine.start(
                 llm_config.model_source,
                 start_timeout_s=llm_config.engine_start_timeout_s,
-                **llm_config.engine_args,
+                **{"served_model_name": llm_config.model_id, **llm_config.engine_args},
             )
         except TimeoutError as exc:
             raise RuntimeError(
