@@ -54,7 +54,7 @@ def detailed(smollm2_dir):
 
 def test_prompt_tokens_details_and_forced_usage(detailed: Server) -> None:
     """cached_tokens counts the prompt's prefix-cache hits (none the first time, whole blocks
-    the second); every stream ends with usage, asked for or not; Anthropic's usage says it as
+    the second); every stream chunk carries usage, asked for or not; Anthropic's usage says it as
     cache_read_input_tokens."""
     chat = {"messages": [{"role": "user", "content": "Name three rivers of Europe. " * 4}],
             "max_tokens": 4, "temperature": 0}  # fmt: skip
@@ -69,6 +69,8 @@ def test_prompt_tokens_details_and_forced_usage(detailed: Server) -> None:
         data = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
     usage = json.loads(data[-1])["usage"]
     assert usage["completion_tokens"] == 3 and "cached_tokens" in usage["prompt_tokens_details"]
+    # as vLLM's --enable-force-include-usage: usage on every chunk too, not only a last one
+    assert all(json.loads(chunk)["usage"]["prompt_tokens"] > 0 for chunk in data)
     messages = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "max_tokens": 4, **chat}
     reply = httpx.post(f"{detailed.url}/v1/messages", json=messages, timeout=60).json()
     assert reply["usage"]["cache_read_input_tokens"] == cached

@@ -3,6 +3,7 @@ that vLLM users' code reads, through a real server and the official clients."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -20,12 +21,13 @@ USER = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir) -> Iterator[Server]:
-    """Started as a vLLM deployment would be: the key only in VLLM_API_KEY."""
+    """Started as a vLLM deployment would be: the key only in VLLM_API_KEY, metrics for its
+    dashboards."""
     os.environ["VLLM_API_KEY"] = KEY
     try:
         server = start_server(
             str(tiny_chat_dir), "--served-model-name", MODEL, "--max-model-len", "256",
-            "--kv-cache-memory-gb", "0.05",
+            "--kv-cache-memory-gb", "0.05", "--metrics-prefix", "vllm",
         )  # fmt: skip
     finally:
         del os.environ["VLLM_API_KEY"]
@@ -145,3 +147,78 @@ def test_unknown_routes_answer_in_openais_error_shape(server: Server) -> None:
     assert answer.json()["error"]["type"] == "NotFoundError"
     wrong_method = httpx.delete(f"{server.url}/health")
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+# The series vLLM's Grafana dashboards and docs query (the seeds' "Monitoring Dashboards",
+# "Metrics"), as Prometheus exposes them.
+VLLM_SERIES = (
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+    "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total",
+    "prompt_tokens_total", "prompt_tokens_cached_total", "generation_tokens_total",
+    "request_success_total", "time_to_first_token_seconds_bucket",
+    "inter_token_latency_seconds_bucket", "time_per_output_token_seconds_bucket",
+    "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
+    "request_prefill_time_seconds_bucket", "request_decode_time_seconds_bucket",
+    "request_inference_time_seconds_bucket", "request_prompt_tokens_bucket",
+    "request_generation_tokens_bucket", "iteration_tokens_total_bucket",
+    "request_params_n_bucket", "request_params_max_tokens_bucket", "cache_config_info",
+    "engine_sleep_state",
+)  # fmt: skip
+
+
+def test_metrics_prefix_vllm_gives_vllms_series_under_the_served_name(server: Server) -> None:
+    for _ in range(2):  # two tokens or more each, so decode and per-token times exist
+        _post(server, "/v1/completions", {"prompt": "Hi there", "max_tokens": 4,
+                                          "ignore_eos": True})  # fmt: skip
+    text = httpx.get(f"{server.url}/metrics").text
+    series = {line.split("{")[0] for line in text.splitlines() if line.startswith("vllm:")}
+    missing = [name for name in VLLM_SERIES if f"vllm:{name}" not in series]
+    assert not missing, missing
+    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"}' in text
+    assert 'vllm:engine_sleep_state{model_name="tiny",sleep_state="awake"} 1.0' in text
+    assert 'enable_prefix_caching="True"' in text and 'block_size="16"' in text
+    assert not [line for line in text.splitlines() if line.startswith("lmserve:num_requests")]
+
+
+def _events(server: Server, path: str, body: dict) -> list[dict]:
+    with httpx.stream(
+        "POST", f"{server.url}{path}", json={"model": MODEL, "stream": True, **body},
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+    ) as answer:  # fmt: skip
+        data = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
+    return [json.loads(line) for line in data if line != "[DONE]"]
+
+
+def test_continuous_usage_only_comes_with_include_usage(server: Server) -> None:
+    body = {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
+    alone = _events(server, "/v1/completions",
+                    {**body, "stream_options": {"continuous_usage_stats": True}})  # fmt: skip
+    assert alone and all("usage" not in e or e["usage"] is None for e in alone)
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    for path, extra in (("/v1/completions", body),
+                        ("/v1/chat/completions", {"messages": USER, "max_tokens": 3})):  # fmt: skip
+        events = _events(server, path, {**extra, "stream_options": both})
+        assert all(e["usage"]["prompt_tokens"] > 0 for e in events), path  # the role chunk too
+
+
+def test_a_streamed_chat_returns_token_ids_as_the_whole_answer_does(server: Server) -> None:
+    body = {"messages": USER, "max_tokens": 5, "temperature": 0, "return_token_ids": True}
+    whole = _post(server, "/v1/chat/completions", body).json()
+    events = _events(server, "/v1/chat/completions",
+                     {**body, "stream_options": {"include_usage": True}})  # fmt: skip
+    assert events[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert len(whole["prompt_token_ids"]) == events[-1]["usage"]["prompt_tokens"]
+    streamed = [t for e in events for c in e["choices"] for t in c.get("token_ids") or []]
+    assert streamed == whole["choices"][0]["token_ids"]
+
+
+def test_a_streamed_messages_delta_carries_the_whole_usage(server: Server) -> None:
+    events = _events(server, "/v1/messages", {"messages": USER, "max_tokens": 3})
+    delta = next(e for e in events if e["type"] == "message_delta")
+    usage = delta["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] == 3
+    assert {"cache_creation_input_tokens", "cache_read_input_tokens"} <= set(usage)
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+    with client.messages.stream(model=MODEL, max_tokens=3, messages=USER) as stream:
+        final = stream.get_final_message()
+    assert final.usage.input_tokens == usage["input_tokens"] and final.usage.output_tokens == 3

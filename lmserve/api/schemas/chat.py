@@ -99,6 +99,7 @@ class ChatChunkChoice(msgspec.Struct, kw_only=True):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None | UnsetType = UNSET  # on the choice's last chunk
+    token_ids: list[int] | UnsetType = UNSET  # return_token_ids: this chunk's new tokens
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):
@@ -108,3 +109,4 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | UnsetType = UNSET  # the last chunk, or each with continuous_usage_stats
+    prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids: on the first chunk

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
-from msgspec import UNSET, UnsetType
 
 
 class TextBlock(msgspec.Struct, tag="text", tag_field="type", kw_only=True):
@@ -30,8 +29,10 @@ ContentBlock = TextBlock | ThinkingBlock | ToolUseBlock
 class MessageUsage(msgspec.Struct, kw_only=True):
     input_tokens: int
     output_tokens: int
-    # with --enable-prompt-tokens-details: the prompt tokens found in the prefix cache
-    cache_read_input_tokens: int | UnsetType = UNSET
+    # Anthropic's cache counts: null unless known (reads: with --enable-prompt-tokens-details,
+    # the prompt tokens found in the prefix cache; nothing is written on request here)
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
@@ -87,13 +88,18 @@ class StopDelta(msgspec.Struct, kw_only=True):
     stop_sequence: str | None
 
 
-class OutputUsage(msgspec.Struct, kw_only=True):
+class DeltaUsage(msgspec.Struct, kw_only=True):
+    """message_delta's usage: the totals so far, as Anthropic's MessageDeltaUsage."""
+
+    input_tokens: int | None
     output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
 
 class MessageDelta(msgspec.Struct, tag="message_delta", tag_field="type", kw_only=True):
     delta: StopDelta
-    usage: OutputUsage
+    usage: DeltaUsage
 
 
 class MessageStop(msgspec.Struct, tag="message_stop", tag_field="type", kw_only=True):

@@ -235,11 +235,19 @@ class ChatServing:
         parser: MessageParser,
     ) -> AsyncIterator[Event]:
         created = common.now()
+        include_usage, continuous = self.config.stream_usage(request.stream_options)
 
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | UnsetType = UNSET) -> Event:
+        def chunk(
+            choices: list[ChatChunkChoice], usage: Usage | UnsetType = UNSET, **extra: Any
+        ) -> Event:
             return Event(
                 ChatCompletionChunk(
-                    id=request_id, created=created, model=model, choices=choices, usage=usage
+                    id=request_id,
+                    created=created,
+                    model=model,
+                    choices=choices,
+                    usage=usage,
+                    **extra,
                 )
             )
 
@@ -252,7 +260,14 @@ class ChatServing:
                 if tracker.is_new(out.index):
                     messages[out.index] = parser.stream()
                     role = ChatDelta(role=self.config.response_role, content="")
-                    yield chunk([ChatChunkChoice(index=out.index, delta=role)])
+                    yield chunk(
+                        [ChatChunkChoice(index=out.index, delta=role)],
+                        common.running_usage(snapshot) if continuous else UNSET,
+                        # as vLLM: the prompt's ids on the first chunk
+                        prompt_token_ids=snapshot.prompt_token_ids
+                        if request.return_token_ids and out.index == 0
+                        else UNSET,
+                    )
                 sent = tracker.advance(out.index, out)
                 if sent is None:
                     continue
@@ -281,11 +296,10 @@ class ChatServing:
                 )
                 if out.finish_reason is not None:
                     choice.stop_reason = out.stop_reason
-                continuous = (
-                    request.stream_options and request.stream_options.continuous_usage_stats
-                )
+                if request.return_token_ids:
+                    choice.token_ids = out.token_ids[token_start:]
                 yield chunk([choice], common.running_usage(snapshot) if continuous else UNSET)
-        if self.config.include_usage(request.stream_options) and last is not None:
+        if include_usage and last is not None:
             num_completion = sum(len(o.token_ids) for o in last.outputs)
             cached = self.config.cached_tokens(last.num_cached_tokens)
             yield chunk([], Usage.of(len(last.prompt_token_ids), num_completion, cached))

@@ -79,11 +79,14 @@ class ServingConfig:
         --return-tokens-as-token-ids (for clients that must not re-tokenize text)."""
         return f"token_id:{token_id}" if self.return_tokens_as_token_ids else decoded or ""
 
-    def include_usage(self, stream_options: Any) -> bool:
-        """Whether a stream ends with a usage chunk."""
-        return self.enable_force_include_usage or bool(
-            stream_options and stream_options.include_usage
-        )
+    def stream_usage(self, stream_options: Any) -> tuple[bool, bool]:
+        """(whether a stream ends with a usage chunk, whether every chunk carries usage so far),
+        as vLLM decides: continuous usage only with include_usage; --enable-force-include-usage
+        turns both on."""
+        if self.enable_force_include_usage:
+            return True, True
+        include = bool(stream_options and stream_options.include_usage)
+        return include, include and bool(stream_options.continuous_usage_stats)
 
 
 def check_model(config: ServingConfig, model: str | None) -> tuple[str, LoRARequest | None]:

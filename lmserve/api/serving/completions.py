@@ -136,6 +136,7 @@ class CompletionServing:
         streams: list[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[Event]:
         n = request.n or 1
+        include_usage, continuous = self.config.stream_usage(request.stream_options)
         tracker = common.DeltaTracker()
         created = common.now()
         num_completion = 0
@@ -165,16 +166,13 @@ class CompletionServing:
                         choice.prompt_token_ids = snapshot.prompt_token_ids
                 if out.finish_reason is not None:
                     num_completion += len(out.token_ids)
-                continuous = (
-                    request.stream_options and request.stream_options.continuous_usage_stats
-                )
                 usage = common.running_usage(snapshot) if continuous else UNSET
                 yield Event(
                     Completion(
                         id=base_id, created=created, model=model, choices=[choice], usage=usage
                     )
                 )
-        if self.config.include_usage(request.stream_options):
+        if include_usage:
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
             cached = self.config.cached_tokens(sum(num_cached.values()))
             usage = Usage.of(num_prompt, num_completion, cached)

@@ -90,18 +90,21 @@ async def _events(message_id: str, chunks: AsyncIterator[Event]) -> AsyncIterato
     started = False
     stop: tuple[m.StopReason, str | None] = ("end_turn", None)
     output_tokens = 0
+    input_tokens: int | None = None
+    cache_read: int | None = None
     try:
         async for event in chunks:
             chunk = event.data
             assert isinstance(chunk, ChatCompletionChunk)
             usage = chunk.usage or None
             if usage:
-                output_tokens = usage.completion_tokens
+                output_tokens, input_tokens = usage.completion_tokens, usage.prompt_tokens
+                if usage.prompt_tokens_details:  # --enable-prompt-tokens-details
+                    cache_read = usage.prompt_tokens_details.cached_tokens
             has_content = any(c.delta.has_content() for c in chunk.choices)
             if not started and (usage or has_content):
                 started = True
-                input_tokens = usage.prompt_tokens if usage else 0
-                yield _event(m.MessageStart(message=_start(message_id, chunk, input_tokens)))
+                yield _event(m.MessageStart(message=_start(message_id, chunk, input_tokens or 0)))
             for choice in chunk.choices:
                 for block_event in blocks.feed(choice.delta):
                     yield block_event
@@ -116,7 +119,10 @@ async def _events(message_id: str, chunks: AsyncIterator[Event]) -> AsyncIterato
     for block_event in blocks.close():
         yield block_event
     delta = m.StopDelta(stop_reason=stop[0], stop_sequence=stop[1])
-    yield _event(m.MessageDelta(delta=delta, usage=m.OutputUsage(output_tokens=output_tokens)))
+    usage = m.DeltaUsage(
+        input_tokens=input_tokens, output_tokens=output_tokens, cache_read_input_tokens=cache_read
+    )
+    yield _event(m.MessageDelta(delta=delta, usage=usage))
     yield _event(m.MessageStop())
 
 
