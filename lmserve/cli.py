@@ -100,6 +100,7 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
             reasoning_parser=args.reasoning_parser,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
             enable_force_include_usage=args.enable_force_include_usage,
+            enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             max_num_queued_reqs=args.max_num_queued_reqs,
             max_num_queued_tokens=args.max_num_queued_tokens,
@@ -140,6 +141,7 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
             app,
             host=args.host,
             port=args.port,
+            uds=args.uds,
             log_level=args.uvicorn_log_level,
             timeout_graceful_shutdown=30,
             ssl_keyfile=args.ssl_keyfile,
@@ -149,7 +151,8 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
             access_log=not args.disable_uvicorn_access_log,
         )
         scheme = "https" if args.ssl_certfile else "http"
-        print(f"lmserve: serving {names[0]} on {scheme}://{args.host}:{args.port}/v1", flush=True)
+        where = f"unix:{args.uds}" if args.uds else f"{scheme}://{args.host}:{args.port}"
+        print(f"lmserve: serving {names[0]} on {where}/v1", flush=True)
         # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal to the
         # handler it found: make that a no-op, so the engine below is shut down and we exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -292,7 +295,23 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enable-force-include-usage",
         action="store_true",
-        help="end every stream with a usage chunk, as if stream_options.include_usage were set",
+        help="usage on every stream, asked for or not: on each chunk and in a last one (as "
+        "vLLM's flag does)",
+    )
+    parser.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info: the tokenizer's class, settings and chat template",
+    )
+    parser.add_argument(
+        "--enable-server-load-tracking",
+        action="store_true",
+        help="accepted for vLLM compatibility: /load always counts the requests in flight",
+    )
+    parser.add_argument(
+        "--uds",
+        default=None,
+        help="listen on this Unix domain socket instead of --host/--port",
     )
     parser.add_argument(
         "--enable-log-requests",

@@ -15,7 +15,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from lmserve.api import edge
-from lmserve.api.endpoints import ENDPOINTS, Servings, dev, health, lora, models, responses
+from lmserve.api.endpoints import (
+    ENDPOINTS,
+    Servings,
+    dev,
+    health,
+    lora,
+    models,
+    responses,
+    tokenize,
+)
 from lmserve.api.errors import anthropic_error_body, error_response, install_error_handlers
 from lmserve.api.http_metrics import HTTPMetrics
 from lmserve.api.json_response import json_response
@@ -64,6 +73,8 @@ def build_app(
     app.include_router(responses.routes())
     app.include_router(models.routes(engine, config))
     app.include_router(lora.routes(engine, config))
+    if config.enable_tokenizer_info_endpoint:
+        app.include_router(tokenize.tokenizer_info_routes(servings))
     if config.server_dev_mode:
         app.include_router(dev.routes(engine))
     app.include_router(health.routes(engine, http_metrics))

@@ -21,7 +21,7 @@ _IGNORED = (
     "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort",
     "web_search_options", "verbosity", "prompt_cache_key", "prompt_cache_options",
     "prompt_cache_retention", "safety_identifier", "moderation", "parallel_tool_calls",
-    "best_of",
+    "best_of", "kv_transfer_params",
 )  # fmt: skip
 # Fields whose feature is not implemented: refused, never ignored.
 _UNSUPPORTED = ("functions", "function_call")
@@ -81,7 +81,12 @@ class _SamplingRequest(BaseModel):
     priority: int = 0
     return_token_ids: bool = False
     cache_salt: str | None = None
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    # keep the prompt's last N tokens (-1: as many as the context holds); "right" keeps the first
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncation_side: Literal["left", "right"] = "left"
+    return_tokens_as_token_ids: bool | None = None  # this request's --return-tokens-as-token-ids
+    # disaggregated prefill's KV hand-over (vLLM's connectors): accepted, no KV is transferred
+    kv_transfer_params: dict[str, Any] | None = None
     # OpenAI fields without effect here, and fields of features still to come
     metadata: Any = None
     store: Any = None
@@ -103,6 +108,13 @@ class _SamplingRequest(BaseModel):
         if bad:
             raise ValueError(f"keys must be token ids (integers as strings); not {bad[:5]}")
         return bias
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keep_some(cls, keep: int | None) -> int | None:
+        if keep == 0:
+            raise ValueError("must be -1 (as many as the context holds) or at least 1")
+        return keep
 
     @field_validator("stop")
     @classmethod

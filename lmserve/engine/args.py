@@ -65,6 +65,7 @@ def create_engine_config(
     max_loras: int = 1,
     max_lora_rank: int = 16,
     max_cpu_loras: int | None = None,
+    enable_chunked_prefill: bool = True,
     served_model_name: str | list[str] | None = None,
     metrics_prefix: str = "lmserve",
     show_hidden_metrics_for_version: str | None = None,
@@ -119,6 +120,8 @@ def create_engine_config(
     )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = _default_batched_tokens(device)
+    if not enable_chunked_prefill:  # as vLLM: then a step must hold any whole prompt
+        max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     attention_backend = _resolve_attention_backend(attention_backend, model_config, device)
     return EngineConfig(
         model=model_config,
@@ -223,6 +226,14 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "(default 512 on CPU, 2048 on CUDA)",
     )
     parser.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefill long prompts in chunks beside running decodes (on, as in vLLM); "
+        "--no-enable-chunked-prefill raises the step's token budget to the context length, so "
+        "every prompt is prefilled in one step",
+    )
+    parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -311,6 +322,8 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--structured-outputs-backend",
+        "--structured-outputs-config.backend",  # vLLM's spelling
+        dest="structured_outputs_backend",
         default="auto",
         choices=list(STRUCTURED_OUTPUT_BACKENDS),
         help="grammar engine for response_format, guided_* and tool calls; auto = xgrammar, or "
@@ -362,6 +375,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         metrics_prefix=args.metrics_prefix,
         show_hidden_metrics_for_version=args.show_hidden_metrics_for_version,
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import anthropic
@@ -28,6 +31,8 @@ def server(tiny_chat_dir) -> Iterator[Server]:
         server = start_server(
             str(tiny_chat_dir), "--served-model-name", MODEL, "--max-model-len", "256",
             "--kv-cache-memory-gb", "0.05", "--metrics-prefix", "vllm",
+            "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
+            "--enable-chunked-prefill", "--structured-outputs-config.backend", "xgrammar",
         )  # fmt: skip
     finally:
         del os.environ["VLLM_API_KEY"]
@@ -222,3 +227,63 @@ def test_a_streamed_messages_delta_carries_the_whole_usage(server: Server) -> No
     with client.messages.stream(model=MODEL, max_tokens=3, messages=USER) as stream:
         final = stream.get_final_message()
     assert final.usage.input_tokens == usage["input_tokens"] and final.usage.output_tokens == 3
+
+
+def test_tokenizer_info_describes_the_tokenizer(server: Server, tiny_chat_dir) -> None:
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert info["tokenizer_class"] and info["eos_token"] == "<|im_end|>"
+    assert info["chat_template"] == (tiny_chat_dir / "chat_template.jinja").read_text()
+
+
+def test_truncation_keeps_the_side_asked_for(server: Server) -> None:
+    prompt = list(range(100, 120))
+
+    def kept(**fields: object) -> list[int]:
+        body = {"prompt": prompt, "max_tokens": 1, "return_token_ids": True, **fields}
+        answer = _post(server, "/v1/completions", body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["choices"][0]["prompt_token_ids"]
+
+    assert kept(truncate_prompt_tokens=5) == prompt[-5:]
+    assert kept(truncate_prompt_tokens=5, truncation_side="right") == prompt[:5]
+    assert kept(truncate_prompt_tokens=-1) == prompt  # -1: as many as the context holds
+    zero = _post(server, "/v1/completions", {"prompt": prompt, "truncate_prompt_tokens": 0})
+    assert zero.status_code == 400 and zero.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_per_request_fields_vllm_clients_send(server: Server) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, "logprobs": 1, "return_tokens_as_token_ids": True,
+            "kv_transfer_params": {"do_remote_prefill": False}}  # fmt: skip
+    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    assert all(t.startswith("token_id:") for t in choice["logprobs"]["tokens"])
+    chat = {"messages": USER, "max_tokens": 2, "logprobs": True, "top_logprobs": 1,
+            "return_tokens_as_token_ids": True}  # fmt: skip
+    content = _post(server, "/v1/chat/completions", chat).json()["choices"][0]["logprobs"]
+    assert all(entry["token"].startswith("token_id:") for entry in content["content"])
+
+
+def test_a_unix_domain_socket_serves(tiny_chat_dir, tmp_path) -> None:
+    socket_path = tmp_path / "lmserve.sock"
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmserve.cli", "serve", str(tiny_chat_dir), "--uds",
+         str(socket_path), "--kv-cache-memory-gb", "0.02", "--max-model-len", "128"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        client = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=30)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if client.get("http://lmserve/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        answer = client.post(
+            "http://lmserve/v1/completions", json={"prompt": "Hi", "max_tokens": 2}
+        )
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

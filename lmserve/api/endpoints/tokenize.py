@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter
 
 from lmserve.api.endpoints.base import Endpoint, Servings
 from lmserve.api.errors import APIError
@@ -59,3 +63,22 @@ ENDPOINTS = (
     Endpoint("tokenize", "/tokenize", TokenizeRequest, tokenize, generates=False),
     Endpoint("detokenize", "/detokenize", DetokenizeRequest, detokenize, generates=False),
 )
+
+
+def tokenizer_info_routes(servings: Servings) -> APIRouter:
+    """GET /tokenizer_info (vLLM's, with --enable-tokenizer-info-endpoint): the tokenizer's
+    class, its settings and the chat template the server renders with, for clients that
+    tokenize on their side."""
+    router = APIRouter()
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tokenizer = servings.engine.tokenizer
+        if tokenizer is None:
+            raise APIError("this model has no tokenizer", status=404)
+        # its settings as JSON: special tokens (AddedToken objects) by their text
+        info = json.loads(json.dumps(tokenizer.init_kwargs, default=str))
+        template = servings.config.chat_template or getattr(tokenizer, "chat_template", None)
+        return {**info, "tokenizer_class": type(tokenizer).__name__, "chat_template": template}
+
+    return router

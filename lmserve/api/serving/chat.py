@@ -108,7 +108,10 @@ class ChatServing:
             tools,
         )
         ids = await self.encoder.encode(
-            text, request.add_special_tokens, request.truncate_prompt_tokens
+            text,
+            request.add_special_tokens,
+            common.keep_tokens(self.engine, request.truncate_prompt_tokens),
+            request.truncation_side,
         )
         max_tokens = request.max_completion_tokens or request.max_tokens
         common.check_prompt_length(self.engine, len(ids), max_tokens)
@@ -193,7 +196,9 @@ class ChatServing:
         return ChatChoice(
             index=out.index,
             message=message,
-            logprobs=self._logprobs(out, 0, len(out.token_ids), request.top_logprobs or 0)
+            logprobs=self._logprobs(
+                out, 0, len(out.token_ids), request.top_logprobs or 0, self._as_ids(request)
+            )
             if request.logprobs
             else None,
             finish_reason=_finish_reason(out.finish_reason, bool(parsed.tool_calls)),
@@ -201,7 +206,12 @@ class ChatServing:
             token_ids=out.token_ids if request.return_token_ids else UNSET,
         )
 
-    def _logprobs(self, out: CompletionOutput, start: int, end: int, k: int) -> ChoiceLogprobs:
+    def _as_ids(self, request: ChatCompletionRequest) -> bool:
+        return self.config.tokens_as_ids(request.return_tokens_as_token_ids)
+
+    def _logprobs(
+        self, out: CompletionOutput, start: int, end: int, k: int, as_ids: bool
+    ) -> ChoiceLogprobs:
         """OpenAI's shape: each sampled token, and the k most likely tokens at its position."""
         content = []
         for token_id, entry in zip(
@@ -212,14 +222,16 @@ class ChatServing:
                 ((tid, lp) for tid, lp in entry.items() if (lp.rank or 0) <= k),
                 key=lambda item: item[1].rank,
             )
-            text = self.config.token_text(token_id, chosen.decoded_token)
+            text = self.config.token_text(token_id, chosen.decoded_token, as_ids)
             content.append(
                 TokenLogprob(
                     token=text,
                     logprob=common.finite_logprob(chosen.logprob),
                     bytes=list(text.encode("utf-8")),
                     top_logprobs=[
-                        _top_logprob(self.config.token_text(tid, lp.decoded_token), lp.logprob)
+                        _top_logprob(
+                            self.config.token_text(tid, lp.decoded_token, as_ids), lp.logprob
+                        )
                         for tid, lp in top
                     ],
                 )
@@ -282,7 +294,13 @@ class ChatServing:
                         delta.tool_calls + tail.tool_calls,
                     )
                 logprobs = (
-                    self._logprobs(out, token_start, len(out.token_ids), request.top_logprobs or 0)
+                    self._logprobs(
+                        out,
+                        token_start,
+                        len(out.token_ids),
+                        request.top_logprobs or 0,
+                        self._as_ids(request),
+                    )
                     if request.logprobs
                     else None
                 )

@@ -42,6 +42,7 @@ class ServingConfig:
     lora_modules: LoRAModules = field(default_factory=LoRAModules)
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info
     server_dev_mode: bool = False  # vLLM's dev-only routes: /sleep, /wake_up, /is_sleeping
     max_num_queued_reqs: int | None = None  # sequences in flight; beyond it a 503
     max_num_queued_tokens: int | None = None  # prompt tokens waiting for prefill; at it a 503
@@ -74,10 +75,14 @@ class ServingConfig:
         """What usage reports of prefix-cache hits: nothing unless asked for."""
         return num_cached if self.enable_prompt_tokens_details else None
 
-    def token_text(self, token_id: int, decoded: str | None) -> str:
-        """A logprob entry's token: its text, or "token_id:{id}" with
-        --return-tokens-as-token-ids (for clients that must not re-tokenize text)."""
-        return f"token_id:{token_id}" if self.return_tokens_as_token_ids else decoded or ""
+    def token_text(self, token_id: int, decoded: str | None, as_ids: bool) -> str:
+        """A logprob entry's token: its text, or "token_id:{id}" (for clients that must not
+        re-tokenize text)."""
+        return f"token_id:{token_id}" if as_ids else decoded or ""
+
+    def tokens_as_ids(self, asked: bool | None) -> bool:
+        """The request's return_tokens_as_token_ids, else --return-tokens-as-token-ids."""
+        return self.return_tokens_as_token_ids if asked is None else asked
 
     def stream_usage(self, stream_options: Any) -> tuple[bool, bool]:
         """(whether a stream ends with a usage chunk, whether every chunk carries usage so far),
@@ -137,7 +142,11 @@ class PromptEncoder:
         return 2 * max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1)
 
     async def encode(
-        self, text: str, add_special_tokens: bool, truncate_to: int | None = None
+        self,
+        text: str,
+        add_special_tokens: bool,
+        truncate_to: int | None = None,
+        truncation_side: str = "left",
     ) -> list[int]:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -154,7 +163,7 @@ class PromptEncoder:
                     code="context_length_exceeded",
                 )
         ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
-        return truncate(ids, truncate_to)
+        return truncate(ids, truncate_to, truncation_side)
 
 
 def log_request(
@@ -296,8 +305,18 @@ def running_usage(snapshot: RequestOutput) -> Usage:
     return Usage.of(len(snapshot.prompt_token_ids), num_completion)
 
 
-def truncate(ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
-    return ids[-truncate_prompt_tokens:] if truncate_prompt_tokens else ids
+def keep_tokens(engine: EngineClient, truncate_prompt_tokens: int | None) -> int | None:
+    """The prompt tokens a request keeps: truncate_prompt_tokens, where -1 is the context."""
+    if truncate_prompt_tokens == -1:
+        return engine.config.scheduler.max_model_len
+    return truncate_prompt_tokens
+
+
+def truncate(ids: list[int], keep: int | None, side: str = "left") -> list[int]:
+    """At most `keep` tokens: the last ones (cut on the left, vLLM's default) or the first."""
+    if not keep or len(ids) <= keep:
+        return ids
+    return ids[-keep:] if side == "left" else ids[:keep]
 
 
 def prompt_logprobs(output: RequestOutput) -> PromptLogprobs | None:

@@ -37,14 +37,14 @@ class CompletionServing:
         if not items:
             raise APIError("prompt must not be empty", param="prompt")
         prompts = []
+        keep = common.keep_tokens(self.engine, request.truncate_prompt_tokens)
+        side = request.truncation_side
         for item in items:
             if isinstance(item, str):
-                ids = await self.encoder.encode(
-                    item, request.add_special_tokens, request.truncate_prompt_tokens
-                )
+                ids = await self.encoder.encode(item, request.add_special_tokens, keep, side)
                 text: str | None = item
             else:
-                ids = common.truncate(list(item), request.truncate_prompt_tokens)
+                ids = common.truncate(list(item), keep, side)
                 text = None
             common.check_prompt_length(self.engine, len(ids), request.max_tokens)
             prompts.append({"prompt_token_ids": ids, "prompt": text})
@@ -91,11 +91,12 @@ class CompletionServing:
     def _choice(
         self, request: CompletionRequest, index: int, final: RequestOutput, out: CompletionOutput
     ) -> CompletionChoice:
+        as_ids = self.config.tokens_as_ids(request.return_tokens_as_token_ids)
         text = (final.prompt or "") + out.text if request.echo else out.text
         return CompletionChoice(
             index=index,
             text=text,
-            logprobs=self._logprobs(out, 0, len(out.token_ids))
+            logprobs=self._logprobs(out, 0, len(out.token_ids), as_ids)
             if request.logprobs is not None
             else None,
             finish_reason=out.finish_reason,
@@ -108,18 +109,20 @@ class CompletionServing:
             token_ids=out.token_ids if request.return_token_ids else None,
         )
 
-    def _logprobs(self, out: CompletionOutput, start: int, end: int) -> CompletionLogprobs:
+    def _logprobs(
+        self, out: CompletionOutput, start: int, end: int, as_ids: bool
+    ) -> CompletionLogprobs:
         tokens, token_logprobs, top = [], [], []
         for token_id, entry in zip(
             out.token_ids[start:end], (out.logprobs or [])[start:end], strict=False
         ):
             chosen = entry[token_id]
             text = self.config.token_text
-            tokens.append(text(token_id, chosen.decoded_token))
+            tokens.append(text(token_id, chosen.decoded_token, as_ids))
             token_logprobs.append(common.finite_logprob(chosen.logprob))
             top.append(
                 {
-                    text(tid, lp.decoded_token): common.finite_logprob(lp.logprob)
+                    text(tid, lp.decoded_token, as_ids): common.finite_logprob(lp.logprob)
                     for tid, lp in entry.items()
                 }
             )
@@ -135,6 +138,7 @@ class CompletionServing:
         prompts: list[dict[str, Any]],
         streams: list[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[Event]:
+        as_ids = self.config.tokens_as_ids(request.return_tokens_as_token_ids)
         n = request.n or 1
         include_usage, continuous = self.config.stream_usage(request.stream_options)
         tracker = common.DeltaTracker()
@@ -154,7 +158,7 @@ class CompletionServing:
                 choice = CompletionChoice(
                     index=index,
                     text=delta,
-                    logprobs=self._logprobs(out, token_start, len(out.token_ids))
+                    logprobs=self._logprobs(out, token_start, len(out.token_ids), as_ids)
                     if request.logprobs is not None
                     else None,
                     finish_reason=out.finish_reason,

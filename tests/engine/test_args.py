@@ -1,0 +1,34 @@
+"""Engine arguments under vLLM's names and meanings."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from lmserve.engine.args import add_engine_cli_args, create_engine_config, engine_kwargs_from_cli
+
+
+def test_without_chunked_prefill_a_step_holds_a_whole_prompt(tiny_chat_dir) -> None:
+    chunked = create_engine_config(str(tiny_chat_dir), max_num_batched_tokens=64)
+    assert chunked.scheduler.max_num_batched_tokens == 64
+    whole = create_engine_config(
+        str(tiny_chat_dir), max_num_batched_tokens=64, enable_chunked_prefill=False
+    )
+    assert whole.scheduler.max_num_batched_tokens == whole.scheduler.max_model_len == 512
+
+
+def test_vllms_flag_spellings_parse(tiny_chat_dir) -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_cli_args(parser)
+    args = parser.parse_args(
+        ["--no-enable-chunked-prefill", "--structured-outputs-config.backend", "guidance",
+         "--metrics-prefix", "vllm", "--show-hidden-metrics-for-version", "0.10"]
+    )  # fmt: skip
+    kwargs = engine_kwargs_from_cli(args)
+    assert kwargs["enable_chunked_prefill"] is False
+    assert kwargs["structured_outputs_backend"] == "guidance"
+    config = create_engine_config(str(tiny_chat_dir), **kwargs)
+    assert config.observability.metrics_prefix == "vllm"
+    with pytest.raises(ValueError, match="metrics_prefix"):
+        create_engine_config(str(tiny_chat_dir), metrics_prefix="prom")
