@@ -90,7 +90,9 @@ def check_answer(connection: httpx.Client, request: httpx.Request) -> None:
     answer = connection.send(request)
     elapsed = time.monotonic() - started
     path = request.url.path
-    assert answer.status_code < 500, f"{answer.status_code} for {request.content[:300]!r}: {answer.text[:500]}"
+    assert answer.status_code < 500, (
+        f"{answer.status_code} for {request.content[:300]!r}: {answer.text[:500]}"
+    )
     assert elapsed < ANSWER_WITHIN_S
     kind = answer.headers.get("content-type", "")
     if answer.status_code >= 400:
@@ -134,7 +136,9 @@ _SCALARS = (
 )
 _JSON = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _CONTENT = st.one_of(
@@ -163,30 +167,58 @@ _SAMPLING = {
 _BODIES = {
     "/v1/chat/completions": st.fixed_dictionaries(
         {"model": st.just(MODEL), "messages": st.lists(_MESSAGE, max_size=3) | _JSON},
-        optional={**_SAMPLING, "tools": _JSON, "tool_choice": _JSON, "top_logprobs": _JSON,
-                  "chat_template_kwargs": _JSON, "max_completion_tokens": _JSON},
+        optional={
+            **_SAMPLING,
+            "tools": _JSON,
+            "tool_choice": _JSON,
+            "top_logprobs": _JSON,
+            "chat_template_kwargs": _JSON,
+            "max_completion_tokens": _JSON,
+        },
     ),  # fmt: skip
     "/v1/completions": st.fixed_dictionaries(
         {"model": st.just(MODEL), "prompt": st.text(max_size=30) | _JSON},
         optional={**_SAMPLING, "echo": _JSON, "suffix": _JSON, "best_of": _JSON},
     ),
     "/v1/responses": st.fixed_dictionaries(
-        {"model": st.just(MODEL), "input": st.text(max_size=30) | st.lists(_MESSAGE, max_size=2) | _JSON},
-        optional={"max_output_tokens": st.integers(-1, 64) | _JSON, "instructions": _JSON,
-                  "stream": st.booleans() | _JSON, "text": _JSON, "tools": _JSON,
-                  "reasoning": _JSON, "temperature": _JSON, "previous_response_id": _JSON},
+        {
+            "model": st.just(MODEL),
+            "input": st.text(max_size=30) | st.lists(_MESSAGE, max_size=2) | _JSON,
+        },
+        optional={
+            "max_output_tokens": st.integers(-1, 64) | _JSON,
+            "instructions": _JSON,
+            "stream": st.booleans() | _JSON,
+            "text": _JSON,
+            "tools": _JSON,
+            "reasoning": _JSON,
+            "temperature": _JSON,
+            "previous_response_id": _JSON,
+        },
     ),  # fmt: skip
     "/v1/messages": st.fixed_dictionaries(
-        {"model": st.just(MODEL), "max_tokens": st.integers(-1, 64) | _JSON,
-         "messages": st.lists(_MESSAGE, max_size=3) | _JSON},
-        optional={"system": _JSON, "stream": st.booleans() | _JSON, "tools": _JSON,
-                  "tool_choice": _JSON, "stop_sequences": _JSON, "thinking": _JSON,
-                  "temperature": _JSON},
+        {
+            "model": st.just(MODEL),
+            "max_tokens": st.integers(-1, 64) | _JSON,
+            "messages": st.lists(_MESSAGE, max_size=3) | _JSON,
+        },
+        optional={
+            "system": _JSON,
+            "stream": st.booleans() | _JSON,
+            "tools": _JSON,
+            "tool_choice": _JSON,
+            "stop_sequences": _JSON,
+            "thinking": _JSON,
+            "temperature": _JSON,
+        },
     ),  # fmt: skip
     "/tokenize": st.fixed_dictionaries(
         {"model": st.just(MODEL)},
-        optional={"prompt": _JSON, "messages": st.lists(_MESSAGE, max_size=2) | _JSON,
-                  "add_special_tokens": _JSON},
+        optional={
+            "prompt": _JSON,
+            "messages": st.lists(_MESSAGE, max_size=2) | _JSON,
+            "add_special_tokens": _JSON,
+        },
     ),  # fmt: skip
 }
 
