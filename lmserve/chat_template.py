@@ -101,8 +101,6 @@ def render_chat(
 
     try:
         return render() if timeout_s is None else template_bounds.within(timeout_s, render)
-    except ChatTemplateError:
-        raise
     except template_bounds.TemplateBoundError as exc:
         raise ChatTemplateError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a template is code: any failure of it is the input's

@@ -229,6 +229,11 @@ class Tool(BaseModel):
     function: FunctionDefinition
 
 
+def tool_dicts(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """Tools as the chat template (and the tool parsers) take them; None for none."""
+    return [tool.model_dump(exclude_none=True) for tool in tools or []] or None
+
+
 class FunctionName(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str

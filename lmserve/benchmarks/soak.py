@@ -152,7 +152,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 async def _sample_memory(
     args: argparse.Namespace, deadline: float
 ) -> dict[str, list[tuple[float, int]]]:
-    """Each process's (seconds since start, KiB) every sample_s, named api / engine-<pid>."""
+    """Each process's (seconds since start, KiB) every sample_s, named api / child-<pid>."""
     start = time.monotonic()
     series: dict[str, list[tuple[float, int]]] = {}
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 
 from lmserve.api.endpoints.base import Endpoint, Servings
 from lmserve.api.errors import APIError
-from lmserve.api.protocol import DetokenizeRequest, TokenizeRequest
+from lmserve.api.protocol import DetokenizeRequest, TokenizeRequest, tool_dicts
 from lmserve.api.replies import Reply, Whole
 from lmserve.api.schemas.tokenize import DetokenizeResponse, TokenizeResponse
 from lmserve.api.serving import common
@@ -32,7 +32,7 @@ async def tokenize(servings: Servings, request: TokenizeRequest) -> Reply:
             request.add_generation_prompt,
             request.continue_final_message,
             request.chat_template_kwargs,
-            [t.model_dump(exclude_none=True) for t in request.tools or []] or None,
+            tool_dicts(request.tools),
         )
         add_special = bool(request.add_special_tokens)
     elif request.prompt is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from msgspec import UNSET, UnsetType
 
 from lmserve.api.errors import APIError
-from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, tool_dicts
 from lmserve.api.reasoning import get_reasoning_parser
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.schemas.chat import (
@@ -95,7 +95,7 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
-        tools = [t.model_dump(exclude_none=True) for t in request.tools or []] or None
+        tools = tool_dicts(request.tools)
         tool_mode = self._tool_mode(request, tools)
         text = await apply_chat_template(
             self.engine,
@@ -248,6 +248,7 @@ class ChatServing:
     ) -> AsyncIterator[Event]:
         created = common.now()
         include_usage, continuous = self.config.stream_usage(request.stream_options)
+        as_ids = self._as_ids(request)
 
         def chunk(
             choices: list[ChatChunkChoice], usage: Usage | UnsetType = UNSET, **extra: Any
@@ -299,7 +300,7 @@ class ChatServing:
                         token_start,
                         len(out.token_ids),
                         request.top_logprobs or 0,
-                        self._as_ids(request),
+                        as_ids,
                     )
                     if request.logprobs
                     else None
