@@ -108,6 +108,7 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
             max_request_body_mb=args.max_request_body_mb,
             trust_request_chat_template=args.trust_request_chat_template,
             max_waiting_time_s=args.max_waiting_time_s,
+            enable_per_request_metrics=args.enable_per_request_metrics,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
@@ -306,7 +307,16 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enable-server-load-tracking",
         action="store_true",
-        help="accepted for vLLM compatibility: /load always counts the requests in flight",
+        help="accepted for vLLM compatibility: /load always counts the requests in flight, and "
+        "a request with an `endpoint-load-metrics-format: TEXT|JSON` header always gets the "
+        "engine's load back in an ORCA `endpoint-load-metrics` header",
+    )
+    parser.add_argument(
+        "--enable-per-request-metrics",
+        action="store_true",
+        help="add a `metrics` object to each answer that is one generation: time to first "
+        "token, queue time, generation time, mean inter-token latency and tokens/s (on a "
+        "stream: in its usage chunk)",
     )
     parser.add_argument(
         "--uds",

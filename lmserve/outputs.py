@@ -33,6 +33,18 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """One request's wall-clock timeline (time.time()), as vLLM attaches it to its outputs:
+    what --enable-per-request-metrics reports. None where the moment has not come."""
+
+    arrival_time: float
+    scheduled_time: float | None
+    first_token_time: float | None
+    last_token_time: float | None
+    num_generation_tokens: int
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -42,3 +54,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None  # on the finished output of a one-sample request

@@ -5,6 +5,7 @@ engine, with auth, CORS, request ids and error handlers. Composition only: endpo
 from __future__ import annotations
 
 import hmac
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve.api import edge
 from lmserve.api.endpoints import (
@@ -64,6 +66,7 @@ def build_app(
         _install_request_ids(app)
     if api_keys:
         _install_auth(app, api_keys)
+    _install_load_report(app, engine)
     servings = Servings(engine, config)
     http_metrics = HTTPMetrics()
     options = edge.EdgeOptions(
@@ -88,6 +91,41 @@ def _install_request_ids(app: FastAPI) -> None:
         response = await call_next(request)
         response.headers["X-Request-Id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
         return response
+
+
+def _install_load_report(app: FastAPI, engine: EngineClient) -> None:
+    """vLLM's ORCA load report: a request that sends `endpoint-load-metrics-format: TEXT` (or
+    JSON) gets the engine's load back in an `endpoint-load-metrics` header, which load
+    balancers (Envoy, the Gateway API inference extension) route by. Plain ASGI, so streams
+    and disconnects pass through untouched."""
+
+    def header(fmt: str) -> bytes:
+        load = engine.metrics.load_report()
+        if fmt == "TEXT":
+            return ("TEXT " + ", ".join(f"named_metrics.{k}={v}" for k, v in load.items())).encode()
+        return ("JSON " + json.dumps({"named_metrics": load})).encode()
+
+    def middleware(inner: ASGIApp) -> ASGIApp:
+        async def app_with_report(scope: Scope, receive: Receive, send: Send) -> None:
+            fmt = ""
+            if scope["type"] == "http":
+                for key, value in scope["headers"]:
+                    if key == b"endpoint-load-metrics-format":
+                        fmt = value.decode("latin-1").strip().upper()
+            if fmt not in ("TEXT", "JSON"):
+                return await inner(scope, receive, send)
+
+            async def send_with_report(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = [*message.get("headers", []), (b"endpoint-load-metrics", header(fmt))]
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            await inner(scope, receive, send_with_report)
+
+        return app_with_report
+
+    app.add_middleware(middleware)  # type: ignore[arg-type]
 
 
 def _install_auth(app: FastAPI, api_keys: Sequence[str]) -> None:

@@ -243,6 +243,8 @@ class AsyncEngine(EngineClient):
                         with contextlib.suppress(EngineDeadError):  # the next receive says so
                             await self.client.send(Abort(to_abort))
                     for output in outputs:
+                        if output.finished and len(output.outputs) == 1:  # one child: itself
+                            output.metrics = self.metrics.request_metrics(output.request_id)
                         queue = self._queues.get(output.request_id)
                         if queue is not None:
                             queue.put_nowait(output)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats
+from lmserve.outputs import RequestMetrics
 
 logger = logging.getLogger("lmserve.stats")
 
@@ -31,6 +32,11 @@ class _Timing:
     first_token: float | None = None
     last_token: float | None = None
     num_generated: int = 0
+
+    def snapshot(self) -> RequestMetrics:
+        return RequestMetrics(
+            self.arrival, self.scheduled, self.first_token, self.last_token, self.num_generated
+        )
 
 
 @dataclass
@@ -65,6 +71,12 @@ class EngineMetrics:
         self._running = gauge("num_requests_running", "Requests in the running batch")
         self._waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
         self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
+        # the older name, which vLLM's example Grafana dashboard still charts
+        self._gpu_cache_usage = (
+            gauge("gpu_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
+            if prefix == "vllm"
+            else None
+        )
         self._sleep = gauge(
             "engine_sleep_state", "1 for the engine's sleep state", ("sleep_state",)
         )
@@ -110,9 +122,14 @@ class EngineMetrics:
         self._params_max_tokens = histogram(
             "request_params_max_tokens", "The max_tokens of each request", _TOKEN_BUCKETS
         )
+        self._max_generation = histogram(
+            "request_max_num_generation_tokens", "Most tokens a request may generate",
+            _TOKEN_BUCKETS,
+        )  # fmt: skip
         self._label = {"model_name": model_name}
         self.record_sleep(0)
         self._timings: dict[str, _Timing] = {}
+        self._finished: dict[str, _Timing] = {}  # finished in the last step, for request_metrics
         self._last_stats: SchedulerStats | None = None
         self._interval = _Interval()
 
@@ -121,6 +138,7 @@ class EngineMetrics:
         self._params_n.labels(**self._label).observe(n)
         if max_tokens is not None:
             self._params_max_tokens.labels(**self._label).observe(max_tokens)
+            self._max_generation.labels(**self._label).observe(max_tokens)
 
     def record_cache_config(self, info: dict[str, str]) -> None:
         """vLLM's cache_config_info: the KV cache's settings as labels of a gauge set to 1."""
@@ -138,8 +156,23 @@ class EngineMetrics:
     def record_abort(self, req_id: str) -> None:
         self._timings.pop(req_id, None)
 
+    def load_report(self) -> dict[str, float]:
+        """The engine's load as of its last step, in the named metrics of vLLM's ORCA
+        `endpoint-load-metrics` header."""
+        stats = self._last_stats
+        return {
+            "kv_cache_usage_perc": float(stats.kv_cache_usage if stats else 0.0),
+            "num_requests_waiting": float(stats.num_waiting if stats else 0),
+        }
+
+    def request_metrics(self, req_id: str) -> RequestMetrics | None:
+        """A request's timeline so far, or as it finished in the last step."""
+        timing = self._timings.get(req_id) or self._finished.get(req_id)
+        return None if timing is None else timing.snapshot()
+
     def record_step(self, outputs: list[EngineCoreOutput], stats: SchedulerStats) -> None:
         now = time.time()
+        self._finished.clear()
         for out in outputs:
             timing = self._timings.get(out.req_id)
             if timing is None:
@@ -173,7 +206,7 @@ class EngineMetrics:
         self._interval.generation_tokens += num_new
 
     def _finish(self, req_id: str, reason: FinishReason, now: float) -> None:
-        timing = self._timings.pop(req_id)
+        timing = self._finished[req_id] = self._timings.pop(req_id)
         self._success.labels(**self._label, finished_reason=reason.value).inc()
         self._e2e.labels(**self._label).observe(now - timing.arrival)
         self._req_prompt.labels(**self._label).observe(timing.num_prompt_tokens)
@@ -190,6 +223,8 @@ class EngineMetrics:
         self._running.labels(**self._label).set(stats.num_running)
         self._waiting.labels(**self._label).set(stats.num_waiting)
         self._kv_usage.labels(**self._label).set(stats.kv_cache_usage)
+        if self._gpu_cache_usage is not None:
+            self._gpu_cache_usage.labels(**self._label).set(stats.kv_cache_usage)
         last = self._last_stats
         self._cache_queries.labels(**self._label).inc(
             stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0)

@@ -33,6 +33,7 @@ def server(tiny_chat_dir) -> Iterator[Server]:
             "--kv-cache-memory-gb", "0.05", "--metrics-prefix", "vllm",
             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
             "--enable-chunked-prefill", "--structured-outputs-config.backend", "xgrammar",
+            "--enable-per-request-metrics",
         )  # fmt: skip
     finally:
         del os.environ["VLLM_API_KEY"]
@@ -169,6 +170,20 @@ VLLM_SERIES = (
     "request_params_n_bucket", "request_params_max_tokens_bucket", "cache_config_info",
     "engine_sleep_state",
 )  # fmt: skip
+# What the queries of vLLM's published Grafana dashboards select (examples/online_serving/
+# prometheus_grafana/grafana.json, and dashboards/grafana/*.json, which write the colon as an
+# underscore, as some metric pipelines rename it).
+DASHBOARD_SERIES = (
+    "e2e_request_latency_seconds_bucket", "e2e_request_latency_seconds_sum",
+    "e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total",
+    "time_per_output_token_seconds_bucket", "time_per_output_token_seconds_sum",
+    "time_per_output_token_seconds_count", "num_requests_running", "num_requests_waiting",
+    "time_to_first_token_seconds_bucket", "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count", "gpu_cache_usage_perc", "request_prompt_tokens_bucket",
+    "request_generation_tokens_bucket", "request_success_total", "request_queue_time_seconds_sum",
+    "request_prefill_time_seconds_sum", "request_decode_time_seconds_sum",
+    "request_max_num_generation_tokens_sum",
+)  # fmt: skip
 
 
 def test_metrics_prefix_vllm_gives_vllms_series_under_the_served_name(server: Server) -> None:
@@ -177,8 +192,10 @@ def test_metrics_prefix_vllm_gives_vllms_series_under_the_served_name(server: Se
                                           "ignore_eos": True})  # fmt: skip
     text = httpx.get(f"{server.url}/metrics").text
     series = {line.split("{")[0] for line in text.splitlines() if line.startswith("vllm:")}
-    missing = [name for name in VLLM_SERIES if f"vllm:{name}" not in series]
+    missing = [name for name in VLLM_SERIES + DASHBOARD_SERIES if f"vllm:{name}" not in series]
     assert not missing, missing
+    # each dashboard query selects its series by the served name
+    assert 'vllm:request_max_num_generation_tokens_sum{model_name="tiny"}' in text
     assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"}' in text
     assert 'vllm:engine_sleep_state{model_name="tiny",sleep_state="awake"} 1.0' in text
     assert 'enable_prefix_caching="True"' in text and 'block_size="16"' in text
@@ -287,3 +304,56 @@ def test_a_unix_domain_socket_serves(tiny_chat_dir, tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _check_timeline(metrics: dict, num_tokens: int) -> None:
+    assert set(metrics) == {"time_to_first_token_ms", "generation_time_ms", "queue_time_ms",
+                            "mean_itl_ms", "tokens_per_second"}  # fmt: skip
+    assert metrics["time_to_first_token_ms"] > 0 and metrics["queue_time_ms"] >= 0
+    assert metrics["generation_time_ms"] > 0
+    assert metrics["mean_itl_ms"] == pytest.approx(
+        metrics["generation_time_ms"] / (num_tokens - 1), abs=1e-2
+    )
+    inference_s = (metrics["time_to_first_token_ms"] + metrics["generation_time_ms"]) / 1000
+    assert metrics["tokens_per_second"] == pytest.approx(num_tokens / inference_s, rel=1e-2)
+
+
+def test_per_request_metrics_time_each_single_generation(server: Server, client) -> None:
+    chat = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    _check_timeline(chat.model_extra["metrics"], 4)
+    completion = _post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 3,
+                                                   "ignore_eos": True}).json()  # fmt: skip
+    _check_timeline(completion["metrics"], 3)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=3, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert all("metrics" not in (c.model_extra or {}) for c in chunks[:-1])
+    _check_timeline(chunks[-1].model_extra["metrics"], 3)
+    response = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
+    assert response.model_extra["metrics"]["time_to_first_token_ms"] > 0
+    # n > 1 or several prompts: no one timeline to report, so null, as vLLM's
+    several = _post(server, "/v1/completions", {"prompt": ["Hi", "Ho"], "max_tokens": 2}).json()
+    assert several["metrics"] is None
+    two = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2)
+    assert two.model_extra["metrics"] is None
+
+
+def test_a_load_report_header_answers_its_request_header(server: Server) -> None:
+    body = {"prompt": "Hi", "max_tokens": 1}
+    plain = _post(server, "/v1/completions", body)
+    assert "endpoint-load-metrics" not in plain.headers
+    headers = {"Authorization": f"Bearer {KEY}", "endpoint-load-metrics-format": "TEXT"}
+    text = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers)
+    report = text.headers["endpoint-load-metrics"]
+    assert report.startswith("TEXT ") and "named_metrics.kv_cache_usage_perc=" in report
+    assert "named_metrics.num_requests_waiting=" in report
+    headers["endpoint-load-metrics-format"] = "JSON"
+    as_json = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers)
+    kind, _, payload = as_json.headers["endpoint-load-metrics"].partition(" ")
+    named = json.loads(payload)["named_metrics"]
+    assert kind == "JSON" and set(named) == {"kv_cache_usage_perc", "num_requests_waiting"}
+    assert 0.0 <= named["kv_cache_usage_perc"] <= 1.0

@@ -7,7 +7,7 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from lmserve.api.schemas.common import PromptLogprobs, Usage
+from lmserve.api.schemas.common import PromptLogprobs, ResponseMetrics, Usage
 
 
 class TopLogprob(msgspec.Struct, kw_only=True):
@@ -68,6 +68,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     usage: Usage
     prompt_logprobs: PromptLogprobs | None | UnsetType = UNSET
     prompt_token_ids: list[int] | UnsetType = UNSET
+    metrics: ResponseMetrics | None | UnsetType = UNSET  # --enable-per-request-metrics
 
 
 class DeltaFunction(msgspec.Struct, kw_only=True):
@@ -110,3 +111,4 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     choices: list[ChatChunkChoice]
     usage: Usage | UnsetType = UNSET  # the last chunk, or each with continuous_usage_stats
     prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids: on the first chunk
+    metrics: ResponseMetrics | None | UnsetType = UNSET  # the usage chunk's, as a whole answer's

@@ -28,6 +28,17 @@ class Usage(msgspec.Struct, kw_only=True):
         )
 
 
+class ResponseMetrics(msgspec.Struct, kw_only=True):
+    """vLLM's per-request `metrics` (--enable-per-request-metrics), in milliseconds; a field is
+    null where its moments were not seen."""
+
+    time_to_first_token_ms: float | None  # first scheduling to first token
+    generation_time_ms: float | None  # first token to last
+    queue_time_ms: float | None  # arrival to first scheduling
+    mean_itl_ms: float | None  # null for a one-token answer
+    tokens_per_second: float | None  # all tokens over first scheduling to last token
+
+
 class PromptLogprob(msgspec.Struct, kw_only=True):
     """vLLM's prompt_logprobs entry for one candidate token."""
 

@@ -7,7 +7,7 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from lmserve.api.schemas.common import PromptLogprobs, Usage
+from lmserve.api.schemas.common import PromptLogprobs, ResponseMetrics, Usage
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
@@ -35,3 +35,4 @@ class Completion(msgspec.Struct, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | UnsetType = UNSET  # always on a whole completion; a stream's last chunk
+    metrics: ResponseMetrics | None | UnsetType = UNSET  # --enable-per-request-metrics

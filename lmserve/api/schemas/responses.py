@@ -7,6 +7,8 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from lmserve.api.schemas.common import ResponseMetrics
+
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
 
@@ -88,6 +90,7 @@ class Response(msgspec.Struct, kw_only=True):
     truncation: Literal["disabled"] = "disabled"
     store: bool = False
     usage: ResponseUsage | UnsetType = UNSET  # optional, but not nullable
+    metrics: ResponseMetrics | None | UnsetType = UNSET  # --enable-per-request-metrics
 
 
 # ---- the stream's events, each numbered; the tag is both the SSE event name and `type` --------

@@ -144,6 +144,7 @@ class ChatServing:
             usage=Usage.of(
                 len(ids), num_completion, self.config.cached_tokens(final.num_cached_tokens)
             ),
+            metrics=self.config.response_metrics([final]),
         )
         if request.prompt_logprobs is not None:
             response.prompt_logprobs = common.prompt_logprobs(final)
@@ -321,7 +322,8 @@ class ChatServing:
         if include_usage and last is not None:
             num_completion = sum(len(o.token_ids) for o in last.outputs)
             cached = self.config.cached_tokens(last.num_cached_tokens)
-            yield chunk([], Usage.of(len(last.prompt_token_ids), num_completion, cached))
+            usage = Usage.of(len(last.prompt_token_ids), num_completion, cached)
+            yield chunk([], usage, metrics=self.config.response_metrics([last]))
 
 
 def _params_for_tools(

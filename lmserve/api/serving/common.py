@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgspec import UNSET, UnsetType
+
 from lmserve.api.admission import overloaded
 from lmserve.api.errors import APIError
-from lmserve.api.schemas.common import PromptLogprob, PromptLogprobs, Usage
+from lmserve.api.schemas.common import PromptLogprob, PromptLogprobs, ResponseMetrics, Usage
 from lmserve.api.serving.models import LoRAModules
 from lmserve.chat_template import ContentFormat
 from lmserve.engine.protocol import EngineClient
 from lmserve.lora.request import LoRARequest
-from lmserve.outputs import CompletionOutput, RequestOutput
+from lmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.requests")
@@ -50,6 +52,7 @@ class ServingConfig:
     max_request_body_mb: float = 32.0  # a larger body is a 413 before it is read whole
     trust_request_chat_template: bool = False  # run a `chat_template` sent with a request
     max_waiting_time_s: float | None = None  # a request with no token by then gets a 503
+    enable_per_request_metrics: bool = False  # a `metrics` object on each one-sample answer
 
     def __post_init__(self) -> None:
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
@@ -84,6 +87,17 @@ class ServingConfig:
         """The request's return_tokens_as_token_ids, else --return-tokens-as-token-ids."""
         return self.return_tokens_as_token_ids if asked is None else asked
 
+    def response_metrics(self, finals: list[RequestOutput]) -> ResponseMetrics | None | UnsetType:
+        """The answer's `metrics` with --enable-per-request-metrics (else UNSET: no field),
+        null unless the answer is one generation: n > 1 or several prompts have no one
+        timeline to report."""
+        if not self.enable_per_request_metrics:
+            return UNSET
+        if len(finals) != 1:
+            return None
+        timeline = finals[0].metrics
+        return None if timeline is None else _metrics_ms(timeline)
+
     def stream_usage(self, stream_options: Any) -> tuple[bool, bool]:
         """(whether a stream ends with a usage chunk, whether every chunk carries usage so far),
         as vLLM decides: continuous usage only with include_usage; --enable-force-include-usage
@@ -92,6 +106,22 @@ class ServingConfig:
             return True, True
         include = bool(stream_options and stream_options.include_usage)
         return include, include and bool(stream_options.continuous_usage_stats)
+
+
+def _metrics_ms(t: RequestMetrics) -> ResponseMetrics:
+    def ms(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else round(1000 * (end - start), 3)
+
+    decode = ms(t.first_token_time, t.last_token_time)
+    inference = ms(t.scheduled_time, t.last_token_time)
+    n = t.num_generation_tokens
+    return ResponseMetrics(
+        time_to_first_token_ms=ms(t.scheduled_time, t.first_token_time),
+        generation_time_ms=decode,
+        queue_time_ms=ms(t.arrival_time, t.scheduled_time),
+        mean_itl_ms=None if decode is None or n < 2 else round(decode / (n - 1), 3),
+        tokens_per_second=None if not inference else round(1000 * n / inference, 3),
+    )
 
 
 def check_model(config: ServingConfig, model: str | None) -> tuple[str, LoRARequest | None]:

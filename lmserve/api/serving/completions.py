@@ -85,6 +85,7 @@ class CompletionServing:
                 model=model,
                 choices=choices,
                 usage=Usage.of(num_prompt, num_completion, cached),
+                metrics=self.config.response_metrics(finals),
             )
         )
 
@@ -145,8 +146,10 @@ class CompletionServing:
         created = common.now()
         num_completion = 0
         num_cached: dict[int, int] = {}  # prompt -> its prefix-cache hits
+        lasts: dict[int, RequestOutput] = {}  # prompt -> its latest snapshot
         async for i, snapshot in common.merge_streams(streams):
             num_cached[i] = snapshot.num_cached_tokens
+            lasts[i] = snapshot
             for out in snapshot.outputs:
                 index = i * n + out.index
                 echo = (snapshot.prompt or "") if request.echo else ""
@@ -180,6 +183,14 @@ class CompletionServing:
             num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
             cached = self.config.cached_tokens(sum(num_cached.values()))
             usage = Usage.of(num_prompt, num_completion, cached)
+            metrics = self.config.response_metrics(list(lasts.values()))
             yield Event(
-                Completion(id=base_id, created=created, model=model, choices=[], usage=usage)
+                Completion(
+                    id=base_id,
+                    created=created,
+                    model=model,
+                    choices=[],
+                    usage=usage,
+                    metrics=metrics,
+                )
             )

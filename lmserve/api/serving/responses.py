@@ -11,14 +11,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 from pydantic import BaseModel
 
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.responses_protocol import ResponsesRequest
 from lmserve.api.schemas import responses as r
 from lmserve.api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatDelta
-from lmserve.api.schemas.common import Usage
+from lmserve.api.schemas.common import ResponseMetrics, Usage
 from lmserve.api.serving import common
 from lmserve.api.serving.chat import ChatServing
 
@@ -49,6 +49,7 @@ class _Head:
         status: str,
         output: list[r.OutputItem],
         usage: r.ResponseUsage | None,
+        metrics: ResponseMetrics | None | UnsetType = UNSET,
     ) -> r.Response:
         request = self.request
         return r.Response(
@@ -72,6 +73,7 @@ class _Head:
             max_output_tokens=request.max_output_tokens,
             text=_echo(request.text) or {"format": {"type": "text"}},
             usage=UNSET if usage is None else usage,
+            metrics=metrics,
         )
 
 
@@ -95,13 +97,14 @@ def _whole(head: _Head, chat: ChatCompletion) -> r.Response:
             )
         )
     status = "incomplete" if choice.finish_reason == "length" else "completed"
-    return head.response(chat.model, status, output, _usage(chat.usage))
+    return head.response(chat.model, status, output, _usage(chat.usage), chat.metrics)
 
 
 async def _events(head: _Head, chunks: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """The chat stream's chunks (usage on each) as the Responses API's events."""
     items = _ItemStream()
     model, usage, finish = "", None, None
+    metrics: ResponseMetrics | None | UnsetType = UNSET
     started = False
     async for event in chunks:
         chunk = event.data
@@ -109,6 +112,8 @@ async def _events(head: _Head, chunks: AsyncIterator[Event]) -> AsyncIterator[Ev
         model = chunk.model
         if chunk.usage:
             usage = _usage(chunk.usage)
+        if chunk.metrics is not UNSET:
+            metrics = chunk.metrics
         if not started:
             started = True
             snapshot = head.response(model, "in_progress", [], None)
@@ -121,7 +126,7 @@ async def _events(head: _Head, chunks: AsyncIterator[Event]) -> AsyncIterator[Ev
     for item_event in items.close():
         yield item_event
     status = "incomplete" if finish == "length" else "completed"
-    final = head.response(model, status, items.output, usage)
+    final = head.response(model, status, items.output, usage, metrics)
     done = r.ResponseIncomplete if status == "incomplete" else r.ResponseCompleted
     yield items.emit(done, response=final)
 
