@@ -56,6 +56,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME")
+    if args.tool_server:
+        raise ValueError(
+            "--tool-server (MCP tools for the Responses API) is not supported yet: give the "
+            "model function tools and call the MCP server from your client"
+        )
     # as vLLM: the flag's keys, else the environment's (a vLLM deployment's VLLM_API_KEY too)
     env_key = os.environ.get("LMSERVE_API_KEY") or os.environ.get("VLLM_API_KEY")
     api_keys = [key for key in (args.api_key or [env_key]) if key]
@@ -310,6 +315,12 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         help="accepted for vLLM compatibility: /load always counts the requests in flight, and "
         "a request with an `endpoint-load-metrics-format: TEXT|JSON` header always gets the "
         "engine's load back in an ORCA `endpoint-load-metrics` header",
+    )
+    parser.add_argument(
+        "--tool-server",
+        default=None,
+        help="vLLM's MCP tool servers for the Responses API: not supported yet (refused, so "
+        "nobody believes their tools run)",
     )
     parser.add_argument(
         "--enable-per-request-metrics",

@@ -91,6 +91,18 @@ class FunctionTool(BaseModel):
     strict: bool | None = None
 
 
+class HostedTool(BaseModel):
+    """A tool OpenAI's servers run (MCP, web search, ...): recognised, so it is refused by name
+    rather than as a malformed function."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal[
+        "mcp", "web_search", "web_search_preview", "file_search", "code_interpreter",
+        "image_generation", "computer_use_preview", "local_shell", "shell", "custom",
+    ]  # fmt: skip
+
+
 class FunctionToolChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -121,7 +133,7 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    tools: list[FunctionTool] | None = None
+    tools: list[Annotated[FunctionTool | HostedTool, Field(discriminator="type")]] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
@@ -154,6 +166,18 @@ class ResponsesRequest(BaseModel):
                 raise APIError(f"{name!r} is not supported: {what}", param=name)
         if self.background:
             raise APIError("background responses are not supported", param="background")
+        for i, tool in enumerate(self.tools or []):
+            if tool.type == "mcp":
+                raise APIError(
+                    "MCP tools are not supported yet (vLLM runs them with --tool-server): give "
+                    "the model function tools and call the MCP server from your client",
+                    param=f"tools[{i}]",
+                )
+            if isinstance(tool, HostedTool):
+                raise APIError(
+                    f"{tool.type!r} tools are not supported: only function tools are",
+                    param=f"tools[{i}]",
+                )
         for name in _IGNORED:
             if getattr(self, name, None) is not None:
                 logger.warning("ignoring %r: it has no effect on this server", name)

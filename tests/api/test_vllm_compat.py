@@ -357,3 +357,49 @@ def test_a_load_report_header_answers_its_request_header(server: Server) -> None
     named = json.loads(payload)["named_metrics"]
     assert kind == "JSON" and set(named) == {"kv_cache_usage_perc", "num_requests_waiting"}
     assert 0.0 <= named["kv_cache_usage_perc"] <= 1.0
+
+
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}  # fmt: skip
+OTHER_SHAPE = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}  # fmt: skip
+
+
+def test_a_named_tool_choice_wins_over_a_response_format(server: Server, client) -> None:
+    """instructor sends both; as vLLM, the named call's schema shapes the output."""
+    tool = {"type": "function", "function": {"name": "city", "parameters": CITY}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=40, tools=[tool], response_format=OTHER_SHAPE,
+        tool_choice={"type": "function", "function": {"name": "city"}},
+    )  # fmt: skip
+    call = chat.choices[0].message.tool_calls[0]
+    assert call.function.name == "city"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    response = client.responses.create(
+        model=MODEL, input="Hi", max_output_tokens=40,
+        tools=[{"type": "function", "name": "city", "parameters": CITY, "strict": True}],
+        tool_choice={"type": "function", "name": "city"},
+        text={"format": {"type": "json_schema", "name": "answer",
+                         "schema": OTHER_SHAPE["json_schema"]["schema"]}},
+    )  # fmt: skip
+    item = next(item for item in response.output if item.type == "function_call")
+    assert json.loads(item.arguments)["city"] in ("Paris", "Rome")
+
+
+def test_mcp_tools_are_refused_saying_so(client) -> None:
+    mcp = {"type": "mcp", "server_label": "deepwiki", "server_url": "https://mcp.example"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, input="Hi", tools=[mcp])
+    error = refused.value.body
+    assert "MCP tools are not supported yet" in error["message"]
+    assert error["param"] == "tools[0]"
+
+
+def test_the_tool_server_flag_is_refused_at_start(tiny_chat_dir) -> None:
+    started = subprocess.run(
+        [sys.executable, "-m", "lmserve.cli", "serve", str(tiny_chat_dir),
+         "--tool-server", "localhost:8001"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode != 0
+    assert "--tool-server" in started.stderr and "not supported yet" in started.stderr

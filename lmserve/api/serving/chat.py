@@ -97,6 +97,9 @@ class ChatServing:
         model, lora = common.check_model(self.config, request.model)
         tools = tool_dicts(request.tools)
         tool_mode = self._tool_mode(request, tools)
+        if tool_mode.choice in ("required", "named") and request.response_format is not None:
+            # as vLLM: the call's schema is the output's shape (instructor sends both)
+            request = request.model_copy(update={"response_format": None})
         text = await apply_chat_template(
             self.engine,
             self.config,
