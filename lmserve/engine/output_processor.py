@@ -20,6 +20,8 @@ class _Sample:
     decoder: Any  # tokenizers DecodeStream, or None without a tokenizer
     output: CompletionOutput
     stop_checked_upto: int = 0  # text before this index has been searched for stop strings
+    undecoded: list[int] = field(default_factory=list)  # tokens whose bytes are not text yet
+    undecoded_at: int = 0  # where they start in the output's token_ids
 
 
 @dataclass
@@ -168,12 +170,33 @@ class OutputProcessor:
                 text = sample.decoder.step(self.tokenizer._tokenizer, token_id)
                 if text:
                     output.text += text
+                    sample.undecoded.clear()
+                else:
+                    if not sample.undecoded:
+                        sample.undecoded_at = len(output.token_ids) - 1
+                    sample.undecoded.append(token_id)
             if self._check_stop_strings(sample):
                 return True
         if out.finish_reason is not None:
+            if sample.undecoded:
+                output.text += self._flush(sample)
             output.finish_reason = out.finish_reason.value
             output.stop_reason = out.stop_reason
         return False
+
+    def _flush(self, sample: _Sample) -> str:
+        """The text of tokens held back as an unfinished UTF-8 sequence when the sample ends
+        (max_tokens cut a character): U+FFFD for the partial bytes, as vLLM sends, so the text
+        and token_ids still agree. Decoded after a few tokens of context, so a leading space
+        is kept."""
+        pending, start = sample.undecoded, sample.undecoded_at
+        done = sample.output.token_ids[max(0, start - 4) : start]
+        skip = sample.params.skip_special_tokens
+        with_context = self.tokenizer.decode(done + pending, skip_special_tokens=skip)
+        context = self.tokenizer.decode(done, skip_special_tokens=skip)
+        if with_context.startswith(context):
+            return with_context[len(context) :]
+        return self.tokenizer.decode(pending, skip_special_tokens=skip)
 
     def _check_stop_strings(self, sample: _Sample) -> bool:
         output, params = sample.output, sample.params

@@ -85,8 +85,9 @@ def test_completions_shapes_n_logprobs_and_seed(client: openai.OpenAI) -> None:
     with_lp = client.completions.create(
         model=MODEL, prompt="Hello", max_tokens=3, logprobs=2, temperature=0, echo=True
     )
-    lp = with_lp.choices[0].logprobs
-    assert len(lp.tokens) == 3 and all(len(t) >= 2 for t in lp.top_logprobs)
+    lp = with_lp.choices[0].logprobs  # as vLLM: the echoed prompt's tokens too, the first null
+    assert len(lp.tokens) == with_lp.usage.prompt_tokens + 3 and lp.top_logprobs[0] is None
+    assert all(len(t) >= 2 for t in lp.top_logprobs[1:])
     assert with_lp.choices[0].text.startswith("Hello")
     stopped = client.completions.create(
         model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"]

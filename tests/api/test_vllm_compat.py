@@ -403,3 +403,45 @@ def test_the_tool_server_flag_is_refused_at_start(tiny_chat_dir) -> None:
     )  # fmt: skip
     assert started.returncode != 0
     assert "--tool-server" in started.stderr and "not supported yet" in started.stderr
+
+
+def test_echo_with_logprobs_covers_the_prompt_with_offsets(server: Server) -> None:
+    body = {"prompt": "Hello there", "max_tokens": 3, "echo": True, "logprobs": 1,
+            "temperature": 0, "return_token_ids": True}  # fmt: skip
+    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    num_prompt = len(choice["prompt_token_ids"])
+    assert len(logprobs["tokens"]) == num_prompt + 3
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(isinstance(lp, float) for lp in logprobs["token_logprobs"][1:])
+    offsets, text = logprobs["text_offset"], choice["text"]
+    assert offsets[0] == 0 and "".join(logprobs["tokens"]) == text
+    for token, offset in zip(logprobs["tokens"], offsets, strict=True):
+        assert text[offset : offset + len(token)] == token
+    # the echoed prompt's logprobs are the prompt_logprobs the engine computes
+    asked = _post(server, "/v1/completions", {**body, "echo": False, "prompt_logprobs": 0})
+    prompt_entries = asked.json()["choices"][0]["prompt_logprobs"]
+    prompt_ids = choice["prompt_token_ids"]
+    for i in range(1, num_prompt):
+        expected = prompt_entries[i][str(prompt_ids[i])]["logprob"]
+        assert logprobs["token_logprobs"][i] == pytest.approx(expected, abs=1e-5)
+    # a stream sends the same, the echo and the prompt's logprobs with the first token
+    events = _events(server, "/v1/completions", body)
+    streamed = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
+    assert [t for lp in streamed for t in lp["tokens"]] == logprobs["tokens"]
+    assert [o for lp in streamed for o in lp["text_offset"]] == offsets
+
+
+def test_a_character_cut_by_max_tokens_stays_in_the_text(server: Server, tiny_chat_dir) -> None:
+    """The token_ids and the text agree: the cut character's bytes come back as U+FFFD."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    partial = next(i for i in range(256, 5000) if tokenizer.decode([i]) == "\ufffd")
+    body = {"prompt": "Hi", "max_tokens": 1, "logit_bias": {str(partial): 100},
+            "return_token_ids": True}  # fmt: skip
+    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["token_ids"] == [partial] and choice["text"] == "\ufffd"
+    chat = {"messages": USER, "max_tokens": 1, "logit_bias": {str(partial): 100}}
+    message = _post(server, "/v1/chat/completions", chat).json()["choices"][0]["message"]
+    assert message["content"] == "\ufffd"

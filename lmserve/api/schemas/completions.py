@@ -12,9 +12,9 @@ from lmserve.api.schemas.common import PromptLogprobs, ResponseMetrics, Usage
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
+    token_logprobs: list[float | None]  # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # where each token's text starts in the choice's text
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from msgspec import UNSET
@@ -14,7 +15,7 @@ from lmserve.api.schemas.common import Usage
 from lmserve.api.schemas.completions import Completion, CompletionChoice, CompletionLogprobs
 from lmserve.api.serving import common
 from lmserve.engine.protocol import EngineClient
-from lmserve.outputs import CompletionOutput, RequestOutput
+from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 class CompletionServing:
@@ -57,6 +58,9 @@ class CompletionServing:
         params = request.sampling_params(
             request.max_tokens or 16, request.logprobs, self.config.sampling_defaults
         )
+        if request.echo and request.logprobs is not None and request.prompt_logprobs is None:
+            # as vLLM: echoed prompt tokens get logprobs too (the first one's null)
+            params = replace(params, prompt_logprobs=request.logprobs)
         base_id = common.new_id("cmpl", request.request_id)
         for i, p in enumerate(prompts):
             num_prompt = len(p["prompt_token_ids"])
@@ -94,12 +98,17 @@ class CompletionServing:
     ) -> CompletionChoice:
         as_ids = self.config.tokens_as_ids(request.return_tokens_as_token_ids)
         text = (final.prompt or "") + out.text if request.echo else out.text
+        logprobs = None
+        if request.logprobs is not None:
+            ids, entries = list(out.token_ids), list(out.logprobs or [])
+            if request.echo:
+                ids[:0] = final.prompt_token_ids
+                entries[:0] = final.prompt_logprobs or [None] * len(final.prompt_token_ids)
+            logprobs = self._logprobs(ids, entries, as_ids, 0)
         return CompletionChoice(
             index=index,
             text=text,
-            logprobs=self._logprobs(out, 0, len(out.token_ids), as_ids)
-            if request.logprobs is not None
-            else None,
+            logprobs=logprobs,
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
             # as vLLM's whole answers: present, null unless asked for
@@ -111,24 +120,40 @@ class CompletionServing:
         )
 
     def _logprobs(
-        self, out: CompletionOutput, start: int, end: int, as_ids: bool
+        self,
+        token_ids: list[int],
+        entries: Sequence[dict[int, Logprob] | None],
+        as_ids: bool,
+        text_offset: int,
     ) -> CompletionLogprobs:
-        tokens, token_logprobs, top = [], [], []
-        for token_id, entry in zip(
-            out.token_ids[start:end], (out.logprobs or [])[start:end], strict=False
-        ):
-            chosen = entry[token_id]
-            text = self.config.token_text
-            tokens.append(text(token_id, chosen.decoded_token, as_ids))
-            token_logprobs.append(common.finite_logprob(chosen.logprob))
-            top.append(
-                {
-                    text(tid, lp.decoded_token, as_ids): common.finite_logprob(lp.logprob)
-                    for tid, lp in entry.items()
-                }
-            )
+        """OpenAI's legacy logprobs for these tokens; `text_offset` is where the first one's
+        text starts in the choice's text. An entry of None (the first echoed prompt token,
+        which has no context to be predicted from) gives a null logprob, as vLLM's."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        text = self.config.token_text
+        for token_id, entry in zip(token_ids, entries, strict=False):
+            if entry is None:
+                decoded = self.engine.tokenizer.decode([token_id]) if self.engine.tokenizer else ""
+                tokens.append(text(token_id, decoded, as_ids))
+                token_logprobs.append(None)
+                top.append(None)
+            else:
+                chosen = entry[token_id]
+                tokens.append(text(token_id, chosen.decoded_token, as_ids))
+                token_logprobs.append(common.finite_logprob(chosen.logprob))
+                top.append(
+                    {
+                        text(tid, lp.decoded_token, as_ids): common.finite_logprob(lp.logprob)
+                        for tid, lp in entry.items()
+                    }
+                )
+            offsets.append(text_offset)
+            text_offset += len(tokens[-1])
         return CompletionLogprobs(
-            tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=[]
+            tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets
         )
 
     async def _stream(
@@ -147,6 +172,7 @@ class CompletionServing:
         num_completion = 0
         num_cached: dict[int, int] = {}  # prompt -> its prefix-cache hits
         lasts: dict[int, RequestOutput] = {}  # prompt -> its latest snapshot
+        sent_chars: dict[int, int] = {}  # choice -> characters of text sent
         async for i, snapshot in common.merge_streams(streams):
             num_cached[i] = snapshot.num_cached_tokens
             lasts[i] = snapshot
@@ -154,16 +180,26 @@ class CompletionServing:
                 index = i * n + out.index
                 echo = (snapshot.prompt or "") if request.echo else ""
                 first = tracker.is_new(index)
+                if first and echo and not out.token_ids and out.finish_reason is None:
+                    continue  # the echo goes with the first token, and the prompt's logprobs
                 sent = tracker.advance(index, out, prefix=echo)
                 if sent is None:
                     continue
                 delta, token_start = sent
+                logprobs = None
+                if request.logprobs is not None:
+                    ids = out.token_ids[token_start:]
+                    entries = (out.logprobs or [])[token_start:]
+                    if first and echo:
+                        ids = [*snapshot.prompt_token_ids, *ids]
+                        prompt = snapshot.prompt_logprobs or [None] * len(ids)
+                        entries = [*prompt[: len(snapshot.prompt_token_ids)], *entries]
+                    logprobs = self._logprobs(ids, entries, as_ids, sent_chars.get(index, 0))
+                sent_chars[index] = sent_chars.get(index, 0) + len(delta)
                 choice = CompletionChoice(
                     index=index,
                     text=delta,
-                    logprobs=self._logprobs(out, token_start, len(out.token_ids), as_ids)
-                    if request.logprobs is not None
-                    else None,
+                    logprobs=logprobs,
                     finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
                 )
