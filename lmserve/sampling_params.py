@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on logprob_token_ids
 
 
 @dataclass
@@ -68,8 +69,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    logprobs: int | None = None  # -1: the whole vocabulary
+    prompt_logprobs: int | None = None  # -1: the whole vocabulary
+    logprob_token_ids: list[int] | None = None  # these tokens' logprobs, beside the sampled one
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
@@ -117,12 +119,22 @@ class SamplingParams:
                 f"got {self.min_tokens}",
             ),
             (
-                self.logprobs is None or self.logprobs >= 0,
-                f"logprobs must be non-negative, got {self.logprobs}",
+                self.logprobs is None or self.logprobs >= -1,
+                f"logprobs must be non-negative or -1 (the vocabulary), got {self.logprobs}",
             ),
             (
-                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}",
+                self.prompt_logprobs is None or self.prompt_logprobs >= -1,
+                "prompt_logprobs must be non-negative or -1 (the vocabulary), got "
+                f"{self.prompt_logprobs}",
+            ),
+            (
+                not self.logprob_token_ids or self.logprobs is not None,
+                "logprob_token_ids needs logprobs to be asked for",
+            ),
+            (
+                len(self.logprob_token_ids or ()) <= MAX_LOGPROB_TOKEN_IDS,
+                f"logprob_token_ids takes at most {MAX_LOGPROB_TOKEN_IDS} ids, got "
+                f"{len(self.logprob_token_ids or ())}",
             ),
             (all(s for s in self.stop_strings), "stop must not contain empty strings"),
         ]

@@ -76,7 +76,8 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary
+    logprob_token_ids: list[int] | None = None  # these tokens' logprobs at each step
     request_id: str | None = None
     priority: int = 0
     return_token_ids: bool = False
@@ -194,6 +195,7 @@ class _SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos,
                 logprobs=num_logprobs,
                 prompt_logprobs=self.prompt_logprobs,
+                logprob_token_ids=self.logprob_token_ids,
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 structured_outputs=self.constraint(),
@@ -205,7 +207,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    logprobs: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary
     suffix: str | None = None
     add_special_tokens: bool = True
 
@@ -282,7 +284,7 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0)
+    top_logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
     functions: Any = None

@@ -102,6 +102,13 @@ class InputProcessor:
         lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         self._validate(prompt.prompt_token_ids, params)
+        vocab = self.model_config.vocab_size
+        if params.logprobs == -1 or params.prompt_logprobs == -1:  # -1: the whole vocabulary
+            params = replace(
+                params,
+                logprobs=vocab if params.logprobs == -1 else params.logprobs,
+                prompt_logprobs=vocab if params.prompt_logprobs == -1 else params.prompt_logprobs,
+            )
         return EngineCoreRequest(
             req_id=req_id,
             prompt_token_ids=prompt.prompt_token_ids,
@@ -138,12 +145,21 @@ class InputProcessor:
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            limit = self.model_config.max_logprobs
-            if value is not None and value > limit:
-                raise ValueError(f"{name} must be at most {limit} (--max-logprobs), got {value}")
+            limit = self.model_config.max_logprobs  # -1: no limit
+            if value == -1:
+                value = vocab
+            if value is not None and limit != -1 and value > limit:
+                raise ValueError(
+                    f"{name} must be at most {limit} (--max-logprobs), got {value}"
+                    + (" (-1 asks for the whole vocabulary)" if value == vocab else "")
+                )
         bad = [
             t
-            for t in [*(params.logit_bias or {}), *(params.stop_token_ids or [])]
+            for t in [
+                *(params.logit_bias or {}),
+                *(params.stop_token_ids or []),
+                *(params.logprob_token_ids or []),
+            ]
             if not 0 <= t < vocab
         ]
         if bad:

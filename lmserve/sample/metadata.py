@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,3 +35,5 @@ class SamplingMetadata:
     # the defaults skip nothing.
     any_greedy: bool = True
     unit_temperature: bool = False  # every sampled (non-greedy) row has temperature 1
+    # (row, token ids) whose logprobs a row asked for by id, in place of its top-k
+    logprob_token_ids: list[tuple[int, list[int]]] = field(default_factory=list)

@@ -315,7 +315,8 @@ class ModelRunner:
             return
         logprobs = _to_token_logprobs(out)
         for i, row in enumerate(rows.tolist()):
-            wanted = self.batch.state(row).params.logprobs
+            params = self.batch.state(row).params
+            wanted = len(params.logprob_token_ids) if params.logprob_token_ids else params.logprobs
             entry = None
             if wanted is not None:
                 lp = logprobs[i]

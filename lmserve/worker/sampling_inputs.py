@@ -31,6 +31,7 @@ def build_sampling_metadata(
     banned = []
     penalty_rows = []
     max_logprobs: int | None = None
+    by_id: list[tuple[int, list[int]]] = []
     for i, row in enumerate(rows.tolist()):
         state = batch.state(row)
         params = state.params
@@ -53,6 +54,9 @@ def build_sampling_metadata(
             penalty_rows.append(i)
         if params.logprobs is not None:
             max_logprobs = max(max_logprobs or 0, params.logprobs)
+        if params.logprob_token_ids:
+            by_id.append((i, params.logprob_token_ids))
+            max_logprobs = max(max_logprobs or 0, len(params.logprob_token_ids))
     greedy = temperature == 0
     return SamplingMetadata(
         temperature=to_device(temperature, device),
@@ -67,6 +71,7 @@ def build_sampling_metadata(
         max_num_logprobs=max_logprobs,
         any_greedy=bool(greedy.any()),
         unit_temperature=bool((greedy | (temperature == 1)).all()),
+        logprob_token_ids=by_id,
     )
 
 

@@ -4,6 +4,7 @@ that vLLM users' code reads, through a real server and the official clients."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def server(tiny_chat_dir) -> Iterator[Server]:
             "--kv-cache-memory-gb", "0.05", "--metrics-prefix", "vllm",
             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
             "--enable-chunked-prefill", "--structured-outputs-config.backend", "xgrammar",
-            "--enable-per-request-metrics",
+            "--enable-per-request-metrics", "--max-logprobs", "-1",
         )  # fmt: skip
     finally:
         del os.environ["VLLM_API_KEY"]
@@ -445,3 +446,29 @@ def test_a_character_cut_by_max_tokens_stays_in_the_text(server: Server, tiny_ch
     chat = {"messages": USER, "max_tokens": 1, "logit_bias": {str(partial): 100}}
     message = _post(server, "/v1/chat/completions", chat).json()["choices"][0]["message"]
     assert message["content"] == "\ufffd"
+
+
+def test_whole_vocabulary_and_named_token_logprobs(server: Server) -> None:
+    """top_logprobs -1 is every token (with --max-logprobs -1); logprob_token_ids returns the
+    named tokens' logprobs beside the sampled one's, the same numbers."""
+    base = {"messages": USER, "max_tokens": 2, "temperature": 0, "logprobs": True,
+            "return_tokens_as_token_ids": True}  # fmt: skip
+    everything = _post(server, "/v1/chat/completions", {**base, "top_logprobs": -1}).json()
+    steps = everything["choices"][0]["logprobs"]["content"]
+    vocab = 49152
+    assert all(len(step["top_logprobs"]) == vocab for step in steps)
+    full = [{int(t["token"][9:]): t["logprob"] for t in step["top_logprobs"]} for step in steps]
+    assert sum(math.exp(lp) for lp in full[0].values()) == pytest.approx(1.0, abs=1e-3)
+    named = [7, 300, 4000]
+    asked = _post(server, "/v1/chat/completions", {**base, "logprob_token_ids": named}).json()
+    for step, reference in zip(asked["choices"][0]["logprobs"]["content"], full, strict=True):
+        got = [int(t["token"][9:]) for t in step["top_logprobs"]]
+        assert got == [int(step["token"][9:]), *named]  # the sampled token first
+        for t in step["top_logprobs"]:
+            assert t["logprob"] == pytest.approx(reference[int(t["token"][9:])], abs=1e-5)
+    completion = {"prompt": "Hi", "max_tokens": 1, "logprobs": 0, "logprob_token_ids": named,
+                  "return_tokens_as_token_ids": True}  # fmt: skip
+    top = _post(server, "/v1/completions", completion).json()["choices"][0]["logprobs"]
+    assert {f"token_id:{t}" for t in named} <= set(top["top_logprobs"][0])
+    without = _post(server, "/v1/completions", {**completion, "logprobs": None})
+    assert without.status_code == 400 and "logprob_token_ids" in without.json()["error"]["message"]

@@ -91,6 +91,12 @@ def test_bad_input_is_rejected_before_queueing(tiny_model_dirs) -> None:
         try:
             with pytest.raises(ValueError, match="longer than the maximum model length"):
                 await collect(engine, [1] * 600, GREEDY, "too-long")
+            whole_vocab = SamplingParams(temperature=0, max_tokens=1, logprobs=-1)
+            with pytest.raises(ValueError, match=r"--max-logprobs.*whole vocabulary"):
+                await collect(engine, [1, 2], whole_vocab, "vocab")  # past the default 20
+            unknown = SamplingParams(max_tokens=1, logprobs=0, logprob_token_ids=[10**9])
+            with pytest.raises(ValueError, match="vocab"):
+                await collect(engine, [1, 2], unknown, "unknown-id")
             return await collect(engine, [1, 2], GREEDY, "fine")
         finally:
             await engine.shutdown()

@@ -201,7 +201,12 @@ class ChatServing:
             index=out.index,
             message=message,
             logprobs=self._logprobs(
-                out, 0, len(out.token_ids), request.top_logprobs or 0, self._as_ids(request)
+                out,
+                0,
+                len(out.token_ids),
+                request.top_logprobs or 0,
+                self._as_ids(request),
+                bool(request.logprob_token_ids),
             )
             if request.logprobs
             else None,
@@ -214,18 +219,23 @@ class ChatServing:
         return self.config.tokens_as_ids(request.return_tokens_as_token_ids)
 
     def _logprobs(
-        self, out: CompletionOutput, start: int, end: int, k: int, as_ids: bool
+        self, out: CompletionOutput, start: int, end: int, k: int, as_ids: bool, by_id: bool
     ) -> ChoiceLogprobs:
-        """OpenAI's shape: each sampled token, and the k most likely tokens at its position."""
+        """OpenAI's shape: each sampled token, and the k most likely tokens at its position
+        (k = -1: all of them); with `by_id` (logprob_token_ids) every token the engine
+        returned, in its order: the sampled one, then those named."""
         content = []
         for token_id, entry in zip(
             out.token_ids[start:end], (out.logprobs or [])[start:end], strict=True
         ):
             chosen = entry[token_id]
-            top = sorted(
-                ((tid, lp) for tid, lp in entry.items() if (lp.rank or 0) <= k),
-                key=lambda item: item[1].rank,
-            )
+            if by_id:
+                top = list(entry.items())
+            else:
+                top = sorted(
+                    ((tid, lp) for tid, lp in entry.items() if k == -1 or (lp.rank or 0) <= k),
+                    key=lambda item: item[1].rank or 0,
+                )
             text = self.config.token_text(token_id, chosen.decoded_token, as_ids)
             content.append(
                 TokenLogprob(
@@ -305,6 +315,7 @@ class ChatServing:
                         len(out.token_ids),
                         request.top_logprobs or 0,
                         as_ids,
+                        bool(request.logprob_token_ids),
                     )
                     if request.logprobs
                     else None
