@@ -52,7 +52,8 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible server: engine core in its own process, uvicorn in this one."""
     import asyncio
-    import os
+
+    from lmserve.api.auth import keys_from_env
 
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME")
@@ -62,8 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
             "model function tools and call the MCP server from your client"
         )
     # as vLLM: the flag's keys, else the environment's (a vLLM deployment's VLLM_API_KEY too)
-    env_key = os.environ.get("LMSERVE_API_KEY") or os.environ.get("VLLM_API_KEY")
-    api_keys = [key for key in (args.api_key or [env_key]) if key]
+    api_keys = [key for key in args.api_key or keys_from_env() if key]
     return asyncio.run(_run_server(args, api_keys))
 
 

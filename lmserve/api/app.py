@@ -4,7 +4,6 @@ engine, with auth, CORS, request ids and error handlers. Composition only: endpo
 
 from __future__ import annotations
 
-import hmac
 import json
 import uuid
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve.api import edge
+from lmserve.api.auth import install_auth
 from lmserve.api.endpoints import (
     ENDPOINTS,
     Servings,
@@ -27,9 +27,8 @@ from lmserve.api.endpoints import (
     responses,
     tokenize,
 )
-from lmserve.api.errors import anthropic_error_body, error_response, install_error_handlers
+from lmserve.api.errors import install_error_handlers
 from lmserve.api.http_metrics import HTTPMetrics
-from lmserve.api.json_response import json_response
 from lmserve.api.serving.common import ServingConfig
 from lmserve.engine.protocol import EngineClient
 
@@ -65,7 +64,7 @@ def build_app(
     if request_id_headers:
         _install_request_ids(app)
     if api_keys:
-        _install_auth(app, api_keys)
+        install_auth(app, api_keys)
     _install_load_report(app, engine)
     servings = Servings(engine, config)
     http_metrics = HTTPMetrics()
@@ -126,28 +125,3 @@ def _install_load_report(app: FastAPI, engine: EngineClient) -> None:
         return app_with_report
 
     app.add_middleware(middleware)  # type: ignore[arg-type]
-
-
-def _install_auth(app: FastAPI, api_keys: Sequence[str]) -> None:
-    """Any of the keys, as OpenAI clients send it (Authorization: Bearer) or as Anthropic's do
-    (x-api-key)."""
-    bearers = [f"Bearer {key}".encode() for key in api_keys]
-    keys = [key.encode() for key in api_keys]
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if path.startswith("/v1/"):
-            headers = request.headers
-            authorization = headers.get("authorization", "").encode()
-            x_api_key = headers.get("x-api-key", "").encode()
-            # every key compared, so the time taken says nothing about which was close
-            matches = [hmac.compare_digest(authorization, b) for b in bearers] + [
-                hmac.compare_digest(x_api_key, k) for k in keys
-            ]
-            if not any(matches):
-                message = "Invalid or missing API key"
-                if path.startswith("/v1/messages"):
-                    return json_response(anthropic_error_body(message, 401), 401)
-                return error_response(message, 401, code="invalid_api_key")
-        return await call_next(request)

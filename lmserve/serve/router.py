@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from lmserve.api import edge
 from lmserve.api.admission import overloaded
+from lmserve.api.auth import install_auth, keys_from_env
 from lmserve.api.edge import EdgeOptions
 from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, responses
 from lmserve.api.errors import APIError, install_error_handlers
@@ -53,6 +54,11 @@ class LLMRouter:
             if c.lora_config is not None and c.lora_config.dynamic_lora_loading_path
         }
         self._in_flight = 0  # requests this router replica is answering: its /load
+        # The keys a deployment sets, where a vLLM user sets them: in the ingress's environment
+        # or a model's runtime_env (Ray Serve LLM itself ignores them and runs open).
+        self._api_keys = sorted(
+            {*keys_from_env(), *(k for c in configs for k in keys_from_env(_env_vars(c)))}
+        )
         servings = [ServingConfig([c.model_id], **c.serving_args) for c in configs]
         intervals = [s.sse_keep_alive_interval for s in servings]
         self._edge = EdgeOptions(
@@ -69,6 +75,8 @@ class LLMRouter:
         """The ingress's app, built on each router replica over its handles."""
         app = FastAPI(title="lmserve on Ray Serve", version=health.VERSION)
         install_error_handlers(app)
+        if self._api_keys:
+            install_auth(app, self._api_keys)
         edge.mount(app, ENDPOINTS, self._answer, self._edge)
         app.include_router(responses.routes())
         app.include_router(health.version_routes())
@@ -178,3 +186,7 @@ def _adapter_names(model_id: str, root: str) -> list[str]:
         return []
     found = (p.name for p in sorted(path.iterdir()) if (p / "adapter_config.json").is_file())
     return [f"{model_id}:{name}" for name in found]
+
+
+def _env_vars(config: LLMConfig) -> dict[str, str]:
+    return dict((config.runtime_env or {}).get("env_vars") or {})

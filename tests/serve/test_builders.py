@@ -260,6 +260,41 @@ def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_di
         serve.delete("placed")
 
 
+def test_a_models_vllm_api_key_guards_the_ingress(app_url: str, tiny_model_dirs) -> None:
+    """VLLM_API_KEY in a model's runtime_env, as vLLM users set it (Ray Serve LLM itself
+    ignores it and serves open): every /v1 route of the router wants it; probes do not."""
+    app = build_openai_app(
+        {
+            "llm_configs": [
+                {
+                    "model_loading_config": {
+                        "model_id": "keyed",
+                        "model_source": str(tiny_model_dirs["llama"]),
+                    },
+                    "engine_kwargs": SMALL_ENGINE,
+                    "deployment_config": HALF_CPU,
+                    "runtime_env": {"env_vars": {"VLLM_API_KEY": "ray-key"}},
+                }
+            ]
+        }
+    )
+    serve.run(app, name="keyed", route_prefix="/keyed")
+    try:
+        base = f"{app_url}/keyed"
+        body = {"model": "keyed", "prompt": [1, 2], "max_tokens": 2}
+        for key, status in ((None, 401), ("wrong", 401), ("ray-key", 200)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            assert httpx.get(f"{base}/v1/models", headers=headers).status_code == status
+            answer = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
+            assert answer.status_code == status, answer.text
+        assert httpx.get(f"{base}/health").status_code == 200
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="ray-key", max_retries=0)
+        assert [m.id for m in keyed.models.list().data] == ["keyed"]
+        assert httpx.get(f"{app_url}/v1/models").status_code == 200  # other apps stay open
+    finally:
+        serve.delete("keyed")
+
+
 def test_an_engine_that_does_not_start_in_time_fails_the_deployment(
     app_url: str, tiny_model_dirs
 ) -> None:
