@@ -1,5 +1,6 @@
-"""API keys on the `/v1` routes, for both servers: `lmserve serve`'s --api-key and the Ray
-ingress's keys. Health, metrics and version probes need none."""
+"""API keys on the inference routes (`/v1`, `/v2` and `/inference`, as vLLM guards them), for
+both servers: `lmserve serve`'s --api-key and the Ray ingress's keys. Health, metrics and
+version probes need none."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lmserve.api.errors import anthropic_error_body, error_response
 from lmserve.api.json_response import json_response
 
 KEY_VARIABLES = ("LMSERVE_API_KEY", "VLLM_API_KEY")  # ours, then a vLLM deployment's
+GUARDED = ("/v1/", "/v2/", "/inference/")
 
 
 def keys_from_env(env: Mapping[str, str] | None = None) -> list[str]:
@@ -35,7 +37,7 @@ def install_auth(app: FastAPI, api_keys: Sequence[str]) -> None:
         path, root = request.url.path, request.scope.get("root_path", "")
         if root and path.startswith(root):  # mounted under a prefix (--root-path, a route)
             path = path[len(root) :]
-        if path.startswith("/v1/"):
+        if path.startswith(GUARDED):
             headers = request.headers
             authorization = headers.get("authorization", "").encode()
             x_api_key = headers.get("x-api-key", "").encode()

@@ -472,3 +472,48 @@ def test_whole_vocabulary_and_named_token_logprobs(server: Server) -> None:
     assert {f"token_id:{t}" for t in named} <= set(top["top_logprobs"][0])
     without = _post(server, "/v1/completions", {**completion, "logprobs": None})
     assert without.status_code == 400 and "logprob_token_ids" in without.json()["error"]["message"]
+
+
+def test_tokens_in_tokens_out_generates_what_completions_does(server: Server) -> None:
+    """POST /inference/v1/generate: the ids the model sampled, as /v1/completions samples them
+    for the same ids; whole and streamed alike; logprobs name tokens by id."""
+    prompt = [504, 3681, 314, 1345]
+    params = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    body = {"model": MODEL, "token_ids": prompt, "sampling_params": params}
+    whole = _post(server, "/inference/v1/generate", body)
+    assert whole.status_code == 200, whole.text
+    answer = whole.json()
+    (choice,) = answer["choices"]
+    reference = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6,
+                      "temperature": 0, "ignore_eos": True, "return_token_ids": True}).json()  # fmt: skip
+    assert choice["token_ids"] == reference["choices"][0]["token_ids"]
+    assert choice["finish_reason"] == "length"
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(len(c["top_logprobs"]) >= 1 for c in content)
+    events = _events(server, "/inference/v1/generate",
+                     {**body, "stream_options": {"include_usage": True}})  # fmt: skip
+    streamed = [t for e in events for c in e["choices"] for t in c["token_ids"]]
+    assert streamed == choice["token_ids"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1]][-1] == "length"
+    two = _post(server, "/inference/v1/generate", {**body, "sampling_params": {
+        "n": 2, "max_tokens": 3, "seed": 1, "temperature": 1.0}}).json()  # fmt: skip
+    assert sorted(c["index"] for c in two["choices"]) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"token_ids": [], "sampling_params": {}}, "token_ids"),
+     ({"token_ids": [1], "sampling_params": {"temperature": -1}}, "sampling_params.temperature"),
+     ({"token_ids": [1], "sampling_params": {"best_of": 2}}, "sampling_params.best_of"),
+     ({"token_ids": [10**9], "sampling_params": {}}, None)],
+    ids=["empty", "negative-temperature", "unknown-field", "out-of-vocabulary"],
+)  # fmt: skip
+def test_tokens_in_tokens_out_refuses_bad_bodies(server: Server, body, param) -> None:
+    answer = _post(server, "/inference/v1/generate", body)
+    assert answer.status_code == 400, answer.text
+    if param is not None:
+        assert answer.json()["error"]["param"] == param
+    assert _post(server, "/inference/v1/generate", {"token_ids": [1]}, key=None).status_code == 401

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from lmserve.api.endpoints import chat, completions, invocations, messages, responses, tokenize
+from lmserve.api.endpoints import (
+    chat,
+    completions,
+    generate,
+    invocations,
+    messages,
+    responses,
+    tokenize,
+)
 from lmserve.api.endpoints.base import Endpoint, Servings
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -19,6 +27,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *messages.ENDPOINTS,
     *tokenize.ENDPOINTS,
     *invocations.ENDPOINTS,
+    *generate.ENDPOINTS,
 )
 ENDPOINTS_BY_NAME = MappingProxyType({endpoint.name: endpoint for endpoint in ENDPOINTS})
 

@@ -14,6 +14,7 @@ from lmserve.api.replies import Reply
 from lmserve.api.serving.chat import ChatServing
 from lmserve.api.serving.common import PromptEncoder, ServingConfig
 from lmserve.api.serving.completions import CompletionServing
+from lmserve.api.serving.generate import GenerateServing
 from lmserve.api.serving.messages import MessagesServing
 from lmserve.api.serving.responses import ResponsesServing
 from lmserve.engine.protocol import EngineClient
@@ -31,6 +32,7 @@ class Servings:
         self.completions = CompletionServing(engine, config, encoder)
         self.messages = MessagesServing(engine, config, self.chat)
         self.responses = ResponsesServing(self.chat)
+        self.generate = GenerateServing(engine, config, self.chat)
         self.admission = Admission(engine, config.max_num_queued_reqs, config.max_num_queued_tokens)
 
     async def answer(self, endpoint: Endpoint, body: Any) -> Reply:

@@ -200,7 +200,7 @@ class ChatServing:
         return ChatChoice(
             index=out.index,
             message=message,
-            logprobs=self._logprobs(
+            logprobs=self.choice_logprobs(
                 out,
                 0,
                 len(out.token_ids),
@@ -218,7 +218,7 @@ class ChatServing:
     def _as_ids(self, request: ChatCompletionRequest) -> bool:
         return self.config.tokens_as_ids(request.return_tokens_as_token_ids)
 
-    def _logprobs(
+    def choice_logprobs(
         self, out: CompletionOutput, start: int, end: int, k: int, as_ids: bool, by_id: bool
     ) -> ChoiceLogprobs:
         """OpenAI's shape: each sampled token, and the k most likely tokens at its position
@@ -309,7 +309,7 @@ class ChatServing:
                         delta.tool_calls + tail.tool_calls,
                     )
                 logprobs = (
-                    self._logprobs(
+                    self.choice_logprobs(
                         out,
                         token_start,
                         len(out.token_ids),
