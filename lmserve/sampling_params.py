@@ -12,7 +12,8 @@ MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on logprob_token_ids
 @dataclass
 class StructuredOutputsParams:
     """One output constraint (vLLM's `structured_outputs`): a JSON schema, any JSON object, a
-    regex, a choice of strings or an EBNF grammar.
+    regex, a choice of strings, an EBNF grammar or a structural tag (tagged spans of the
+    output held to their own schemas, as tool calls are).
 
     `whitespace_pattern` replaces the bounded default between JSON tokens. `backend` is filled in
     by the engine frontend once it has checked which backend can enforce the constraint.
@@ -23,6 +24,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
     whitespace_pattern: str | None = None
     backend: str | None = None
 
@@ -30,8 +32,8 @@ class StructuredOutputsParams:
         given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise ValueError(
-                "structured_outputs needs exactly one of json, regex, choice, grammar or "
-                f"json_object, got {', '.join(given) or 'none'}"
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                f"json_object or structural_tag, got {', '.join(given) or 'none'}"
             )
         if self.choice is not None and (
             not self.choice or not all(isinstance(c, str) for c in self.choice)
@@ -43,7 +45,7 @@ class StructuredOutputsParams:
         return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
 
 
-_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass

@@ -6,6 +6,7 @@ that have no meaning here are accepted and logged; the deprecated `functions` AP
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ class StructuredOutputs(BaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
     whitespace_pattern: str | None = None
 
 
@@ -267,8 +269,11 @@ def _response_format_constraint(response_format: dict[str, Any]) -> list[tuple[s
             )
         schema = spec.get("schema", spec)
         return [("response_format", "json", schema)]
+    if kind == "structural_tag":  # vLLM's: {structures, triggers}, or xgrammar's {format}
+        return [("response_format", "structural_tag", json.dumps(response_format))]
     raise APIError(
-        f"response_format type must be text, json_object or json_schema, got {kind!r}",
+        "response_format type must be text, json_object, json_schema or structural_tag, got "
+        f"{kind!r}",
         param="response_format",
     )
 

@@ -28,6 +28,8 @@ def _grammar(spec: GrammarSpec) -> str:
         raise ValueError("whitespace_pattern applies to JSON constraints only")
     if spec.kind == "choice":
         return llguidance.grammar_from("choice", json.loads(spec.text))
+    if spec.kind == "structural_tag":
+        raise ValueError("structural tags are enforced by the xgrammar backend only")
     # "grammar" takes Lark or GBNF (`root ::= ...`)
     return llguidance.grammar_from("regex" if spec.kind == "regex" else "grammar", spec.text)
 

@@ -31,7 +31,9 @@ _NAME_MAPS = frozenset(
 class GrammarSpec:
     """A constraint in canonical text form; equal specs share one compiled grammar."""
 
-    kind: str  # "json" (a schema), "regex", "choice" (a JSON list) or "grammar" (EBNF / Lark)
+    # "json" (a schema), "regex", "choice" (a JSON list), "grammar" (EBNF / Lark) or
+    # "structural_tag" (xgrammar's, as JSON)
+    kind: str
     text: str
     whitespace_pattern: str | None = None
 
@@ -52,6 +54,14 @@ class GrammarSpec:
             kind, text = "json", json.dumps({"type": "object"})
         elif kind == "choice":
             text = json.dumps(params.choice)
+        elif kind == "structural_tag":
+            try:
+                tag = json.loads(params.structural_tag or "")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the structural tag is not valid JSON: {exc}") from None
+            if not isinstance(tag, dict):
+                raise ValueError("the structural tag must be a JSON object")
+            text = json.dumps(tag)
         else:
             text = getattr(params, kind)
         return cls(kind, text, params.whitespace_pattern)

@@ -34,9 +34,32 @@ def _grammar(spec: GrammarSpec) -> xgr.Grammar:
         if spec.kind == "choice":
             options = " | ".join(json.dumps(c) for c in json.loads(spec.text))
             return xgr.Grammar.from_ebnf(f"root ::= {options}")
+        if spec.kind == "structural_tag":
+            return _structural_tag(json.loads(spec.text))
         return xgr.Grammar.from_ebnf(spec.text)
     except RuntimeError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _structural_tag(tag: dict[str, Any]) -> xgr.Grammar:
+    """Both forms vLLM takes: the older {structures: [{begin, schema, end}], triggers} (free
+    text until a trigger, then the tag's schema), and xgrammar's {format: ...}."""
+    if "structures" not in tag:
+        return xgr.Grammar.from_structural_tag(json.dumps(tag))
+    try:
+        items = [
+            xgr.StructuralTagItem(
+                begin=s["begin"], schema=json.dumps(s.get("schema", {})), end=s["end"]
+            )
+            for s in tag["structures"]
+        ]
+        triggers = list(tag["triggers"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(
+            f"each of a structural tag's structures needs begin, schema and end, and the tag "
+            f"its triggers ({exc!r})"
+        ) from None
+    return xgr.Grammar.from_structural_tag(items, triggers)
 
 
 class XGrammarMatcher(Matcher):

@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from tests.api.conftest import Server, start_server, stop_server
 
@@ -92,6 +93,12 @@ def constraint_body(i: int, schema: dict[str, Any]) -> dict[str, Any]:
         {"structured_outputs": {"json": schema}},
     ]  # fmt: skip
     return forms[i % len(forms)]
+
+
+CITY = {"enum": ["Paris", "Rome"]}
+CITY_TAG = json.dumps({"type": "structural_tag", "format": {
+    "type": "tag", "begin": "<city>", "content": {"type": "json_schema", "json_schema": CITY},
+    "end": "</city>"}})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +234,11 @@ def test_json_object_and_text_formats(server: Server) -> None:
         ({"structured_outputs": {"jsn": {}}}, "jsn"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"guided_choice": []}, "non-empty"),
+        (
+            {"response_format": {"type": "structural_tag", "format": {"type": "nope"}}},
+            "Format type not recognized",
+        ),
+        ({"response_format": {"type": "structural_tag", "structures": [{}]}}, "begin"),
     ],
 )
 def test_bad_constraints_are_400s(server: Server, body: dict[str, Any], needle: str) -> None:
@@ -241,3 +253,28 @@ def test_bad_constraints_are_400s(server: Server, body: dict[str, Any], needle: 
             assert response.status_code == 400, response.text
             assert needle in response.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_structural_tags_hold_the_tagged_spans(server: Server, smollm2_dir) -> None:
+    """xgrammar's structural tag (vLLM's response_format type): with a required tag the whole
+    output is the tag; in vLLM's older form, text is free until a trigger, then the tag's
+    schema holds until its end."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    tagged = client.chat.completions.create(
+        model=MODEL, messages=chat("Which city is the capital of France?"), max_tokens=30,
+        temperature=1.0, n=3, response_format=json.loads(CITY_TAG),
+    )  # fmt: skip
+    for choice in tagged.choices:
+        assert choice.message.content in ('<city>"Paris"</city>', '<city>"Rome"</city>')
+    # the older form: `<` triggers the tag, so forcing `<` first forces the whole tag
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    (angle,) = tokenizer.encode("<")
+    legacy = {"type": "structural_tag", "triggers": ["<"],
+              "structures": [{"begin": "<city>", "schema": CITY, "end": "</city>"}]}  # fmt: skip
+    reply = client.completions.create(
+        model=MODEL, prompt="The capital of France:", max_tokens=30, temperature=1.0, n=3,
+        extra_body={"response_format": legacy, "logit_bias": {str(angle): 100},
+                    "stop": ["</city>"], "include_stop_str_in_output": True},
+    )  # fmt: skip
+    for choice in reply.choices:
+        assert choice.text in ('<city>"Paris"</city>', '<city>"Rome"</city>'), choice.text

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lmserve.sampling_params import StructuredOutputsParams as Params
 from lmserve.structured_output.backend import resolve_backend
+
+TAG = json.dumps({"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}})
 
 
 @pytest.mark.parametrize(
@@ -16,6 +20,7 @@ from lmserve.structured_output.backend import resolve_backend
         (Params(choice=["yes", "no"]), "xgrammar"),
         (Params(grammar='root ::= "a" | "b"'), "xgrammar"),
         (Params(json_object=True), "xgrammar"),
+        (Params(structural_tag=TAG), "xgrammar"),  # only xgrammar has structural tags
         # xgrammar would silently ignore allOf; llguidance enforces it
         (Params(json={"allOf": [{"type": "object"}, {"required": ["a"]}]}), "guidance"),
         # only llguidance takes a custom whitespace pattern, or a Lark grammar
@@ -39,6 +44,8 @@ def test_auto_picks_a_backend_that_enforces_the_constraint(params: Params, backe
         (Params(regex="[a-"), "auto", "regex"),
         (Params(grammar="root ::= undefined_rule"), "auto", "undefined_rule"),
         (Params(json={"type": "object"}), "nope", "unknown structured outputs backend"),
+        (Params(structural_tag=TAG), "guidance", "xgrammar backend only"),
+        (Params(structural_tag="[1]"), "auto", "must be a JSON object"),
     ],
 )
 def test_constraints_no_backend_can_enforce_are_refused(
