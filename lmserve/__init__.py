@@ -4,9 +4,16 @@
 """
 
 from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "BeamSearchParams",
+    "CompletionOutput",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+]
 __version__ = "0.1.0"
 
 

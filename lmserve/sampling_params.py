@@ -154,3 +154,28 @@ class SamplingParams:
 
         seed = None if self.seed is None else self.seed + index
         return replace(self, n=1, seed=seed)
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """vLLM's BeamSearchParams. `temperature` is accepted for its API and has no effect: the
+    beams are ranked by the model's raw logprobs, as vLLM's V1 engine ranks them."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+
+    @property
+    def num_candidates(self) -> int:
+        """Continuations kept each step (HF's beams_to_keep with one EOS id): the logprobs a
+        step asks of each beam."""
+        return 2 * self.beam_width

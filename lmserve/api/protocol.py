@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmserve.api.errors import APIError
-from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
+from lmserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class _SamplingRequest(BaseModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     truncation_side: Literal["left", "right"] = "left"
     return_tokens_as_token_ids: bool | None = None  # this request's --return-tokens-as-token-ids
+    # beam search: `n` beams, ranked by summed logprob over generated_length ** length_penalty
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # disaggregated prefill's KV hand-over (vLLM's connectors): accepted, no KV is transferred
     kv_transfer_params: dict[str, Any] | None = None
     # OpenAI fields without effect here, and fields of features still to come
@@ -137,6 +140,29 @@ class _SamplingRequest(BaseModel):
         for name in _IGNORED:
             if getattr(self, name, None) is not None:
                 logger.warning("ignoring %r: it has no effect on this server", name)
+
+    def beam_search_params(self, params: SamplingParams) -> BeamSearchParams:
+        """With use_beam_search: `n` beams for `params`' max_tokens. What beam search would not
+        honour (sampling's logprobs, stop strings, output constraints) is a 400, never
+        silently dropped."""
+        for name, given in (
+            ("logprobs", params.logprobs is not None),
+            ("prompt_logprobs", params.prompt_logprobs is not None),
+            ("stop", bool(params.stop_strings) or bool(params.stop_token_ids)),
+            ("structured_outputs", params.structured_outputs is not None),
+            ("min_tokens", params.min_tokens > 0),
+        ):
+            if given:
+                raise APIError(f"{name} cannot be combined with use_beam_search", param=name)
+        assert params.max_tokens is not None
+        return BeamSearchParams(
+            beam_width=params.n,
+            max_tokens=params.max_tokens,
+            ignore_eos=params.ignore_eos,
+            temperature=params.temperature,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
 
     def constraint(self) -> StructuredOutputsParams | None:
         """The one output constraint asked for, from whichever field carries it."""

@@ -109,6 +109,10 @@ class AsyncEngine(EngineClient):
         return self._dead is None and self.client.is_alive
 
     @property
+    def eos_token_id(self) -> int | None:
+        return self.input_processor.eos_token_id
+
+    @property
     def num_prefill_tokens(self) -> int:
         return self._num_prefill_tokens
 

@@ -10,6 +10,14 @@ from tqdm import tqdm
 
 from lmserve.chat_template import render_chat
 from lmserve.engine.args import create_engine_config
+from lmserve.engine.beam_search import (
+    BeamSearch,
+    BeamSearchOutput,
+    BeamSearchParams,
+    check_logprob_limit,
+    step_params,
+    top_candidates,
+)
 from lmserve.engine.core import EngineCore
 from lmserve.engine.generation_config import load_sampling_defaults
 from lmserve.engine.input_processor import InputProcessor, PromptType
@@ -74,6 +82,47 @@ class LLM:
             prompts = [prompts]
         processed = [self.input_processor.tokenize_prompt(p) for p in prompts]
         return self._run(processed, sampling_params, use_tqdm, lora_request)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | None = None,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: each prompt's `beam_width` best sequences, as HF's
+        generate(num_beams=...) finds them. Every running beam of every prompt runs in the same
+        step, sharing its prompt's blocks through the prefix cache."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        check_logprob_limit(params, self.config.model.max_logprobs)
+        eos = self.input_processor.eos_token_id
+        searches = [
+            BeamSearch(self.input_processor.tokenize_prompt(p).prompt_token_ids, params, eos)
+            for p in prompts
+        ]
+        step = step_params(params)
+        bar = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm)
+        while running := [search for search in searches if not search.done]:
+            pending = [ids for search in running for ids in search.pending()]
+            outputs = iter(
+                self.generate(
+                    [{"prompt_token_ids": ids} for ids in pending],
+                    step,
+                    use_tqdm=False,
+                    lora_request=lora_request,
+                )
+            )
+            for search in running:
+                search.step(
+                    [
+                        top_candidates(next(outputs).outputs[0].logprobs[0], params.num_candidates)
+                        for _ in search.running
+                    ]
+                )
+            bar.update(1)
+        bar.close()
+        return [search.output(self.tokenizer) for search in searches]
 
     def chat(
         self,

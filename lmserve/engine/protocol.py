@@ -38,6 +38,11 @@ class EngineClient(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def eos_token_id(self) -> int | None:
+        """The token that ends a generation (beam search finishes hypotheses on it)."""
+
+    @property
+    @abc.abstractmethod
     def num_prefill_tokens(self) -> int:
         """Prompt tokens of the requests taken that have no output token yet: the prefill
         backlog, which --max-num-queued-tokens bounds."""

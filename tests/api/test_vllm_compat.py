@@ -149,7 +149,8 @@ def test_tokenize_takes_tools_beside_messages(server: Server) -> None:
 
 
 def test_unknown_routes_answer_in_openais_error_shape(server: Server) -> None:
-    answer = httpx.get(f"{server.url}/v2/nothing-here")
+    assert httpx.get(f"{server.url}/v2/nothing-here").status_code == 401  # guarded, as vLLM's
+    answer = httpx.get(f"{server.url}/nothing-here")
     assert answer.status_code == 404
     assert answer.json()["error"]["type"] == "NotFoundError"
     wrong_method = httpx.delete(f"{server.url}/health")
@@ -517,3 +518,35 @@ def test_tokens_in_tokens_out_refuses_bad_bodies(server: Server, body, param) ->
     if param is not None:
         assert answer.json()["error"]["param"] == param
     assert _post(server, "/inference/v1/generate", {"token_ids": [1]}, key=None).status_code == 401
+
+
+def test_beam_search_through_the_server_is_llm_beam_search(server: Server, client,
+                                                          tiny_chat_dir) -> None:  # fmt: skip
+    """use_beam_search with n beams answers the n sequences LLM.beam_search finds (which equal
+    HF's, tests/engine/test_beam_search.py), best first; streamed alike."""
+    from lmserve import LLM, BeamSearchParams
+
+    prompt = [504, 3681, 314, 1345, 28, 253]
+    body = {"prompt": prompt, "max_tokens": 5, "n": 3, "use_beam_search": True,
+            "length_penalty": 0.5, "return_token_ids": True}  # fmt: skip
+    answer = _post(server, "/v1/completions", body)
+    assert answer.status_code == 200, answer.text
+    got = [c["token_ids"] for c in answer.json()["choices"]]
+    llm = LLM(str(tiny_chat_dir), max_model_len=256, kv_cache_memory_gb=0.05)
+    params = BeamSearchParams(beam_width=3, max_tokens=5, length_penalty=0.5)
+    (expected,) = llm.beam_search({"prompt_token_ids": prompt}, params)
+    assert got == [seq.tokens[len(prompt) :] for seq in expected.sequences]
+    assert [c["text"] for c in answer.json()["choices"]] == [s.text for s in expected.sequences]
+    events = _events(server, "/v1/completions", body)
+    streamed = {c["index"]: c["token_ids"] for e in events for c in e["choices"]}
+    assert [streamed[i] for i in range(3)] == got
+    chat = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=4, n=2, extra_body={"use_beam_search": True}
+    )
+    rendered = httpx.post(f"{server.url}/tokenize", json={"messages": USER}).json()["tokens"]
+    (chat_beams,) = llm.beam_search(
+        {"prompt_token_ids": rendered}, BeamSearchParams(beam_width=2, max_tokens=4)
+    )
+    assert [c.message.content for c in chat.choices] == [s.text for s in chat_beams.sequences]
+    refused = _post(server, "/v1/completions", {**body, "logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"

@@ -38,6 +38,7 @@ from lmserve.api.serving.chat_message import (
 )
 from lmserve.api.tool_parsers import get_tool_parser
 from lmserve.chat_template import ChatTemplateError, render_chat
+from lmserve.engine.beam_search import beam_search
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -124,16 +125,16 @@ class ChatServing:
         parser = MessageParser(self._reasoning_parser(text), tool_mode)
         request_id = common.new_id("chatcmpl", request.request_id)
         common.log_request(self.config, request_id, text, len(ids), params)
-        stream = common.first_within(
-            self.engine.generate(
-                {"prompt_token_ids": ids, "prompt": text},
-                params,
-                request_id,
-                request.cache_salt,
-                lora,
-            ),
-            self.config.max_waiting_time_s,
-        )
+        prompt = {"prompt_token_ids": ids, "prompt": text}
+        salt = request.cache_salt
+        if request.use_beam_search:  # it answers once, at its end: no first-token deadline
+            beams = request.beam_search_params(params)
+            stream = beam_search(self.engine, prompt, beams, request_id, salt, lora)
+        else:
+            stream = common.first_within(
+                self.engine.generate(prompt, params, request_id, salt, lora),
+                self.config.max_waiting_time_s,
+            )
         if request.stream:
             events = self._stream(request, model, request_id, stream, parser)
             return Stream(events, done_marker=True)

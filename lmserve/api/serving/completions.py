@@ -14,6 +14,7 @@ from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.schemas.common import Usage
 from lmserve.api.schemas.completions import Completion, CompletionChoice, CompletionLogprobs
 from lmserve.api.serving import common
+from lmserve.engine.beam_search import beam_search
 from lmserve.engine.protocol import EngineClient
 from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -65,11 +66,15 @@ class CompletionServing:
         for i, p in enumerate(prompts):
             num_prompt = len(p["prompt_token_ids"])
             common.log_request(self.config, f"{base_id}-{i}", p["prompt"], num_prompt, params)
-        streams = [
+        beams = request.beam_search_params(params) if request.use_beam_search else None
+        salt = request.cache_salt
+        streams = [  # a beam search answers once, at its end: no first-token deadline
             common.first_within(
-                self.engine.generate(p, params, f"{base_id}-{i}", request.cache_salt, lora),
+                self.engine.generate(p, params, f"{base_id}-{i}", salt, lora),
                 self.config.max_waiting_time_s,
             )
+            if beams is None
+            else beam_search(self.engine, p, beams, f"{base_id}-{i}", salt, lora)
             for i, p in enumerate(prompts)
         ]
         if request.stream:
