@@ -31,10 +31,15 @@ class ModelConfig:
     seed: int = 0
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     quantization: str | None = None  # "int8": dynamic W8A8 linears (CPU), quantized at load
+    enable_prompt_embeds: bool = False  # prompts may come as embeddings instead of token ids
 
     @property
     def architecture(self) -> str:
         return (self.hf_config.get("architectures") or ["<missing>"])[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config["hidden_size"])
 
     @property
     def num_layers(self) -> int:

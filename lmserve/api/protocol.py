@@ -233,7 +233,9 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    # base64 of a torch.save'd [tokens, hidden_size] tensor, or several (--enable-prompt-embeds)
+    prompt_embeds: str | list[str] | None = None
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary
     suffix: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from lmserve.engine.messages import FinishReason
+from lmserve.engine.messages import FinishReason, PromptEmbeds
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
@@ -62,6 +62,7 @@ class Request:
     arrival_time: float = 0.0
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None
+    prompt_embeds: PromptEmbeds | None = None  # the prompt's embeddings, its ids placeholders
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)

@@ -174,6 +174,7 @@ class Scheduler:
             num_computed_tokens=num_computed,
             eos_token_id=request.eos_token_id,
             lora_request=request.lora_request,
+            prompt_embeds=request.prompt_embeds,
         )
 
     def _output(

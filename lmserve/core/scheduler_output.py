@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmserve.engine.messages import TokenLogprobs
+from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
@@ -23,6 +23,7 @@ class NewRequestData:
     num_computed_tokens: int
     eos_token_id: int | None
     lora_request: LoRARequest | None = None
+    prompt_embeds: PromptEmbeds | None = None
 
 
 @dataclass(frozen=True, slots=True)

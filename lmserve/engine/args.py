@@ -54,6 +54,7 @@ def create_engine_config(
     gpu_memory_utilization: float = 0.9,
     device: str = "auto",
     max_logprobs: int = 20,
+    enable_prompt_embeds: bool = False,
     cache_dir: str | os.PathLike | None = None,
     structured_outputs_backend: str = "auto",
     reasoning_parser: str | None = None,
@@ -116,6 +117,7 @@ def create_engine_config(
         max_model_len=max_model_len,
         seed=seed,
         max_logprobs=max_logprobs,
+        enable_prompt_embeds=enable_prompt_embeds,
         quantization=quantization,
     )
     if max_num_batched_tokens is None:
@@ -272,6 +274,12 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument(
+        "--enable-prompt-embeds",
+        action="store_true",
+        help="accept prompts as embeddings (`prompt_embeds`: a base64 torch.save'd [tokens, "
+        "hidden_size] tensor) in place of text or token ids",
+    )
+    parser.add_argument(
         "--max-logprobs",
         type=int,
         default=20,
@@ -366,6 +374,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         quantization=args.quantization,
         seed=args.seed,
         max_logprobs=args.max_logprobs,
+        enable_prompt_embeds=args.enable_prompt_embeds,
         structured_outputs_backend=args.structured_outputs_backend,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,

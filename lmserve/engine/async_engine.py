@@ -172,6 +172,7 @@ class AsyncEngine(EngineClient):
             processed.prompt_token_ids,
             sampling_params,
             [c.req_id for c in children],
+            from_embeds=processed.prompt_embeds is not None,
         )
         finished = False
         try:

@@ -69,6 +69,7 @@ class EngineCore:
             arrival_time=request.arrival_time,
             cache_salt=request.cache_salt,
             lora_request=request.lora_request,
+            prompt_embeds=request.prompt_embeds,
         )
         self.scheduler.add_request(core_request)
         try:

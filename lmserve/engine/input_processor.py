@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 from lmserve.config import LoRAConfig, ModelConfig
-from lmserve.engine.messages import EngineCoreRequest
+from lmserve.engine.messages import EngineCoreRequest, PromptEmbeds
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
-# A prompt: text, or pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text).
+# A prompt: text, pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text), or
+# embeddings {"prompt_embeds": a [tokens, hidden] tensor, or its torch.save bytes}.
 PromptType = str | dict[str, Any]
 
 
 @dataclass(frozen=True)
 class ProcessedPrompt:
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # for embeddings: placeholders, one per row
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class InputProcessor:
@@ -50,9 +53,45 @@ class InputProcessor:
             return ProcessedPrompt(
                 prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
             )
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            embeds = self._prompt_embeds(prompt["prompt_embeds"])
+            return ProcessedPrompt(None, [0] * embeds.num_tokens, embeds)
         raise TypeError(
-            f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+            "a prompt is a string, {'prompt_token_ids': [...]} or {'prompt_embeds': tensor}, "
+            f"got {type(prompt).__name__}"
         )
+
+    def _prompt_embeds(self, value: Any) -> PromptEmbeds:
+        """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]
+        tensor (a leading batch dimension of 1 is dropped), finite, within the context. Bytes
+        are a torch.save'd tensor, read with torch's weights-only unpickler."""
+        import io
+
+        import torch
+
+        if not self.model_config.enable_prompt_embeds:
+            raise ValueError(
+                "prompt embeddings are off: start the engine with --enable-prompt-embeds "
+                "(enable_prompt_embeds=True)"
+            )
+        if isinstance(value, bytes):
+            try:
+                value = torch.load(io.BytesIO(value), weights_only=True, map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - any unreadable payload is the caller's
+                raise ValueError(f"prompt_embeds is not a torch.save'd tensor: {exc}") from None
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            raise ValueError("prompt_embeds must be a dense tensor")
+        if value.dim() == 3 and value.shape[0] == 1:
+            value = value[0]
+        hidden = self.model_config.hidden_size
+        if value.dim() != 2 or value.shape[1] != hidden or value.shape[0] < 1:
+            raise ValueError(
+                f"prompt_embeds must have shape [num_tokens, {hidden}], got {list(value.shape)}"
+            )
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise ValueError("prompt_embeds must hold finite floating-point numbers")
+        rows = value.detach().to(torch.float32).contiguous()
+        return PromptEmbeds(rows.numpy().tobytes(), rows.shape[0], hidden)
 
     def make_requests(
         self,
@@ -68,6 +107,8 @@ class InputProcessor:
             params = replace(params, structured_outputs=self._resolve_constraint(params))
         if lora_request is not None:
             self.check_lora(lora_request)
+        if prompt.prompt_embeds is not None:
+            cache_salt = _embeds_salt(prompt.prompt_embeds, params, cache_salt)
         if params.n == 1:
             return [self.make_request(request_id, prompt, params, cache_salt, lora_request)]
         return [
@@ -117,6 +158,7 @@ class InputProcessor:
             arrival_time=time.time(),
             cache_salt=cache_salt,
             lora_request=lora_request,
+            prompt_embeds=prompt.prompt_embeds,
         )
 
     def _resolve_constraint(self, params: SamplingParams) -> StructuredOutputsParams:
@@ -176,3 +218,17 @@ def _eos_token_id(model_config: ModelConfig, tokenizer: Any | None) -> int | Non
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     return eos
+
+
+def _embeds_salt(embeds: PromptEmbeds, params: SamplingParams, cache_salt: str | None) -> str:
+    """What a prompt given as embeddings may not ask for, checked; and its prefix-cache salt:
+    its ids are placeholders, so its KV is shared only with the very same embeddings."""
+    if params.prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs cannot be computed for a prompt given as embeddings")
+    if params.repetition_penalty != 1.0:
+        raise ValueError(
+            "repetition_penalty needs the prompt's tokens, which a prompt given as embeddings "
+            "does not have"
+        )
+    digest = hashlib.sha256(embeds.data).hexdigest()
+    return f"{cache_salt or ''}\x00prompt_embeds:{digest}"

@@ -188,6 +188,7 @@ class LLM:
                 prompt.prompt_token_ids,
                 params,
                 [c.req_id for c in children],
+                from_embeds=prompt.prompt_embeds is not None,
             )
             for child in children:
                 self.engine_core.add_request(child)

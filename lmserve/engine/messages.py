@@ -61,6 +61,15 @@ class SchedulerStats(msgspec.Struct, frozen=True):
 
 
 # ---- to the core ---------------------------------------------------------------------------------
+class PromptEmbeds(msgspec.Struct, frozen=True):
+    """A prompt given as embeddings: float32 rows, one per prompt position, in place of the
+    token embeddings (the prompt's token ids are placeholders)."""
+
+    data: bytes  # [num_tokens, hidden_size] float32, row-major
+    num_tokens: int
+    hidden_size: int
+
+
 class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     req_id: str
     prompt_token_ids: list[int]
@@ -69,6 +78,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     arrival_time: float
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):

@@ -49,11 +49,13 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         child_ids: list[str],
+        from_embeds: bool = False,
     ) -> None:
+        """`from_embeds`: the prompt came as embeddings, its ids are placeholders (so the
+        detokenizer starts without the prompt's tail)."""
+        context = [] if from_embeds else prompt_token_ids
         samples = {
-            child: _Sample(
-                i, params, self._decoder(params, prompt_token_ids), _empty_output(i, params)
-            )
+            child: _Sample(i, params, self._decoder(params, context), _empty_output(i, params))
             for i, child in enumerate(child_ids)
         }
         state = _RequestState(request_id, prompt, prompt_token_ids, params, samples)

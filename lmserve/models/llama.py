@@ -110,8 +110,15 @@ class LlamaModel(nn.Module):
             head_dim, cfg.get("max_position_embeddings", 2048), theta, scaling
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if embeds is not None:  # prompt positions given as embeddings: (token indices, rows)
+            x[embeds[0]] = embeds[1]
         rope = self.rotary_emb(positions, x.dtype)
         residual = None
         for layer in self.layers:
@@ -132,8 +139,13 @@ class LlamaForCausalLM(nn.Module):
         # the embedding wants rows per token, the LM head wants [in, out] for fast decode.
         self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # One row streams fastest through the [in, out] copy; from a few rows on, a GEMM on the

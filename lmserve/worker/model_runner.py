@@ -14,7 +14,7 @@ from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata,
 from lmserve.config import EngineConfig
 from lmserve.core.request import RequestFailed
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
-from lmserve.engine.messages import TokenLogprobs
+from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
 from lmserve.forward_context import set_forward_context
 from lmserve.lora.layers import LoRAMapping
 from lmserve.lora.manager import LoRAManager
@@ -43,6 +43,8 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens]
     common: CommonAttentionMetadata
     sample_mask: np.ndarray  # [num_reqs] True where the scheduler says the request samples
+    # (step token indices, their embeddings) where a prompt came as embeddings
+    prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self._bind_kv_caches()
         self._executed: _ExecutedStep | None = None
+        self._prompt_embeds: dict[str, torch.Tensor] = {}  # req id -> [prompt len, hidden]
         self.lora = lora
         self.graphs = graphs
         if graphs is not None:
@@ -198,11 +201,12 @@ class ModelRunner:
         num_rows = len(inputs.req_ids)
         mapping = self._lora_mapping(inputs)
         decode_only = int(common.query_start_loc[-1]) == num_rows  # one token per request
-        # graphs hold the base model only: a step with adapters runs eagerly
+        # graphs hold the base model only: a step with adapters (or embeddings) runs eagerly
         if (
             self.graphs is not None
             and decode_only
             and mapping is None
+            and inputs.prompt_embeds is None
             and self.graphs.padded_size(num_rows)
         ):
             return self.graphs.run(
@@ -213,6 +217,8 @@ class ModelRunner:
                 common.block_table,
             )
         with set_forward_context(self.backend.build_metadata(common), mapping):
+            if inputs.prompt_embeds is not None:
+                return self.model(inputs.input_ids, inputs.positions, inputs.prompt_embeds)
             return self.model(inputs.input_ids, inputs.positions)
 
     def _lora_mapping(self, inputs: StepInputs) -> LoRAMapping | None:
@@ -256,12 +262,41 @@ class ModelRunner:
         batch = self.batch
         for req_id in so.finished_req_ids:
             batch.remove(req_id)
+            self._prompt_embeds.pop(req_id, None)
         for new in so.new_reqs:
             batch.add(new)
+            if new.prompt_embeds is not None:
+                self._prompt_embeds[new.req_id] = self._embeds_tensor(new.prompt_embeds)
         for cached in so.cached_reqs:
             row = batch.row_of[cached.req_id]
             batch.append_blocks(row, cached.new_block_ids)
             batch.num_computed_tokens[row] = cached.num_computed_tokens
+
+    def _embeds_tensor(self, embeds: PromptEmbeds) -> torch.Tensor:
+        shape = (embeds.num_tokens, embeds.hidden_size)
+        rows = torch.frombuffer(bytearray(embeds.data), dtype=torch.float32).view(shape)
+        dtype = self.model.model.embed_tokens.weight.dtype
+        return rows.to(device=self.device, dtype=dtype)
+
+    def _embeds_override(
+        self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's tokens that are prompt positions of a prompt given as embeddings, and
+        those embeddings (a resumed request recomputes them from the same rows)."""
+        indices, values = [], []
+        for i, req_id in enumerate(req_ids):
+            embeds = self._prompt_embeds.get(req_id)
+            if embeds is None:
+                continue
+            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            step_positions = positions[start:end]
+            inside = step_positions < embeds.shape[0]
+            if inside.any():
+                indices.append(np.arange(start, end)[inside])
+                values.append(embeds[torch.from_numpy(step_positions[inside])])
+        if not indices:
+            return None
+        return to_device(np.concatenate(indices), self.device), torch.cat(values)
 
     def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         batch = self.batch
@@ -295,6 +330,9 @@ class ModelRunner:
             positions=to_device(positions, self.device),
             common=common,
             sample_mask=np.fromiter((r in sampling for r in req_ids), bool, len(req_ids)),
+            prompt_embeds=self._embeds_override(req_ids, query_start_loc, positions)
+            if self._prompt_embeds
+            else None,
         )
 
     def _collect_samples(

@@ -210,6 +210,9 @@ def test_malformed_json_and_suffix(smollm2_server: Server) -> None:
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     suffix = httpx.post(f"{smollm2_server.url}/v1/completions", json={"prompt": "a", "suffix": "b"})
     assert suffix.status_code == 400 and "suffix" in suffix.json()["error"]["message"]
+    embeds = httpx.post(f"{smollm2_server.url}/v1/completions", json={"prompt_embeds": "AAAA"})
+    assert embeds.status_code == 400 and embeds.json()["error"]["param"] == "prompt_embeds"
+    assert "--enable-prompt-embeds" in embeds.json()["error"]["message"]
 
 
 def test_tokenize_detokenize_and_probes(smollm2_server: Server) -> None:

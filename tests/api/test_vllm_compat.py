@@ -34,7 +34,7 @@ def server(tiny_chat_dir) -> Iterator[Server]:
             "--kv-cache-memory-gb", "0.05", "--metrics-prefix", "vllm",
             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
             "--enable-chunked-prefill", "--structured-outputs-config.backend", "xgrammar",
-            "--enable-per-request-metrics", "--max-logprobs", "-1",
+            "--enable-per-request-metrics", "--max-logprobs", "-1", "--enable-prompt-embeds",
         )  # fmt: skip
     finally:
         del os.environ["VLLM_API_KEY"]
@@ -550,3 +550,63 @@ def test_beam_search_through_the_server_is_llm_beam_search(server: Server, clien
     assert [c.message.content for c in chat.choices] == [s.text for s in chat_beams.sequences]
     refused = _post(server, "/v1/completions", {**body, "logprobs": 1})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+
+
+def _encoded(tensor) -> str:
+    import base64
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_prompt_embeds_answer_as_their_tokens_do(server: Server, client, tiny_chat_dir) -> None:
+    """vLLM's client example: prompt=None, the embeddings in extra_body. The embeddings of a
+    token prompt generate what the tokens do; a soft prompt (no token's embedding) runs too."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(tiny_chat_dir / "model.safetensors")
+    table = weights["model.embed_tokens.weight"]
+    ids = [504, 3681, 314, 1345]
+    greedy = {"max_tokens": 6, "temperature": 0.0}
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **greedy)
+    by_embeds = client.completions.create(
+        model=MODEL, prompt=None, **greedy, extra_body={"prompt_embeds": _encoded(table[ids])}
+    )
+    assert by_embeds.choices[0].text == by_ids.choices[0].text
+    assert by_embeds.usage.prompt_tokens == 4
+    soft = table[ids] + 0.01 * torch.randn(
+        4, table.shape[1], generator=torch.Generator().manual_seed(0)
+    )
+    both = _post(server, "/v1/completions", {"prompt": ids, "prompt_embeds": [_encoded(soft)],
+                                             "max_tokens": 3, "return_token_ids": True})  # fmt: skip
+    choices = both.json()["choices"]
+    assert len(choices) == 2 and choices[0]["prompt_token_ids"] is None  # embeddings first
+    assert choices[1]["prompt_token_ids"] == ids
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "says"),
+    [({"prompt_embeds": "%%%"}, "prompt_embeds", "base64"),
+     ({"prompt_embeds": "AAAA"}, None, "torch.save"),
+     ({"prompt_embeds": "EMBEDS", "echo": True}, "echo", "embeddings"),
+     ({"prompt_embeds": "WRONG_WIDTH"}, None, "shape [num_tokens, 64]"),
+     ({}, "prompt", "required")],
+    ids=["not-base64", "not-a-tensor", "echo", "wrong-width", "neither"],
+)  # fmt: skip
+def test_bad_prompt_embeds_are_400s(server: Server, extra, param, says) -> None:
+    import torch
+
+    samples = {"EMBEDS": _encoded(torch.zeros(2, 64)), "WRONG_WIDTH": _encoded(torch.zeros(2, 9))}
+    if extra.get("prompt_embeds") in samples:
+        extra = {**extra, "prompt_embeds": samples[extra["prompt_embeds"]]}
+    answer = _post(server, "/v1/completions", {"max_tokens": 2, **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"]
+    if param is not None:
+        assert error["param"] == param

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -28,8 +30,14 @@ class CompletionServing:
         self.encoder = encoder
 
     async def _prompts(self, request: CompletionRequest) -> list[dict[str, Any]]:
-        """Each prompt as {"prompt_token_ids", "prompt"}; vLLM's four prompt shapes."""
+        """Each prompt as {"prompt_token_ids", "prompt"} (vLLM's four prompt shapes), or as
+        {"prompt_embeds": bytes} (the engine reads and checks the tensor), embeddings first."""
+        prompts = self._embeds_prompts(request)
         prompt = request.prompt
+        if prompt is None:
+            if not prompts:
+                raise APIError("prompt (or prompt_embeds) is required", param="prompt")
+            return prompts
         if isinstance(prompt, str):
             items: list[str | list[int]] = [prompt]
         elif prompt and all(isinstance(p, int) for p in prompt):
@@ -38,7 +46,6 @@ class CompletionServing:
             items = list(prompt)  # type: ignore[arg-type]
         if not items:
             raise APIError("prompt must not be empty", param="prompt")
-        prompts = []
         keep = common.keep_tokens(self.engine, request.truncate_prompt_tokens)
         side = request.truncation_side
         for item in items:
@@ -50,6 +57,31 @@ class CompletionServing:
                 text = None
             common.check_prompt_length(self.engine, len(ids), request.max_tokens)
             prompts.append({"prompt_token_ids": ids, "prompt": text})
+        return prompts
+
+    def _embeds_prompts(self, request: CompletionRequest) -> list[dict[str, Any]]:
+        given = request.prompt_embeds
+        if given is None:
+            return []
+        if not self.engine.config.model.enable_prompt_embeds:
+            raise APIError(
+                "prompt_embeds are off on this server: start it with --enable-prompt-embeds",
+                param="prompt_embeds",
+            )
+        if request.echo:
+            raise APIError("echo cannot repeat a prompt given as embeddings", param="echo")
+        items = [given] if isinstance(given, str) else list(given)
+        if not items:
+            raise APIError("prompt_embeds must not be empty", param="prompt_embeds")
+        prompts = []
+        for item in items:
+            try:
+                data = base64.b64decode(item, validate=True)
+            except binascii.Error:
+                raise APIError(
+                    "prompt_embeds must be base64 of a torch.save'd tensor", param="prompt_embeds"
+                ) from None
+            prompts.append({"prompt_embeds": data, "prompt": None})
         return prompts
 
     async def create(self, request: CompletionRequest) -> Reply:
@@ -64,7 +96,7 @@ class CompletionServing:
             params = replace(params, prompt_logprobs=request.logprobs)
         base_id = common.new_id("cmpl", request.request_id)
         for i, p in enumerate(prompts):
-            num_prompt = len(p["prompt_token_ids"])
+            num_prompt = len(p.get("prompt_token_ids", ()))
             common.log_request(self.config, f"{base_id}-{i}", p["prompt"], num_prompt, params)
         beams = request.beam_search_params(params) if request.use_beam_search else None
         salt = request.cache_salt
@@ -83,8 +115,10 @@ class CompletionServing:
         choices = []
         for i, final in enumerate(finals):
             for out in final.outputs:
-                choices.append(self._choice(request, i * params.n + out.index, final, out))
-        num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
+                index = i * params.n + out.index
+                from_embeds = "prompt_embeds" in prompts[i]
+                choices.append(self._choice(request, index, final, out, from_embeds))
+        num_prompt = sum(len(f.prompt_token_ids) for f in finals)  # embeddings: one per row
         num_completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         cached = self.config.cached_tokens(sum(f.num_cached_tokens for f in finals))
         return Whole(
@@ -99,7 +133,12 @@ class CompletionServing:
         )
 
     def _choice(
-        self, request: CompletionRequest, index: int, final: RequestOutput, out: CompletionOutput
+        self,
+        request: CompletionRequest,
+        index: int,
+        final: RequestOutput,
+        out: CompletionOutput,
+        from_embeds: bool,
     ) -> CompletionChoice:
         as_ids = self.config.tokens_as_ids(request.return_tokens_as_token_ids)
         text = (final.prompt or "") + out.text if request.echo else out.text
@@ -120,7 +159,10 @@ class CompletionServing:
             prompt_logprobs=common.prompt_logprobs(final)
             if request.prompt_logprobs is not None
             else None,
-            prompt_token_ids=final.prompt_token_ids if request.return_token_ids else None,
+            # none for a prompt given as embeddings: its ids are placeholders
+            prompt_token_ids=final.prompt_token_ids
+            if request.return_token_ids and not from_embeds
+            else None,
             token_ids=out.token_ids if request.return_token_ids else None,
         )
 
@@ -210,7 +252,7 @@ class CompletionServing:
                 )
                 if request.return_token_ids:  # as vLLM: the new tokens, the prompt's first
                     choice.token_ids = out.token_ids[token_start:]
-                    if first:
+                    if first and "prompt_embeds" not in prompts[i]:
                         choice.prompt_token_ids = snapshot.prompt_token_ids
                 if out.finish_reason is not None:
                     num_completion += len(out.token_ids)
@@ -221,7 +263,7 @@ class CompletionServing:
                     )
                 )
         if include_usage:
-            num_prompt = sum(len(p["prompt_token_ids"]) for p in prompts)
+            num_prompt = sum(len(last.prompt_token_ids) for last in lasts.values())
             cached = self.config.cached_tokens(sum(num_cached.values()))
             usage = Usage.of(num_prompt, num_completion, cached)
             metrics = self.config.response_metrics(list(lasts.values()))
