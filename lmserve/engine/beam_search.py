@@ -187,19 +187,13 @@ async def _search(
     sampling = step_params(params)
     step = 0
     while not search.done:
-
-        async def one(i: int, ids: list[int], step: int = step) -> list[tuple[int, float]]:
-            stream = engine.generate(
-                {"prompt_token_ids": ids}, sampling, f"{request_id}-s{step}-b{i}", cache_salt,
-                lora_request,
-            )  # fmt: skip
-            last = None
-            async for output in stream:
-                last = output
-            assert last is not None and last.outputs[0].logprobs
-            return top_candidates(last.outputs[0].logprobs[0], params.num_candidates)
-
-        tasks = [asyncio.ensure_future(one(i, ids)) for i, ids in enumerate(search.pending())]
+        tasks = [
+            asyncio.ensure_future(
+                _candidates(engine, ids, sampling, f"{request_id}-s{step}-b{i}", cache_salt,
+                            lora_request)
+            )
+            for i, ids in enumerate(search.pending())
+        ]  # fmt: skip
         try:
             search.step(await asyncio.gather(*tasks))
         finally:  # one beam failing (or the client leaving) aborts the others
@@ -211,3 +205,21 @@ async def _search(
     yield as_request_output(
         request_id, prompt_text if isinstance(prompt_text, str) else None, prompt_ids, result
     )
+
+
+async def _candidates(
+    engine: EngineClient,
+    ids: list[int],
+    sampling: SamplingParams,
+    request_id: str,
+    cache_salt: str | None,
+    lora_request: LoRARequest | None,
+) -> list[tuple[int, float]]:
+    """One beam's step: its best next tokens and their logprobs."""
+    last = None
+    async for output in engine.generate(
+        {"prompt_token_ids": ids}, sampling, request_id, cache_salt, lora_request
+    ):
+        last = output
+    assert last is not None and last.outputs[0].logprobs
+    return top_candidates(last.outputs[0].logprobs[0], sampling.logprobs or 0)

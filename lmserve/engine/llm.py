@@ -97,10 +97,10 @@ class LLM:
             prompts = [prompts]
         check_logprob_limit(params, self.config.model.max_logprobs)
         eos = self.input_processor.eos_token_id
-        searches = [
-            BeamSearch(self.input_processor.tokenize_prompt(p).prompt_token_ids, params, eos)
-            for p in prompts
-        ]
+        processed = [self.input_processor.tokenize_prompt(p) for p in prompts]
+        if any(p.prompt_embeds is not None for p in processed):
+            raise ValueError("beam search takes text or token-id prompts, not embeddings")
+        searches = [BeamSearch(p.prompt_token_ids, params, eos) for p in processed]
         step = step_params(params)
         bar = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm)
         while running := [search for search in searches if not search.done]:

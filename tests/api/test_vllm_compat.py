@@ -595,8 +595,9 @@ def test_prompt_embeds_answer_as_their_tokens_do(server: Server, client, tiny_ch
      ({"prompt_embeds": "AAAA"}, None, "torch.save"),
      ({"prompt_embeds": "EMBEDS", "echo": True}, "echo", "embeddings"),
      ({"prompt_embeds": "WRONG_WIDTH"}, None, "shape [num_tokens, 64]"),
-     ({}, "prompt", "required")],
-    ids=["not-base64", "not-a-tensor", "echo", "wrong-width", "neither"],
+     ({}, "prompt", "required"),
+     ({"prompt_embeds": "EMBEDS", "use_beam_search": True}, "use_beam_search", "not prompt_embeds")],
+    ids=["not-base64", "not-a-tensor", "echo", "wrong-width", "neither", "beam-search"],
 )  # fmt: skip
 def test_bad_prompt_embeds_are_400s(server: Server, extra, param, says) -> None:
     import torch

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmserve import LLM, SamplingParams
+from lmserve import LLM, BeamSearchParams, SamplingParams
 from tests.engine.test_llm import (
     SCENARIOS,
     PreemptionCounter,
@@ -107,6 +107,8 @@ def test_saved_bytes_and_the_switch(tiny_model_dirs, hf) -> None:
     with pytest.raises(ValueError, match="repetition_penalty"):
         llm.generate({"prompt_embeds": embeds},
                      SamplingParams(max_tokens=2, repetition_penalty=1.2), use_tqdm=False)  # fmt: skip
+    with pytest.raises(ValueError, match="not embeddings"):
+        llm.beam_search({"prompt_embeds": embeds}, BeamSearchParams(beam_width=2, max_tokens=2))
     off = LLM(str(tiny_model_dirs["llama"]), max_model_len=100)
     with pytest.raises(ValueError, match="--enable-prompt-embeds"):
         off.generate({"prompt_embeds": embeds}, GREEDY, use_tqdm=False)

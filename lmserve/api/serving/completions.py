@@ -99,6 +99,11 @@ class CompletionServing:
             num_prompt = len(p.get("prompt_token_ids", ()))
             common.log_request(self.config, f"{base_id}-{i}", p["prompt"], num_prompt, params)
         beams = request.beam_search_params(params) if request.use_beam_search else None
+        if beams is not None and request.prompt_embeds is not None:
+            raise APIError(
+                "use_beam_search takes text or token-id prompts, not prompt_embeds",
+                param="use_beam_search",
+            )
         salt = request.cache_salt
         streams = [  # a beam search answers once, at its end: no first-token deadline
             common.first_within(
