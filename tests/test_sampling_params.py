@@ -22,8 +22,8 @@ from lmserve import SamplingParams
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(min_tokens=-1), "min_tokens"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
-        (dict(logprobs=-1), "logprobs"),
-        (dict(prompt_logprobs=-1), "prompt_logprobs"),
+        (dict(logprobs=-2), "logprobs"),  # -1 is the whole vocabulary
+        (dict(prompt_logprobs=-2), "prompt_logprobs"),
         (dict(stop=["ok", ""]), "stop"),
     ],
 )
