@@ -4,6 +4,7 @@
 """
 
 from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "BeamSearchParams",
     "CompletionOutput",
     "Logprob",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmserve.pooling.config import PoolerConfig
+
 _DEFAULT_CPU_KV_CACHE_GB = 2.0
 
 
@@ -179,3 +181,5 @@ class EngineConfig:
     enable_sleep_mode: bool = False  # sleep() / wake_up() free and restore the KV cache, weights
     lora: LoRAConfig | None = None  # None: LoRA adapters are not served
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    runner: str = "generate"  # "generate", or "pooling": prompts in, embeddings out
+    pooler: PoolerConfig | None = None  # the pooling runner's pooler

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from lmserve.engine.messages import FinishReason, PromptEmbeds
 from lmserve.lora.request import LoRARequest
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 
@@ -63,6 +64,7 @@ class Request:
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None
     prompt_embeds: PromptEmbeds | None = None  # the prompt's embeddings, its ids placeholders
+    pooling_params: PoolingParams | None = None  # set: a pooling request
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)

@@ -25,7 +25,8 @@ from lmserve.config import (
     default_cache_dir,
 )
 from lmserve.kernels import cpu_ops
-from lmserve.models.source import DEFAULT_MODEL, resolve_model_dir
+from lmserve.models.source import DEFAULT_MODEL, default_pooling_model, resolve_model_dir
+from lmserve.pooling.config import read_sentence_transformers, resolve_pooler, resolve_runner
 
 MODEL_HELP = (
     "HF model directory, .gguf file, or HF id in the local cache "
@@ -70,6 +71,10 @@ def create_engine_config(
     served_model_name: str | list[str] | None = None,
     metrics_prefix: str = "lmserve",
     show_hidden_metrics_for_version: str | None = None,
+    runner: str = "auto",
+    convert: str = "auto",
+    task: str | None = None,
+    pooler_config: dict[str, Any] | str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.)"""
@@ -99,9 +104,18 @@ def create_engine_config(
             f"attention_backend must be auto or one of {_ATTENTION_BACKENDS}, "
             f"got {attention_backend!r}"
         )
+    pooling_wanted = runner == "pooling" or (task is not None and task != "generate")
+    if model is None and pooling_wanted:
+        model = default_pooling_model()
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = json.loads((path / "config.json").read_text())
+    architecture = (hf_config.get("architectures") or ["<missing>"])[0]
+    runner = resolve_runner(runner, convert, task, architecture)
+    pooler = resolve_pooler(pooler_config, path) if runner == "pooling" else None
     model_max_len = _model_max_len(hf_config)
+    layout = read_sentence_transformers(path) if runner == "pooling" else None
+    if layout is not None and layout.max_seq_length:  # the longest input it was trained on
+        model_max_len = min(model_max_len, layout.max_seq_length)
     if max_model_len is None:
         max_model_len = model_max_len
     elif max_model_len > model_max_len:
@@ -122,7 +136,8 @@ def create_engine_config(
     )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = _default_batched_tokens(device)
-    if not enable_chunked_prefill:  # as vLLM: then a step must hold any whole prompt
+    if not enable_chunked_prefill or runner == "pooling":
+        # as vLLM: a step must hold any whole prompt (an encoder's is never split)
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     attention_backend = _resolve_attention_backend(attention_backend, model_config, device)
     return EngineConfig(
@@ -147,6 +162,8 @@ def create_engine_config(
         enable_sleep_mode=enable_sleep_mode,
         lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
         observability=ObservabilityConfig(served_model_name, metrics_prefix),
+        runner=runner,
+        pooler=pooler,
     )
 
 

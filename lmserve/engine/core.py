@@ -6,6 +6,7 @@ It sees token ids only; tokenization, stop strings and output assembly belong to
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from lmserve.config import EngineConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
@@ -14,6 +15,9 @@ from lmserve.core.scheduler import Scheduler
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 from lmserve.structured_output.manager import StructuredOutputManager
 from lmserve.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from lmserve.engine.pooling_core import PoolingEngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +141,12 @@ class EngineCore:
 
     def check_invariants(self) -> None:
         self.scheduler.kv.check_invariants()
+
+
+def build_engine_core(config: EngineConfig) -> EngineCore | PoolingEngineCore:
+    """The core for the config's runner: generate, or pooling."""
+    if config.runner == "pooling":
+        from lmserve.engine.pooling_core import PoolingEngineCore
+
+        return PoolingEngineCore.from_config(config)
+    return EngineCore.from_config(config)

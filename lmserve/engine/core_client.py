@@ -47,6 +47,7 @@ from lmserve.engine.protocol import EngineDeadError
 
 if TYPE_CHECKING:  # the API process never loads the model code, only the core process does
     from lmserve.engine.core import EngineCore
+    from lmserve.engine.pooling_core import PoolingEngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(ToCore)
     try:
-        from lmserve.engine.core import EngineCore
+        from lmserve.engine.core import build_engine_core
 
-        core = EngineCore.from_config(config)
+        core = build_engine_core(config)
         outbox.send(encoder.encode(Ready(core.stats())))
         try:
             _serve(core, inbox, outbox, encoder, decoder)
@@ -80,7 +81,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
 
 
 def _serve(
-    core: EngineCore,
+    core: EngineCore | PoolingEngineCore,
     inbox: zmq.Socket,
     outbox: zmq.Socket,
     encoder: msgspec.msgpack.Encoder,
@@ -107,7 +108,7 @@ def _serve(
             outbox.send(encoder.encode(Outputs(outputs, core.stats())))
 
 
-def _handle(core: EngineCore, message: ToCore) -> FromCore | None:
+def _handle(core: EngineCore | PoolingEngineCore, message: ToCore) -> FromCore | None:
     """Apply one message to the core; the reply to send back, if any."""
     match message:
         case EngineCoreRequest():

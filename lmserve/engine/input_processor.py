@@ -10,6 +10,7 @@ from typing import Any
 from lmserve.config import LoRAConfig, ModelConfig
 from lmserve.engine.messages import EngineCoreRequest, PromptEmbeds
 from lmserve.lora.request import LoRARequest
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # A prompt: text, pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text), or
@@ -60,6 +61,21 @@ class InputProcessor:
             "a prompt is a string, {'prompt_token_ids': [...]} or {'prompt_embeds': tensor}, "
             f"got {type(prompt).__name__}"
         )
+
+    def tokenize_truncated(self, prompt: PromptType, keep: int | None) -> ProcessedPrompt:
+        """A prompt cut to its first `keep` tokens (-1: the context), special tokens kept (the
+        tokenizer's own truncation, as sentence-transformers truncates); None: uncut."""
+        if keep == -1:
+            keep = self.model_config.max_model_len
+        if keep is None:
+            return self.tokenize_prompt(prompt)
+        if keep < 1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}")
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            ids = self.tokenizer(prompt, truncation=True, max_length=keep)["input_ids"]
+            return ProcessedPrompt(prompt, list(ids))
+        processed = self.tokenize_prompt(prompt)
+        return replace(processed, prompt_token_ids=processed.prompt_token_ids[:keep])
 
     def _prompt_embeds(self, value: Any) -> PromptEmbeds:
         """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]
@@ -159,6 +175,37 @@ class InputProcessor:
             cache_salt=cache_salt,
             lora_request=lora_request,
             prompt_embeds=prompt.prompt_embeds,
+        )
+
+    def make_pooling_request(
+        self, req_id: str, prompt: ProcessedPrompt, params: PoolingParams
+    ) -> EngineCoreRequest:
+        """A prompt to pool; checked here, so a bad one never reaches the core."""
+        if prompt.prompt_embeds is not None:
+            raise ValueError("a pooling model takes text or token ids, not prompt_embeds")
+        self._validate(prompt.prompt_token_ids, SamplingParams(max_tokens=None))
+        if params.dimensions is not None:
+            hf = self.model_config.hf_config
+            if not (hf.get("is_matryoshka") or hf.get("matryoshka_dimensions")):
+                raise ValueError(
+                    f"{self.model_config.model} does not support dimensions: it is not a "
+                    "Matryoshka model"
+                )
+            allowed = hf.get("matryoshka_dimensions")
+            if allowed and params.dimensions not in allowed:
+                raise ValueError(f"dimensions must be one of {allowed}, got {params.dimensions}")
+            if params.dimensions > self.model_config.hidden_size:
+                raise ValueError(
+                    f"dimensions must be at most {self.model_config.hidden_size}, "
+                    f"got {params.dimensions}"
+                )
+        return EngineCoreRequest(
+            req_id=req_id,
+            prompt_token_ids=prompt.prompt_token_ids,
+            sampling_params=SamplingParams(max_tokens=None),
+            eos_token_id=None,
+            arrival_time=time.time(),
+            pooling_params=params,
         )
 
     def _resolve_constraint(self, params: SamplingParams) -> StructuredOutputsParams:

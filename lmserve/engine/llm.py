@@ -18,13 +18,20 @@ from lmserve.engine.beam_search import (
     step_params,
     top_candidates,
 )
-from lmserve.engine.core import EngineCore
+from lmserve.engine.core import build_engine_core
 from lmserve.engine.generation_config import load_sampling_defaults
 from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.lora.request import LoRARequest
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+)
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -46,10 +53,17 @@ class LLM:
             self.config.lora,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore.from_config(self.config)
+        self.engine_core = build_engine_core(self.config)
         self._counter = itertools.count()
         # Called after every engine step (tests check block-pool invariants with it).
         self.step_hook: Callable[[], None] | None = None
+
+    def _check_generates(self) -> None:
+        if self.config.runner == "pooling":
+            raise ValueError(
+                f"{self.config.model.model} runs the pooling runner: it embeds (LLM.embed, "
+                "LLM.encode) and does not generate; load a generative model to generate"
+            )
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -83,6 +97,75 @@ class LLM:
         processed = [self.input_processor.tokenize_prompt(p) for p in prompts]
         return self._run(processed, sampling_params, use_tqdm, lora_request)
 
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """A pooling model's output per prompt (vLLM's LLM.encode): prompts packed whole into
+        steps, one forward pass each. `truncate_prompt_tokens` keeps a prompt's first N tokens
+        (-1: the context); without it, a prompt over max_model_len is a ValueError."""
+        import torch
+
+        if self.config.runner != "pooling":
+            raise ValueError(
+                f"{self.config.model.model} runs the generate runner: embed with a pooling "
+                "model (runner='pooling', e.g. the default LLM(runner='pooling'))"
+            )
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        requests = [
+            self.input_processor.make_pooling_request(
+                str(next(self._counter)),
+                self.input_processor.tokenize_truncated(p, truncate_prompt_tokens),
+                params,
+            )
+            for p in prompts
+        ]  # all checked before any is queued
+        for request in requests:
+            self.engine_core.add_request(request)
+        prompt_ids = {r.req_id: r.prompt_token_ids for r in requests}
+        results: dict[str, PoolingRequestOutput] = {}
+        bar = tqdm(total=len(requests), desc="Pooled prompts", disable=not use_tqdm)
+        try:
+            while self.engine_core.has_unfinished_requests():
+                for out in self.engine_core.step():
+                    if out.pooled is None:
+                        raise RuntimeError(
+                            f"pooling request {out.req_id} failed ({out.finish_reason})"
+                        )
+                    data = torch.frombuffer(bytearray(out.pooled.data), dtype=torch.float32)
+                    results[out.req_id] = PoolingRequestOutput(
+                        out.req_id,
+                        PoolingOutput(data.view(out.pooled.shape)),
+                        list(prompt_ids[out.req_id]),
+                    )
+                    bar.update(1)
+        except BaseException:
+            self.engine_core.abort_requests([r.req_id for r in requests])
+            raise
+        finally:
+            bar.close()
+        return [results[r.req_id] for r in requests]
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (vLLM's LLM.embed)."""
+        return [
+            EmbeddingRequestOutput(
+                out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids
+            )
+            for out in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm)
+        ]
+
     def beam_search(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -93,6 +176,7 @@ class LLM:
         """vLLM's LLM.beam_search: each prompt's `beam_width` best sequences, as HF's
         generate(num_beams=...) finds them. Every running beam of every prompt runs in the same
         step, sharing its prompt's blocks through the prefix cache."""
+        self._check_generates()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         check_logprob_limit(params, self.config.model.max_logprobs)
@@ -157,6 +241,7 @@ class LLM:
     def _run(
         self, prompts: list, sampling_params: Any, use_tqdm: bool, lora_request: Any = None
     ) -> list[RequestOutput]:
+        self._check_generates()
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):

@@ -13,6 +13,7 @@ import enum
 import msgspec
 
 from lmserve.lora.request import LoRARequest
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 
@@ -44,6 +45,15 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, gc=False):
     first_scheduled_time: float | None = None  # wall clock, on the request's first output
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None
+    pooled: PooledData | None = None  # a pooling request's output
+
+
+class PooledData(msgspec.Struct, frozen=True, gc=False):
+    """A pooling output as float32 bytes with its shape: [dim] an embedding, [tokens, dim]
+    every token's (ALL pooling); bytes on the wire, not lists of floats."""
+
+    data: bytes
+    shape: list[int]
 
 
 class SchedulerStats(msgspec.Struct, frozen=True):
@@ -79,6 +89,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None
     prompt_embeds: PromptEmbeds | None = None
+    pooling_params: PoolingParams | None = None  # set: a pooling request (sampling unused)
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):

