@@ -78,11 +78,13 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
     from lmserve.benchmarks.shapes import resolve_model
     from lmserve.engine.async_engine import AsyncEngine
     from lmserve.engine.generation_config import load_sampling_defaults
-    from lmserve.models.source import DEFAULT_MODEL
+    from lmserve.models.source import DEFAULT_MODEL, DEFAULT_POOLING_MODEL
 
     # a shipped benchmark shape by name: `lmserve serve Llama-3-8B --load-format dummy`
     model = resolve_model(args.model) if args.load_format == "dummy" else args.model
-    names = args.served_model_name or [args.model or DEFAULT_MODEL]
+    pooling = args.runner == "pooling" or args.task not in (None, "generate")
+    default = DEFAULT_POOLING_MODEL if pooling else DEFAULT_MODEL
+    names = args.served_model_name or [args.model or default]
     engine = await AsyncEngine.start(
         model,
         log_stats=not args.disable_log_stats,

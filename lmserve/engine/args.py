@@ -25,8 +25,20 @@ from lmserve.config import (
     default_cache_dir,
 )
 from lmserve.kernels import cpu_ops
-from lmserve.models.source import DEFAULT_MODEL, default_pooling_model, resolve_model_dir
-from lmserve.pooling.config import read_sentence_transformers, resolve_pooler, resolve_runner
+from lmserve.models.source import (
+    DEFAULT_MODEL,
+    DEFAULT_POOLING_MODEL,
+    default_pooling_model,
+    resolve_model_dir,
+)
+from lmserve.pooling.config import (
+    CONVERTS,
+    RUNNERS,
+    TASKS,
+    read_sentence_transformers,
+    resolve_pooler,
+    resolve_runner,
+)
 
 MODEL_HELP = (
     "HF model directory, .gguf file, or HF id in the local cache "
@@ -107,6 +119,7 @@ def create_engine_config(
     pooling_wanted = runner == "pooling" or (task is not None and task != "generate")
     if model is None and pooling_wanted:
         model = default_pooling_model()
+        served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = json.loads((path / "config.json").read_text())
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
@@ -233,6 +246,34 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    parser.add_argument(
+        "--runner",
+        default="auto",
+        choices=list(RUNNERS),
+        help="generate (text out) or pooling (embeddings out: /v1/embeddings, LLM.embed); auto "
+        "picks pooling for embedding models (BertModel) and generate otherwise. Without a "
+        "model, --runner pooling serves the bundled all-MiniLM-L6-v2",
+    )
+    parser.add_argument(
+        "--convert",
+        default="auto",
+        choices=list(CONVERTS),
+        help="vLLM's: run a model as an embedder (embed) or classifier (classify)",
+    )
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=list(TASKS),
+        help="vLLM's older spelling of --runner/--convert: generate, or embed (the pooling "
+        "runner); classify, score and reward are not served yet",
+    )
+    parser.add_argument(
+        "--pooler-config",
+        default=None,
+        help='the pooling runner\'s pooler as JSON, e.g. \'{"pooling_type": "MEAN", '
+        "\"normalize\": true}' (MEAN, CLS, LAST or ALL); default: the model's "
+        "sentence-transformers config, else CLS, normalized",
     )
     parser.add_argument(
         "--max-num-seqs", type=int, default=256, help="most requests running at once"
@@ -404,4 +445,8 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         enable_chunked_prefill=args.enable_chunked_prefill,
         metrics_prefix=args.metrics_prefix,
         show_hidden_metrics_for_version=args.show_hidden_metrics_for_version,
+        runner=args.runner,
+        convert=args.convert,
+        task=args.task,
+        pooler_config=args.pooler_config,
     )

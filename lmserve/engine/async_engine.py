@@ -23,6 +23,7 @@ from lmserve.engine.messages import (
     Abort,
     ControlDone,
     CoreFailed,
+    EngineCoreOutput,
     EngineCoreRequest,
     FinishReason,
     GetStats,
@@ -43,7 +44,8 @@ from lmserve.engine.protocol import (
 )
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.lora.request import LoRARequest
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class AsyncEngine(EngineClient):
         self.output_processor = OutputProcessor(tokenizer)
         self.client = client
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pooling: dict[str, asyncio.Future[EngineCoreOutput]] = {}  # pooling requests
         self._stats: asyncio.Queue[SchedulerStats] = asyncio.Queue()
         self._done: asyncio.Queue[str] = asyncio.Queue()  # the core's answers to sleep / wake_up
         self._control = asyncio.Lock()  # one sleep / wake_up at a time
@@ -130,6 +133,11 @@ class AsyncEngine(EngineClient):
             raise EngineDeadError(self._dead or "the engine core process exited")
         if self._sleep_level:
             raise EngineSleepingError("the engine is asleep: wake it up (POST /wake_up) first")
+        if self.config.runner == "pooling":
+            raise ValueError(
+                "this server runs a pooling model (--runner pooling): it embeds and does not "
+                "generate; serve a generative model to generate"
+            )
         request_id = request_id or f"req-{next(self._counter)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -146,6 +154,53 @@ class AsyncEngine(EngineClient):
         stream = self._run(request_id, processed, sampling_params, children)
         weakref.finalize(stream, self._prefilled, [c.req_id for c in children])
         return stream
+
+    async def encode(
+        self,
+        prompt: PromptType,
+        pooling_params: PoolingParams,
+        request_id: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> PoolingRequestOutput:
+        import torch
+
+        if not self.is_healthy:
+            raise EngineDeadError(self._dead or "the engine core process exited")
+        if self.config.runner != "pooling":
+            raise ValueError(
+                "this server runs a generative model: embeddings need a pooling model "
+                "(lmserve serve MODEL --runner pooling)"
+            )
+        request_id = request_id or f"req-{next(self._counter)}"
+        if request_id in self._queues or request_id in self._pooling:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        # tokenized off the event loop: a long text does not hold the other requests
+        processed = await asyncio.to_thread(
+            self.input_processor.tokenize_truncated, prompt, truncate_prompt_tokens
+        )
+        if request_id in self._pooling:  # taken while this one was being tokenized
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.input_processor.make_pooling_request(request_id, processed, pooling_params)
+        done: asyncio.Future[EngineCoreOutput] = asyncio.get_running_loop().create_future()
+        self._pooling[request_id] = done
+        self.metrics.record_arrival(request_id, len(request.prompt_token_ids))
+        try:
+            await self.client.send(request)
+            out = await done
+        except BaseException:
+            if self._pooling.pop(request_id, None) is not None and self.is_healthy:
+                self.metrics.record_abort(request_id)
+                await self.client.send(Abort([request_id]))
+            raise
+        if out.pooled is None:
+            raise EngineRequestError(
+                f"the engine failed while pooling request {request_id}; the server's log has "
+                "the cause"
+            )
+        data = torch.frombuffer(bytearray(out.pooled.data), dtype=torch.float32)
+        return PoolingRequestOutput(
+            request_id, PoolingOutput(data.view(out.pooled.shape)), request.prompt_token_ids
+        )
 
     def _prefilled(self, child_ids: list[str]) -> None:
         """These requests are past prefill (or gone): out of the backlog."""
@@ -241,6 +296,11 @@ class AsyncEngine(EngineClient):
             match await self.client.receive():
                 case Outputs(outputs=core_outputs, stats=stats):
                     self.metrics.record_step(core_outputs, stats)
+                    if self._pooling:
+                        for out in core_outputs:
+                            pooled = self._pooling.pop(out.req_id, None)
+                            if pooled is not None and not pooled.done():
+                                pooled.set_result(out)
                     if self._prefill:
                         self._prefilled([out.req_id for out in core_outputs])
                     outputs, to_abort = self.output_processor.process(core_outputs, snapshots=True)
@@ -279,6 +339,10 @@ class AsyncEngine(EngineClient):
         for request_id, queue in list(self._queues.items()):
             queue.put_nowait(EngineDeadError(reason))
             self.output_processor.abort(request_id)
+        for pooled in self._pooling.values():
+            if not pooled.done():
+                pooled.set_exception(EngineDeadError(reason))
+        self._pooling.clear()
 
     async def shutdown(self) -> None:
         """Stop the core. Requests still in flight end with EngineDeadError, not a hang."""

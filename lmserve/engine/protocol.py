@@ -10,7 +10,8 @@ from lmserve.config import EngineConfig
 from lmserve.engine.messages import SchedulerStats
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.lora.request import LoRARequest
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import PoolingRequestOutput, RequestOutput
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 
@@ -57,6 +58,16 @@ class EngineClient(abc.ABC):
         lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative snapshots of one request, the last one finished."""
+
+    @abc.abstractmethod
+    async def encode(
+        self,
+        prompt: str | dict[str, Any],
+        pooling_params: PoolingParams,
+        request_id: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> PoolingRequestOutput:
+        """A pooling model's output for one prompt; ValueError for bad input, before queueing."""
 
     @abc.abstractmethod
     def check_lora(self, lora_request: LoRARequest) -> None:

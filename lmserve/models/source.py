@@ -13,6 +13,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_POOLING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the pooling runner's
 
 
 def default_pooling_model() -> str:

@@ -295,6 +295,38 @@ def test_a_models_vllm_api_key_guards_the_ingress(app_url: str, tiny_model_dirs)
         serve.delete("keyed")
 
 
+def test_an_embedding_model_through_the_router(app_url: str, minilm_dir) -> None:
+    """engine_kwargs={"task": "embed"} as seed 000 deploys an embedder: /v1/embeddings through
+    build_openai_app equals sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    app = build_openai_app(
+        {
+            "llm_configs": [
+                {
+                    "model_loading_config": {"model_id": "minilm", "model_source": str(minilm_dir)},
+                    "engine_kwargs": {"task": "embed"},
+                    "deployment_config": HALF_CPU,
+                }
+            ]
+        }
+    )
+    serve.run(app, name="embedder", route_prefix="/embedder")
+    try:
+        client = openai.OpenAI(base_url=f"{app_url}/embedder/v1", api_key="x", max_retries=0)
+        texts = ["A cat sits on the mat.", "", "東京は日本の首都です。", "word " * 300]
+        answer = client.embeddings.create(
+            model="minilm", input=texts, extra_body={"truncate_prompt_tokens": -1}
+        )
+        reference = SentenceTransformer(str(minilm_dir), device="cpu")
+        expected = reference.encode(texts, normalize_embeddings=True)
+        got = [d.embedding for d in answer.data]
+        assert max(abs(a - b) for g, e in zip(got, expected, strict=True)
+                   for a, b in zip(g, e, strict=True)) < 1e-5  # fmt: skip
+    finally:
+        serve.delete("embedder")
+
+
 def test_an_engine_that_does_not_start_in_time_fails_the_deployment(
     app_url: str, tiny_model_dirs
 ) -> None:

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from lmserve.api.endpoints import (
     chat,
     completions,
+    embeddings,
     generate,
     invocations,
     messages,
@@ -28,6 +29,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *tokenize.ENDPOINTS,
     *invocations.ENDPOINTS,
     *generate.ENDPOINTS,
+    *embeddings.ENDPOINTS,
 )
 ENDPOINTS_BY_NAME = MappingProxyType({endpoint.name: endpoint for endpoint in ENDPOINTS})
 

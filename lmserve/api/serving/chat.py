@@ -96,6 +96,7 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
+        common.check_generates(self.engine, model)
         tools = tool_dicts(request.tools)
         tool_mode = self._tool_mode(request, tools)
         if tool_mode.choice in ("required", "named") and request.response_format is not None:

@@ -136,6 +136,16 @@ def check_model(config: ServingConfig, model: str | None) -> tuple[str, LoRARequ
     )
 
 
+def check_generates(engine: EngineClient, model: str) -> None:
+    """A pooling model asked to generate: a 400 that says which flag serves what."""
+    if engine.config.runner == "pooling":
+        raise APIError(
+            f"The model `{model}` is a pooling model (--runner pooling): it serves /v1/embeddings "
+            "and does not generate text; serve a generative model to chat or complete",
+            param="model",
+        )
+
+
 def check_prompt_length(engine: EngineClient, num_prompt: int, max_tokens: int | None) -> None:
     """vLLM's wording, so clients that parse it keep working."""
     limit = engine.config.scheduler.max_model_len

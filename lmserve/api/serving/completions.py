@@ -87,6 +87,7 @@ class CompletionServing:
     async def create(self, request: CompletionRequest) -> Reply:
         request.check_supported()
         model, lora = common.check_model(self.config, request.model)
+        common.check_generates(self.engine, model)
         prompts = await self._prompts(request)
         params = request.sampling_params(
             request.max_tokens or 16, request.logprobs, self.config.sampling_defaults

@@ -32,6 +32,7 @@ class GenerateServing:
                 "stream_options can only be given when stream is true", param="stream_options"
             )
         model, lora = common.check_model(self.config, request.model)
+        common.check_generates(self.engine, model)
         ids = list(request.token_ids)
         wanted = request.sampling_params.max_tokens
         common.check_prompt_length(self.engine, len(ids), wanted)
