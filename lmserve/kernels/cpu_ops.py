@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +63,7 @@ def available() -> bool:
     build_dir = default_cache_dir() / "cpu_kernels" / f"torch-{torch.__version__}-{capability}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build_dir)
         if not (build_dir / f"{name}.so").exists():
             logger.info("building lmserve's C++ CPU kernels into %s (once, ~15 s)", build_dir)
         cpp_extension.load(
@@ -81,6 +83,22 @@ def available() -> bool:
             _first_error(exc),
         )
         return False
+    return True
+
+
+def clear_stale_lock(build_dir: Path, max_age_s: float = 300.0) -> bool:
+    """Remove the build lock a killed build left behind (torch would wait on it forever, and
+    every later start with it): a build takes seconds, so a lock older than `max_age_s` has no
+    builder. True if one was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    logger.warning("removing %s, left %.0f s ago by an interrupted kernel build", lock, age)
+    lock.unlink(missing_ok=True)
     return True
 
 

@@ -111,3 +111,20 @@ def test_rotary_in_place_equals_the_torch_expression(head_dim: int) -> None:
     untouched = qkv[:, 9:].clone()
     cpu_ops.rotary_(qk, cos, sin)
     assert torch.equal(qk, expected) and torch.equal(qkv[:, 9:], untouched)
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path) -> None:
+    """torch waits forever on a build lock; one older than any build is removed, a fresh one
+    (a build under way) is left alone."""
+    import os
+    import time
+
+    from lmserve.kernels.cpu_ops import clear_stale_lock
+
+    assert not clear_stale_lock(tmp_path)
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
