@@ -37,12 +37,11 @@ class PoolingScheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def abort_requests(self, req_ids: list[str]) -> list[EngineCoreOutput]:
-        """Drop them; their ends, for the frontend."""
+    def abort_requests(self, req_ids: list[str]) -> None:
+        """Drop them (the frontend already stopped waiting for them)."""
         gone = set(req_ids)
         self.waiting = deque(r for r in self.waiting if r.req_id not in gone)
         self._suspects -= gone
-        return [EngineCoreOutput(req_id, [], FinishReason.ABORT) for req_id in req_ids]
 
     def schedule(self) -> PoolingBatch:
         batch: list[Request] = []
