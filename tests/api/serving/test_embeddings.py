@@ -96,7 +96,9 @@ def test_a_pooling_server_refuses_to_chat(client: openai.OpenAI) -> None:
 
 
 def test_answers_validate_against_openais_spec(server: Server, validate) -> None:  # noqa: F811
-    body = {"model": MODEL, "input": ["one", "two"]}
+    # one input per request, so both run alone in a step: packed with others, a prompt's
+    # floats may differ in the last bits (other batch shapes, other kernels)
+    body = {"model": MODEL, "input": ["one and two"]}
     floats = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60).json()
     validate("CreateEmbeddingResponse", floats)
     # base64: a string, as OpenAI's API sends it and its client reads it, though the spec types
