@@ -30,3 +30,14 @@ def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     out = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned destinations
     torch.cuda.current_stream(next(t.device for t in tensors if t.is_cuda)).synchronize()
     return out
+
+
+def float32_bytes(x: torch.Tensor) -> bytes:
+    """`x` as the float32 bytes that carry tensors between the frontend and the core (prompt
+    embeddings in, pooled outputs back): bytes on the wire, never lists of floats."""
+    return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+
+
+def float32_tensor(data: bytes, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """The tensor `float32_bytes` wrote (a writable copy: the bytes are immutable)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).view(*shape)

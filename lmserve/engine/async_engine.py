@@ -162,7 +162,7 @@ class AsyncEngine(EngineClient):
         request_id: str | None = None,
         truncate_prompt_tokens: int | None = None,
     ) -> PoolingRequestOutput:
-        import torch
+        from lmserve.transfer import float32_tensor
 
         if not self.is_healthy:
             raise EngineDeadError(self._dead or "the engine core process exited")
@@ -197,10 +197,8 @@ class AsyncEngine(EngineClient):
                 f"the engine failed while pooling request {request_id}; the server's log has "
                 "the cause"
             )
-        data = torch.frombuffer(bytearray(out.pooled.data), dtype=torch.float32)
-        return PoolingRequestOutput(
-            request_id, PoolingOutput(data.view(out.pooled.shape)), request.prompt_token_ids
-        )
+        data = float32_tensor(out.pooled.data, out.pooled.shape)
+        return PoolingRequestOutput(request_id, PoolingOutput(data), request.prompt_token_ids)
 
     def _prefilled(self, child_ids: list[str]) -> None:
         """These requests are past prefill (or gone): out of the backlog."""

@@ -85,6 +85,8 @@ class InputProcessor:
 
         import torch
 
+        from lmserve.transfer import float32_bytes
+
         if not self.model_config.enable_prompt_embeds:
             raise ValueError(
                 "prompt embeddings are off: start the engine with --enable-prompt-embeds "
@@ -106,8 +108,7 @@ class InputProcessor:
             )
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise ValueError("prompt_embeds must hold finite floating-point numbers")
-        rows = value.detach().to(torch.float32).contiguous()
-        return PromptEmbeds(rows.numpy().tobytes(), rows.shape[0], hidden)
+        return PromptEmbeds(float32_bytes(value), value.shape[0], hidden)
 
     def make_requests(
         self,

@@ -107,7 +107,7 @@ class LLM:
         """A pooling model's output per prompt (vLLM's LLM.encode): prompts packed whole into
         steps, one forward pass each. `truncate_prompt_tokens` keeps a prompt's first N tokens
         (-1: the context); without it, a prompt over max_model_len is a ValueError."""
-        import torch
+        from lmserve.transfer import float32_tensor
 
         if self.config.runner != "pooling":
             raise ValueError(
@@ -137,11 +137,9 @@ class LLM:
                         raise RuntimeError(
                             f"pooling request {out.req_id} failed ({out.finish_reason})"
                         )
-                    data = torch.frombuffer(bytearray(out.pooled.data), dtype=torch.float32)
+                    data = float32_tensor(out.pooled.data, out.pooled.shape)
                     results[out.req_id] = PoolingRequestOutput(
-                        out.req_id,
-                        PoolingOutput(data.view(out.pooled.shape)),
-                        list(prompt_ids[out.req_id]),
+                        out.req_id, PoolingOutput(data), list(prompt_ids[out.req_id])
                     )
                     bar.update(1)
         except BaseException:

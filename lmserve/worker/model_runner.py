@@ -21,7 +21,7 @@ from lmserve.lora.manager import LoRAManager
 from lmserve.models.loader import load_model, torch_dtype
 from lmserve.sample.sampler import Sampler, SamplerOutput, gather_logprobs
 from lmserve.structured_output.apply import apply_grammar_bitmask
-from lmserve.transfer import to_device, to_host
+from lmserve.transfer import float32_tensor, to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
 from lmserve.worker.input_batch import InputBatch
@@ -273,8 +273,7 @@ class ModelRunner:
             batch.num_computed_tokens[row] = cached.num_computed_tokens
 
     def _embeds_tensor(self, embeds: PromptEmbeds) -> torch.Tensor:
-        shape = (embeds.num_tokens, embeds.hidden_size)
-        rows = torch.frombuffer(bytearray(embeds.data), dtype=torch.float32).view(shape)
+        rows = float32_tensor(embeds.data, (embeds.num_tokens, embeds.hidden_size))
         dtype = self.model.model.embed_tokens.weight.dtype
         return rows.to(device=self.device, dtype=dtype)
 

@@ -16,7 +16,7 @@ from lmserve.engine.messages import PooledData
 from lmserve.models.loader import load_model
 from lmserve.pooling.config import PoolerConfig
 from lmserve.pooling.pooler import pool
-from lmserve.transfer import to_device
+from lmserve.transfer import float32_bytes, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,5 @@ class PoolingRunner:
                 vector = vector[..., :dims]
             if normalize:
                 vector = F.normalize(vector, p=2, dim=-1)
-            host = vector.cpu().contiguous()
-            out.append(PooledData(host.numpy().tobytes(), list(host.shape)))
+            out.append(PooledData(float32_bytes(vector), list(vector.shape)))
         return out
