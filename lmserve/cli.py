@@ -419,7 +419,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmserve.benchmarks import accuracy, overload, soak, structured, throughput
+    from lmserve.benchmarks import accuracy, embed, overload, soak, structured, throughput
     from lmserve.benchmarks import serve as serve_bench
 
     parser = argparse.ArgumentParser(
@@ -477,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overload.add_arguments(burst)
     burst.set_defaults(func=lambda args: (overload.main(args), 0)[1])
+    embedding = bench.add_parser(
+        "embed", help="embedding sentences/s and one-sentence latency, beside sentence-transformers"
+    )
+    embed.add_arguments(embedding)
+    embedding.set_defaults(func=lambda args: (embed.main(args), 0)[1])
     long_run = bench.add_parser(
         "soak", help="mixed traffic for a long while; the server's memory growth and errors"
     )

@@ -2,8 +2,8 @@
 encoder-only transformer with bidirectional attention.
 
 It runs on packed prompts, as the engine schedules them: `input_ids`/`positions` hold every
-prompt's tokens back to back (no padding through the linear layers); only attention groups them
-per prompt, padded for one batched SDPA call with the padding masked out. Numerics follow HF's
+prompt's tokens back to back (no padding through the linear layers); only attention looks at
+prompts one by one (layers/packed_attention.py). Numerics follow HF's
 eager BertModel in fp32 (exact erf GELU, LayerNorm after each residual).
 """
 
@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmserve.layers.packed_attention import PackedLayout, packed_attention
 
 
 class BertEmbeddings(nn.Module):
@@ -45,10 +47,10 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         q, k, v = (
-            layout.pad(proj(x), self.num_heads) for proj in (self.query, self.key, self.value)
+            proj(x).view(x.shape[0], self.num_heads, self.head_dim)
+            for proj in (self.query, self.key, self.value)
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask)
-        return layout.unpad(out)
+        return packed_attention(q, k, v, layout).reshape(x.shape)
 
 
 class BertLayer(nn.Module):
@@ -74,29 +76,6 @@ class BertLayer(nn.Module):
         x = attention.output.LayerNorm(attended + x)
         inner = F.gelu(self.intermediate.dense(x))
         return self.output.LayerNorm(self.output.dense(inner) + x)
-
-
-class PackedLayout:
-    """Where each packed prompt's tokens sit, to pad them for attention and gather them back."""
-
-    def __init__(self, seq_lens: list[int], device: torch.device) -> None:
-        self.seq_lens = seq_lens
-        longest = max(seq_lens)
-        lens = torch.tensor(seq_lens, device=device)
-        offsets = torch.arange(longest, device=device)
-        self.valid = offsets[None, :] < lens[:, None]  # [B, L]
-        self.key_mask = self.valid[:, None, None, :]  # [B, 1, 1, L]: padding keys masked out
-
-    def pad(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
-        """[T, H] packed -> [B, heads, L, head_dim], zeros where a prompt is shorter."""
-        batch, longest = self.valid.shape
-        padded = x.new_zeros(batch, longest, x.shape[-1])
-        padded[self.valid] = x
-        return padded.view(batch, longest, num_heads, -1).transpose(1, 2)
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        batch, heads, longest, head_dim = x.shape
-        return x.transpose(1, 2).reshape(batch, longest, heads * head_dim)[self.valid]
 
 
 class BertModel(nn.Module):

@@ -36,7 +36,9 @@ class PoolingRunner:
 
     @torch.inference_mode()
     def run(self, batch: PoolingBatch) -> list[PooledData]:
-        prompts = [r.prompt_token_ids for r in batch.requests]
+        # longest first: attention groups prompts of similar length (packed_attention.py)
+        requests = sorted(batch.requests, key=lambda r: -r.num_prompt_tokens)
+        prompts = [r.prompt_token_ids for r in requests]
         lens = [len(ids) for ids in prompts]
         flat = [t for ids in prompts for t in ids]
         positions = [p for n in lens for p in range(n)]
@@ -46,8 +48,8 @@ class PoolingRunner:
             lens,
         )
         raw = pool(hidden.float(), lens, PoolerConfig(self.pooler.pooling_type, normalize=False))
-        out = []
-        for request, vector in zip(batch.requests, raw, strict=True):
+        out = {}
+        for request, vector in zip(requests, raw, strict=True):
             params = request.pooling_params
             dims = params.dimensions if params is not None else None
             normalize = self.pooler.normalize
@@ -57,5 +59,5 @@ class PoolingRunner:
                 vector = vector[..., :dims]
             if normalize:
                 vector = F.normalize(vector, p=2, dim=-1)
-            out.append(PooledData(float32_bytes(vector), list(vector.shape)))
-        return out
+            out[request.req_id] = PooledData(float32_bytes(vector), list(vector.shape))
+        return [out[r.req_id] for r in batch.requests]
