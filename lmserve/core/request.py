@@ -65,6 +65,7 @@ class Request:
     lora_request: LoRARequest | None = None
     prompt_embeds: PromptEmbeds | None = None  # the prompt's embeddings, its ids placeholders
     pooling_params: PoolingParams | None = None  # set: a pooling request
+    token_type_ids: list[int] | None = None  # a sentence pair's segments (BERT cross-encoders)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)

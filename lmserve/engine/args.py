@@ -116,15 +116,23 @@ def create_engine_config(
             f"attention_backend must be auto or one of {_ATTENTION_BACKENDS}, "
             f"got {attention_backend!r}"
         )
-    pooling_wanted = runner == "pooling" or (task is not None and task != "generate")
+    pooling_wanted = (
+        runner == "pooling" or convert != "auto" or (task is not None and task != "generate")
+    )
     if model is None and pooling_wanted:
         model = default_pooling_model()
         served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = json.loads((path / "config.json").read_text())
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
-    runner = resolve_runner(runner, convert, task, architecture)
-    pooler = resolve_pooler(pooler_config, path) if runner == "pooling" else None
+    resolved = resolve_runner(runner, convert, task, architecture)
+    runner = resolved.runner
+    pooler = None
+    if resolved.convert is not None:
+        pooler = resolve_pooler(pooler_config, path, architecture, resolved.convert)
+        hidden = hf_config.get("hidden_size", 0)
+        if pooler.dimensions is not None and pooler.dimensions > hidden:
+            raise ValueError(f"pooler dimensions must be at most {hidden}, got {pooler.dimensions}")
     model_max_len = _model_max_len(hf_config)
     layout = read_sentence_transformers(path) if runner == "pooling" else None
     if layout is not None and layout.max_seq_length:  # the longest input it was trained on
@@ -253,29 +261,35 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--runner",
         default="auto",
         choices=list(RUNNERS),
-        help="generate (text out) or pooling (embeddings out: /v1/embeddings, LLM.embed); auto "
-        "picks pooling for embedding models (BertModel) and generate otherwise. Without a "
-        "model, --runner pooling serves the bundled all-MiniLM-L6-v2",
+        help="generate (text out) or pooling (embeddings or class probabilities out: "
+        "/v1/embeddings, /pooling, /classify, /score, /rerank, LLM.embed/classify/score); auto "
+        "picks pooling for encoders (BertModel, BertForSequenceClassification) and "
+        "*ForSequenceClassification checkpoints, generate otherwise. Without a model, "
+        "--runner pooling serves the bundled all-MiniLM-L6-v2",
     )
     parser.add_argument(
         "--convert",
         default="auto",
         choices=list(CONVERTS),
-        help="vLLM's: run a model as an embedder (embed) or classifier (classify)",
+        help="what the pooling runner makes of the model: embed (a pooled, normalized hidden "
+        "state; a decoder such as Qwen2ForCausalLM pools its last token) or classify (the "
+        "checkpoint's *ForSequenceClassification head); auto picks from the architecture",
     )
     parser.add_argument(
         "--task",
         default=None,
         choices=list(TASKS),
-        help="vLLM's older spelling of --runner/--convert: generate, or embed (the pooling "
-        "runner); classify, score and reward are not served yet",
+        help="vLLM's older spelling of --runner/--convert: generate; embed or reward (pooling, "
+        "convert embed); classify or score (pooling, convert classify)",
     )
     parser.add_argument(
         "--pooler-config",
         default=None,
         help='the pooling runner\'s pooler as JSON, e.g. \'{"pooling_type": "MEAN", '
-        "\"normalize\": true}' (MEAN, CLS, LAST or ALL); default: the model's "
-        "sentence-transformers config, else CLS, normalized",
+        '"normalize": true}\': pooling_type (MEAN, CLS, LAST or ALL), normalize, activation '
+        "(classify: probabilities, else logits), dimensions (a Matryoshka model's default "
+        "size); default: the model's sentence-transformers config, else CLS for an encoder and "
+        "LAST for a decoder, embeddings normalized",
     )
     parser.add_argument(
         "--max-num-seqs", type=int, default=256, help="most requests running at once"

@@ -14,7 +14,8 @@ from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # A prompt: text, pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text), or
-# embeddings {"prompt_embeds": a [tokens, hidden] tensor, or its torch.save bytes}.
+# embeddings {"prompt_embeds": a [tokens, hidden] tensor, or its torch.save bytes}; for a
+# pooling model also a sentence pair, {"text": str, "text_pair": str} (cross-encoders).
 PromptType = str | dict[str, Any]
 
 
@@ -23,6 +24,7 @@ class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]  # for embeddings: placeholders, one per row
     prompt_embeds: PromptEmbeds | None = None
+    token_type_ids: list[int] | None = None  # a sentence pair's segments, where the model has them
 
 
 class InputProcessor:
@@ -65,6 +67,8 @@ class InputProcessor:
     def tokenize_truncated(self, prompt: PromptType, keep: int | None) -> ProcessedPrompt:
         """A prompt cut to its first `keep` tokens (-1: the context), special tokens kept (the
         tokenizer's own truncation, as sentence-transformers truncates); None: uncut."""
+        if isinstance(prompt, dict) and "text_pair" in prompt:
+            return self.tokenize_pair(prompt["text"], prompt["text_pair"], keep)
         if keep == -1:
             keep = self.model_config.max_model_len
         if keep is None:
@@ -76,6 +80,26 @@ class InputProcessor:
             return ProcessedPrompt(prompt, list(ids))
         processed = self.tokenize_prompt(prompt)
         return replace(processed, prompt_token_ids=processed.prompt_token_ids[:keep])
+
+    def tokenize_pair(self, first: str, second: str, keep: int | None) -> ProcessedPrompt:
+        """A sentence pair as a cross-encoder reads it: the tokenizer's pair encoding (BERT:
+        [CLS] first [SEP] second [SEP], with segment ids), cut to `keep` tokens (-1: the
+        context) longest-first, as sentence-transformers' CrossEncoder cuts it."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_config.path} has no tokenizer to pair texts with")
+        if keep == -1:
+            keep = self.model_config.max_model_len
+        if keep is not None and keep < 1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}")
+        cut = {"truncation": True, "max_length": keep} if keep is not None else {}
+        encoded = self.tokenizer(first, second, **cut)
+        types = encoded.get("token_type_ids")
+        uses_types = self.model_config.hf_config.get("type_vocab_size", 0) > 1
+        return ProcessedPrompt(
+            None,
+            list(encoded["input_ids"]),
+            token_type_ids=list(types) if types and uses_types else None,
+        )
 
     def _prompt_embeds(self, value: Any) -> PromptEmbeds:
         """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]
@@ -207,6 +231,7 @@ class InputProcessor:
             eos_token_id=None,
             arrival_time=time.time(),
             pooling_params=params,
+            token_type_ids=prompt.token_type_ids,
         )
 
     def _resolve_constraint(self, params: SamplingParams) -> StructuredOutputsParams:

@@ -25,12 +25,17 @@ from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.lora.request import LoRARequest
 from lmserve.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
     PoolingOutput,
     PoolingRequestOutput,
     RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
+from lmserve.pooling.score import check_scorable, cosine, pair_up
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
@@ -157,12 +162,91 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (vLLM's LLM.embed)."""
+        self._check_pools("embed")
         return [
             EmbeddingRequestOutput(
                 out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids
             )
             for out in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm)
         ]
+
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt (vLLM's LLM.classify), from a classifier
+        (*ForSequenceClassification)."""
+        self._check_pools("classify")
+        return [
+            ClassificationRequestOutput(
+                out.request_id,
+                ClassificationOutput(out.outputs.data.tolist()),
+                out.prompt_token_ids,
+            )
+            for out in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm)
+        ]
+
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """A score per pair (vLLM's LLM.score): `data_1` against each of `data_2`, or pairwise.
+        A cross-encoder reads each pair together; an embedding model scores the cosine of the
+        two embeddings."""
+        pairs = pair_up(data_1, data_2)
+        if self.config.pooler is None:
+            raise ValueError(
+                f"{self.config.model.model} runs the generate runner: score with a "
+                "cross-encoder or an embedding model (runner='pooling')"
+            )
+        check_scorable(self.config.pooler.task, self.config.model.hf_config)
+        if self.config.pooler.task == "classify":
+            outputs = self.encode(
+                [{"text": a, "text_pair": b} for a, b in pairs],
+                truncate_prompt_tokens=truncate_prompt_tokens,
+                use_tqdm=use_tqdm,
+            )
+            return [
+                ScoringRequestOutput(
+                    o.request_id, ScoringOutput(float(o.outputs.data[0])), o.prompt_token_ids
+                )
+                for o in outputs
+            ]
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        vectors = self.embed(texts, None, truncate_prompt_tokens, use_tqdm)
+        embedded = dict(zip(texts, vectors, strict=True))
+        scores = []
+        for a, b in pairs:
+            first, second = embedded[a], embedded[b]
+            scores.append(
+                ScoringRequestOutput(
+                    f"{first.request_id}_{second.request_id}",
+                    ScoringOutput(cosine(first.outputs.embedding, second.outputs.embedding)),
+                    first.prompt_token_ids + second.prompt_token_ids,
+                )
+            )
+        return scores
+
+    def _check_pools(self, task: str) -> None:
+        """This engine pools as `task` asks, or an error that says which model would."""
+        pooler = self.config.pooler
+        if self.config.runner != "pooling" or pooler is None:
+            raise ValueError(
+                f"{self.config.model.model} runs the generate runner: {task} with a pooling "
+                "model (runner='pooling')"
+            )
+        if pooler.task != task:
+            raise ValueError(
+                f"{self.config.model.model} runs as a {pooler.task} model (convert="
+                f"{pooler.task!r}); {task} needs "
+                + ("an embedding model" if task == "embed" else "a classifier checkpoint")
+            )
 
     def beam_search(
         self,

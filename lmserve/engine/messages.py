@@ -90,6 +90,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     lora_request: LoRARequest | None = None
     prompt_embeds: PromptEmbeds | None = None
     pooling_params: PoolingParams | None = None  # set: a pooling request (sampling unused)
+    token_type_ids: list[int] | None = None  # a sentence pair's segments (BERT cross-encoders)
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):

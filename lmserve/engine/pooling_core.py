@@ -29,7 +29,7 @@ class PoolingEngineCore:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         if request.pooling_params is None:
-            raise ValueError("this engine runs a pooling model: it embeds, it does not generate")
+            raise ValueError("this engine runs a pooling model: it pools, it does not generate")
         self.scheduler.add_request(
             Request(
                 req_id=request.req_id,
@@ -37,6 +37,7 @@ class PoolingEngineCore:
                 sampling_params=request.sampling_params,
                 arrival_time=request.arrival_time,
                 pooling_params=request.pooling_params,
+                token_type_ids=request.token_type_ids,
             )
         )
 

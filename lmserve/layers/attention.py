@@ -1,5 +1,6 @@
 """The attention layer: stores this step's K/V into its paged cache, then attends through the
-backend chosen for the device, with metadata from the forward context."""
+backend chosen for the device, with metadata from the forward context. Under the pooling
+runner's PackedLayout it attends within each whole prompt and keeps no K/V."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from lmserve.forward_context import get_attn_metadata
+from lmserve.layers.packed_attention import PackedLayout, packed_attention
 
 
 class Attention(nn.Module):
@@ -21,7 +23,9 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        metadata = get_attn_metadata()
+        if isinstance(metadata, PackedLayout):  # the pooling runner: whole prompts, no cache
+            return packed_attention(q, k, v, metadata, self.scale, causal=True)
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache bound")
-        metadata = get_attn_metadata()
         return metadata.backend.forward(q, k, v, self.kv_cache, metadata, self.scale)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.layers.packed_attention import PackedLayout, packed_attention
+from lmserve.pooling.score import num_labels
 
 
 class BertEmbeddings(nn.Module):
@@ -116,6 +117,59 @@ class BertModel(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in BertModel")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+        return loaded
+
+    def tie_weights(self) -> None:
+        """Nothing is tied (the loader calls this after dummy weights)."""
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT with HF's classification head: CLS token -> dense + tanh (BERT's pooler) ->
+    classifier. The pooling runner takes the CLS row; classify() is the head. Cross-encoders
+    (rerankers) are this model with one label, fed a sentence pair."""
+
+    is_encoder_only = True
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        hidden = cfg["hidden_size"]
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_labels(cfg))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.bert(input_ids, positions, seq_lens, token_type_ids)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[prompts, H] CLS rows -> [prompts, num_labels] logits."""
+        return self.classifier(torch.tanh(self.pooler.dense(pooled)))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        head: list[tuple[str, torch.Tensor]] = []
+        encoder: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in weights:
+            name = name.removeprefix("bert.")
+            (head if name.startswith(("pooler.", "classifier.")) else encoder).append(
+                (name, tensor)
+            )
+        loaded = {f"bert.{name}" for name in self.bert.load_weights(encoder)}
+        for name, tensor in head:
+            if name not in params:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                )
             with torch.no_grad():
                 params[name].copy_(tensor)
             loaded.add(name)

@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.forward_context import set_forward_context
 from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.attention import Attention
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
+from lmserve.layers.packed_attention import PackedLayout
 from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
+from lmserve.pooling.score import num_labels
 
 # HF checkpoint name suffix -> (our fused parameter, shard index)
 _FUSED = {
@@ -160,35 +163,11 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; returns the parameters loaded."""
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (
-                name == "lm_head.weight" and self.tie_word_embeddings
-            ):
-                continue
-            module_name, _, kind = name.rpartition(".")
-            parent, _, leaf = module_name.rpartition(".")
-            if leaf in _FUSED:
-                fused, shard = _FUSED[leaf]
-                module_name = f"{parent}.{fused}"
-                start, size = self._shard_range(fused, shard)
-            else:
-                start, size = 0, tensor.shape[0]
-            module = modules.get(module_name)
-            if isinstance(module, Linear):
-                module.load_rows(kind, tensor, start, size)
-                loaded.add(f"{module_name}.{kind}")
-            elif name in params:
-                with torch.no_grad():
-                    params[name].copy_(tensor)
-                loaded.add(name)
-            else:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
-                )
-        if self.tie_word_embeddings:
+        tied = self.tie_word_embeddings
+        loaded = _load_fused(
+            self, ((n, t) for n, t in weights if not (tied and n == "lm_head.weight"))
+        )
+        if tied:
             self.tie_weights()
             loaded.add("lm_head.weight")
         return loaded
@@ -199,13 +178,74 @@ class LlamaForCausalLM(nn.Module):
             with torch.no_grad():
                 self.lm_head.weight.copy_(self.model.embed_tokens.weight.t())
 
-    def _shard_range(self, fused: str, shard: int) -> tuple[int, int]:
-        if fused == "qkv_proj":
-            attn = self.model.layers[0].self_attn
-            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+
+class LlamaForPooling(nn.Module):
+    """A Llama-family decoder in the pooling runner: whole prompts packed back to back, causal
+    attention with no KV cache, final hidden states out. A `*ForSequenceClassification`
+    checkpoint brings its `score` head (classify()); a `*ForCausalLM` one is an embedder and
+    its LM head is not loaded."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        architecture = (cfg.get("architectures") or [""])[0]
+        self.score: nn.Linear | None = None
+        if architecture.endswith("ForSequenceClassification"):
+            self.score = nn.Linear(cfg["hidden_size"], num_labels(cfg), bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]
+    ) -> torch.Tensor:
+        with set_forward_context(PackedLayout(seq_lens, input_ids.device)):
+            return self.model(input_ids, positions)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[prompts, H] last-token rows -> [prompts, num_labels] logits."""
+        if self.score is None:
+            raise ValueError("this model has no classification head")
+        return self.score(pooled)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return _load_fused(self, ((n, t) for n, t in weights if n != "lm_head.weight"))
+
+    def tie_weights(self) -> None:
+        """No LM head to tie (the loader calls this after dummy weights)."""
+
+
+def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """HF-named tensors into `model` (a `model.` LlamaModel and any plain parameters),
+    q/k/v and gate/up fused; returns the parameters loaded."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    attn = model.model.layers[0].self_attn
+    sizes = {
+        "qkv_proj": [attn.q_size, attn.kv_size, attn.kv_size],
+        "gate_up_proj": [model.config["intermediate_size"]] * 2,
+    }
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        module_name, _, kind = name.rpartition(".")
+        parent, _, leaf = module_name.rpartition(".")
+        if leaf in _FUSED:
+            fused, shard = _FUSED[leaf]
+            module_name = f"{parent}.{fused}"
+            start, size = sum(sizes[fused][:shard]), sizes[fused][shard]
         else:
-            sizes = [self.config["intermediate_size"]] * 2
-        return sum(sizes[:shard]), sizes[shard]
+            start, size = 0, tensor.shape[0]
+        module = modules.get(module_name)
+        if isinstance(module, Linear):
+            module.load_rows(kind, tensor, start, size)
+            loaded.add(f"{module_name}.{kind}")
+        elif name in params:
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+        else:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+    return loaded
 
 
 def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -23,9 +23,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
-    """Instantiate on `device` in the configured dtype and load weights; eval mode, no grads."""
-    cls = resolve_model_class(config.architecture)
+def load_model(config: ModelConfig, device: torch.device, pooling: bool = False) -> nn.Module:
+    """Instantiate on `device` in the configured dtype and load weights; eval mode, no grads.
+    `pooling`: the pooling runner's class for the architecture."""
+    cls = resolve_model_class(config.architecture, pooling)
     start = time.perf_counter()
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(config.dtype))

@@ -11,19 +11,30 @@ _MODELS = {
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
-    "BertModel": "lmserve.models.bert:BertModel",  # pooling runner only
+}
+# the pooling runner's: encoders, and decoders run whole-prompt with no KV cache
+_POOLING_MODELS = {
+    "BertModel": "lmserve.models.bert:BertModel",
+    "BertForSequenceClassification": "lmserve.models.bert:BertForSequenceClassification",
+    **{
+        f"{family}For{kind}": "lmserve.models.llama:LlamaForPooling"
+        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")
+        for kind in ("CausalLM", "SequenceClassification")
+    },
 }
 
 
-def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+def supported_architectures(pooling: bool = False) -> list[str]:
+    return sorted(_POOLING_MODELS if pooling else _MODELS)
 
 
-def resolve_model_class(architecture: str) -> type[nn.Module]:
-    if architecture not in _MODELS:
+def resolve_model_class(architecture: str, pooling: bool = False) -> type[nn.Module]:
+    """The class that runs `architecture` in the generate runner, or in the pooling runner."""
+    models = _POOLING_MODELS if pooling else _MODELS
+    if architecture not in models:
         raise ValueError(
             f"model architecture {architecture!r} is not supported; supported architectures: "
-            f"{', '.join(supported_architectures())}"
+            f"{', '.join(supported_architectures(pooling))}"
         )
-    module_name, cls_name = _MODELS[architecture].split(":")
+    module_name, cls_name = models[architecture].split(":")
     return getattr(importlib.import_module(module_name), cls_name)

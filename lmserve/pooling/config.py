@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 PoolingType = Literal["MEAN", "CLS", "LAST", "ALL"]
+PoolingTask = Literal["embed", "classify"]
 _ST_POOLING = {"pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS",
                "pooling_mode_lasttoken": "LAST"}  # fmt: skip
 
@@ -17,12 +18,20 @@ _ST_POOLING = {"pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CL
 class PoolerConfig:
     pooling_type: PoolingType = "LAST"
     normalize: bool = True  # L2-normalize each embedding
+    # embed: the pooled hidden state; classify: the model's classification head over it
+    task: PoolingTask = "embed"
+    activation: bool = True  # classify: probabilities (softmax; sigmoid for one label)
+    dimensions: int | None = None  # embed: a Matryoshka model's default output size
 
     def __post_init__(self) -> None:
         if self.pooling_type not in ("MEAN", "CLS", "LAST", "ALL"):
             raise ValueError(
                 f"pooling_type must be MEAN, CLS, LAST or ALL, got {self.pooling_type!r}"
             )
+        if self.task == "classify" and self.pooling_type == "ALL":
+            raise ValueError("a classifier pools one row per prompt: ALL pooling is for embed")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions must be at least 1, got {self.dimensions}")
 
 
 @dataclass(frozen=True)
@@ -69,12 +78,25 @@ TASKS = {"generate": ("generate", None), "embed": ("pooling", "embed"),
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "embed", "classify")
 # encoder architectures: they only pool, so `auto` runs them with the pooling runner
-ENCODER_ARCHITECTURES = frozenset({"BertModel"})
+ENCODER_ARCHITECTURES = frozenset({"BertModel", "BertForSequenceClassification"})
+# decoders the pooling runner takes: as embedders (--convert embed), or with their own
+# classification head
+DECODER_ARCHITECTURES = frozenset(
+    f"{family}For{kind}"
+    for family in ("Llama", "Mistral", "Qwen2", "Qwen3")
+    for kind in ("CausalLM", "SequenceClassification")
+)
 
 
-def resolve_runner(runner: str, convert: str, task: str | None, architecture: str) -> str:
+@dataclass(frozen=True)
+class Runner:
+    runner: str  # generate or pooling
+    convert: PoolingTask | None  # what the pooling runner makes of the model
+
+
+def resolve_runner(runner: str, convert: str, task: str | None, architecture: str) -> Runner:
     """vLLM's --runner / --convert / --task to the runner this model runs with; what it cannot
-    do yet is an error that says so."""
+    do is an error that says what would work."""
     if task is not None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -86,28 +108,50 @@ def resolve_runner(runner: str, convert: str, task: str | None, architecture: st
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     if convert not in CONVERTS:
         raise ValueError(f"convert must be one of {', '.join(CONVERTS)}, got {convert!r}")
-    encoder = architecture in ENCODER_ARCHITECTURES
+    classifier = architecture.endswith("ForSequenceClassification")
+    pools_only = architecture in ENCODER_ARCHITECTURES or classifier
     if runner == "auto":
-        runner = "pooling" if encoder or convert != "auto" else "generate"
-    if runner == "generate" and encoder:
+        runner = "pooling" if pools_only or convert != "auto" else "generate"
+    if runner == "generate":
+        if pools_only:
+            raise ValueError(
+                f"{architecture} is a pooling model: run it with --runner pooling "
+                f"(or --task {'classify' if classifier else 'embed'})"
+            )
+        return Runner("generate", None)
+    if architecture not in ENCODER_ARCHITECTURES | DECODER_ARCHITECTURES:
         raise ValueError(
-            f"{architecture} is an embedding model: run it with --runner pooling (or --task embed)"
+            f"{architecture} cannot run with the pooling runner; it takes "
+            f"{', '.join(sorted(ENCODER_ARCHITECTURES | DECODER_ARCHITECTURES))}"
         )
-    if runner == "pooling" and not encoder:
+    if convert == "auto":
+        convert = "classify" if classifier else "embed"
+    if convert == "classify" and not classifier:
         raise ValueError(
-            f"{architecture} is a generative model; pooling it (--convert embed / classify) is "
-            "not supported yet: serve an embedding model (BertModel) with --runner pooling"
+            f"--convert classify needs a checkpoint with a classification head "
+            f"(*ForSequenceClassification); {architecture} has none: use --convert embed"
         )
-    if runner == "pooling" and convert == "classify":
-        raise ValueError("--convert classify is not supported yet: use --convert embed")
-    return runner
+    if convert == "embed" and classifier:
+        raise ValueError(
+            f"{architecture} is a classifier: serve it with --convert classify (--task classify)"
+        )
+    return Runner("pooling", convert)  # type: ignore[arg-type]
 
 
-def resolve_pooler(override: dict[str, Any] | str | None, path: Path) -> PoolerConfig:
-    """--pooler-config over the model's sentence-transformers layout, else vLLM's default for
-    an encoder: CLS, normalized."""
-    layout = read_sentence_transformers(path)
-    base = layout.pooler if layout is not None else PoolerConfig("CLS", normalize=True)
+_POOLER_KEYS = {"pooling_type", "normalize", "activation", "use_activation", "dimensions"}
+
+
+def resolve_pooler(
+    override: dict[str, Any] | str | None, path: Path, architecture: str, task: PoolingTask
+) -> PoolerConfig:
+    """--pooler-config over the model's defaults: its sentence-transformers layout if it has
+    one, else vLLM's: CLS for an encoder, last token for a decoder; embeddings normalized."""
+    layout = read_sentence_transformers(path) if task == "embed" else None
+    encoder = architecture in ENCODER_ARCHITECTURES
+    if layout is not None:
+        base = layout.pooler
+    else:
+        base = PoolerConfig("CLS" if encoder else "LAST", normalize=task == "embed", task=task)
     if override is None:
         return base
     if isinstance(override, str):
@@ -117,7 +161,10 @@ def resolve_pooler(override: dict[str, Any] | str | None, path: Path) -> PoolerC
             raise ValueError(f"--pooler-config is not valid JSON: {exc}") from None
     if not isinstance(override, dict):
         raise ValueError("--pooler-config must be a JSON object")
-    unknown = sorted(set(override) - {"pooling_type", "normalize"})
+    unknown = sorted(set(override) - _POOLER_KEYS)
     if unknown:
-        raise ValueError(f"--pooler-config takes pooling_type and normalize, not {unknown}")
+        raise ValueError(f"--pooler-config takes {', '.join(sorted(_POOLER_KEYS))}, not {unknown}")
+    override = dict(override)
+    if "use_activation" in override:  # vLLM's newer name
+        override["activation"] = override.pop("use_activation")
     return replace(base, **override)

@@ -70,5 +70,7 @@ def test_what_each_runner_refuses(embedder: LLM, tiny_model_dirs) -> None:
         generator.embed([{"prompt_token_ids": [1, 2]}], use_tqdm=False)
     with pytest.raises(ValueError, match="--runner pooling"):
         LLM(str(embedder.config.model.path), runner="generate")
-    with pytest.raises(ValueError, match="not supported yet"):
-        LLM(str(tiny_model_dirs["llama"]), task="embed")
+    with pytest.raises(ValueError, match="has none: use --convert embed"):
+        LLM(str(tiny_model_dirs["llama"]), task="classify")
+    with pytest.raises(ValueError, match="classify needs a classifier"):
+        embedder.classify("Hi", use_tqdm=False)
