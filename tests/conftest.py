@@ -104,7 +104,7 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
     import shutil
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):  # fmt: skip
+                 "vocab.txt", "chat_template.jinja"):  # fmt: skip
         if (source / name).exists():
             shutil.copy(source / name, target / name)
 

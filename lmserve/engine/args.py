@@ -240,6 +240,8 @@ def _resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> str:
 def _model_max_len(hf_config: dict[str, Any]) -> int:
     """The longest context the model supports; sliding-window attention caps it (not implemented)."""
     length = int(hf_config.get("max_position_embeddings") or 2048)
+    if hf_config.get("model_type") in ("roberta", "xlm-roberta"):  # positions start after pad
+        length -= int(hf_config.get("pad_token_id", 1)) + 1
     window = hf_config.get("sliding_window")
     if window and hf_config.get("use_sliding_window", True):
         length = min(length, int(window))

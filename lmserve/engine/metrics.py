@@ -179,6 +179,8 @@ class EngineMetrics:
                 continue
             if out.new_token_ids:
                 self._record_tokens(timing, out, now)
+            elif out.pooled is not None:
+                self._record_pooled(timing, out, now)
             if out.finish_reason is not None:  # with no token too: aborted or failed
                 self._finish(out.req_id, out.finish_reason, now)
         if stats.num_step_tokens:
@@ -204,6 +206,16 @@ class EngineMetrics:
         timing.num_generated += num_new
         self._generation_tokens.labels(**self._label).inc(num_new)
         self._interval.generation_tokens += num_new
+
+    def _record_pooled(self, timing: _Timing, out: EngineCoreOutput, now: float) -> None:
+        """A pooling request, done in one step: its prompt tokens, queue and prefill times (it
+        has no first token, so no TTFT)."""
+        if out.first_scheduled_time is not None:
+            timing.scheduled = max(out.first_scheduled_time, timing.arrival)
+            self._queue.labels(**self._label).observe(timing.scheduled - timing.arrival)
+            self._prefill.labels(**self._label).observe(now - timing.scheduled)
+        self._prompt_tokens.labels(**self._label).inc(timing.num_prompt_tokens)
+        self._interval.prompt_tokens += timing.num_prompt_tokens
 
     def _finish(self, req_id: str, reason: FinishReason, now: float) -> None:
         timing = self._finished[req_id] = self._timings.pop(req_id)

@@ -1,5 +1,6 @@
-"""BERT (`BertModel`, the encoder under sentence-transformers' MiniLM/BGE/E5 embedders): an
-encoder-only transformer with bidirectional attention.
+"""BERT (`BertModel`, the encoder under sentence-transformers' MiniLM/BGE/E5 embedders), and
+RoBERTa / XLM-R, which differ in where positions start: encoder-only transformers with
+bidirectional attention, and their sequence-classification heads (cross-encoders).
 
 It runs on packed prompts, as the engine schedules them: `input_ids`/`positions` hold every
 prompt's tokens back to back (no padding through the linear layers); only attention looks at
@@ -19,6 +20,8 @@ from torch import nn
 from lmserve.layers.packed_attention import PackedLayout, packed_attention
 from lmserve.pooling.score import num_labels
 
+_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -28,12 +31,17 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], hidden)
         self.token_type_embeddings = nn.Embedding(cfg.get("type_vocab_size", 2), hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=cfg.get("layer_norm_eps", 1e-12))
+        # RoBERTa / XLM-R count positions from after their padding id (HF's
+        # create_position_ids_from_input_ids on unpadded input)
+        self.position_offset = (
+            cfg.get("pad_token_id", 1) + 1 if cfg.get("model_type") in _ROBERTA_TYPES else 0
+        )
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(x + self.position_embeddings(positions))
+        return self.LayerNorm(x + self.position_embeddings(positions + self.position_offset))
 
 
 class BertSelfAttention(nn.Module):
@@ -107,12 +115,12 @@ class BertModel(nn.Module):
         return x
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """HF names, with or without the `bert.` prefix of a task model; the unused pooler
-        head and position-id buffer are skipped."""
+        """HF names, with or without the `bert.` / `roberta.` prefix of a task model; the
+        unused pooler head and position-id buffer are skipped."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            name = name.removeprefix("bert.")
+            name = name.removeprefix("bert.").removeprefix("roberta.")
             if name.startswith("pooler.") or name.endswith("position_ids"):
                 continue
             if name not in params:
@@ -165,6 +173,54 @@ class BertForSequenceClassification(nn.Module):
                 (name, tensor)
             )
         loaded = {f"bert.{name}" for name in self.bert.load_weights(encoder)}
+        for name, tensor in head:
+            if name not in params:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                )
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+        return loaded
+
+    def tie_weights(self) -> None:
+        """Nothing is tied (the loader calls this after dummy weights)."""
+
+
+class RobertaForSequenceClassification(nn.Module):
+    """RoBERTa / XLM-R with HF's classification head (the rerankers BGE and mxbai are XLM-R):
+    the first token -> dense + tanh -> out_proj; no BERT pooler."""
+
+    is_encoder_only = True
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.roberta = BertModel(cfg)
+        hidden = cfg["hidden_size"]
+        self.classifier = nn.Module()
+        self.classifier.dense = nn.Linear(hidden, hidden)
+        self.classifier.out_proj = nn.Linear(hidden, num_labels(cfg))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: list[int],
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.roberta(input_ids, positions, seq_lens, token_type_ids)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier.out_proj(torch.tanh(self.classifier.dense(pooled)))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        head = []
+        encoder = []
+        for name, tensor in weights:
+            (head if name.startswith("classifier.") else encoder).append((name, tensor))
+        loaded = {f"roberta.{name}" for name in self.roberta.load_weights(encoder)}
         for name, tensor in head:
             if name not in params:
                 raise ValueError(

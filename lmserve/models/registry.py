@@ -16,6 +16,10 @@ _MODELS = {
 _POOLING_MODELS = {
     "BertModel": "lmserve.models.bert:BertModel",
     "BertForSequenceClassification": "lmserve.models.bert:BertForSequenceClassification",
+    "RobertaModel": "lmserve.models.bert:BertModel",
+    "XLMRobertaModel": "lmserve.models.bert:BertModel",
+    "RobertaForSequenceClassification": "lmserve.models.bert:RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification": "lmserve.models.bert:RobertaForSequenceClassification",
     **{
         f"{family}For{kind}": "lmserve.models.llama:LlamaForPooling"
         for family in ("Llama", "Mistral", "Qwen2", "Qwen3")

@@ -78,7 +78,11 @@ TASKS = {"generate": ("generate", None), "embed": ("pooling", "embed"),
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "embed", "classify")
 # encoder architectures: they only pool, so `auto` runs them with the pooling runner
-ENCODER_ARCHITECTURES = frozenset({"BertModel", "BertForSequenceClassification"})
+ENCODER_ARCHITECTURES = frozenset(
+    f"{family}{kind}"
+    for family in ("Bert", "Roberta", "XLMRoberta")
+    for kind in ("Model", "ForSequenceClassification")
+)
 # decoders the pooling runner takes: as embedders (--convert embed), or with their own
 # classification head
 DECODER_ARCHITECTURES = frozenset(

@@ -100,3 +100,35 @@ def test_a_decoder_embeds_with_its_last_token(tiny_pooling_dirs) -> None:
     assert score.outputs.score == pytest.approx(torch.dot(a, b).item(), abs=1e-5)
     with pytest.raises(ValueError, match="--runner pooling"):
         LLM(str(tiny_pooling_dirs["qwen2_classes"]), runner="generate")
+
+
+@pytest.mark.parametrize("family", ["Roberta", "XLMRoberta"])
+def test_roberta_family_equals_hf(tmp_path, family) -> None:
+    """RoBERTa / XLM-R: positions after the padding id, one token type; a classifier with its
+    own head and an encoder pooled at its first token."""
+    import transformers as tf
+
+    config = getattr(tf, f"{family}Config")(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=80, type_vocab_size=1, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    classifier = getattr(tf, f"{family}ForSequenceClassification")(config).eval()
+    classifier.save_pretrained(tmp_path / "cls")
+    encoder = getattr(tf, f"{family}Model")(config, add_pooling_layer=False).eval()
+    encoder.save_pretrained(tmp_path / "enc")
+    gen = torch.Generator().manual_seed(4)
+    prompts = [[0, *torch.randint(3, 300, (n,), generator=gen).tolist(), 2] for n in (3, 40, 76)]
+    probs = LLM(str(tmp_path / "cls")).classify(
+        [{"prompt_token_ids": p} for p in prompts], use_tqdm=False
+    )
+    embeds = LLM(str(tmp_path / "enc")).embed(
+        [{"prompt_token_ids": p} for p in prompts], use_tqdm=False
+    )
+    for ids, prob, embedded in zip(prompts, probs, embeds, strict=True):
+        with torch.no_grad():
+            logits = classifier(input_ids=torch.tensor([ids])).logits[0]
+            first = encoder(input_ids=torch.tensor([ids])).last_hidden_state[0, 0]
+        assert torch.tensor(prob.outputs.probs) == pytest.approx(logits.softmax(-1), abs=1e-5)
+        expected = torch.nn.functional.normalize(first, dim=0)
+        assert torch.tensor(embedded.outputs.embedding) == pytest.approx(expected, abs=1e-5)

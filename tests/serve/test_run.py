@@ -332,3 +332,65 @@ def test_seed_deployment_forms_run(tmp_path: Path, smollm2_dir: Path) -> None:
         assert env["HF_TOKEN"] == "hf_seed_test_token"
         assert env["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
     assert engine["OMP_NUM_THREADS"] == "1"  # its engine's threads: the one CPU it reserves
+
+
+SEED_EMBED_SERVER = """
+from ray import serve
+from lmserve.serve import LLMConfig, build_openai_app
+
+llm_config = LLMConfig(
+    model_loading_config=dict(
+        model_id="qwen-0.5b",
+        model_source="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    engine_kwargs=dict(
+        task="embed",
+    ),
+)
+
+app = build_openai_app({"llm_configs": [llm_config]})
+serve.run(app, blocking=True)
+"""
+
+
+def test_seed_embedding_snippets_run(tmp_path: Path, smollm2_dir: Path) -> None:
+    """Seed 000's embedding deployment (a decoder, task="embed"), with lmserve.serve's import
+    and the bundled SmolLM2 for Qwen2.5; then its Python client and its cURL request (sent
+    with the same headers and body). Both equal HF's normalized last hidden state."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    script = tmp_path / "server.py"
+    script.write_text(SEED_EMBED_SERVER)
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
+        response = client.embeddings.create(
+            model="qwen-0.5b",
+            input=["A text to embed", "Another text to embed"],
+        )
+        curl = httpx.post(
+            "http://localhost:8000/v1/embeddings",
+            headers={"Content-Type": "application/json", "Authorization": "Bearer fake-key"},
+            content=json.dumps(
+                {
+                    "model": "qwen-0.5b",
+                    "input": ["A text to embed", "Another text to embed"],
+                    "encoding_format": "float",
+                }
+            ),  # fmt: skip
+            timeout=60,
+        ).json()
+    finally:
+        interrupt(proc)
+    model = AutoModel.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    for i, text in enumerate(["A text to embed", "Another text to embed"]):
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0, -1]
+        expected = torch.nn.functional.normalize(hidden, dim=0).tolist()
+        assert len(response.data[i].embedding) == 576
+        assert response.data[i].embedding == pytest.approx(expected, abs=1e-5)
+        assert curl["data"][i]["embedding"] == pytest.approx(expected, abs=1e-5)

@@ -17,6 +17,7 @@ from lmserve.api.endpoints import (
     invocations,
     messages,
     responses,
+    scores,
     tokenize,
 )
 from lmserve.api.endpoints.base import Endpoint, Servings
@@ -30,6 +31,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *invocations.ENDPOINTS,
     *generate.ENDPOINTS,
     *embeddings.ENDPOINTS,
+    *scores.ENDPOINTS,
 )
 ENDPOINTS_BY_NAME = MappingProxyType({endpoint.name: endpoint for endpoint in ENDPOINTS})
 

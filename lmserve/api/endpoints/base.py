@@ -14,10 +14,11 @@ from lmserve.api.replies import Reply
 from lmserve.api.serving.chat import ChatServing
 from lmserve.api.serving.common import PromptEncoder, ServingConfig
 from lmserve.api.serving.completions import CompletionServing
-from lmserve.api.serving.embeddings import EmbeddingServing
 from lmserve.api.serving.generate import GenerateServing
 from lmserve.api.serving.messages import MessagesServing
+from lmserve.api.serving.pooling import PoolingServing
 from lmserve.api.serving.responses import ResponsesServing
+from lmserve.api.serving.scores import ScoreServing
 from lmserve.engine.protocol import EngineClient
 
 
@@ -34,7 +35,8 @@ class Servings:
         self.messages = MessagesServing(engine, config, self.chat)
         self.responses = ResponsesServing(self.chat)
         self.generate = GenerateServing(engine, config, self.chat)
-        self.embeddings = EmbeddingServing(engine, config)
+        self.pooling = PoolingServing(engine, config)
+        self.scores = ScoreServing(self.pooling)
         self.admission = Admission(engine, config.max_num_queued_reqs, config.max_num_queued_tokens)
 
     async def answer(self, endpoint: Endpoint, body: Any) -> Reply:

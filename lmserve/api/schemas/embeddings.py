@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: the list of embeddings, each floats or base64 float32 bytes."""
+"""POST /v1/embeddings and /pooling: lists of embeddings (or raw pooler outputs), each floats
+or base64 float32 bytes."""
 
 from __future__ import annotations
 
@@ -24,4 +25,21 @@ class EmbeddingList(msgspec.Struct, kw_only=True):
     created: int
     model: str
     data: list[Embedding]
+    usage: EmbeddingUsage
+
+
+class PoolingData(msgspec.Struct, kw_only=True):
+    """vLLM's /pooling item: the pooler's output as nested lists, or base64 float32 bytes."""
+
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[float] | list[list[float]] | str
+
+
+class PoolingList(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
     usage: EmbeddingUsage

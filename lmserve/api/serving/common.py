@@ -140,8 +140,9 @@ def check_generates(engine: EngineClient, model: str) -> None:
     """A pooling model asked to generate: a 400 that says which flag serves what."""
     if engine.config.runner == "pooling":
         raise APIError(
-            f"The model `{model}` is a pooling model (--runner pooling): it serves /v1/embeddings "
-            "and does not generate text; serve a generative model to chat or complete",
+            f"The model `{model}` is a pooling model (--runner pooling): it serves /v1/embeddings, "
+            "/pooling, /classify, /score and /rerank and does not generate text; serve a "
+            "generative model (--runner generate) to chat or complete",
             param="model",
         )
 

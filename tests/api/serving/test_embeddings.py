@@ -1,6 +1,6 @@
-"""POST /v1/embeddings on `lmserve serve --runner pooling` (the bundled all-MiniLM-L6-v2),
-through the official openai client: equal to sentence-transformers, float and base64, and
-every misuse a 400 in OpenAI's error shape."""
+"""POST /v1/embeddings on `lmserve serve --task embed` (seed 003's flag; no model: the bundled
+all-MiniLM-L6-v2), through the official openai client: equal to sentence-transformers, float
+and base64, seed 003's client as written, and every misuse a 400 in OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="module")
 def server(minilm_dir) -> Iterator[Server]:
-    server = start_server("--runner", "pooling")  # no model: the bundled embedder
+    server = start_server("--task", "embed")  # no model: the bundled embedder
     yield server
     stop_server(server)
 
@@ -109,3 +109,67 @@ def test_answers_validate_against_openais_spec(server: Server, validate) -> None
         item["embedding"] = np.frombuffer(base64.b64decode(item["embedding"]), "<f4").tolist()
         assert item["embedding"] == pytest.approx(plain["embedding"], abs=1e-7)
     validate("CreateEmbeddingResponse", packed)
+
+
+def test_pooling_score_and_rerank_by_cosine(server: Server, reference) -> None:
+    texts = ["A man is eating food.", "A man is eating pasta.", "The sky is blue today."]
+    expected = reference.encode(texts, normalize_embeddings=True)
+    pooled = httpx.post(f"{server.url}/pooling", json={"input": texts[:1]}, timeout=60).json()
+    assert pooled["object"] == "list" and pooled["data"][0]["object"] == "pooling"
+    assert np.abs(np.array(pooled["data"][0]["data"]) - expected[0]).max() < 1e-5
+    scored = httpx.post(f"{server.url}/score", timeout=60,
+                        json={"text_1": texts[0], "text_2": texts[1:]}).json()  # fmt: skip
+    cosines = [float(expected[0] @ expected[i]) for i in (1, 2)]
+    assert [d["score"] for d in scored["data"]] == pytest.approx(cosines, abs=1e-5)
+    reranked = httpx.post(f"{server.url}/v1/rerank", timeout=60,
+                          json={"query": texts[0], "documents": texts[1:][::-1]}).json()  # fmt: skip
+    assert [r["index"] for r in reranked["results"]] == [1, 0]  # pasta first
+    assert reranked["results"][0]["relevance_score"] == pytest.approx(cosines[0], abs=1e-5)
+    refused = httpx.post(f"{server.url}/classify", json={"input": "hi"}, timeout=60)
+    assert refused.status_code == 400 and "--convert classify" in refused.json()["error"]["message"]
+
+
+def test_messages_need_a_chat_template(server: Server) -> None:
+    answer = httpx.post(f"{server.url}/v1/embeddings", timeout=60,
+                        json={"messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert answer.status_code == 400 and "chat template" in answer.json()["error"]["message"]
+    both = httpx.post(f"{server.url}/v1/embeddings", timeout=60,
+                      json={"input": "hi", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert both.status_code == 400 and "either `input` or `messages`" in both.text
+
+
+SEED_003_CLIENT = """
+from openai import OpenAI
+
+client = OpenAI(
+    base_url="{base_url}",
+    api_key="EMPTY",
+)
+
+# Request embeddings for a list of texts
+response = client.embeddings.create(
+    model="{model}",
+    input=["Hello world", "Machine learning is fascinating"]
+)
+
+# Print the vector for the first input
+print(f"Vector length: {{len(response.data[0].embedding)}}")
+print(f"First 5 dimensions: {{response.data[0].embedding[:5]}}")
+"""
+
+
+def test_seed_003_client_runs(server: Server, reference, tmp_path) -> None:
+    """Seed 003's embeddings client as written, but for the base URL and the model."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "client.py"
+    script.write_text(SEED_003_CLIENT.format(base_url=f"{server.url}/v1", model=MODEL))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first = reference.encode(["Hello world"], normalize_embeddings=True)[0]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Vector length: 384"
+    printed = [float(x) for x in lines[1].split("[", 1)[1].rstrip("]").split(",")]
+    assert printed == pytest.approx(first[:5].tolist(), abs=1e-5)
