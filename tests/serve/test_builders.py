@@ -295,11 +295,15 @@ def test_a_models_vllm_api_key_guards_the_ingress(app_url: str, tiny_model_dirs)
         serve.delete("keyed")
 
 
-def test_an_embedding_model_through_the_router(app_url: str, minilm_dir) -> None:
-    """engine_kwargs={"task": "embed"} as seed 000 deploys an embedder: /v1/embeddings through
-    build_openai_app equals sentence-transformers."""
+def test_pooling_models_through_the_router(app_url: str, minilm_dir, tiny_pooling_dirs) -> None:
+    """engine_kwargs={"task": "embed"} as seed 000 deploys an embedder, beside a cross-encoder
+    with task="score": /v1/embeddings, /score and /v1/rerank through build_openai_app, each
+    routed by its body's model, equal sentence-transformers and the offline engine."""
     from sentence_transformers import SentenceTransformer
 
+    from lmserve import LLM
+
+    cross = str(tiny_pooling_dirs["bert_cross"])
     app = build_openai_app(
         {
             "llm_configs": [
@@ -307,7 +311,12 @@ def test_an_embedding_model_through_the_router(app_url: str, minilm_dir) -> None
                     "model_loading_config": {"model_id": "minilm", "model_source": str(minilm_dir)},
                     "engine_kwargs": {"task": "embed"},
                     "deployment_config": HALF_CPU,
-                }
+                },
+                {
+                    "model_loading_config": {"model_id": "cross", "model_source": cross},
+                    "engine_kwargs": {"task": "score"},
+                    "deployment_config": HALF_CPU,
+                },
             ]
         }
     )
@@ -323,8 +332,25 @@ def test_an_embedding_model_through_the_router(app_url: str, minilm_dir) -> None
         got = [d.embedding for d in answer.data]
         assert max(abs(a - b) for g, e in zip(got, expected, strict=True)
                    for a, b in zip(g, e, strict=True)) < 1e-5  # fmt: skip
+        documents = ["Paris is in France.", "Bananas are yellow."]
+        scored = httpx.post(f"{app_url}/embedder/score", timeout=60, json={
+            "model": "cross", "text_1": "Where is Paris?", "text_2": documents}).json()  # fmt: skip
+        reranked = httpx.post(f"{app_url}/embedder/v1/rerank", timeout=60, json={
+            "model": "minilm", "query": "Where is Paris?", "documents": documents}).json()  # fmt: skip
     finally:
         serve.delete("embedder")
+    offline = LLM(cross).score("Where is Paris?", documents, use_tqdm=False)
+    assert [d["score"] for d in scored["data"]] == pytest.approx(
+        [o.outputs.score for o in offline], abs=1e-5
+    )
+    vectors = SentenceTransformer(str(minilm_dir), device="cpu").encode(
+        ["Where is Paris?", *documents], normalize_embeddings=True
+    )
+    cosines = [float(vectors[0] @ vectors[i]) for i in (1, 2)]
+    assert [r["index"] for r in reranked["results"]] == sorted((0, 1), key=lambda i: -cosines[i])
+    assert sorted(r["relevance_score"] for r in reranked["results"]) == pytest.approx(
+        sorted(cosines), abs=1e-5
+    )
 
 
 def test_an_engine_that_does_not_start_in_time_fails_the_deployment(
