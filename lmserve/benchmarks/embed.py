@@ -1,8 +1,8 @@
 """Embedding throughput and latency: `LLM.embed` over N sentences, and one sentence at a time.
 
 `--peer st` runs the same sentences through sentence-transformers' `encode` on the same model
-directory in the same process (its default batching: batches of 32, sorted by length), and
-prints the ratios. Sentences are random words from the model's own vocabulary, 8 to 128 words
+directory and dtype in the same process (its default batching: batches of 32, sorted by
+length), and prints the ratios. Sentences are random words from the model's own vocabulary, 8 to 128 words
 each, so both engines see the same tokens.
 """
 
@@ -56,16 +56,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         outputs = llm.embed(batch, truncate_prompt_tokens=-1, use_tqdm=False)
         return np.array([o.outputs.embedding for o in outputs])
 
-    results: dict[str, Any] = {"lmserve": _measure("lmserve", embed, sentences, single)}
+    results: dict[str, Any] = {
+        "lmserve": _measure("lmserve", embed, sentences, single, llm.config.model.dtype)
+    }
     print(json.dumps(results["lmserve"]["report"]), flush=True)
     if args.peer == "st":
         from sentence_transformers import SentenceTransformer
 
-        path, device = llm.config.model.path, llm.config.device
+        path, device, dtype = llm.config.model.path, llm.config.device, llm.config.model.dtype
         del llm
         gc.collect()
         torch.manual_seed(args.seed)
-        model = SentenceTransformer(str(path), device=device)
+        # in lmserve's dtype, so a bfloat16 run is compared with a bfloat16 peer
+        model = SentenceTransformer(
+            str(path), device=device, model_kwargs={"torch_dtype": getattr(torch, dtype)}
+        )
 
         def st_embed(batch: list[str]) -> np.ndarray:
             return model.encode(
@@ -75,7 +80,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 show_progress_bar=False,
             )
 
-        results["st"] = _measure("sentence-transformers", st_embed, sentences, single)
+        results["st"] = _measure("sentence-transformers", st_embed, sentences, single, dtype)
         print(json.dumps(results["st"]["report"]), flush=True)
         ours, theirs = results["lmserve"], results["st"]
         summary = {
@@ -105,6 +110,7 @@ def _measure(
     embed: Callable[[list[str]], np.ndarray],
     sentences: list[str],
     single: list[str],
+    dtype: str,
 ) -> dict[str, Any]:
     embed(sentences[:8])  # warm-up
     start = time.perf_counter()
@@ -123,6 +129,7 @@ def _measure(
         "single_p50_ms": round(statistics.median(latencies) * 1000, 2),
         "single_p90_ms": round(float(np.percentile(latencies, 90)) * 1000, 2),
         "threads": torch.get_num_threads(),
+        "dtype": dtype,
     }
     return {"report": report, "vectors": vectors}
 

@@ -123,12 +123,8 @@ class LLM:
             prompts = [prompts]
         params = pooling_params or PoolingParams()
         requests = [
-            self.input_processor.make_pooling_request(
-                str(next(self._counter)),
-                self.input_processor.tokenize_truncated(p, truncate_prompt_tokens),
-                params,
-            )
-            for p in prompts
+            self.input_processor.make_pooling_request(str(next(self._counter)), p, params)
+            for p in self.input_processor.tokenize_many(list(prompts), truncate_prompt_tokens)
         ]  # all checked before any is queued
         for request in requests:
             self.engine_core.add_request(request)

@@ -74,3 +74,13 @@ def test_what_each_runner_refuses(embedder: LLM, tiny_model_dirs) -> None:
         LLM(str(tiny_model_dirs["llama"]), task="classify")
     with pytest.raises(ValueError, match="classify needs a classifier"):
         embedder.classify("Hi", use_tqdm=False)
+
+
+@pytest.mark.parametrize("keep", [None, -1, 5])
+def test_batched_tokenization_matches_one_by_one(embedder: LLM, keep) -> None:
+    processor = embedder.input_processor
+    prompts = ["Hello there", {"prompt_token_ids": [101, 7592, 102]}, "word " * 300, "é 中"]
+    if keep is None:
+        prompts[2] = "word " * 30
+    batched = processor.tokenize_many(prompts, keep)
+    assert batched == [processor.tokenize_truncated(p, keep) for p in prompts]
