@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmserve.pooling.config import PoolerConfig, read_sentence_transformers
+from lmserve.pooling.config import (
+    PoolerConfig,
+    read_sentence_transformers,
+    resolve_pooler,
+    resolve_runner,
+)
 from lmserve.pooling.pooler import pool
 
 HIDDEN = torch.arange(12, dtype=torch.float32).view(6, 2) + 1  # prompts of 2, 3 and 1 tokens
@@ -57,3 +63,49 @@ def test_the_sentence_transformers_layout_gives_the_defaults(minilm_dir: Path, t
     )
     plain = read_sentence_transformers(tmp_path)
     assert plain == plain.__class__(PoolerConfig("CLS", normalize=False), None)
+
+
+@pytest.mark.parametrize(
+    ("runner", "convert", "task", "architecture", "expected"),
+    [("auto", "auto", None, "BertModel", ("pooling", "embed")),
+     ("auto", "auto", None, "XLMRobertaForSequenceClassification", ("pooling", "classify")),
+     ("auto", "auto", None, "Qwen2ForSequenceClassification", ("pooling", "classify")),
+     ("auto", "auto", None, "Qwen2ForCausalLM", ("generate", None)),
+     ("auto", "embed", None, "Qwen2ForCausalLM", ("pooling", "embed")),
+     ("auto", "auto", "embed", "LlamaForCausalLM", ("pooling", "embed")),
+     ("auto", "auto", "score", "BertForSequenceClassification", ("pooling", "classify")),
+     ("pooling", "auto", None, "Qwen3ForCausalLM", ("pooling", "embed"))],
+)  # fmt: skip
+def test_runner_resolution(runner, convert, task, architecture, expected) -> None:
+    resolved = resolve_runner(runner, convert, task, architecture)
+    assert (resolved.runner, resolved.convert) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(("generate", "auto", None, "BertModel"), "--runner pooling"),
+     (("auto", "classify", None, "LlamaForCausalLM"), "has none: use --convert embed"),
+     (("auto", "embed", None, "BertForSequenceClassification"), "--convert classify"),
+     (("pooling", "auto", None, "GPT2LMHeadModel"), "cannot run with the pooling runner"),
+     (("generate", "auto", "embed", "BertModel"), "runs the pooling runner")],
+)  # fmt: skip
+def test_runner_resolution_errors(args, says) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        resolve_runner(*args)
+
+
+def test_pooler_config_overrides_the_model_defaults(minilm_dir: Path, tmp_path: Path) -> None:
+    base = resolve_pooler(None, minilm_dir, "BertModel", "embed")
+    assert base == PoolerConfig("MEAN", normalize=True)  # the sentence-transformers layout
+    override = '{"pooling_type": "CLS", "normalize": false, "dimensions": 128}'
+    assert resolve_pooler(override, minilm_dir, "BertModel", "embed") == PoolerConfig(
+        "CLS", normalize=False, dimensions=128
+    )
+    decoder = resolve_pooler({"use_activation": False}, tmp_path, "Qwen2ForCausalLM", "classify")
+    assert decoder == PoolerConfig("LAST", normalize=False, task="classify", activation=False)
+    with pytest.raises(ValueError, match="not \\['softmax'\\]"):
+        resolve_pooler({"softmax": True}, tmp_path, "BertModel", "embed")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_pooler("{oops", tmp_path, "BertModel", "embed")
+    with pytest.raises(ValueError, match="ALL pooling is for embed"):
+        PoolerConfig("ALL", task="classify")

@@ -302,6 +302,7 @@ def test_pooling_models_through_the_router(app_url: str, minilm_dir, tiny_poolin
     from sentence_transformers import SentenceTransformer
 
     from lmserve import LLM
+    from tests.models.test_bert import sentences
 
     cross = str(tiny_pooling_dirs["bert_cross"])
     app = build_openai_app(
@@ -323,7 +324,7 @@ def test_pooling_models_through_the_router(app_url: str, minilm_dir, tiny_poolin
     serve.run(app, name="embedder", route_prefix="/embedder")
     try:
         client = openai.OpenAI(base_url=f"{app_url}/embedder/v1", api_key="x", max_retries=0)
-        texts = ["A cat sits on the mat.", "", "東京は日本の首都です。", "word " * 300]
+        texts = sentences(200)  # empty to far past 256 tokens (truncated), unicode
         answer = client.embeddings.create(
             model="minilm", input=texts, extra_body={"truncate_prompt_tokens": -1}
         )
