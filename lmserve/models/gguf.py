@@ -7,14 +7,11 @@ converter changes.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,8 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm import tqdm
+
+from lmserve.models.conversion_cache import convert_once
 
 logger = logging.getLogger(__name__)
 
@@ -75,42 +74,8 @@ def bundled_smollm2_gguf() -> Path:
 
 
 def gguf_to_hf_dir(gguf_path: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
-    """Convert once, then reuse: the cache key covers the file's identity and CONVERTER_VERSION.
-
-    The conversion is written to a temp dir and renamed into place, so a crash never leaves a
-    half-written cache and concurrent converters of the same file are safe (the first rename wins).
-    """
-    src = Path(gguf_path).resolve()
-    root = Path(cache_root)
-    final = root / _cache_key(src)
-    if final.is_dir():
-        logger.info("Using cached conversion of %s at %s", src.name, final)
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    logger.info("Converting %s to an HF directory at %s", src, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
-        _convert(src, tmp)
-        _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _cache_key(src: Path) -> str:
-    stat = src.stat()
-    identity = f"{src}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Atomic rename; losing the race to a concurrent converter is fine, its result is identical."""
-    try:
-        tmp.rename(final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        logger.info("Another process converted it first; using %s", final)
+    """Convert once, then reuse (models/conversion_cache.py)."""
+    return convert_once(Path(gguf_path), Path(cache_root), CONVERTER_VERSION, _convert)
 
 
 def _convert(src: Path, out: Path) -> None:

@@ -1,7 +1,8 @@
-"""Where a model's files come from: a local HF directory, a GGUF file, the local HF cache, or the bundle.
+"""Where a model's files come from: a local HF directory, a GGUF file, a CTranslate2 Whisper
+directory, the local HF cache, or the bundle.
 
 Everything downstream reads one HF-style directory (config.json, weights, tokenizer files); GGUF
-files are converted into such a directory once and cached.
+files and CTranslate2 models are converted into such a directory once and cached.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def resolve_model_dir(model: str | None, cache_dir: Path) -> Path:
     if path.is_file() and path.name == "config.json":
         return path.parent
     if path.is_dir():
+        from lmserve.models.ctranslate2 import ctranslate2_to_hf_dir, is_ctranslate2_whisper
+
+        if is_ctranslate2_whisper(path):
+            return ctranslate2_to_hf_dir(path, cache_dir / "ctranslate2")
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:

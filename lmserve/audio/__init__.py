@@ -1,0 +1,1 @@
+"""Audio input for speech models: files decoded to 16 kHz mono float32 samples."""
