@@ -91,6 +91,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 ours["report"]["single_p50_ms"] / theirs["report"]["single_p50_ms"], 3
             ),
             "max_abs_diff": float(np.abs(ours["vectors"] - theirs["vectors"]).max()),
+            # both normalized: a quantized run's fidelity
+            "min_cosine": float((ours["vectors"] * theirs["vectors"]).sum(axis=1).min()),
         }
         results["summary"] = summary
         print(json.dumps(summary), flush=True)

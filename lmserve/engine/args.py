@@ -345,8 +345,8 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=list(_QUANTIZATIONS),
         help="int8: quantize the linear layers at load time (weights per output channel, "
-        "activations per token) for ~2-4x faster CPU decoding; close to, not exactly, the "
-        "unquantized model's outputs",
+        "activations per token) for ~2-4x faster CPU decoding and ~1.7x faster embedding; "
+        "close to, not exactly, the unquantized model's outputs",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument(

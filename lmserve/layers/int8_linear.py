@@ -36,8 +36,11 @@ class Int8Linear(nn.Module):
         self.cpu_kernels = weight.device.type == "cpu" and cpu_ops.available()
 
     @classmethod
-    def from_linear(cls, linear: Linear) -> Int8Linear:
-        return cls(linear.weight.detach().t(), linear.bias)
+    def from_linear(cls, linear: Linear | nn.Linear) -> Int8Linear:
+        """From our [in, out] Linear, or torch's [out, in] one (the encoders' layers)."""
+        if isinstance(linear, Linear):
+            return cls(linear.weight.detach().t(), linear.bias)
+        return cls(linear.weight.detach(), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -59,9 +62,12 @@ class Int8Linear(nn.Module):
 
 
 def quantize_linears(model: nn.Module) -> int:
-    """Replace every `Linear` in `model` with its int8 twin; returns how many were replaced."""
+    """Replace every linear layer in `model` (ours, or torch's in the encoders) with its int8
+    twin; returns how many were replaced."""
     targets = [
-        (name, module) for name, module in model.named_modules() if isinstance(module, Linear)
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (Linear, nn.Linear))
     ]
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")

@@ -84,3 +84,17 @@ def test_batched_tokenization_matches_one_by_one(embedder: LLM, keep) -> None:
         prompts[2] = "word " * 30
     batched = processor.tokenize_many(prompts, keep)
     assert batched == [processor.tokenize_truncated(p, keep) for p in prompts]
+
+
+def test_int8_embeddings_stay_close(embedder: LLM) -> None:
+    """--quantization int8 quantizes an encoder's layers too: close to float32, not equal."""
+    from lmserve.layers.int8_linear import Int8Linear
+
+    quantized = LLM(runner="pooling", quantization="int8")
+    model = quantized.engine_core.runner.model
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 36  # 6 layers x 6
+    texts = sentences(40)[3:]
+    exact = torch.tensor([o.outputs.embedding for o in embedder.embed(texts, use_tqdm=False)])
+    close = torch.tensor([o.outputs.embedding for o in quantized.embed(texts, use_tqdm=False)])
+    cosines = (exact * close).sum(dim=1)
+    assert cosines.min().item() > 0.97 and cosines.mean().item() > 0.99

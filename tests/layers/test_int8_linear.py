@@ -71,3 +71,14 @@ def test_cpu_kernels_give_the_torch_expressions_values(bias: bool) -> None:
     with_kernels = quantized(x)
     quantized.cpu_kernels = False
     assert torch.equal(with_kernels, quantized(x))
+
+
+def test_torch_linears_are_quantized_too() -> None:
+    """Encoders (BERT) are built of torch's [out, in] nn.Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 8, bias=False))
+    x = torch.randn(4, 32)
+    expected = model(x)
+    assert quantize_linears(model) == 2
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2
+    assert (model(x) - expected).norm() / expected.norm() < 0.05
