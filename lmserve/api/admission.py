@@ -34,14 +34,14 @@ class Admission:
 
     def admit(self, body: Any) -> Ticket:
         """A ticket for the request with this (unparsed) body; a 503 past either limit."""
-        num_seqs = _num_seqs(body)
+        num_seqs, param = _num_seqs(body)
         limit = self.max_num_queued_reqs
         if limit is not None:
             if num_seqs > limit:
                 raise APIError(
                     f"The request asks for {num_seqs} sequences, more than this server ever runs "
                     f"at once (--max-num-queued-reqs {limit})",
-                    param="n",
+                    param=param,
                 )
             if self.num_in_flight + num_seqs > limit:
                 raise overloaded(
@@ -66,17 +66,23 @@ def overloaded(why: str) -> APIError:
     )
 
 
-def _num_seqs(body: Any) -> int:
-    """The sequences a body asks for, read without parsing it: n per prompt (a completion may
-    send a list of prompts). Whatever is malformed counts 1 and fails validation later."""
+def _num_seqs(body: Any) -> tuple[int, str]:
+    """The sequences a body asks for, and the field that asks, read without parsing it: n per
+    prompt (a completion may send a list of prompts); a pooling request runs one per input,
+    document or pair. Whatever is malformed counts 1 and fails validation later."""
     if not isinstance(body, dict):
-        return 1
+        return 1, "n"
+    for field in ("input", "documents", "text_2", "text_1"):  # pooling: one per entry
+        entries = body.get(field)
+        # (a Responses `input` is a list of items, dicts: one sequence)
+        if isinstance(entries, list) and entries and not isinstance(entries[0], (int, dict)):
+            return len(entries), field
     n = body.get("n")
     n = n if isinstance(n, int) and n > 1 else 1
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return n * len(prompt)
-    return n
+        return n * len(prompt), "n"
+    return n, "n"
 
 
 class Ticket:

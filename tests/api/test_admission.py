@@ -194,3 +194,20 @@ def test_a_request_waiting_past_max_waiting_time_gets_a_503(tiny_model_dirs) -> 
         assert re.search(r"lmserve:num_requests_waiting\{[^}]*\} 0\.0", metrics)  # none left
     finally:
         stop_server(server)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [({"prompt": [[1, 2], [3, 4]], "n": 3}, (6, "n")),
+     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, (2, "n")),
+     ({"input": [{"role": "user", "content": "hi"}]}, (1, "n")),  # a Responses request
+     ({"input": ["a", "b", "c"]}, (3, "input")),
+     ({"input": [[1, 2], [3]]}, (2, "input")),
+     ({"input": [1, 2, 3]}, (1, "n")),  # one tokenized input
+     ({"query": "q", "documents": ["a", "b"]}, (2, "documents")),
+     ({"text_1": "q", "text_2": ["a", "b", "c", "d"]}, (4, "text_2"))],
+)  # fmt: skip
+def test_pooling_requests_count_one_sequence_per_input(body, expected) -> None:
+    from lmserve.api.admission import _num_seqs
+
+    assert _num_seqs(body) == expected
