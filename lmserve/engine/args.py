@@ -265,8 +265,9 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         choices=list(RUNNERS),
         help="generate (text out) or pooling (embeddings or class probabilities out: "
         "/v1/embeddings, /pooling, /classify, /score, /rerank, LLM.embed/classify/score); auto "
-        "picks pooling for encoders (BertModel, BertForSequenceClassification) and "
-        "*ForSequenceClassification checkpoints, generate otherwise. Without a model, "
+        "picks pooling for encoders (BERT, RoBERTa, XLM-R: *Model and "
+        "*ForSequenceClassification) and decoders' *ForSequenceClassification checkpoints, "
+        "generate otherwise. Without a model, "
         "--runner pooling serves the bundled all-MiniLM-L6-v2",
     )
     parser.add_argument(
@@ -301,7 +302,8 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="most tokens computed per step; longer prompts are prefilled in chunks "
-        "(default 512 on CPU, 2048 on CUDA)",
+        "(default 512 on CPU, 2048 on CUDA and for pooling models; a pooling prompt is never "
+        "split, so a step holds at least max_model_len)",
     )
     parser.add_argument(
         "--enable-chunked-prefill",
