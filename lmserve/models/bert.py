@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.layers.packed_attention import PackedLayout, packed_attention
+from lmserve.models.weights import copy_named
 from lmserve.pooling.score import num_labels
 
 _ROBERTA_TYPES = ("roberta", "xlm-roberta")
@@ -117,18 +118,15 @@ class BertModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF names, with or without the `bert.` / `roberta.` prefix of a task model; the
         unused pooler head and position-id buffer are skipped."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("bert.").removeprefix("roberta.")
-            if name.startswith("pooler.") or name.endswith("position_ids"):
-                continue
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in BertModel")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        return loaded
+        named = ((n.removeprefix("bert.").removeprefix("roberta."), t) for n, t in weights)
+        return copy_named(
+            self,
+            (
+                (n, t)
+                for n, t in named
+                if not (n.startswith("pooler.") or n.endswith("position_ids"))
+            ),
+        )
 
     def tie_weights(self) -> None:
         """Nothing is tied (the loader calls this after dummy weights)."""
@@ -164,24 +162,7 @@ class BertForSequenceClassification(nn.Module):
         return self.classifier(torch.tanh(self.pooler.dense(pooled)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        head: list[tuple[str, torch.Tensor]] = []
-        encoder: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in weights:
-            name = name.removeprefix("bert.")
-            (head if name.startswith(("pooler.", "classifier.")) else encoder).append(
-                (name, tensor)
-            )
-        loaded = {f"bert.{name}" for name in self.bert.load_weights(encoder)}
-        for name, tensor in head:
-            if name not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
-                )
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return _load_classifier(self, "bert", ("pooler.", "classifier."), weights)
 
     def tie_weights(self) -> None:
         """Nothing is tied (the loader calls this after dummy weights)."""
@@ -215,21 +196,27 @@ class RobertaForSequenceClassification(nn.Module):
         return self.classifier.out_proj(torch.tanh(self.classifier.dense(pooled)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        head = []
-        encoder = []
-        for name, tensor in weights:
-            (head if name.startswith("classifier.") else encoder).append((name, tensor))
-        loaded = {f"roberta.{name}" for name in self.roberta.load_weights(encoder)}
-        for name, tensor in head:
-            if name not in params:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
-                )
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return _load_classifier(self, "roberta", ("classifier.",), weights)
 
     def tie_weights(self) -> None:
         """Nothing is tied (the loader calls this after dummy weights)."""
+
+
+def _load_classifier(
+    model: nn.Module,
+    encoder: str,
+    head: tuple[str, ...],
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> set[str]:
+    """A classifier's checkpoint: the head's tensors (named `head`, after the encoder's
+    prefix) into `model`, the rest into its BertModel `model.<encoder>`."""
+    head_weights: list[tuple[str, torch.Tensor]] = []
+    encoder_weights: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in weights:
+        bare = name.removeprefix(f"{encoder}.")
+        if bare.startswith(head):
+            head_weights.append((bare, tensor))
+        else:
+            encoder_weights.append((name, tensor))
+    loaded = {f"{encoder}.{n}" for n in getattr(model, encoder).load_weights(encoder_weights)}
+    return loaded | copy_named(model, head_weights)

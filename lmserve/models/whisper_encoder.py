@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.models.weights import copy_named
+
 
 class WhisperEncoderLayer(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -70,13 +72,4 @@ class WhisperEncoder(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF names under `model.encoder.`; other tensors are the caller's."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("model.encoder.")
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in WhisperEncoder")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return copy_named(self, ((n.removeprefix("model.encoder."), t) for n, t in weights))
