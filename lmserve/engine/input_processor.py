@@ -69,17 +69,22 @@ class InputProcessor:
         tokenizer's own truncation, as sentence-transformers truncates); None: uncut."""
         if isinstance(prompt, dict) and "text_pair" in prompt:
             return self.tokenize_pair(prompt["text"], prompt["text_pair"], keep)
-        if keep == -1:
-            keep = self.model_config.max_model_len
+        keep = self._keep(keep)
         if keep is None:
             return self.tokenize_prompt(prompt)
-        if keep < 1:
-            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}")
         if isinstance(prompt, str) and self.tokenizer is not None:
             ids = self.tokenizer(prompt, truncation=True, max_length=keep)["input_ids"]
             return ProcessedPrompt(prompt, list(ids))
         processed = self.tokenize_prompt(prompt)
         return replace(processed, prompt_token_ids=processed.prompt_token_ids[:keep])
+
+    def _keep(self, keep: int | None) -> int | None:
+        """truncate_prompt_tokens as a token count: -1 is the context, None no cut."""
+        if keep == -1:
+            return self.model_config.max_model_len
+        if keep is not None and keep < 1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}")
+        return keep
 
     def tokenize_many(self, prompts: list[PromptType], keep: int | None) -> list[ProcessedPrompt]:
         """tokenize_truncated over many prompts, the texts in one batched tokenizer call (its
@@ -87,10 +92,7 @@ class InputProcessor:
         texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         if self.tokenizer is None or len(texts) < 2:
             return [self.tokenize_truncated(p, keep) for p in prompts]
-        if keep == -1:
-            keep = self.model_config.max_model_len
-        if keep is not None and keep < 1:
-            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}")
+        keep = self._keep(keep)
         cut = {"truncation": True, "max_length": keep} if keep is not None else {}
         ids = self.tokenizer([prompts[i] for i in texts], **cut)["input_ids"]
         done = dict(zip(texts, ids, strict=True))
@@ -105,10 +107,7 @@ class InputProcessor:
         context) longest-first, as sentence-transformers' CrossEncoder cuts it."""
         if self.tokenizer is None:
             raise ValueError(f"{self.model_config.path} has no tokenizer to pair texts with")
-        if keep == -1:
-            keep = self.model_config.max_model_len
-        if keep is not None and keep < 1:
-            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}")
+        keep = self._keep(keep)
         cut = {"truncation": True, "max_length": keep} if keep is not None else {}
         encoded = self.tokenizer(first, second, **cut)
         types = encoded.get("token_type_ids")

@@ -119,15 +119,26 @@ class PoolingServing:
         ids = self.engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
         return [list(ids)]
 
-    async def embeddings(self, request: EmbeddingRequest) -> Reply:
-        model = self.check(request.model, "embed", "/v1/embeddings")
-        base_id = common.new_id("embd", request.request_id)
+    async def _pool(
+        self,
+        request: EmbeddingRequest | ClassificationRequest,
+        task: str | None,
+        endpoint: str,
+        id_prefix: str,
+    ) -> tuple[str, str, list[PoolingRequestOutput]]:
+        """(served model name, response id, one output per prompt) of an inputs request."""
+        model = self.check(request.model, task, endpoint)
+        base_id = common.new_id(id_prefix, request.request_id)
         outputs = await self.encode_all(
             await self.prompts(request),
             request.pooling_params(),
             base_id,
             request.truncate_prompt_tokens,
         )
+        return model, base_id, outputs
+
+    async def embeddings(self, request: EmbeddingRequest) -> Reply:
+        model, base_id, outputs = await self._pool(request, "embed", "/v1/embeddings", "embd")
         data = [
             Embedding(index=i, embedding=_encoded(o, request.encoding_format))
             for i, o in enumerate(outputs)
@@ -139,14 +150,7 @@ class PoolingServing:
         )
 
     async def pooling(self, request: PoolingRequest) -> Reply:
-        model = self.check(request.model, None, "/pooling")
-        base_id = common.new_id("pool", request.request_id)
-        outputs = await self.encode_all(
-            await self.prompts(request),
-            request.pooling_params(),
-            base_id,
-            request.truncate_prompt_tokens,
-        )
+        model, base_id, outputs = await self._pool(request, None, "/pooling", "pool")
         data = [
             PoolingData(index=i, data=_encoded(o, request.encoding_format))
             for i, o in enumerate(outputs)
@@ -158,14 +162,7 @@ class PoolingServing:
         )
 
     async def classify(self, request: ClassificationRequest) -> Reply:
-        model = self.check(request.model, "classify", "/classify")
-        base_id = common.new_id("classify", request.request_id)
-        outputs = await self.encode_all(
-            await self.prompts(request),
-            request.pooling_params(),
-            base_id,
-            request.truncate_prompt_tokens,
-        )
+        model, base_id, outputs = await self._pool(request, "classify", "/classify", "classify")
         names = labels(self.engine.config.model.hf_config)
         data = []
         for i, output in enumerate(outputs):
