@@ -41,15 +41,18 @@ class ModelConfig:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.hf_config["hidden_size"])
+        return int(self.hf_config.get("hidden_size") or self.hf_config["d_model"])
 
     @property
     def num_layers(self) -> int:
-        return int(self.hf_config["num_hidden_layers"])
+        """Layers with a KV cache: an encoder-decoder's decoder layers."""
+        hf = self.hf_config
+        return int(hf.get("num_hidden_layers") or hf["decoder_layers"])
 
     @property
     def num_heads(self) -> int:
-        return int(self.hf_config["num_attention_heads"])
+        hf = self.hf_config
+        return int(hf.get("num_attention_heads") or hf["decoder_attention_heads"])
 
     @property
     def num_kv_heads(self) -> int:
@@ -57,9 +60,15 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return int(
-            self.hf_config.get("head_dim") or self.hf_config["hidden_size"] // self.num_heads
-        )
+        return int(self.hf_config.get("head_dim") or self.hidden_size // self.num_heads)
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        """Encoder states a request's decoder cross-attends to (Whisper: 1,500 per 30 s
+        window); 0 for a decoder-only model."""
+        if self.hf_config.get("model_type") != "whisper":
+            return 0
+        return int(self.hf_config["max_source_positions"])
 
     @property
     def vocab_size(self) -> int:

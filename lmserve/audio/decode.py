@@ -33,9 +33,7 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
         raise AudioError(
             f"the audio is {len(samples) / rate:.1f} s long; at most {max_seconds:g} s is accepted"
         )
-    if rate != SAMPLE_RATE or samples.shape[1] != 1:
-        return _resample(samples, rate)
-    return np.ascontiguousarray(samples[:, 0])
+    return resample(samples, rate)
 
 
 def _with_soundfile(data: bytes) -> tuple[np.ndarray, int]:
@@ -71,12 +69,16 @@ def _with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
     return np.concatenate(pieces, axis=1).T, SAMPLE_RATE
 
 
-def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
-    """[samples, channels] at `rate` -> [samples] at 16 kHz: channels averaged (as librosa and
-    HF's pipelines downmix), then FFmpeg's resampler."""
+def resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    """[samples] or [samples, channels] at `rate` -> [samples] float32 at 16 kHz: channels
+    averaged (as librosa and HF's pipelines downmix), then FFmpeg's resampler."""
     import av
 
-    mono = samples.mean(axis=1, dtype=np.float32)
+    if samples.ndim == 1:
+        samples = samples[:, None]
+    if samples.ndim != 2 or not len(samples):
+        raise AudioError(f"audio must be [samples] or [samples, channels], got {samples.shape}")
+    mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))
     if rate == SAMPLE_RATE:
         return mono
     frame = av.AudioFrame.from_ndarray(mono[None, :], format="fltp", layout="mono")

@@ -19,6 +19,9 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self._req_blocks: dict[str, list[KVBlock]] = {}
+        # an encoder-decoder request's cross-attention K/V: held from its start until it ends
+        # (or is preempted), never prefix-cached
+        self._cross_blocks: dict[str, list[KVBlock]] = {}
         self._num_published: dict[str, int] = {}  # leading blocks of a request already cached
 
     @property
@@ -33,6 +36,10 @@ class KVCacheManager:
     def block_ids(self, req_id: str, start: int = 0) -> list[int]:
         """The request's block ids from its `start`-th block on."""
         return [b.block_id for b in self._req_blocks.get(req_id, ())[start:]]
+
+    def cross_block_ids(self, req_id: str) -> list[int]:
+        """The blocks holding the request's encoder states' K/V (none: a decoder-only request)."""
+        return [b.block_id for b in self._cross_blocks.get(req_id, ())]
 
     def num_blocks(self, req_id: str) -> int:
         return len(self._req_blocks.get(req_id, ()))
@@ -72,13 +79,18 @@ class KVCacheManager:
             + num_new_tokens
         )
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(held) - len(new_computed_blocks)
-        if num_new_blocks <= 0 and not new_computed_blocks:  # most decode steps: room already held
-            self._publish_full_blocks(request, num_tokens)
+        num_cross = 0
+        if request.num_encoder_tokens and request.req_id not in self._cross_blocks:
+            num_cross = cdiv(request.num_encoder_tokens, self.block_size)
+        if num_new_blocks <= 0 and not new_computed_blocks and not num_cross:
+            self._publish_full_blocks(request, num_tokens)  # most decode steps: room already held
             return True
         # Hits with no holder sit in the free queue: taking them uses up free blocks too.
         num_idle_hits = sum(block.ref_cnt == 0 for block in new_computed_blocks)
-        if max(num_new_blocks, 0) + num_idle_hits > self.pool.num_free_blocks:
+        if max(num_new_blocks, 0) + num_idle_hits + num_cross > self.pool.num_free_blocks:
             return False
+        if num_cross:
+            self._cross_blocks[request.req_id] = self.pool.take_new_blocks(num_cross)
         self.pool.touch(new_computed_blocks)
         held = self._req_blocks.setdefault(request.req_id, held)
         held.extend(new_computed_blocks)
@@ -99,6 +111,7 @@ class KVCacheManager:
         if num_written is not None:
             self.pool.uncache(blocks[num_written // self.block_size :])
         self.pool.release(reversed(blocks))
+        self.pool.release(self._cross_blocks.pop(request.req_id, []))
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
@@ -132,10 +145,15 @@ class KVCacheManager:
     def check_invariants(self) -> None:
         """Pool invariants, and every block's ref count equals the requests holding it."""
         self.pool.check_invariants()
-        holders = Counter(b.block_id for blocks in self._req_blocks.values() for b in blocks)
+        held = [*self._req_blocks.values(), *self._cross_blocks.values()]
+        holders = Counter(b.block_id for blocks in held for b in blocks)
         for block in self.pool.blocks[1:]:
             assert block.ref_cnt == holders[block.block_id], (
                 f"block {block.block_id}: ref_cnt {block.ref_cnt} != {holders[block.block_id]} holders"
             )
         for blocks in self._req_blocks.values():
             assert len({b.block_id for b in blocks}) == len(blocks), "request holds a block twice"
+        for req_id, blocks in self._cross_blocks.items():
+            assert not {b.block_id for b in blocks} & set(self.block_ids(req_id)), (
+                f"request {req_id} holds a block as self and cross K/V"
+            )

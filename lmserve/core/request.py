@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from lmserve.engine.messages import FinishReason, PromptEmbeds
+from lmserve.engine.messages import EncoderFeatures, FinishReason, PromptEmbeds
 from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
@@ -66,6 +66,8 @@ class Request:
     prompt_embeds: PromptEmbeds | None = None  # the prompt's embeddings, its ids placeholders
     pooling_params: PoolingParams | None = None  # set: a pooling request
     token_type_ids: list[int] | None = None  # a sentence pair's segments (BERT cross-encoders)
+    encoder_features: EncoderFeatures | None = None  # an encoder-decoder model's input
+    num_encoder_tokens: int = 0  # encoder states its cross-attention reads (KV blocks held)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)

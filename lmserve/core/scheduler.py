@@ -175,6 +175,8 @@ class Scheduler:
             eos_token_id=request.eos_token_id,
             lora_request=request.lora_request,
             prompt_embeds=request.prompt_embeds,
+            encoder_features=request.encoder_features,
+            cross_block_ids=self.kv.cross_block_ids(request.req_id),
         )
 
     def _output(

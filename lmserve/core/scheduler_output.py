@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
+from lmserve.engine.messages import EncoderFeatures, PromptEmbeds, TokenLogprobs
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
@@ -24,6 +24,9 @@ class NewRequestData:
     eos_token_id: int | None
     lora_request: LoRARequest | None = None
     prompt_embeds: PromptEmbeds | None = None
+    # an encoder-decoder request: its encoder input, encoded into `cross_block_ids` this step
+    encoder_features: EncoderFeatures | None = None
+    cross_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,7 @@ def create_engine_config(
         model = default_pooling_model()
         served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config = _with_suppressed_tokens(json.loads((path / "config.json").read_text()), path)
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     resolved = resolve_runner(runner, convert, task, architecture)
     runner = resolved.runner
@@ -157,6 +157,13 @@ def create_engine_config(
     )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = _default_batched_tokens(device, runner)
+    if model_config.num_encoder_tokens:
+        # A decoder prompt is the same few tokens for every audio: its KV depends on the audio
+        # through cross-attention, so no request may reuse another's (vLLM's rule too).
+        enable_prefix_caching = False
+        enforce_eager = True  # decode graphs hold decoder-only models
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} does not cover encoder-decoder models")
     if not enable_chunked_prefill or runner == "pooling":
         # as vLLM: a step must hold any whole prompt (an encoder's is never split)
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
@@ -237,9 +244,28 @@ def _resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> str:
     return "bfloat16" if configured == "float32" else configured
 
 
+def _with_suppressed_tokens(hf_config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Whisper's config with the tokens HF's generate suppresses always and at the first output
+    (generation_config.json keeps them), which the model masks in its logits."""
+    if hf_config.get("model_type") != "whisper":
+        return hf_config
+    generation_path = path / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
+    return {
+        **hf_config,
+        **{
+            key: generation[key]
+            for key in ("suppress_tokens", "begin_suppress_tokens")
+            if hf_config.get(key) is None and generation.get(key) is not None
+        },
+    }
+
+
 def _model_max_len(hf_config: dict[str, Any]) -> int:
     """The longest context the model supports; sliding-window attention caps it (not implemented)."""
-    length = int(hf_config.get("max_position_embeddings") or 2048)
+    length = int(
+        hf_config.get("max_position_embeddings") or hf_config.get("max_target_positions") or 2048
+    )
     if hf_config.get("model_type") in ("roberta", "xlm-roberta"):  # positions start after pad
         length -= int(hf_config.get("pad_token_id", 1)) + 1
     window = hf_config.get("sliding_window")

@@ -41,10 +41,12 @@ class EngineCore:
         """Load the model and allocate the KV cache, then wire the scheduler to its blocks."""
         runner = ModelRunner.load(config)
         capacity = (runner.num_blocks - 1) * config.cache.block_size
-        if capacity < config.scheduler.max_model_len:
+        max_len, encoder = config.scheduler.max_model_len, config.model.num_encoder_tokens
+        if capacity < max_len + encoder:  # an encoder-decoder request holds its cross K/V too
+            plus = f" plus {encoder} encoder states" if encoder else ""
             raise ValueError(
-                f"the KV cache holds {capacity} tokens, fewer than max_model_len="
-                f"{config.scheduler.max_model_len}, so one long request could never run; "
+                f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_len}{plus}, "
+                "so one long request could never run; "
                 "lower max_model_len or give the cache more memory (kv_cache_memory_gb, "
                 "num_kv_blocks or gpu_memory_utilization)"
             )
@@ -74,6 +76,10 @@ class EngineCore:
             cache_salt=request.cache_salt,
             lora_request=request.lora_request,
             prompt_embeds=request.prompt_embeds,
+            encoder_features=request.encoder_features,
+            num_encoder_tokens=self.config.model.num_encoder_tokens
+            if request.encoder_features is not None
+            else 0,
         )
         self.scheduler.add_request(core_request)
         try:

@@ -8,14 +8,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lmserve.config import LoRAConfig, ModelConfig
-from lmserve.engine.messages import EngineCoreRequest, PromptEmbeds
+from lmserve.engine.messages import EncoderFeatures, EngineCoreRequest, PromptEmbeds
 from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # A prompt: text, pre-tokenized {"prompt_token_ids": [...]} (optionally with "prompt" text), or
 # embeddings {"prompt_embeds": a [tokens, hidden] tensor, or its torch.save bytes}; for a
-# pooling model also a sentence pair, {"text": str, "text_pair": str} (cross-encoders).
+# pooling model also a sentence pair, {"text": str, "text_pair": str} (cross-encoders); for a
+# speech model {"multi_modal_data": {"audio": (samples, rate)}} with an optional decoder "prompt"
+# (text with Whisper's special tokens) or "prompt_token_ids" (default: the tokenizer's prefix).
 PromptType = str | dict[str, Any]
 
 
@@ -25,6 +27,7 @@ class ProcessedPrompt:
     prompt_token_ids: list[int]  # for embeddings: placeholders, one per row
     prompt_embeds: PromptEmbeds | None = None
     token_type_ids: list[int] | None = None  # a sentence pair's segments, where the model has them
+    encoder_features: EncoderFeatures | None = None  # a speech model's audio window
 
 
 class InputProcessor:
@@ -41,6 +44,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
+        self._audio_features: Any | None = None  # WhisperFeatures, built on the first audio
 
     def tokenize_prompt(
         self, prompt: PromptType, add_special_tokens: bool = True
@@ -52,6 +56,8 @@ class InputProcessor:
                 )
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             return ProcessedPrompt(prompt, list(ids))
+        if isinstance(prompt, dict) and "multi_modal_data" in prompt:
+            return self._audio_prompt(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return ProcessedPrompt(
                 prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
@@ -117,6 +123,36 @@ class InputProcessor:
             list(encoded["input_ids"]),
             token_type_ids=list(types) if types and uses_types else None,
         )
+
+    def _audio_prompt(self, prompt: dict[str, Any]) -> ProcessedPrompt:
+        """A speech model's request: the audio window's features, and the decoder prompt."""
+        import numpy as np
+
+        from lmserve.audio.decode import SAMPLE_RATE, resample
+
+        data = prompt["multi_modal_data"]
+        if not isinstance(data, dict) or set(data) != {"audio"}:
+            raise ValueError("multi_modal_data takes one key, 'audio': (samples, sample_rate)")
+        if not self.model_config.num_encoder_tokens:
+            raise ValueError(f"{self.model_config.model} takes no audio: it is a text model")
+        audio = data["audio"]
+        samples, rate = audio if isinstance(audio, tuple) else (audio, SAMPLE_RATE)
+        samples = resample(np.asarray(samples, dtype=np.float32), int(rate))
+        if self._audio_features is None:
+            from lmserve.audio.features import WhisperFeatures
+
+            self._audio_features = WhisperFeatures(self.model_config.path)
+        window = self._audio_features(samples)
+        features = EncoderFeatures(window.tobytes(), list(window.shape))
+        if "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+        elif self.tokenizer is None:
+            raise ValueError(f"{self.model_config.path} has no tokenizer; pass prompt_token_ids")
+        elif prompt.get("prompt"):  # Whisper's special tokens are written out, none added
+            ids = self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
+        else:
+            ids = list(self.tokenizer.prefix_tokens)
+        return ProcessedPrompt(prompt.get("prompt"), list(ids), encoder_features=features)
 
     def _prompt_embeds(self, value: Any) -> PromptEmbeds:
         """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]
@@ -201,6 +237,12 @@ class InputProcessor:
         lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         self._validate(prompt.prompt_token_ids, params)
+        if self.model_config.num_encoder_tokens and prompt.encoder_features is None:
+            raise ValueError(
+                f"{self.model_config.model} is a speech model: send audio "
+                "({'multi_modal_data': {'audio': (samples, sample_rate)}}, or the transcription "
+                "endpoint)"
+            )
         vocab = self.model_config.vocab_size
         if params.logprobs == -1 or params.prompt_logprobs == -1:  # -1: the whole vocabulary
             params = replace(
@@ -217,6 +259,7 @@ class InputProcessor:
             cache_salt=cache_salt,
             lora_request=lora_request,
             prompt_embeds=prompt.prompt_embeds,
+            encoder_features=prompt.encoder_features,
         )
 
     def make_pooling_request(

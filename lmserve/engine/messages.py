@@ -80,6 +80,14 @@ class PromptEmbeds(msgspec.Struct, frozen=True):
     hidden_size: int
 
 
+class EncoderFeatures(msgspec.Struct, frozen=True):
+    """An encoder-decoder request's encoder input: one audio window's log-mel features (Whisper:
+    [mel bins, 3000 frames]) as float32 bytes, computed in the frontend."""
+
+    data: bytes
+    shape: list[int]
+
+
 class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     req_id: str
     prompt_token_ids: list[int]
@@ -91,6 +99,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     prompt_embeds: PromptEmbeds | None = None
     pooling_params: PoolingParams | None = None  # set: a pooling request (sampling unused)
     token_type_ids: list[int] | None = None  # a sentence pair's segments (BERT cross-encoders)
+    encoder_features: EncoderFeatures | None = None  # an encoder-decoder model's audio window
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):

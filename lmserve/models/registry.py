@@ -11,6 +11,7 @@ _MODELS = {
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
+    "WhisperForConditionalGeneration": "lmserve.models.whisper:WhisperForConditionalGeneration",
 }
 # the pooling runner's: encoders, and decoders run whole-prompt with no KV cache
 _POOLING_MODELS = {

@@ -16,6 +16,7 @@ from lmserve.core.request import RequestFailed
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
 from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
 from lmserve.forward_context import set_forward_context
+from lmserve.layers.cross_attention import CrossBlocks, CrossLayout
 from lmserve.lora.layers import LoRAMapping
 from lmserve.lora.manager import LoRAManager
 from lmserve.models.loader import load_model, torch_dtype
@@ -85,6 +86,10 @@ class ModelRunner:
         self._bind_kv_caches()
         self._executed: _ExecutedStep | None = None
         self._prompt_embeds: dict[str, torch.Tensor] = {}  # req id -> [prompt len, hidden]
+        # encoder-decoder models: each request's cross blocks, and the step's windows to encode
+        self._num_encoder_tokens = config.model.num_encoder_tokens
+        self._cross: dict[str, CrossBlocks] = {}
+        self._to_encode: list[tuple[torch.Tensor, CrossBlocks]] = []
         self.lora = lora
         self.graphs = graphs
         if graphs is not None:
@@ -103,7 +108,12 @@ class ModelRunner:
         backend = get_backend(config.attention_backend, device)
         num_blocks = config.cache.num_kv_blocks
         if num_blocks is None:
-            if device.type == "cuda" and config.cache.kv_cache_memory_gb is None:
+            # (an encoder-decoder's profile would need encoder inputs: it takes the fixed budget)
+            if (
+                device.type == "cuda"
+                and config.cache.kv_cache_memory_gb is None
+                and not config.model.num_encoder_tokens
+            ):
                 torch.cuda.reset_peak_memory_stats(device)
                 profile_forward(model, backend, config, device)
                 torch.cuda.synchronize(device)
@@ -167,6 +177,8 @@ class ModelRunner:
         if so.is_empty:
             return
         inputs = self._prepare_inputs(so)
+        if self._to_encode:
+            self._encode()
         hidden = self._forward(inputs)  # [num_tokens, hidden]
         sample_idx = np.flatnonzero(inputs.sample_mask)
         logits = None
@@ -175,6 +187,12 @@ class ModelRunner:
             logits = self.model.compute_logits(
                 hidden[to_device(last_token[sample_idx], self.device)]
             )
+            if self._num_encoder_tokens:
+                rows = inputs.rows[sample_idx].tolist()
+                first = [
+                    self.batch.num_tokens[r] == self.batch.state(r).num_prompt_tokens for r in rows
+                ]
+                self.model.mask_first_output(logits, np.flatnonzero(first))
         self._executed = _ExecutedStep(inputs, hidden, sample_idx, logits)
 
     @torch.inference_mode()
@@ -217,9 +235,24 @@ class ModelRunner:
                 common.block_table,
             )
         with set_forward_context(self.backend.build_metadata(common), mapping):
+            if self._num_encoder_tokens:
+                return self.model(inputs.input_ids, inputs.positions, self._cross_layout(inputs))
             if inputs.prompt_embeds is not None:
                 return self.model(inputs.input_ids, inputs.positions, inputs.prompt_embeds)
             return self.model(inputs.input_ids, inputs.positions)
+
+    def _encode(self) -> None:
+        """The encoder over the windows of the requests this step starts, their cross K/V into
+        their blocks: once per request (again only after a preemption freed the blocks)."""
+        windows, self._to_encode = self._to_encode, []
+        features = torch.stack([w for w, _ in windows])
+        self.model.encode(features, [blocks for _, blocks in windows])
+
+    def _cross_layout(self, inputs: StepInputs) -> CrossLayout:
+        qsl = inputs.common.query_start_loc.tolist()
+        return CrossLayout(
+            [(qsl[i], qsl[i + 1], self._cross[req_id]) for i, req_id in enumerate(inputs.req_ids)]
+        )
 
     def _lora_mapping(self, inputs: StepInputs) -> LoRAMapping | None:
         """Slots for the step's adapters (loading any that is new) and each one's token rows."""
@@ -263,10 +296,18 @@ class ModelRunner:
         for req_id in so.finished_req_ids:
             batch.remove(req_id)
             self._prompt_embeds.pop(req_id, None)
+            self._cross.pop(req_id, None)
         for new in so.new_reqs:
             batch.add(new)
             if new.prompt_embeds is not None:
                 self._prompt_embeds[new.req_id] = self._embeds_tensor(new.prompt_embeds)
+            if new.encoder_features is not None:
+                blocks = CrossBlocks.of(new.cross_block_ids, self._num_encoder_tokens, self.device)
+                self._cross[new.req_id] = blocks
+                window = float32_tensor(
+                    new.encoder_features.data, tuple(new.encoder_features.shape)
+                )
+                self._to_encode.append((window.to(self.device, self._kv_dtype), blocks))
         for cached in so.cached_reqs:
             row = batch.row_of[cached.req_id]
             batch.append_blocks(row, cached.new_block_ids)

@@ -1,0 +1,160 @@
+"""Whisper (`WhisperForConditionalGeneration`) in the generate runner: speech in, text out.
+
+The runner calls `encode()` once for each request the step starts (one 30 s window each): the
+encoder runs, and every decoder layer's cross-attention K/V of its 1,500 states go into the
+request's cross blocks in that layer's KV cache. Then `forward()` runs the decoder over the step's
+tokens as a decoder-only model would: self-attention through the paged cache, cross-attention
+over the blocks. HF's fp32 numerics: pre-LayerNorm layers, exact GELU, learned positions, the LM
+head tied to the token embedding; the tokens HF's generate suppresses are masked in the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.layers.attention import Attention
+from lmserve.layers.cross_attention import CrossBlocks, CrossLayout, cross_attention, store_cross
+from lmserve.models.weights import copy_named
+from lmserve.models.whisper_encoder import WhisperEncoder
+
+
+class _Projections(nn.Module):
+    """q/k/v/out as HF names them; k has no bias."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.num_heads, self.head_dim)
+
+
+class WhisperSelfAttention(_Projections):
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__(d_model, num_heads)
+        self.attn = Attention(num_heads, num_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(self.attn(q, k, v).reshape(x.shape))
+
+
+class WhisperCrossAttention(_Projections):
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, layout: CrossLayout) -> torch.Tensor:
+        q = self.heads(self.q_proj(x))
+        out = cross_attention(q, kv_cache, layout, self.head_dim**-0.5)
+        return self.out_proj(out.reshape(x.shape))
+
+    def store(self, states: torch.Tensor, kv_cache: torch.Tensor, blocks: CrossBlocks) -> None:
+        """K/V of one request's encoder states [states, d_model] into its cross blocks."""
+        store_cross(
+            kv_cache, self.heads(self.k_proj(states)), self.heads(self.v_proj(states)), blocks
+        )
+
+
+class WhisperDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        d_model, heads = cfg["d_model"], cfg["decoder_attention_heads"]
+        self.self_attn = WhisperSelfAttention(d_model, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.encoder_attn = WhisperCrossAttention(d_model, heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, cfg["decoder_ffn_dim"])
+        self.fc2 = nn.Linear(cfg["decoder_ffn_dim"], d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, cross: CrossLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        kv_cache = self.self_attn.attn.kv_cache  # the cross blocks live in the same cache
+        assert kv_cache is not None
+        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), kv_cache, cross)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperDecoder(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        d_model = cfg["d_model"]
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], d_model)
+        self.embed_positions = nn.Embedding(cfg["max_target_positions"], d_model)
+        self.layers = nn.ModuleList(WhisperDecoderLayer(cfg) for _ in range(cfg["decoder_layers"]))
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cross: CrossLayout
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) + self.embed_positions(positions)
+        for layer in self.layers:
+            x = layer(x, cross)
+        return self.layer_norm(x)
+
+
+class WhisperModel(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.encoder = WhisperEncoder(cfg)
+        self.decoder = WhisperDecoder(cfg)
+
+
+class WhisperForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = WhisperModel(cfg)
+        # HF's generate: suppress_tokens at every step, begin_suppress_tokens at the first one
+        self.register_buffer(
+            "suppress_ids", torch.tensor(cfg.get("suppress_tokens") or [], dtype=torch.long)
+        )
+        self.register_buffer(
+            "begin_suppress_ids",
+            torch.tensor(cfg.get("begin_suppress_tokens") or [], dtype=torch.long),
+        )
+
+    @torch.inference_mode()
+    def encode(self, features: torch.Tensor, blocks: list[CrossBlocks]) -> None:
+        """Run the encoder over windows [batch, mel bins, frames] and store each window's
+        cross-attention K/V in every decoder layer, into `blocks[i]` for window i."""
+        states = self.model.encoder(features)
+        for layer in self.model.decoder.layers:
+            kv_cache = layer.self_attn.attn.kv_cache
+            assert kv_cache is not None, "the runner binds the KV caches before encoding"
+            for window, request_blocks in zip(states, blocks, strict=True):
+                layer.encoder_attn.store(window, kv_cache, request_blocks)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cross: CrossLayout
+    ) -> torch.Tensor:
+        return self.model.decoder(input_ids, positions, cross)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.model.decoder.embed_tokens.weight)
+        logits[:, self.suppress_ids] = -torch.inf
+        return logits
+
+    def mask_first_output(self, logits: torch.Tensor, rows: np.ndarray) -> None:
+        """Suppress begin_suppress_tokens in the rows sampling their first output token."""
+        if len(rows) and len(self.begin_suppress_ids):
+            index = torch.from_numpy(rows).to(logits.device)
+            logits[index.unsqueeze(1), self.begin_suppress_ids] = -torch.inf
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.decoder.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF names; the output projection is the token embedding (tied), never loaded."""
+        return copy_named(self, ((n, t) for n, t in weights if n != "proj_out.weight"))
+
+    def tie_weights(self) -> None:
+        """The LM head reads the embedding itself: nothing to copy."""

@@ -1,0 +1,102 @@
+"""Whisper through `LLM`: greedy tokens equal HF's `generate` on the same converted tiny.en
+weights for real speech, batched, windowed and preempted; cross blocks are freed with requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmserve import LLM, SamplingParams
+from lmserve.audio.decode import SAMPLE_RATE, decode_audio
+from lmserve.audio.windows import split_windows
+
+GREEDY = SamplingParams(temperature=0, max_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def windows(speech_dir: Path) -> list[np.ndarray]:
+    """beckett.wav whole, and two_cities.wav (44 s, 48 kHz) cut into its two windows."""
+    beckett = decode_audio((speech_dir / "beckett.wav").read_bytes())
+    cities = decode_audio((speech_dir / "two_cities.wav").read_bytes())
+    return [beckett, *(w.samples for w in split_windows(cities))]
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(whisper_dir: Path, windows: list[np.ndarray]) -> list[list[int]]:
+    """HF's greedy transcription of each window, one at a time."""
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(whisper_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32)
+    out = []
+    for samples in windows:
+        features = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        with torch.no_grad():
+            out.append(model.eval().generate(features.input_features)[0].tolist())
+    return out
+
+
+def _transcribe(llm: LLM, windows: list[np.ndarray]) -> list[list[int]]:
+    prompts = [{"multi_modal_data": {"audio": (w, SAMPLE_RATE)}} for w in windows]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    eos = llm.get_tokenizer().eos_token_id
+    for output in outputs:
+        assert output.outputs[0].token_ids[-1] == eos and output.outputs[0].finish_reason == "stop"
+    return [o.outputs[0].token_ids[:-1] for o in outputs]  # HF's generate drops the EOS
+
+
+def _assert_nothing_held(llm: LLM) -> None:
+    kv = llm.engine_core.scheduler.kv
+    kv.check_invariants()
+    assert kv.num_free_blocks == kv.pool.num_usable_blocks
+
+
+def test_real_speech_batched_equals_hf(whisper_dir: Path, windows, hf_tokens) -> None:
+    llm = LLM(str(whisper_dir))
+    llm.step_hook = llm.engine_core.check_invariants
+    text = (
+        llm.generate(
+            {"multi_modal_data": {"audio": (windows[0], SAMPLE_RATE)}}, GREEDY, use_tqdm=False
+        )[0]
+        .outputs[0]
+        .text
+    )
+    assert text.strip() == "Ever tried, ever failed. No matter, try again. Fail again. Fail better."
+    assert len(hf_tokens[1]) > 50 and len(hf_tokens[2]) > 20  # both windows hold speech
+    assert _transcribe(llm, windows) == hf_tokens  # three windows in one batch
+    assert _transcribe(llm, windows[::-1]) == hf_tokens[::-1]
+    _assert_nothing_held(llm)
+
+
+def test_preempted_requests_reencode_and_match_hf(whisper_dir: Path, windows, hf_tokens) -> None:
+    """A cache for two requests' cross blocks (375 of 4 tokens each) and little more: the
+    newest running request is preempted, gives up its cross blocks, and is encoded again."""
+    llm = LLM(str(whisper_dir), block_size=4, num_kv_blocks=770, max_model_len=200)
+    preempted = []
+
+    def hook() -> None:
+        llm.engine_core.check_invariants()
+        preempted.append(llm.engine_core.scheduler.num_preemptions)
+
+    llm.step_hook = hook
+    assert _transcribe(llm, windows) == hf_tokens
+    assert preempted[-1] > 0
+    _assert_nothing_held(llm)
+
+
+def test_what_whisper_refuses(whisper_dir: Path, tiny_chat_dir: Path, windows) -> None:
+    llm = LLM(str(whisper_dir))
+    with pytest.raises(ValueError, match="is a speech model: send audio"):
+        llm.generate("Ever tried", GREEDY, use_tqdm=False)
+    long_audio = np.zeros(31 * SAMPLE_RATE, dtype=np.float32)
+    with pytest.raises(ValueError, match="at most 30 s: split it into windows"):
+        llm.generate({"multi_modal_data": {"audio": long_audio}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="takes one key, 'audio'"):
+        llm.generate({"multi_modal_data": {"image": long_audio}}, GREEDY, use_tqdm=False)
+    _assert_nothing_held(llm)
+    text_llm = LLM(str(tiny_chat_dir))
+    with pytest.raises(ValueError, match="takes no audio: it is a text model"):
+        text_llm.generate({"multi_modal_data": {"audio": windows[0]}}, GREEDY, use_tqdm=False)
