@@ -113,6 +113,8 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
             max_num_queued_tokens=args.max_num_queued_tokens,
             sse_keep_alive_interval=args.sse_keep_alive_interval,
             max_request_body_mb=args.max_request_body_mb,
+            max_audio_file_mb=args.max_audio_file_mb,
+            max_audio_duration_s=args.max_audio_duration_s,
             trust_request_chat_template=args.trust_request_chat_template,
             max_waiting_time_s=args.max_waiting_time_s,
             enable_per_request_metrics=args.enable_per_request_metrics,
@@ -369,6 +371,20 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=32.0,
         help="largest request body, in MB; a larger one gets 413 before it is read whole "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-audio-file-mb",
+        type=float,
+        default=25.0,
+        help="largest audio file /v1/audio/transcriptions and /translations take, in MB; a "
+        "larger one gets 413 (default: %(default)s, as vLLM's VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)",
+    )
+    parser.add_argument(
+        "--max-audio-duration-s",
+        type=float,
+        default=1800.0,
+        help="longest audio a speech model transcribes, in seconds; longer audio gets 400 "
         "(default: %(default)s)",
     )
     parser.add_argument(

@@ -39,6 +39,39 @@ def parse(raw: bytes) -> Any:
     return value
 
 
+async def parse_form(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart/form-data body as a dict: an uploaded file's bytes, a text field's text, a
+    repeated field (`name[]` as OpenAI's clients send lists) a list; APIError (400) when it is
+    not a form."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not content_type.startswith("multipart/form-data"):
+        sent = content_type or "no content type"
+        raise APIError(f"This endpoint takes multipart/form-data (a file upload), not {sent}")
+
+    async def chunks() -> Any:
+        yield raw
+        yield b""
+
+    try:
+        form = await MultiPartParser(Headers({"content-type": content_type}), chunks()).parse()
+    except MultiPartException as exc:
+        raise APIError(f"The form body is malformed: {exc.message}") from None
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        item = await value.read() if isinstance(value, UploadFile) else value
+        if isinstance(value, UploadFile):
+            await value.close()
+        key = name.removesuffix("[]")
+        if name.endswith("[]"):
+            fields.setdefault(key, []).append(item)
+        else:
+            fields[key] = item
+    check({k: v for k, v in fields.items() if not isinstance(v, bytes)})
+    return fields
+
+
 def check(value: Any) -> None:
     """Raise APIError naming the first field that holds what cannot be represented."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]

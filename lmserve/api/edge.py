@@ -55,8 +55,9 @@ def mount(
             schema = endpoint.request.model_json_schema(ref_template=_REF + "{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[name] = schema
+            media = "multipart/form-data" if endpoint.form else "application/json"
             body = {"schema": {"$ref": _REF + name}}
-            extra = {"requestBody": {"required": True, "content": {"application/json": body}}}
+            extra = {"requestBody": {"required": True, "content": {media: body}}}
         app.add_api_route(endpoint.path, route, methods=["POST"], openapi_extra=extra)
     _add_schemas(app, schemas)
 
@@ -103,7 +104,11 @@ def _route(
 
     async def route(raw: Request) -> Response:
         try:
-            parsed = body.parse(await _read_body(raw, max_bytes))
+            data = await _read_body(raw, max_bytes)
+            if endpoint.form:
+                parsed = await body.parse_form(raw.headers.get("content-type", ""), data)
+            else:
+                parsed = body.parse(data)
             reply = await _unless_disconnected(raw, answer(endpoint, parsed))
         except Exception as exc:
             reply = failed(exc, raw)
@@ -111,6 +116,8 @@ def _route(
             return Response(status_code=499)  # nobody reads it: the client closed the connection
         if isinstance(reply, Whole):
             reply = counted(reply)
+            if isinstance(reply.body, str):
+                return Response(reply.body, reply.status, reply.headers, reply.media_type)
             return json_response(reply.body, reply.status, reply.headers)
 
         def on_error(exc: Exception) -> Whole:

@@ -30,11 +30,13 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Whole:
-    """A whole answer: a typed body (an error's too), its status and any extra headers."""
+    """A whole answer: a typed body (an error's too), or text of `media_type` (subtitles), its
+    status and any extra headers."""
 
-    body: msgspec.Struct
+    body: msgspec.Struct | str
     status: int = 200
     headers: dict[str, str] | None = None
+    media_type: str = "application/json"
 
 
 @dataclass(frozen=True, slots=True)

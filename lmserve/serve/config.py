@@ -63,8 +63,16 @@ _SERVING_ARGS = {
     "sse_keep_alive_interval",
     "max_request_body_mb",
     "max_waiting_time_s",
+    "max_audio_file_mb",
+    "max_audio_duration_s",
 }
-_SECONDS_OR_MB = {"sse_keep_alive_interval", "max_request_body_mb", "max_waiting_time_s"}
+_SECONDS_OR_MB = {
+    "sse_keep_alive_interval",
+    "max_request_body_mb",
+    "max_waiting_time_s",
+    "max_audio_file_mb",
+    "max_audio_duration_s",
+}
 
 
 class LLMConfig(BaseModel):

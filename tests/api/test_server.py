@@ -457,3 +457,14 @@ def test_openapi_documents_the_endpoint_bodies(smollm2_server: Server) -> None:
         assert "messages" in schemas[model]["properties"]
     refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', json.dumps(document))
     assert set(refs) <= set(schemas)  # every nested model is there too
+
+
+def test_a_text_model_refuses_transcriptions(smollm2_server: Server, speech_dir) -> None:
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        response = httpx.post(
+            f"{smollm2_server.url}{path}",
+            files={"file": ("b.wav", (speech_dir / "beckett.wav").read_bytes())},
+        )
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "model"
+        assert "not a speech-to-text model" in error["message"]

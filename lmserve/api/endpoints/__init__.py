@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from lmserve.api.endpoints import (
+    audio,
     chat,
     completions,
     embeddings,
@@ -32,6 +33,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *generate.ENDPOINTS,
     *embeddings.ENDPOINTS,
     *scores.ENDPOINTS,
+    *audio.ENDPOINTS,
 )
 ENDPOINTS_BY_NAME = MappingProxyType({endpoint.name: endpoint for endpoint in ENDPOINTS})
 

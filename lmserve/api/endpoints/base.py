@@ -19,6 +19,7 @@ from lmserve.api.serving.messages import MessagesServing
 from lmserve.api.serving.pooling import PoolingServing
 from lmserve.api.serving.responses import ResponsesServing
 from lmserve.api.serving.scores import ScoreServing
+from lmserve.api.serving.transcription import TranscriptionServing
 from lmserve.engine.protocol import EngineClient
 
 
@@ -37,6 +38,7 @@ class Servings:
         self.generate = GenerateServing(engine, config, self.chat)
         self.pooling = PoolingServing(engine, config)
         self.scores = ScoreServing(self.pooling)
+        self.transcription = TranscriptionServing(engine, config)
         self.admission = Admission(engine, config.max_num_queued_reqs, config.max_num_queued_tokens)
 
     async def answer(self, endpoint: Endpoint, body: Any) -> Reply:
@@ -64,7 +66,7 @@ class Servings:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A POST route a model answers, with a JSON body. `lmserve serve` mounts the table of these
+    """A POST route a model answers, with a JSON (or multipart form) body. `lmserve serve` mounts the table of these
     and the Ray ingress forwards by it (to the replica of the body's `model`), so an endpoint is
     written once and both servers serve it. `request` None: the body goes to `serve` as parsed."""
 
@@ -74,3 +76,4 @@ class Endpoint:
     serve: Callable[[Servings, Any], Awaitable[Reply]]
     errors: ErrorStyle = "openai"
     generates: bool = True  # runs a request in the engine (counted against the queue limit)
+    form: bool = False  # the body is multipart/form-data (a file upload), not JSON

@@ -53,6 +53,10 @@ class ServingConfig:
     trust_request_chat_template: bool = False  # run a `chat_template` sent with a request
     max_waiting_time_s: float | None = None  # a request with no token by then gets a 503
     enable_per_request_metrics: bool = False  # a `metrics` object on each one-sample answer
+    max_audio_file_mb: float = 25.0  # a larger uploaded audio file is a 413 (vLLM's default)
+    max_audio_duration_s: float = (
+        1800.0  # longer audio is a 400: its windows would crowd out others
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_queued_reqs is not None and self.max_num_queued_reqs < 1:
@@ -63,6 +67,12 @@ class ServingConfig:
             )
         if self.max_waiting_time_s is not None and self.max_waiting_time_s <= 0:
             raise ValueError(f"--max-waiting-time-s must be > 0, got {self.max_waiting_time_s}")
+        if self.max_audio_file_mb <= 0:
+            raise ValueError(f"--max-audio-file-mb must be > 0, got {self.max_audio_file_mb}")
+        if self.max_audio_duration_s <= 0:
+            raise ValueError(
+                f"--max-audio-duration-s must be > 0 seconds, got {self.max_audio_duration_s}"
+            )
         if self.max_request_body_mb <= 0:
             raise ValueError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
         if self.sse_keep_alive_interval is not None and self.sse_keep_alive_interval <= 0:

@@ -1,0 +1,229 @@
+"""POST /v1/audio/transcriptions and /translations on `lmserve serve` with Whisper tiny.en,
+through the official openai client: the text equals HF's generate on the same weights, every
+response format validates or parses, streams rebuild the text, concurrent files get their solo
+results, a client that leaves frees its requests, and every misuse is a 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+
+from lmserve.audio.decode import SAMPLE_RATE
+from tests.api.conftest import Server, start_server, stop_server
+from tests.api.test_openai_schema import validate  # noqa: F401 - the fixture
+from tests.api.test_server import metric, metrics_once_idle
+from tests.models.test_whisper import hf_tokens, windows  # noqa: F401 - the fixtures
+
+BECKETT = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+@pytest.fixture(scope="module")
+def server(whisper_dir: Path) -> Iterator[Server]:
+    server = start_server(
+        str(whisper_dir), "--served-model-name", "whisper-tiny.en",
+        "--max-audio-file-mb", "5", "--max-audio-duration-s", "300",
+    )  # fmt: skip
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def files(speech_dir: Path) -> dict[str, bytes]:
+    return {name: (speech_dir / name).read_bytes() for name in ("beckett.wav", "two_cities.wav")}
+
+
+@pytest.fixture(scope="module")
+def hf_texts(whisper_dir: Path, hf_tokens: list[list[int]]) -> dict[str, str]:  # noqa: F811
+    """HF's transcripts: beckett whole, two_cities's two windows joined."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(whisper_dir)
+    texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in hf_tokens]
+    return {"beckett.wav": texts[0], "two_cities.wav": " ".join(texts[1:])}
+
+
+def _encoded(samples: np.ndarray, fmt: str) -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, samples, SAMPLE_RATE, format=fmt)
+    return out.getvalue()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over the reference's words, case and punctuation ignored."""
+
+    def words(text: str) -> list[str]:
+        return "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
+
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / len(ref)
+
+
+def test_json_text_equals_hf(client, files, hf_texts, server, validate) -> None:  # noqa: F811
+    for name, data in files.items():
+        answer = client.audio.transcriptions.create(
+            file=(name, data), model="whisper-tiny.en", temperature=0.0, language="en"
+        )
+        assert answer.text == hf_texts[name]
+    assert word_error_rate(BECKETT, hf_texts["beckett.wav"]) <= 0.10
+    raw = httpx.post(f"{server.url}/v1/audio/transcriptions",
+                     files={"file": ("b.wav", files["beckett.wav"])}).json()  # fmt: skip
+    validate("CreateTranscriptionResponseJson", raw)
+    assert raw["usage"] == {"type": "duration", "seconds": 10}
+
+
+def test_every_response_format(client, files, hf_texts, server, validate) -> None:  # noqa: F811
+    import srt
+    import webvtt
+
+    verbose = httpx.post(f"{server.url}/v1/audio/transcriptions",
+                         files={"file": ("c.wav", files["two_cities.wav"])},
+                         data={"response_format": "verbose_json"}).json()  # fmt: skip
+    validate("CreateTranscriptionResponseVerboseJson", verbose)
+    segments = verbose["segments"]
+    assert verbose["language"] == "english" and abs(verbose["duration"] - 44.37) < 0.01
+    assert len(segments) == 2 and segments[0]["start"] == 0.0
+    assert segments[0]["end"] == segments[1]["start"] < segments[1]["end"] == verbose["duration"]
+    assert all(s["avg_logprob"] < 0 and s["compression_ratio"] > 1 for s in segments)
+    assert (
+        verbose["text"]
+        == " ".join(s["text"].strip() for s in segments)
+        == hf_texts["two_cities.wav"]
+    )
+
+    def ask(fmt: str) -> str:
+        return client.audio.transcriptions.create(
+            file=("c.wav", files["two_cities.wav"]), model="whisper-tiny.en", response_format=fmt
+        )
+
+    assert ask("text").strip() == hf_texts["two_cities.wav"]
+    subs = list(srt.parse(ask("srt")))
+    assert [s.index for s in subs] == [1, 2]
+    assert [(s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [
+        (seg["start"], seg["end"]) for seg in segments
+    ]
+    assert [s.content for s in subs] == [seg["text"].strip() for seg in segments]
+    cues = webvtt.from_buffer(io.StringIO(ask("vtt")))
+    assert [c.text for c in cues] == [seg["text"].strip() for seg in segments]
+    assert [c.start_in_seconds for c in cues] == [int(seg["start"]) for seg in segments]
+
+
+def test_stream_rebuilds_the_text(client, files, hf_texts, server, validate) -> None:  # noqa: F811
+    stream = client.audio.transcriptions.create(
+        file=("c.wav", files["two_cities.wav"]), model="whisper-tiny.en", stream=True
+    )
+    events = [e.model_dump(exclude_none=True) for e in stream]
+    deltas, done = events[:-1], events[-1]
+    assert len(deltas) > 20 and all(e["type"] == "transcript.text.delta" for e in deltas)
+    for event in deltas:
+        validate("TranscriptTextDeltaEvent", event)
+    validate("TranscriptTextDoneEvent", done)
+    assert "".join(e["delta"] for e in deltas) == done["text"] == hf_texts["two_cities.wav"]
+
+
+def test_four_files_at_once_get_their_solo_results(client, files, windows, server) -> None:  # noqa: F811
+    uploads = [
+        ("b.wav", files["beckett.wav"]),
+        ("c.wav", files["two_cities.wav"]),
+        ("b.mp3", _encoded(windows[0], "MP3")),
+        ("w2.flac", _encoded(windows[2], "FLAC")),
+    ]
+    solo = [
+        client.audio.transcriptions.create(file=u, model="whisper-tiny.en").text for u in uploads
+    ]
+
+    async def together() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        answers = await asyncio.gather(*(
+            aclient.audio.transcriptions.create(file=u, model="whisper-tiny.en") for u in uploads
+        ))  # fmt: skip
+        return [a.text for a in answers]
+
+    assert asyncio.run(together()) == solo
+    assert all(solo) and solo[2].startswith("Ever tried")
+
+
+def test_a_client_that_leaves_frees_its_requests(server: Server, files, speech_dir) -> None:
+    """Three minutes of speech (seven windows, all decoding at once): a stream closed after
+    its first delta, and a whole answer given up on, abort every window's request."""
+    samples, rate = soundfile.read(speech_dir / "two_cities.wav", dtype="float32")
+    long = _encoded(np.tile(samples[::3], 4), "FLAC")  # 48 kHz taken as 16 kHz, 177 s
+
+    def generated() -> float:
+        return metric(metrics_once_idle(server), "lmserve:generation_tokens_total")
+
+    before = generated()
+    full = httpx.post(f"{server.url}/v1/audio/transcriptions",
+                      files={"file": ("long.flac", long)}, timeout=120)  # fmt: skip
+    assert full.status_code == 200, full.text
+    per_run = generated() - before
+    with httpx.stream("POST", f"{server.url}/v1/audio/transcriptions",
+                      files={"file": ("long.flac", long)}, data={"stream": "true"},
+                      timeout=120) as response:  # fmt: skip
+        assert next(response.iter_lines()).startswith("data: ")
+    after_stream = generated()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/audio/transcriptions",
+                   files={"file": ("long.flac", long)}, timeout=0.5)  # fmt: skip
+    text = metrics_once_idle(server)
+    assert after_stream - before - per_run < per_run / 2
+    assert metric(text, "lmserve:generation_tokens_total") - after_stream < per_run / 2
+    assert metric(text, "lmserve:kv_cache_usage_perc") == 0
+    assert metric(text, "lmserve:num_requests_running") == 0
+
+
+def _error(server: Server, path: str, files: dict, data: dict | None = None) -> httpx.Response:
+    response = httpx.post(f"{server.url}{path}", files=files, data=data or {}, timeout=60)
+    assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
+    return response
+
+
+def test_misuse_is_a_4xx_that_says_why(server: Server, files) -> None:
+    beckett = {"file": ("b.wav", files["beckett.wav"])}
+    path = "/v1/audio/transcriptions"
+    bad = _error(server, path, {"file": ("x.wav", b"RIFF" + b"\x00" * 4000)})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "file"
+    assert "not audio" in bad.json()["error"]["message"]
+    empty = _error(server, path, {"file": ("x.wav", b"")})
+    assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
+    big = _error(server, path, {"file": ("x.wav", b"\x00" * (6 * 2**20))})
+    assert big.status_code == 413 and "--max-audio-file-mb" in big.json()["error"]["message"]
+    silence = _encoded(np.zeros(301 * SAMPLE_RATE, dtype=np.float32), "FLAC")
+    long = _error(server, path, {"file": ("x.flac", silence)})
+    assert long.status_code == 400 and "at most 300 s" in long.json()["error"]["message"]
+    german = _error(server, path, beckett, {"language": "de"})
+    assert german.status_code == 400 and german.json()["error"]["param"] == "language"
+    translated = _error(server, "/v1/audio/translations", beckett)
+    assert translated.status_code == 400 and "English-only" in translated.json()["error"]["message"]
+    hot = _error(server, path, beckett, {"temperature": "3"})
+    assert hot.status_code == 400 and hot.json()["error"]["param"] == "temperature"
+    fmt = _error(server, path, beckett, {"response_format": "docx"})
+    assert fmt.status_code == 400 and fmt.json()["error"]["param"] == "response_format"
+    missing = _error(server, path, {"model": (None, "whisper-tiny.en")})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "file"
+    as_json = httpx.post(f"{server.url}{path}", json={"file": "x"})
+    assert (
+        as_json.status_code == 400 and "multipart/form-data" in as_json.json()["error"]["message"]
+    )
+    unknown = _error(server, path, beckett, {"model": "whisper-large"})
+    assert unknown.status_code == 404
+    chat = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Ever tried"})
+    assert chat.status_code == 400 and "speech model" in chat.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
