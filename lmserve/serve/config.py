@@ -85,6 +85,8 @@ class LLMConfig(BaseModel):
     runtime_env: dict[str, Any] | None = None
     placement_group_config: PlacementGroupConfig | None = None
     lora_config: LoraConfig | None = None
+    # each replica's engine metrics on Ray's Prometheus port, as `ray_lmserve_*`
+    log_engine_metrics: bool = True
     # lmserve's own: how long a replica waits for its engine to load before it fails (and Serve
     # retries it elsewhere) rather than hanging
     engine_start_timeout_s: PositiveFloat = 600.0

