@@ -123,7 +123,7 @@ def create_engine_config(
         model = default_pooling_model()
         served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
-    hf_config = _with_suppressed_tokens(json.loads((path / "config.json").read_text()), path)
+    hf_config = _with_decoding_rules(json.loads((path / "config.json").read_text()), path)
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     resolved = resolve_runner(runner, convert, task, architecture)
     runner = resolved.runner
@@ -244,9 +244,10 @@ def _resolve_dtype(dtype: str, hf_config: dict[str, Any], device: str) -> str:
     return "bfloat16" if configured == "float32" else configured
 
 
-def _with_suppressed_tokens(hf_config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Whisper's config with the tokens HF's generate suppresses always and at the first output
-    (generation_config.json keeps them), which the model masks in its logits."""
+def _with_decoding_rules(hf_config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Whisper's config with what HF's generate reads from generation_config.json to mask
+    logits: the tokens suppressed always and at the first output, and the timestamp rules'
+    tokens. The model applies them."""
     if hf_config.get("model_type") != "whisper":
         return hf_config
     generation_path = path / "generation_config.json"
@@ -255,10 +256,18 @@ def _with_suppressed_tokens(hf_config: dict[str, Any], path: Path) -> dict[str, 
         **hf_config,
         **{
             key: generation[key]
-            for key in ("suppress_tokens", "begin_suppress_tokens")
+            for key in _DECODING_RULES
             if hf_config.get(key) is None and generation.get(key) is not None
         },
     }
+
+
+_DECODING_RULES = (
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "no_timestamps_token_id",
+    "max_initial_timestamp_index",
+)
 
 
 def _model_max_len(hf_config: dict[str, Any]) -> int:

@@ -143,11 +143,51 @@ class WhisperForConditionalGeneration(nn.Module):
         logits[:, self.suppress_ids] = -torch.inf
         return logits
 
-    def mask_first_output(self, logits: torch.Tensor, rows: np.ndarray) -> None:
-        """Suppress begin_suppress_tokens in the rows sampling their first output token."""
-        if len(rows) and len(self.begin_suppress_ids):
-            index = torch.from_numpy(rows).to(logits.device)
-            logits[index.unsqueeze(1), self.begin_suppress_ids] = -torch.inf
+    def process_logits(
+        self, logits: torch.Tensor, prompts: list[np.ndarray], outputs: list[np.ndarray]
+    ) -> None:
+        """HF generate's Whisper rules on the sampling rows, in its order: begin-suppress at
+        the first output; then, for a row whose prompt has no <|notimestamps|>, the timestamp
+        rules (timestamps in pairs and non-decreasing, the first one early, and a timestamp
+        forced where the timestamps together outweigh every text token)."""
+        first = [i for i, out in enumerate(outputs) if not len(out)]
+        if first and len(self.begin_suppress_ids):
+            rows = torch.tensor(first, device=logits.device).unsqueeze(1)
+            logits[rows, self.begin_suppress_ids] = -torch.inf
+        no_stamps = self.config.get("no_timestamps_token_id")
+        if no_stamps is None:
+            return
+        stamped = [i for i, prompt in enumerate(prompts) if no_stamps not in prompt]
+        for i in stamped:
+            self._timestamp_rules(logits[i], outputs[i].tolist(), no_stamps)
+        if stamped:
+            begin = no_stamps + 1
+            rows = torch.tensor(stamped, device=logits.device)
+            logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+            stamp = logprobs[:, begin:].logsumexp(dim=-1)
+            text = logprobs[:, :begin].max(dim=-1).values
+            forced = rows[stamp > text]
+            logits[forced.unsqueeze(1), torch.arange(begin, device=logits.device)] = -torch.inf
+
+    def _timestamp_rules(self, row: torch.Tensor, seq: list[int], no_stamps: int) -> None:
+        begin, eos = no_stamps + 1, int(self.config["eos_token_id"])
+        row[no_stamps] = -torch.inf
+        last_was_stamp = bool(seq) and seq[-1] >= begin
+        penultimate_was_stamp = len(seq) < 2 or seq[-2] >= begin
+        if last_was_stamp:
+            if penultimate_was_stamp:
+                row[begin:] = -torch.inf  # a pair closed: text (or the end) follows
+            else:
+                row[:eos] = -torch.inf  # a segment's end: its closing timestamp or the end
+        stamps = [t for t in seq if t >= begin]
+        if stamps:
+            lowest = stamps[-1] if last_was_stamp and not penultimate_was_stamp else stamps[-1] + 1
+            row[begin:lowest] = -torch.inf
+        if not seq:
+            row[:begin] = -torch.inf
+            max_initial = self.config.get("max_initial_timestamp_index")
+            if max_initial is not None:
+                row[begin + max_initial + 1 :] = -torch.inf
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.decoder.layers]

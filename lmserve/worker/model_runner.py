@@ -187,12 +187,13 @@ class ModelRunner:
             logits = self.model.compute_logits(
                 hidden[to_device(last_token[sample_idx], self.device)]
             )
-            if self._num_encoder_tokens:
+            if self._num_encoder_tokens:  # Whisper's suppress and timestamp rules
                 rows = inputs.rows[sample_idx].tolist()
-                first = [
-                    self.batch.num_tokens[r] == self.batch.state(r).num_prompt_tokens for r in rows
-                ]
-                self.model.mask_first_output(logits, np.flatnonzero(first))
+                self.model.process_logits(
+                    logits,
+                    [self.batch.prompt_token_ids(r) for r in rows],
+                    [self.batch.output_token_ids(r) for r in rows],
+                )
         self._executed = _ExecutedStep(inputs, hidden, sample_idx, logits)
 
     @torch.inference_mode()

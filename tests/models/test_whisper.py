@@ -24,9 +24,7 @@ def windows(speech_dir: Path) -> list[np.ndarray]:
     return [beckett, *(w.samples for w in split_windows(cities))]
 
 
-@pytest.fixture(scope="module")
-def hf_tokens(whisper_dir: Path, windows: list[np.ndarray]) -> list[list[int]]:
-    """HF's greedy transcription of each window, one at a time."""
+def _hf_generate(whisper_dir: Path, windows: list[np.ndarray], **kwargs) -> list[list[int]]:
     from transformers import AutoProcessor, WhisperForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(whisper_dir)
@@ -35,8 +33,14 @@ def hf_tokens(whisper_dir: Path, windows: list[np.ndarray]) -> list[list[int]]:
     for samples in windows:
         features = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
         with torch.no_grad():
-            out.append(model.eval().generate(features.input_features)[0].tolist())
+            out.append(model.eval().generate(features.input_features, **kwargs)[0].tolist())
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(whisper_dir: Path, windows: list[np.ndarray]) -> list[list[int]]:
+    """HF's greedy transcription of each window, one at a time."""
+    return _hf_generate(whisper_dir, windows)
 
 
 def _transcribe(llm: LLM, windows: list[np.ndarray]) -> list[list[int]]:
@@ -69,6 +73,24 @@ def test_real_speech_batched_equals_hf(whisper_dir: Path, windows, hf_tokens) ->
     assert _transcribe(llm, windows) == hf_tokens  # three windows in one batch
     assert _transcribe(llm, windows[::-1]) == hf_tokens[::-1]
     _assert_nothing_held(llm)
+
+
+def test_timestamps_follow_hfs_rules(whisper_dir: Path, windows, hf_tokens) -> None:
+    """A decoder prompt without <|notimestamps|> decodes with timestamps, under the rules HF's
+    generate(return_timestamps=True) applies, batched beside plain requests."""
+    stamped = _hf_generate(whisper_dir, windows, return_timestamps=True)
+    begin = 50363  # <|0.00|>
+    for tokens in stamped:
+        assert tokens[0] == begin and tokens[-1] > begin  # opens and closes with a timestamp
+        assert sum(t > begin for t in tokens) >= 2
+    llm = LLM(str(whisper_dir))
+    llm.step_hook = llm.engine_core.check_invariants
+    start_of_transcript = [50257]
+    audio = [{"multi_modal_data": {"audio": (w, SAMPLE_RATE)}} for w in windows]
+    mixed = [{**a, "prompt_token_ids": start_of_transcript} for a in audio] + audio
+    outputs = llm.generate(mixed, GREEDY, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids[:-1] for o in outputs]
+    assert tokens == stamped + hf_tokens
 
 
 def test_preempted_requests_reencode_and_match_hf(whisper_dir: Path, windows, hf_tokens) -> None:
