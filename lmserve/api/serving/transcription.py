@@ -2,8 +2,9 @@
 
 The file is decoded to 16 kHz mono (bounded in bytes and seconds), cut into 30 s windows at its
 quietest moments, and every window is one engine request, all in flight at once; their texts
-are joined in order. Each window is one segment of verbose_json, srt and vtt, timed by the
-window's bounds. A stream sends each window's text as it is decoded, in order.
+are joined in order. verbose_json, srt and vtt decode with Whisper's timestamp tokens, whose
+pairs bound the segments (offset by their window's start). A stream sends each window's text as
+it is decoded, in order.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import msgspec
 
 from lmserve.api.errors import APIError
 from lmserve.api.replies import Event, Reply, Stream, Whole
@@ -32,10 +35,11 @@ from lmserve.api.transcription_protocol import AudioRequest
 from lmserve.audio.decode import SAMPLE_RATE, AudioError, decode_audio
 from lmserve.audio.windows import Window, split_windows
 from lmserve.engine.protocol import EngineClient
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 Task = Literal["transcribe", "translate"]
+_SECONDS_PER_STAMP = 0.02  # Whisper's timestamp tokens: <|0.00|>, <|0.02|>, ... <|30.00|>
 _TEXT_FORMATS = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
 
 
@@ -50,6 +54,7 @@ class _Job:
     windows: list[Window]
     prompts: list[list[int]]
     params: SamplingParams
+    tokens: _WhisperTokens
 
 
 class TranscriptionServing:
@@ -70,9 +75,12 @@ class TranscriptionServing:
         if request.response_format == "text":
             return Whole(text, media_type=_TEXT_FORMATS["text"])
         segments = [
-            _segment(i, window, output, job.params.temperature)
-            for i, (window, output) in enumerate(zip(job.windows, outputs, strict=True))
+            segment
+            for window, output in zip(job.windows, outputs, strict=True)
+            for segment in _segments(window, output.outputs[0], job)
         ]
+        segments = [msgspec.structs.replace(s, id=i) for i, s in enumerate(segments)]
+        text = " ".join(s.text.strip() for s in segments)
         if request.response_format == "verbose_json":
             return Whole(
                 TranscriptionVerbose(
@@ -111,15 +119,21 @@ class TranscriptionServing:
             samples = decode_audio(request.file, self.config.max_audio_duration_s)
         except AudioError as exc:
             raise APIError(f"file: {exc}", param="file") from None
+        if "word" in getattr(request, "timestamp_granularities", ()):
+            raise APIError(
+                "timestamp_granularities `word` is not supported yet: ask for `segment`",
+                param="timestamp_granularities",
+            )
         tokens = _WhisperTokens(self.engine.tokenizer, self.engine.config.model.hf_config)
         language = tokens.language(getattr(request, "language", None), task)
         windows = split_windows(samples)
-        prompt = tokens.prompt(request.prompt, language, task)
+        timed = request.response_format in ("verbose_json", "srt", "vtt")
+        prompt = tokens.prompt(request.prompt, language, task, timestamps=timed)
         max_len = self.engine.config.scheduler.max_model_len
         params = self._params(request, max_len - len(prompt))
         return _Job(
             model, task, tokens.language_name(language), round(len(samples) / SAMPLE_RATE, 3),
-            windows, [prompt] * len(windows), params,
+            windows, [prompt] * len(windows), params, tokens,
         )  # fmt: skip
 
     def _params(self, request: AudioRequest, room: int) -> SamplingParams:
@@ -202,20 +216,57 @@ async def _next(queue: asyncio.Queue[str | None], task: asyncio.Future[None]) ->
     return await queue.get()
 
 
-def _segment(index: int, window: Window, output: RequestOutput, temperature: float) -> Segment:
-    completion = output.outputs[0]
-    text = completion.text
-    num = max(len(completion.token_ids), 1)
+def _segments(window: Window, completion: CompletionOutput, job: _Job) -> list[Segment]:
+    """The window's segments from its timestamp tokens: `<|t0|> text <|t1|>` each, times
+    offset by the window's start; text left open at the end runs to the window's end."""
+    begin, eos = job.tokens.timestamp_begin, job.tokens.eos
+    logprobs = completion.logprobs or []
+    segments: list[Segment] = []
+    start: int | None = None  # index of the open segment's first token
+    for i, token in enumerate(completion.token_ids):
+        if token < begin:
+            continue
+        if start is None:
+            start = i
+        elif i > start + 1:  # text since the opening timestamp: this one closes it
+            segments.append(_segment(window, completion.token_ids, logprobs, start, i + 1, job))
+            start = None
+        else:
+            start = i  # two timestamps with no text between: the second opens
+    end = len(completion.token_ids) - (completion.token_ids[-1:] == [eos])
+    if start is not None and end > start + 1:
+        segments.append(_segment(window, completion.token_ids, logprobs, start, end, job))
+    return segments
+
+
+def _segment(
+    window: Window,
+    token_ids: list[int],
+    logprobs: list[dict[int, Logprob]],
+    start: int,
+    end: int,
+    job: _Job,
+) -> Segment:
+    """The segment of tokens [start, end): its opening timestamp, text, and closing timestamp
+    (the window's end where it has none)."""
+    tokens = token_ids[start:end]
+    begin = job.tokens.timestamp_begin
+    text = job.tokens.tokenizer.decode([t for t in tokens if t < begin], skip_special_tokens=True)
+    opened = window.start_s + (tokens[0] - begin) * _SECONDS_PER_STAMP
+    closed = window.start_s + (tokens[-1] - begin) * _SECONDS_PER_STAMP
+    if tokens[-1] < begin:
+        closed = window.end_s
+    chosen = [lp[t].logprob for t, lp in zip(tokens, logprobs[start:end], strict=False) if t in lp]
     encoded = text.encode()
     return Segment(
-        id=index,
+        id=0,
         seek=window.start * 100 // SAMPLE_RATE,
-        start=round(window.start_s, 3),
-        end=round(window.end_s, 3),
+        start=round(opened, 3),
+        end=round(min(closed, window.end_s), 3),
         text=text,
-        tokens=list(completion.token_ids),
-        temperature=temperature,
-        avg_logprob=(completion.cumulative_logprob or 0.0) / num,
+        tokens=tokens,
+        temperature=job.params.temperature,
+        avg_logprob=sum(chosen) / max(len(chosen), 1),
         compression_ratio=len(encoded) / len(zlib.compress(encoded)) if encoded else 0.0,
         no_speech_prob=0.0,  # not computed yet: Whisper reads it at the start-of-transcript position
     )
@@ -229,6 +280,8 @@ class _WhisperTokens:
         self.tokenizer = tokenizer
         self.multilingual = int(hf_config["vocab_size"]) >= 51865
         self.max_prompt = int(hf_config.get("max_target_positions", 448)) // 2 - 1
+        self.eos = int(hf_config["eos_token_id"])
+        self.timestamp_begin = self._id("<|notimestamps|>") + 1  # <|0.00|>
 
     def _id(self, token: str) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(token))
@@ -263,7 +316,7 @@ class _WhisperTokens:
 
         return LANGUAGES[code]
 
-    def prompt(self, text: str, language: str, task: Task) -> list[int]:
+    def prompt(self, text: str, language: str, task: Task, timestamps: bool) -> list[int]:
         ids = []
         if text.strip():
             previous = self.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
@@ -271,5 +324,6 @@ class _WhisperTokens:
         ids.append(self._id("<|startoftranscript|>"))
         if self.multilingual:
             ids += [self._id(f"<|{language}|>"), self._id(f"<|{task}|>")]
-        ids.append(self._id("<|notimestamps|>"))
+        if not timestamps:
+            ids.append(self._id("<|notimestamps|>"))
         return ids

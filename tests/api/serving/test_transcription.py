@@ -20,7 +20,7 @@ from lmserve.audio.decode import SAMPLE_RATE
 from tests.api.conftest import Server, start_server, stop_server
 from tests.api.test_openai_schema import validate  # noqa: F401 - the fixture
 from tests.api.test_server import metric, metrics_once_idle
-from tests.models.test_whisper import hf_tokens, windows  # noqa: F401 - the fixtures
+from tests.models.test_whisper import _hf_generate, hf_tokens, windows  # noqa: F401 - fixtures
 
 BECKETT = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
 
@@ -89,7 +89,9 @@ def test_json_text_equals_hf(client, files, hf_texts, server, validate) -> None:
     assert raw["usage"] == {"type": "duration", "seconds": 10}
 
 
-def test_every_response_format(client, files, hf_texts, server, validate) -> None:  # noqa: F811
+def test_every_response_format(client, files, windows, whisper_dir, server, validate) -> None:  # noqa: F811
+    """verbose_json, srt and vtt decode with timestamps: each window's segments carry exactly
+    HF's generate(return_timestamps=True) tokens, timed from the window's start."""
     import srt
     import webvtt
 
@@ -98,24 +100,26 @@ def test_every_response_format(client, files, hf_texts, server, validate) -> Non
                          data={"response_format": "verbose_json"}).json()  # fmt: skip
     validate("CreateTranscriptionResponseVerboseJson", verbose)
     segments = verbose["segments"]
-    assert verbose["language"] == "english" and abs(verbose["duration"] - 44.37) < 0.01
-    assert len(segments) == 2 and segments[0]["start"] == 0.0
-    assert segments[0]["end"] == segments[1]["start"] < segments[1]["end"] == verbose["duration"]
-    assert all(s["avg_logprob"] < 0 and s["compression_ratio"] > 1 for s in segments)
-    assert (
-        verbose["text"]
-        == " ".join(s["text"].strip() for s in segments)
-        == hf_texts["two_cities.wav"]
-    )
+    assert verbose["language"] == "english" and verbose["duration"] == 44.374
+    stamped = _hf_generate(whisper_dir, windows[1:], return_timestamps=True)
+    cut = 24.55  # where two_cities's first window ends
+    assert [t for s in segments if s["start"] < cut for t in s["tokens"]] == stamped[0]
+    assert [t for s in segments if s["start"] >= cut for t in s["tokens"]] == stamped[1]
+    assert [s["id"] for s in segments] == list(range(len(segments))) and len(segments) > 4
+    bounds = [x for s in segments for x in (s["start"], s["end"])]
+    assert bounds == sorted(bounds) and bounds[0] < 1 and bounds[-1] <= verbose["duration"]
+    assert all(s["avg_logprob"] < 0 and s["compression_ratio"] > 0 for s in segments)
+    assert verbose["text"] == " ".join(s["text"].strip() for s in segments)
+    assert word_error_rate(hf_text := " ".join(s["text"] for s in segments), verbose["text"]) == 0
+    assert "best of times" in hf_text and "superlative degree" in hf_text
 
     def ask(fmt: str) -> str:
         return client.audio.transcriptions.create(
             file=("c.wav", files["two_cities.wav"]), model="whisper-tiny.en", response_format=fmt
         )
 
-    assert ask("text").strip() == hf_texts["two_cities.wav"]
     subs = list(srt.parse(ask("srt")))
-    assert [s.index for s in subs] == [1, 2]
+    assert [s.index for s in subs] == list(range(1, len(segments) + 1))
     assert [(s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [
         (seg["start"], seg["end"]) for seg in segments
     ]
@@ -123,6 +127,13 @@ def test_every_response_format(client, files, hf_texts, server, validate) -> Non
     cues = webvtt.from_buffer(io.StringIO(ask("vtt")))
     assert [c.text for c in cues] == [seg["text"].strip() for seg in segments]
     assert [c.start_in_seconds for c in cues] == [int(seg["start"]) for seg in segments]
+
+
+def test_plain_text_format(client, files, hf_texts) -> None:
+    answer = client.audio.transcriptions.create(
+        file=("c.wav", files["two_cities.wav"]), model="whisper-tiny.en", response_format="text"
+    )
+    assert answer.strip() == hf_texts["two_cities.wav"]
 
 
 def test_stream_rebuilds_the_text(client, files, hf_texts, server, validate) -> None:  # noqa: F811
@@ -214,6 +225,8 @@ def test_misuse_is_a_4xx_that_says_why(server: Server, files) -> None:
     assert translated.status_code == 400 and "English-only" in translated.json()["error"]["message"]
     hot = _error(server, path, beckett, {"temperature": "3"})
     assert hot.status_code == 400 and hot.json()["error"]["param"] == "temperature"
+    words = _error(server, path, beckett, {"timestamp_granularities[]": "word"})
+    assert words.status_code == 400 and words.json()["error"]["param"] == "timestamp_granularities"
     fmt = _error(server, path, beckett, {"response_format": "docx"})
     assert fmt.status_code == 400 and fmt.json()["error"]["param"] == "response_format"
     missing = _error(server, path, {"model": (None, "whisper-tiny.en")})
