@@ -158,6 +158,56 @@ def whisper_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def multilingual_whisper_dir(whisper_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random multilingual Whisper (no multilingual weights are on PyPI): vocab 51,865
+    laid out as OpenAI's multilingual checkpoints (<|endoftext|> 50257, <|startoftranscript|>
+    50258, 99 languages, <|translate|>, ..., <|notimestamps|> 50363, timestamps after), its
+    tokenizer tiny.en's with every special token one id up, a 64-token decoder context."""
+    import json
+
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("multilingual-whisper")
+    tokenizer = json.loads((whisper_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["<|base-50256|>"] = vocab.pop("<|endoftext|>")  # an ordinary token in this layout
+    for token in tokenizer["added_tokens"]:
+        token["id"] += 1
+    (root / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tf.WhisperTokenizerFast(tokenizer_file=str(root / "tokenizer.json")).save_pretrained(root)
+    tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(root)
+    ids = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    special = {"eos_token_id": 50257, "pad_token_id": 50257, "bos_token_id": 50257,
+               "decoder_start_token_id": 50258}  # fmt: skip
+    torch.manual_seed(0)
+    config = tf.WhisperConfig(
+        vocab_size=51865, d_model=64, encoder_layers=1, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, num_mel_bins=80, max_source_positions=1500,
+        max_target_positions=64, **special,
+    )  # fmt: skip
+    model = tf.WhisperForConditionalGeneration(config)
+    _randomize(model)
+    model.save_pretrained(root)
+    languages = {t: i for t, i in ids.items() if 50258 < i < ids["<|translate|>"]}
+    generation = {
+        **special,
+        "begin_suppress_tokens": [220, 50257],
+        "suppress_tokens": [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60],
+        "no_timestamps_token_id": ids["<|notimestamps|>"],
+        "prev_sot_token_id": ids["<|startofprev|>"],
+        "is_multilingual": True,
+        "lang_to_id": languages,
+        "task_to_id": {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        "max_initial_timestamp_index": 50,
+        "max_length": 64,
+    }
+    (root / "generation_config.json").write_text(json.dumps(generation))
+    assert ids["<|notimestamps|>"] == 50363 and ids["<|de|>"] == 50261 and len(languages) == 99
+    return root
+
+
+@pytest.fixture(scope="session")
 def speech_dir() -> Path:
     """Real speech: moonshine-voice's beckett.wav (10 s, 16 kHz) and two_cities.wav (44 s,
     48 kHz), installed by `make setup` for their files only."""

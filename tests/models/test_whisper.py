@@ -122,3 +122,25 @@ def test_what_whisper_refuses(whisper_dir: Path, tiny_chat_dir: Path, windows) -
     text_llm = LLM(str(tiny_chat_dir))
     with pytest.raises(ValueError, match="takes no audio: it is a text model"):
         text_llm.generate({"multi_modal_data": {"audio": windows[0]}}, GREEDY, use_tqdm=False)
+
+
+def test_multilingual_language_and_task_tokens_equal_hf(multilingual_whisper_dir: Path, windows):
+    """A multilingual checkpoint (tiny, random): the decoder prompt HF's generate builds for a
+    language and a task gives HF's tokens. (Not with timestamps: random weights run to the
+    length limit, where HF's generate goes on decoding from the last timestamp, as it does for
+    long-form audio; the endpoint decodes each window once. The timestamp rules are checked on
+    real speech above.)"""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(multilingual_whisper_dir)
+    ids = tokenizer.convert_tokens_to_ids
+    llm = LLM(str(multilingual_whisper_dir))
+    for language, task in [("de", "translate"), ("fr", "transcribe")]:
+        expected = _hf_generate(multilingual_whisper_dir, windows[:1], language=language, task=task)
+        prompt = [ids(f"<|{t}|>") for t in ("startoftranscript", language, task, "notimestamps")]
+        audio = {"multi_modal_data": {"audio": (windows[0], SAMPLE_RATE)}}
+        output = llm.generate({**audio, "prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
+        tokens = output[0].outputs[0].token_ids
+        if tokens[-1] == tokenizer.eos_token_id:
+            tokens = tokens[:-1]
+        assert tokens == expected[0], (language, task)

@@ -240,3 +240,38 @@ def test_misuse_is_a_4xx_that_says_why(server: Server, files) -> None:
     chat = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Ever tried"})
     assert chat.status_code == 400 and "speech model" in chat.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def multilingual_server(multilingual_whisper_dir: Path) -> Iterator[Server]:
+    server = start_server(str(multilingual_whisper_dir), "--served-model-name", "whisper-ml")
+    yield server
+    stop_server(server)
+
+
+def test_multilingual_translation_and_languages(
+    multilingual_server: Server,
+    multilingual_whisper_dir: Path,
+    files,
+    windows,  # noqa: F811
+) -> None:
+    """A multilingual checkpoint (tiny, random) translates, and transcribes in the language
+    asked for, with HF's tokens for the same task and language; an unknown language is a 400."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(multilingual_whisper_dir)
+    upload = {"file": ("b.wav", files["beckett.wav"])}
+    url = multilingual_server.url
+    for path, task, language in [("translations", "translate", "de"),
+                                 ("transcriptions", "transcribe", "fr")]:  # fmt: skip
+        expected = _hf_generate(multilingual_whisper_dir, windows[:1], language=language, task=task)
+        answer = httpx.post(f"{url}/v1/audio/{path}", files=upload,
+                            data={"language": language}, timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        text = tokenizer.decode(expected[0], skip_special_tokens=True).strip()
+        assert answer.json()["text"] == text
+    verbose = httpx.post(f"{url}/v1/audio/transcriptions", files=upload,
+                         data={"language": "de", "response_format": "verbose_json"}).json()  # fmt: skip
+    assert verbose["language"] == "german"
+    unknown = _error(multilingual_server, "/v1/audio/transcriptions", upload, {"language": "xx"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "language"
