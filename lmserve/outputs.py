@@ -56,6 +56,9 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None  # on the finished output of a one-sample request
+    # lmserve's, for speech models: how likely the audio holds no speech (Whisper's
+    # no_speech_prob, read at the start-of-transcript token)
+    no_speech_prob: float | None = None
 
 
 @dataclass

@@ -251,7 +251,10 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_ERROR)
                 updates.append(EngineCoreOutput(req_id, [], FinishReason.ERROR))
                 continue
-            if new_tokens or (result is not None and result.prompt_logprobs is not None):
+            if new_tokens or (
+                result is not None
+                and (result.prompt_logprobs is not None or result.no_speech_prob is not None)
+            ):
                 updates.append(
                     EngineCoreOutput(
                         req_id=req_id,
@@ -262,6 +265,7 @@ class Scheduler:
                         first_scheduled_time=request.first_scheduled_time,
                         logprobs=result.logprobs if result else None,
                         prompt_logprobs=result.prompt_logprobs if result else None,
+                        no_speech_prob=result.no_speech_prob if result else None,
                     )
                 )
         return updates

@@ -71,3 +71,4 @@ class SampledTokens:
     logprobs: list[TokenLogprobs] | None = None
     # Prompt logprobs for this chunk's positions (each predicting the next prompt token).
     prompt_logprobs: list[TokenLogprobs] | None = None
+    no_speech_prob: float | None = None  # Whisper: computed in the step holding its prompt's SOT

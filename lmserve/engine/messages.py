@@ -46,6 +46,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, gc=False):
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None
     pooled: PooledData | None = None  # a pooling request's output
+    no_speech_prob: float | None = None  # a Whisper request's, once its prompt ran
 
 
 class PooledData(msgspec.Struct, frozen=True, gc=False):

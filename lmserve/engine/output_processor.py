@@ -33,6 +33,7 @@ class _RequestState:
     samples: dict[str, _Sample]  # child req id -> sample
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
+    no_speech_prob: float | None = None
     pending_children: set[str] = field(default_factory=set)
 
 
@@ -85,6 +86,8 @@ class OutputProcessor:
             state.num_cached_tokens = out.num_cached_tokens
             if out.prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._logprob_dicts(out.prompt_logprobs))
+            if out.no_speech_prob is not None:
+                state.no_speech_prob = out.no_speech_prob
             stopped_by_string = self._update_sample(sample, out)
             if stopped_by_string and out.finish_reason is None:
                 to_abort.append(out.req_id)
@@ -126,6 +129,7 @@ class OutputProcessor:
             outputs=outputs,
             finished=False,
             num_cached_tokens=state.num_cached_tokens,
+            no_speech_prob=state.no_speech_prob,
         )
 
     def abort(self, request_id: str) -> list[str]:
@@ -151,6 +155,7 @@ class OutputProcessor:
             outputs=[s.output for s in state.samples.values()],
             finished=True,
             num_cached_tokens=state.num_cached_tokens,
+            no_speech_prob=state.no_speech_prob,
         )
 
     def _update_sample(self, sample: _Sample, out: EngineCoreOutput) -> bool:

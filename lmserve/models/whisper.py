@@ -139,17 +139,23 @@ class WhisperForConditionalGeneration(nn.Module):
         return self.model.decoder(input_ids, positions, cross)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.model.decoder.embed_tokens.weight)
-        logits[:, self.suppress_ids] = -torch.inf
-        return logits
+        """Raw logits; process_logits() applies the decoding rules to the sampling rows."""
+        return F.linear(hidden, self.model.decoder.embed_tokens.weight)
+
+    def no_speech_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows] the probability of the no-speech token at start-of-transcript rows, from the
+        raw logits, as Whisper (and HF's no-speech detection) reads it: high on silence."""
+        no_speech = int(self.config.get("no_timestamps_token_id", 0)) - 1
+        return torch.softmax(self.compute_logits(hidden).float(), dim=-1)[:, no_speech]
 
     def process_logits(
         self, logits: torch.Tensor, prompts: list[np.ndarray], outputs: list[np.ndarray]
     ) -> None:
-        """HF generate's Whisper rules on the sampling rows, in its order: begin-suppress at
-        the first output; then, for a row whose prompt has no <|notimestamps|>, the timestamp
+        """HF generate's Whisper rules on the sampling rows, in its order: suppress_tokens,
+        begin-suppress at the first output; then, for a row whose prompt has no <|notimestamps|>, the timestamp
         rules (timestamps in pairs and non-decreasing, the first one early, and a timestamp
         forced where the timestamps together outweigh every text token)."""
+        logits[:, self.suppress_ids] = -torch.inf
         first = [i for i, out in enumerate(outputs) if not len(out)]
         if first and len(self.begin_suppress_ids):
             rows = torch.tensor(first, device=logits.device).unsqueeze(1)

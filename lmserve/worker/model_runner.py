@@ -3,6 +3,7 @@ sampled tokens (sample)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class _ExecutedStep:
     hidden: torch.Tensor  # [num_tokens, hidden]
     sample_idx: np.ndarray  # batch positions that sample
     logits: torch.Tensor | None  # [len(sample_idx), vocab]
+    no_speech: dict[str, float]  # Whisper requests whose start-of-transcript ran this step
 
 
 class ModelRunner:
@@ -89,6 +91,7 @@ class ModelRunner:
         # encoder-decoder models: each request's cross blocks, and the step's windows to encode
         self._num_encoder_tokens = config.model.num_encoder_tokens
         self._cross: dict[str, CrossBlocks] = {}
+        self._sot: dict[str, int] = {}  # prompt position of each one's start-of-transcript
         self._to_encode: list[tuple[torch.Tensor, CrossBlocks]] = []
         self.lora = lora
         self.graphs = graphs
@@ -194,7 +197,8 @@ class ModelRunner:
                     [self.batch.prompt_token_ids(r) for r in rows],
                     [self.batch.output_token_ids(r) for r in rows],
                 )
-        self._executed = _ExecutedStep(inputs, hidden, sample_idx, logits)
+        no_speech = self._no_speech(inputs, hidden) if self._sot else {}
+        self._executed = _ExecutedStep(inputs, hidden, sample_idx, logits, no_speech)
 
     @torch.inference_mode()
     def sample(self, grammar: GrammarBitmask | None = None) -> dict[str, SampledTokens]:
@@ -213,6 +217,9 @@ class ModelRunner:
             out = self.sampler(step.logits, md)
             self._collect_samples(inputs, sample_idx, out, results)
         self._collect_prompt_logprobs(inputs, step.hidden, results)
+        for req_id, prob in step.no_speech.items():
+            prev = results.get(req_id, SampledTokens([]))
+            results[req_id] = dataclasses.replace(prev, no_speech_prob=prob)
         return results
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -248,6 +255,22 @@ class ModelRunner:
         windows, self._to_encode = self._to_encode, []
         features = torch.stack([w for w, _ in windows])
         self.model.encode(features, [blocks for _, blocks in windows])
+
+    def _no_speech(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, float]:
+        """Whisper's no-speech probability of each request whose start-of-transcript position
+        is among this step's tokens."""
+        common = inputs.common
+        starts = common.seq_lens - common.query_lens
+        found = {}
+        for i, req_id in enumerate(inputs.req_ids):
+            sot = self._sot.get(req_id)
+            if sot is not None and starts[i] <= sot < common.seq_lens[i]:
+                found[req_id] = int(common.query_start_loc[i] + sot - starts[i])
+        if not found:
+            return {}
+        rows = to_device(np.fromiter(found.values(), np.int64, len(found)), self.device)
+        probs = to_host(self.model.no_speech_probs(hidden[rows]))[0].tolist()
+        return dict(zip(found, probs, strict=True))
 
     def _cross_layout(self, inputs: StepInputs) -> CrossLayout:
         qsl = inputs.common.query_start_loc.tolist()
@@ -298,6 +321,7 @@ class ModelRunner:
             batch.remove(req_id)
             self._prompt_embeds.pop(req_id, None)
             self._cross.pop(req_id, None)
+            self._sot.pop(req_id, None)
         for new in so.new_reqs:
             batch.add(new)
             if new.prompt_embeds is not None:
@@ -305,6 +329,9 @@ class ModelRunner:
             if new.encoder_features is not None:
                 blocks = CrossBlocks.of(new.cross_block_ids, self._num_encoder_tokens, self.device)
                 self._cross[new.req_id] = blocks
+                start = self.config.model.hf_config.get("decoder_start_token_id")
+                if start in new.token_ids[: new.num_prompt_tokens]:
+                    self._sot[new.req_id] = new.token_ids.index(start)
                 window = float32_tensor(
                     new.encoder_features.data, tuple(new.encoder_features.shape)
                 )

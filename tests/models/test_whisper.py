@@ -144,3 +144,27 @@ def test_multilingual_language_and_task_tokens_equal_hf(multilingual_whisper_dir
         if tokens[-1] == tokenizer.eos_token_id:
             tokens = tokens[:-1]
         assert tokens == expected[0], (language, task)
+
+
+def test_no_speech_probability_equals_hfs(whisper_dir: Path, windows) -> None:
+    """RequestOutput.no_speech_prob: the raw probability of the no-speech token at the
+    start-of-transcript position, as HF's model gives it; low on speech, high on silence."""
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(whisper_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32)
+    silence = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
+    audio = [windows[0], silence]
+    expected = []
+    for samples in audio:
+        features = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        with torch.no_grad():
+            logits = model.eval()(
+                features.input_features, decoder_input_ids=torch.tensor([[50257]])
+            )
+        expected.append(torch.softmax(logits.logits[0, 0], -1)[50361].item())  # <|nocaptions|>
+    llm = LLM(str(whisper_dir))
+    prompts = [{"multi_modal_data": {"audio": (a, SAMPLE_RATE)}} for a in audio]
+    got = [o.no_speech_prob for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert got[0] < 0.5 < got[1]

@@ -35,7 +35,7 @@ from lmserve.api.transcription_protocol import AudioRequest
 from lmserve.audio.decode import SAMPLE_RATE, AudioError, decode_audio
 from lmserve.audio.windows import Window, split_windows
 from lmserve.engine.protocol import EngineClient
-from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 Task = Literal["transcribe", "translate"]
@@ -77,7 +77,7 @@ class TranscriptionServing:
         segments = [
             segment
             for window, output in zip(job.windows, outputs, strict=True)
-            for segment in _segments(window, output.outputs[0], job)
+            for segment in _segments(window, output, job)
         ]
         segments = [msgspec.structs.replace(s, id=i) for i, s in enumerate(segments)]
         text = " ".join(s.text.strip() for s in segments)
@@ -216,11 +216,12 @@ async def _next(queue: asyncio.Queue[str | None], task: asyncio.Future[None]) ->
     return await queue.get()
 
 
-def _segments(window: Window, completion: CompletionOutput, job: _Job) -> list[Segment]:
+def _segments(window: Window, output: RequestOutput, job: _Job) -> list[Segment]:
     """The window's segments from its timestamp tokens: `<|t0|> text <|t1|>` each, times
-    offset by the window's start; text left open at the end runs to the window's end."""
+    offset by the window's start; text left open at the end runs to the window's end. Each
+    carries its window's no-speech probability, as Whisper reports it."""
+    completion = output.outputs[0]
     begin, eos = job.tokens.timestamp_begin, job.tokens.eos
-    logprobs = completion.logprobs or []
     segments: list[Segment] = []
     start: int | None = None  # index of the open segment's first token
     for i, token in enumerate(completion.token_ids):
@@ -229,34 +230,35 @@ def _segments(window: Window, completion: CompletionOutput, job: _Job) -> list[S
         if start is None:
             start = i
         elif i > start + 1:  # text since the opening timestamp: this one closes it
-            segments.append(_segment(window, completion.token_ids, logprobs, start, i + 1, job))
+            segments.append(_segment(window, completion, start, i + 1, output.no_speech_prob, job))
             start = None
         else:
             start = i  # two timestamps with no text between: the second opens
     end = len(completion.token_ids) - (completion.token_ids[-1:] == [eos])
     if start is not None and end > start + 1:
-        segments.append(_segment(window, completion.token_ids, logprobs, start, end, job))
+        segments.append(_segment(window, completion, start, end, output.no_speech_prob, job))
     return segments
 
 
 def _segment(
     window: Window,
-    token_ids: list[int],
-    logprobs: list[dict[int, Logprob]],
+    completion: CompletionOutput,
     start: int,
     end: int,
+    no_speech_prob: float | None,
     job: _Job,
 ) -> Segment:
     """The segment of tokens [start, end): its opening timestamp, text, and closing timestamp
     (the window's end where it has none)."""
-    tokens = token_ids[start:end]
+    tokens = completion.token_ids[start:end]
+    logprobs = (completion.logprobs or [])[start:end]
     begin = job.tokens.timestamp_begin
     text = job.tokens.tokenizer.decode([t for t in tokens if t < begin], skip_special_tokens=True)
     opened = window.start_s + (tokens[0] - begin) * _SECONDS_PER_STAMP
     closed = window.start_s + (tokens[-1] - begin) * _SECONDS_PER_STAMP
     if tokens[-1] < begin:
         closed = window.end_s
-    chosen = [lp[t].logprob for t, lp in zip(tokens, logprobs[start:end], strict=False) if t in lp]
+    chosen = [lp[t].logprob for t, lp in zip(tokens, logprobs, strict=False) if t in lp]
     encoded = text.encode()
     return Segment(
         id=0,
@@ -268,7 +270,7 @@ def _segment(
         temperature=job.params.temperature,
         avg_logprob=sum(chosen) / max(len(chosen), 1),
         compression_ratio=len(encoded) / len(zlib.compress(encoded)) if encoded else 0.0,
-        no_speech_prob=0.0,  # not computed yet: Whisper reads it at the start-of-transcript position
+        no_speech_prob=no_speech_prob if no_speech_prob is not None else 0.0,
     )
 
 

@@ -84,7 +84,7 @@ def test_json_text_equals_hf(client, files, hf_texts, server, validate) -> None:
         assert answer.text == hf_texts[name]
     assert word_error_rate(BECKETT, hf_texts["beckett.wav"]) <= 0.10
     raw = httpx.post(f"{server.url}/v1/audio/transcriptions",
-                     files={"file": ("b.wav", files["beckett.wav"])}).json()  # fmt: skip
+                     files={"file": ("b.wav", files["beckett.wav"])}, timeout=120).json()  # fmt: skip
     validate("CreateTranscriptionResponseJson", raw)
     assert raw["usage"] == {"type": "duration", "seconds": 10}
 
@@ -97,7 +97,7 @@ def test_every_response_format(client, files, windows, whisper_dir, server, vali
 
     verbose = httpx.post(f"{server.url}/v1/audio/transcriptions",
                          files={"file": ("c.wav", files["two_cities.wav"])},
-                         data={"response_format": "verbose_json"}).json()  # fmt: skip
+                         data={"response_format": "verbose_json"}, timeout=120).json()  # fmt: skip
     validate("CreateTranscriptionResponseVerboseJson", verbose)
     segments = verbose["segments"]
     assert verbose["language"] == "english" and verbose["duration"] == 44.374
@@ -109,6 +109,10 @@ def test_every_response_format(client, files, windows, whisper_dir, server, vali
     bounds = [x for s in segments for x in (s["start"], s["end"])]
     assert bounds == sorted(bounds) and bounds[0] < 1 and bounds[-1] <= verbose["duration"]
     assert all(s["avg_logprob"] < 0 and s["compression_ratio"] > 0 for s in segments)
+    # a window's no-speech probability, on each of its segments
+    per_window = {s["start"] >= cut: s["no_speech_prob"] for s in segments}
+    assert all(s["no_speech_prob"] == per_window[s["start"] >= cut] for s in segments)
+    assert all(0 < p < 0.5 for p in per_window.values())
     assert verbose["text"] == " ".join(s["text"].strip() for s in segments)
     assert word_error_rate(hf_text := " ".join(s["text"] for s in segments), verbose["text"]) == 0
     assert "best of times" in hf_text and "superlative degree" in hf_text
@@ -231,13 +235,13 @@ def test_misuse_is_a_4xx_that_says_why(server: Server, files) -> None:
     assert fmt.status_code == 400 and fmt.json()["error"]["param"] == "response_format"
     missing = _error(server, path, {"model": (None, "whisper-tiny.en")})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "file"
-    as_json = httpx.post(f"{server.url}{path}", json={"file": "x"})
+    as_json = httpx.post(f"{server.url}{path}", json={"file": "x"}, timeout=60)
     assert (
         as_json.status_code == 400 and "multipart/form-data" in as_json.json()["error"]["message"]
     )
     unknown = _error(server, path, beckett, {"model": "whisper-large"})
     assert unknown.status_code == 404
-    chat = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Ever tried"})
+    chat = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Ever tried"}, timeout=60)
     assert chat.status_code == 400 and "speech model" in chat.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health").status_code == 200
 
@@ -271,7 +275,8 @@ def test_multilingual_translation_and_languages(
         text = tokenizer.decode(expected[0], skip_special_tokens=True).strip()
         assert answer.json()["text"] == text
     verbose = httpx.post(f"{url}/v1/audio/transcriptions", files=upload,
-                         data={"language": "de", "response_format": "verbose_json"}).json()  # fmt: skip
+                         data={"language": "de", "response_format": "verbose_json"},
+                         timeout=120).json()  # fmt: skip
     assert verbose["language"] == "german"
     unknown = _error(multilingual_server, "/v1/audio/transcriptions", upload, {"language": "xx"})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "language"
