@@ -7,7 +7,8 @@ window to `LLM.generate` at once. `--peer hf` runs the same windows through HF t
 compares the texts; `--peer faster-whisper` runs faster-whisper (CTranslate2) on the files one
 after another, greedy, in int8 and float32, on the model's CTranslate2 directory when it has
 one. The files: the bundled speech (moonshine-voice's beckett.wav and two_cities.wav),
-alternating, unless --audio names others.
+alternating, unless --audio names others. Each engine runs the whole set --repeats times (this
+box's neighbours make single runs swing by a third); the report is the median, with the range.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_cli_args(parser)
     parser.add_argument("--num-files", type=int, default=8, help="files transcribed at once")
     parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each engine; the median is reported"
+    )
+    parser.add_argument(
         "--audio", nargs="*", default=None, help="audio files to cycle through (default: the "
         "bundled beckett.wav and two_cities.wav)"
     )  # fmt: skip
@@ -54,33 +60,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     audio = [decode_audio(Path(f).read_bytes()) for f in files]
     windows = [w.samples for samples in audio for w in split_windows(samples)]
     seconds = sum(len(a) for a in audio) / SAMPLE_RATE
-    llm = LLM(model, **engine_kwargs_from_cli(args))
-    path = llm.config.model.path
-    params = SamplingParams(temperature=0, max_tokens=llm.config.scheduler.max_model_len - 4)
-    prompts = [{"multi_modal_data": {"audio": (w, SAMPLE_RATE)}} for w in windows]
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    path, times, outputs = _lmserve(model, args, windows)
     texts = [o.outputs[0].text.strip() for o in outputs]
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     results: dict[str, Any] = {
-        "lmserve": _report("lmserve", len(files), len(windows), seconds, elapsed, num_tokens)
+        "lmserve": _report("lmserve", len(files), len(windows), seconds, times, num_tokens)
     }
+    elapsed = results["lmserve"]["elapsed_s"]
     print(json.dumps(results["lmserve"]), flush=True)
-    del llm
-    gc.collect()
+    gc.collect()  # the engine's memory, before the peers load
     if "hf" in args.peer:
-        hf_texts, hf_elapsed, hf_tokens = _hf(path, windows)
-        results["hf"] = _report("hf", len(files), len(windows), seconds, hf_elapsed, hf_tokens)
+        hf_texts, hf_times, hf_tokens = _hf(path, windows, args.repeats)
+        results["hf"] = _report("hf", len(files), len(windows), seconds, hf_times, hf_tokens)
         results["hf"]["same_texts"] = sum(a == b for a, b in zip(texts, hf_texts, strict=True))
         print(json.dumps(results["hf"]), flush=True)
     if "faster-whisper" in args.peer:
         source = Path(model)
         for compute_type in ("int8", "float32"):
-            elapsed_fw = _faster_whisper(source, files, compute_type)
+            fw_times = _faster_whisper(source, files, compute_type, args.repeats)
             name = f"faster-whisper-{compute_type}"
-            results[name] = _report(name, len(files), len(windows), seconds, elapsed_fw, None)
+            results[name] = _report(name, len(files), len(windows), seconds, fw_times, None)
             print(json.dumps(results[name]), flush=True)
     summary = {
         f"ratio_vs_{name}": round(results[name]["elapsed_s"] / elapsed, 3)
@@ -93,22 +92,46 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _lmserve(
+    model: str, args: argparse.Namespace, windows: list[np.ndarray]
+) -> tuple[Path, list[float], list[Any]]:
+    """Every window to LLM.generate at once, timed; the model directory, times and outputs."""
+    llm = LLM(model, **engine_kwargs_from_cli(args))
+    params = SamplingParams(temperature=0, max_tokens=llm.config.scheduler.max_model_len - 4)
+    prompts = [{"multi_modal_data": {"audio": (w, SAMPLE_RATE)}} for w in windows]
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    times, outputs = _timed(lambda: llm.generate(prompts, params, use_tqdm=False), args.repeats)
+    return llm.config.model.path, times, outputs
+
+
+def _timed(run: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    """Each run's seconds, and the last run's result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
 def _report(
-    engine: str, files: int, windows: int, seconds: float, elapsed: float, tokens: int | None
+    engine: str, files: int, windows: int, seconds: float, times: list[float], tokens: int | None
 ) -> dict[str, Any]:
+    elapsed = statistics.median(times)
     return {
         "engine": engine,
         "num_files": files,
         "num_windows": windows,
         "audio_s": round(seconds, 2),
         "elapsed_s": round(elapsed, 3),
+        "elapsed_range_s": [round(min(times), 3), round(max(times), 3)],
         "audio_s_per_s": round(seconds / elapsed, 2),
         "output_tokens": tokens,
         "threads": torch.get_num_threads(),
     }
 
 
-def _hf(path: Path, windows: list[np.ndarray]) -> tuple[list[str], float, int]:
+def _hf(path: Path, windows: list[np.ndarray], repeats: int) -> tuple[list[str], list[float], int]:
     """HF's generate over every window in one batch (fp32, greedy), timed after a warm-up."""
     from transformers import AutoProcessor, WhisperForConditionalGeneration
 
@@ -117,17 +140,15 @@ def _hf(path: Path, windows: list[np.ndarray]) -> tuple[list[str], float, int]:
     features = processor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.inference_mode():
         model.generate(features[:2])
-        start = time.perf_counter()
-        tokens = model.generate(features)
-        elapsed = time.perf_counter() - start
+        times, tokens = _timed(lambda: model.generate(features), repeats)
     texts = [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     num = int(((tokens != pad) & (tokens != eos)).sum()) + len(windows)  # each ends with EOS
-    return texts, elapsed, num
+    return texts, times, num
 
 
-def _faster_whisper(source: Path, files: list[str], compute_type: str) -> float:
+def _faster_whisper(source: Path, files: list[str], compute_type: str, repeats: int) -> list[float]:
     """faster-whisper on each file in turn: greedy, no timestamps, no VAD, the model's language."""
     from faster_whisper import WhisperModel
 
@@ -139,10 +160,7 @@ def _faster_whisper(source: Path, files: list[str], compute_type: str) -> float:
     options = dict(beam_size=1, without_timestamps=True, condition_on_previous_text=False,
                    vad_filter=False, language="en")  # fmt: skip
     list(model.transcribe(files[0], **options)[0])  # warm-up
-    start = time.perf_counter()
-    for f in files:
-        list(model.transcribe(f, **options)[0])
-    return time.perf_counter() - start
+    return _timed(lambda: [list(model.transcribe(f, **options)[0]) for f in files], repeats)[0]
 
 
 def _bundled_whisper() -> str:

@@ -13,7 +13,8 @@ from lmserve.benchmarks.transcribe import add_arguments, main
 def test_beside_hf_and_faster_whisper(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    results = main(parser.parse_args(["--num-files", "2", "--peer", "hf", "faster-whisper"]))
+    args = ["--num-files", "2", "--repeats", "1", "--peer", "hf", "faster-whisper"]
+    results = main(parser.parse_args(args))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
     ours, hf, int8, fp32, summary = lines
     assert ours == results["lmserve"] and hf == results["hf"]

@@ -119,6 +119,8 @@ def test_what_whisper_refuses(whisper_dir: Path, tiny_chat_dir: Path, windows) -
     with pytest.raises(ValueError, match="takes one key, 'audio'"):
         llm.generate({"multi_modal_data": {"image": long_audio}}, GREEDY, use_tqdm=False)
     _assert_nothing_held(llm)
+    with pytest.raises(ValueError, match="does not speed up Whisper"):
+        LLM(str(whisper_dir), quantization="int8")
     text_llm = LLM(str(tiny_chat_dir))
     with pytest.raises(ValueError, match="takes no audio: it is a text model"):
         text_llm.generate({"multi_modal_data": {"audio": windows[0]}}, GREEDY, use_tqdm=False)
