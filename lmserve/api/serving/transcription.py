@@ -52,7 +52,7 @@ class _Job:
     language: str  # the language's name, as verbose_json reports it
     duration: float
     windows: list[Window]
-    prompts: list[list[int]]
+    prompt: list[int]  # every window's: windows decode at once, none waits for another's text
     params: SamplingParams
     tokens: _WhisperTokens
 
@@ -63,7 +63,7 @@ class TranscriptionServing:
         self.config = config
 
     async def transcribe(self, request: AudioRequest, task: Task) -> Reply:
-        job = self._job(request, task)
+        job = await self._job(request, task)
         ids = [f"{task}-{uuid.uuid4().hex}-{i}" for i in range(len(job.windows))]
         if request.stream:
             return Stream(self._stream(job, ids))
@@ -95,8 +95,9 @@ class TranscriptionServing:
         subtitles = srt(segments) if request.response_format == "srt" else vtt(segments)
         return Whole(subtitles, media_type=_TEXT_FORMATS[request.response_format])
 
-    def _job(self, request: AudioRequest, task: Task) -> _Job:
-        """Everything checked before any work is queued: the model, the file, the language."""
+    async def _job(self, request: AudioRequest, task: Task) -> _Job:
+        """Everything checked before any work is queued: the model, the file, the language.
+        The file is decoded off the event loop (a long MP3 takes a while)."""
         model, lora = common.check_model(self.config, request.model)
         if lora is not None:
             raise APIError("speech models take no LoRA adapters", param="model")
@@ -116,7 +117,9 @@ class TranscriptionServing:
                 param="file",
             )
         try:
-            samples = decode_audio(request.file, self.config.max_audio_duration_s)
+            samples = await asyncio.to_thread(
+                decode_audio, request.file, self.config.max_audio_duration_s
+            )
         except AudioError as exc:
             raise APIError(f"file: {exc}", param="file") from None
         if "word" in getattr(request, "timestamp_granularities", ()):
@@ -133,7 +136,7 @@ class TranscriptionServing:
         params = self._params(request, max_len - len(prompt))
         return _Job(
             model, task, tokens.language_name(language), round(len(samples) / SAMPLE_RATE, 3),
-            windows, [prompt] * len(windows), params, tokens,
+            windows, prompt, params, tokens,
         )  # fmt: skip
 
     def _params(self, request: AudioRequest, room: int) -> SamplingParams:
@@ -158,7 +161,7 @@ class TranscriptionServing:
     def _generate(self, job: _Job, i: int, request_id: str) -> AsyncIterator[RequestOutput]:
         window = job.windows[i]
         prompt: dict[str, Any] = {
-            "prompt_token_ids": job.prompts[i],
+            "prompt_token_ids": job.prompt,
             "multi_modal_data": {"audio": (window.samples, SAMPLE_RATE)},
         }
         return self.engine.generate(prompt, job.params, request_id)
