@@ -1,0 +1,1 @@
+"""Multimodal input: media fetched and decoded for vision (and later other) models."""
