@@ -170,3 +170,30 @@ def test_no_speech_probability_equals_hfs(whisper_dir: Path, windows) -> None:
     got = [o.no_speech_prob for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == pytest.approx(expected, abs=1e-5)
     assert got[0] < 0.5 < got[1]
+
+
+def test_sampled_decoding_keeps_whispers_rules(whisper_dir: Path, windows) -> None:
+    """Sampling at temperature 1 (seeded: reproducible) never yields a suppressed token, never
+    opens with a begin-suppressed one, and with timestamps keeps them paired and
+    non-decreasing, the first within max_initial_timestamp_index."""
+    import json
+
+    generation = json.loads((whisper_dir / "generation_config.json").read_text())
+    suppressed = set(generation["suppress_tokens"])
+    begin = generation["no_timestamps_token_id"] + 1
+    llm = LLM(str(whisper_dir))
+    audio = {"multi_modal_data": {"audio": (windows[1], SAMPLE_RATE)}}
+    prompts = [{**audio, "prompt_token_ids": [50257]}] * 4 + [audio] * 4
+    params = [SamplingParams(temperature=1.0, max_tokens=200, seed=i) for i in range(8)]
+    first = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert first == again and len({tuple(t) for t in first}) > 4  # seeded, and varied
+    for i, tokens in enumerate(first):
+        assert not suppressed & set(tokens)
+        assert tokens[0] not in generation["begin_suppress_tokens"]
+        if i >= 4:  # <|notimestamps|>: no timestamp rules (HF's and OpenAI's whisper apply none)
+            continue
+        stamps = [t for t in tokens if t >= begin]
+        assert stamps == sorted(stamps) and tokens[0] <= begin + 50
+        text_runs = "".join("t" if t >= begin else "x" for t in tokens if t != 50256)
+        assert "ttt" not in text_runs and "xtx" not in text_runs  # timestamps come in pairs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
 Task = Literal["transcribe", "translate"]
+_TIMESTAMP = re.compile(r"<\|\d+\.\d+\|>")
 _SECONDS_PER_STAMP = 0.02  # Whisper's timestamp tokens: <|0.00|>, <|0.02|>, ... <|30.00|>
 _TEXT_FORMATS = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
 
@@ -68,7 +70,7 @@ class TranscriptionServing:
         if request.stream:
             return Stream(self._stream(job, ids))
         outputs = await self._finals(job, ids)
-        text = " ".join(o.outputs[0].text.strip() for o in outputs).strip()
+        text = " ".join(_plain(o.outputs[0].text).strip() for o in outputs).strip()
         usage = DurationUsage(seconds=math.ceil(job.duration))
         if request.response_format == "json":
             return Whole(TranscriptionJson(text=text, usage=usage))
@@ -188,7 +190,7 @@ class TranscriptionServing:
         async def feed(i: int) -> None:
             sent = 0
             async for output in self._generate(job, i, ids[i]):
-                text = output.outputs[0].text.lstrip()  # windows join with one space
+                text = _plain(output.outputs[0].text).lstrip()  # windows join with one space
                 text = f" {text}" if i and text else text
                 if len(text) > sent:
                     queues[i].put_nowait(text[sent:])
@@ -206,6 +208,12 @@ class TranscriptionServing:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+def _plain(text: str) -> str:
+    """Text without timestamp tokens, which a sampled plain transcript can hold (Whisper's
+    rules apply only with timestamps on), as HF's Whisper decode drops them."""
+    return _TIMESTAMP.sub("", text)
 
 
 async def _next(queue: asyncio.Queue[str | None], task: asyncio.Future[None]) -> str | None:

@@ -293,3 +293,16 @@ def test_multilingual_translation_and_languages(
     assert verbose["language"] == "german"
     unknown = _error(multilingual_server, "/v1/audio/transcriptions", upload, {"language": "xx"})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "language"
+
+
+def test_sampled_transcripts_hold_no_timestamp_tokens(client: openai.OpenAI, files) -> None:
+    """At temperature 1 a plain transcript may sample timestamp tokens (no rules apply without
+    timestamps, as in HF); their text is dropped, as HF's Whisper decode drops it."""
+    texts = [
+        client.audio.transcriptions.create(
+            file=("c.wav", files["two_cities.wav"]), model="whisper-tiny.en", temperature=1.0,
+            extra_body={"seed": seed},
+        ).text
+        for seed in range(4, 8)  # seeds whose first window samples timestamp tokens
+    ]  # fmt: skip
+    assert len(set(texts)) > 1 and all(t and "<|" not in t for t in texts)
