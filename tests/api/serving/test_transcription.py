@@ -21,9 +21,8 @@ from lmserve.audio.decode import SAMPLE_RATE
 from tests.api.conftest import Server, start_server, stop_server
 from tests.api.test_openai_schema import validate  # noqa: F401 - the fixture
 from tests.api.test_server import metric, metrics_once_idle
+from tests.models.test_ctranslate2 import BECKETT, word_error_rate
 from tests.models.test_whisper import _hf_generate, hf_tokens, windows  # noqa: F401 - fixtures
-
-BECKETT = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +59,6 @@ def _encoded(samples: np.ndarray, fmt: str) -> bytes:
     out = io.BytesIO()
     soundfile.write(out, samples, SAMPLE_RATE, format=fmt)
     return out.getvalue()
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level edit distance over the reference's words, case and punctuation ignored."""
-
-    def words(text: str) -> list[str]:
-        return "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
-
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / len(ref)
 
 
 def test_json_text_equals_hf(client, files, hf_texts, server) -> None:
