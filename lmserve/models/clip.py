@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.layers.bidirectional_attention import BidirectionalAttention
 from lmserve.models.weights import copy_named
 
 _ACTIVATIONS = {
@@ -29,10 +30,7 @@ class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         hidden, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-5)
-        self.num_heads = cfg["num_attention_heads"]
-        self.self_attn = nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(self.self_attn, name, nn.Linear(hidden, hidden))
+        self.self_attn = BidirectionalAttention(hidden, cfg["num_attention_heads"])
         self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(hidden, cfg["intermediate_size"])
@@ -42,15 +40,7 @@ class CLIPEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [images, tokens, hidden]."""
-        images, tokens, hidden = x.shape
-        attn = self.self_attn
-        h = self.layer_norm1(x)
-        q, k, v = (
-            proj(h).view(images, tokens, self.num_heads, -1).transpose(1, 2)
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
-        x = x + attn.out_proj(out)
+        x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
 

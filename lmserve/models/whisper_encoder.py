@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.layers.bidirectional_attention import BidirectionalAttention
 from lmserve.models.weights import copy_named
 
 
@@ -22,12 +23,9 @@ class WhisperEncoderLayer(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         d_model = cfg["d_model"]
-        self.num_heads = cfg["encoder_attention_heads"]
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(d_model, d_model)
-        self.self_attn.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.self_attn.v_proj = nn.Linear(d_model, d_model)
-        self.self_attn.out_proj = nn.Linear(d_model, d_model)
+        self.self_attn = BidirectionalAttention(
+            d_model, cfg["encoder_attention_heads"], k_bias=False
+        )
         self.self_attn_layer_norm = nn.LayerNorm(d_model)
         self.fc1 = nn.Linear(d_model, cfg["encoder_ffn_dim"])
         self.fc2 = nn.Linear(cfg["encoder_ffn_dim"], d_model)
@@ -35,15 +33,7 @@ class WhisperEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, frames, d_model]."""
-        batch, frames, d_model = x.shape
-        attn = self.self_attn
-        h = self.self_attn_layer_norm(x)
-        q, k, v = (
-            proj(h).view(batch, frames, self.num_heads, -1).transpose(1, 2)
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
-        x = x + attn.out_proj(out)
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
