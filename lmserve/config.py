@@ -10,6 +10,7 @@ from typing import Any
 from lmserve.pooling.config import PoolerConfig
 
 _DEFAULT_CPU_KV_CACHE_GB = 2.0
+DEFAULT_MM_LIMIT = 999  # vLLM's default number of items per modality in one prompt
 
 
 def default_cache_dir() -> Path:
@@ -34,6 +35,8 @@ class ModelConfig:
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     quantization: str | None = None  # "int8": dynamic W8A8 linears (CPU), quantized at load
     enable_prompt_embeds: bool = False  # prompts may come as embeddings instead of token ids
+    # most items of each modality in one prompt ({"image": 4}); DEFAULT_MM_LIMIT where unset
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:

@@ -261,3 +261,54 @@ def smollm2_llm(smollm2_dir: Path):
     llm = LLM(max_model_len=2048, kv_cache_memory_gb=0.25)
     llm.step_hook = llm.engine_core.check_invariants
     return llm
+
+
+# LLaVA's chat template, reduced: an image part is the <image> placeholder where it stands.
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaVA-1.5's shape in miniature: a random CLIP tower (28 px images, 7 px patches: 16
+    image rows), the projector and a random Llama, behind SmolLM2's tokenizer with <image>
+    added, and HF's own LlavaProcessor saved beside them."""
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("tiny_llava")
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=28, patch_size=7, projection_dim=32,
+    )  # fmt: skip
+    text = tf.LlamaConfig(
+        **{**_COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2
+    )
+    config = tf.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(config)
+    _randomize(model)
+    model.save_pretrained(root)
+    image_processor = tf.CLIPImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+    )
+    processor = tf.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )  # fmt: skip
+    processor.save_pretrained(root)
+    tokenizer.chat_template = _LLAVA_TEMPLATE
+    tokenizer.save_pretrained(root)
+    return root

@@ -131,13 +131,14 @@ class KVCacheManager:
         self._num_published[request.req_id] = num_full
 
     def _update_block_hashes(self, request: Request, num_blocks: int) -> None:
-        """Extend the request's hash chain to `num_blocks` full blocks (salted at the root)."""
+        """Extend the request's hash chain to `num_blocks` full blocks (salted at the root, and
+        where images are)."""
         hashes = request.block_hashes
         size = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else ROOT_HASH
-            salt = request.hash_salt if i == 0 else None
+            salt = request.block_salt(i, size)
             hashes.append(
                 hash_block(parent, request.all_token_ids[i * size : (i + 1) * size], salt)
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from lmserve.engine.messages import EncoderFeatures, FinishReason, PromptEmbeds
+from lmserve.engine.messages import EncoderFeatures, FinishReason, ImageInput, PromptEmbeds
 from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
@@ -68,6 +68,7 @@ class Request:
     token_type_ids: list[int] | None = None  # a sentence pair's segments (BERT cross-encoders)
     encoder_features: EncoderFeatures | None = None  # an encoder-decoder model's input
     num_encoder_tokens: int = 0  # encoder states its cross-attention reads (KV blocks held)
+    images: list[ImageInput] = field(default_factory=list)  # a vision-language prompt's
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
@@ -89,6 +90,19 @@ class Request:
             return self.cache_salt
         lora = self.lora_request
         return f"{self.cache_salt or ''}|lora:{lora.lora_int_id}:{lora.lora_name}"
+
+    def block_salt(self, index: int, block_size: int) -> str | None:
+        """What salts block `index`'s prefix-cache hash besides its tokens: the root's
+        `hash_salt`, and the hash of every image whose placeholders fall in the block (the
+        same text with another image must never reuse its KV)."""
+        parts = [self.hash_salt or ""] if index == 0 and self.hash_salt else []
+        start, end = index * block_size, (index + 1) * block_size
+        parts += [
+            f"image:{image.identifier}"
+            for image in self.images
+            if image.offset < end and image.offset + image.length > start
+        ]
+        return "|".join(parts) or None
 
     @property
     def num_prompt_tokens(self) -> int:

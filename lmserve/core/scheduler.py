@@ -177,6 +177,7 @@ class Scheduler:
             prompt_embeds=request.prompt_embeds,
             encoder_features=request.encoder_features,
             cross_block_ids=self.kv.cross_block_ids(request.req_id),
+            images=request.images,
         )
 
     def _output(

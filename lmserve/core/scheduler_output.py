@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmserve.engine.messages import EncoderFeatures, PromptEmbeds, TokenLogprobs
+from lmserve.engine.messages import EncoderFeatures, ImageInput, PromptEmbeds, TokenLogprobs
 from lmserve.lora.request import LoRARequest
 from lmserve.sampling_params import SamplingParams
 
@@ -27,6 +27,7 @@ class NewRequestData:
     # an encoder-decoder request: its encoder input, encoded into `cross_block_ids` this step
     encoder_features: EncoderFeatures | None = None
     cross_block_ids: list[int] = field(default_factory=list)
+    images: list[ImageInput] = field(default_factory=list)  # a vision-language prompt's
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,7 @@ def create_engine_config(
     convert: str = "auto",
     task: str | None = None,
     pooler_config: dict[str, Any] | str | None = None,
+    limit_mm_per_prompt: dict[str, int] | str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.)"""
@@ -124,6 +125,7 @@ def create_engine_config(
         served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = _with_decoding_rules(json.loads((path / "config.json").read_text()), path)
+    hf_config = _with_text_config(hf_config)
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     resolved = resolve_runner(runner, convert, task, architecture)
     runner = resolved.runner
@@ -154,7 +156,12 @@ def create_engine_config(
         max_logprobs=max_logprobs,
         enable_prompt_embeds=enable_prompt_embeds,
         quantization=quantization,
+        limit_mm_per_prompt=_mm_limits(limit_mm_per_prompt),
     )
+    if "vision_config" in hf_config and enable_lora:
+        raise ValueError(
+            "LoRA on a vision-language model is not supported yet: leave out enable_lora"
+        )
     if max_num_batched_tokens is None:
         max_num_batched_tokens = _default_batched_tokens(device, runner)
     if model_config.num_encoder_tokens:
@@ -263,6 +270,35 @@ def _with_decoding_rules(hf_config: dict[str, Any], path: Path) -> dict[str, Any
             if hf_config.get(key) is None and generation.get(key) is not None
         },
     }
+
+
+def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
+    """--limit-mm-per-prompt: JSON (or a dict) of modality -> most items in one prompt."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"limit_mm_per_prompt is not JSON: {exc}") from None
+    value = value or {}
+    if not isinstance(value, dict) or not all(
+        k in ("image", "audio") and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in value.items()
+    ):
+        raise ValueError(
+            'limit_mm_per_prompt maps "image" / "audio" to a count of 0 or more, e.g. '
+            f'{{"image": 4}}; got {value!r}'
+        )
+    return dict(value)
+
+
+def _with_text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """A vision-language model's config with its language model's keys at the top: the KV
+    cache, the limits and the language model are sized from those, as for a text model. The
+    architecture stays the outer one; `text_config` and `vision_config` stay as they are."""
+    text = hf_config.get("text_config")
+    if not isinstance(text, dict) or not isinstance(hf_config.get("vision_config"), dict):
+        return hf_config
+    return {**hf_config, **text, "architectures": hf_config.get("architectures")}
 
 
 _DECODING_RULES = (
@@ -396,6 +432,12 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "hidden_size] tensor) in place of text or token ids",
     )
     parser.add_argument(
+        "--limit-mm-per-prompt",
+        default=None,
+        help="most media items of each kind in one prompt, as JSON: '{\"image\": 4}' "
+        "(default: 999 each); more is a 400",
+    )
+    parser.add_argument(
         "--max-logprobs",
         type=int,
         default=20,
@@ -507,4 +549,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         convert=args.convert,
         task=args.task,
         pooler_config=args.pooler_config,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
     )

@@ -80,6 +80,7 @@ class EngineCore:
             num_encoder_tokens=self.config.model.num_encoder_tokens
             if request.encoder_features is not None
             else 0,
+            images=list(request.images),
         )
         self.scheduler.add_request(core_request)
         try:

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lmserve.config import LoRAConfig, ModelConfig
-from lmserve.engine.messages import EncoderFeatures, EngineCoreRequest, PromptEmbeds
+from lmserve.config import DEFAULT_MM_LIMIT, LoRAConfig, ModelConfig
+from lmserve.engine.messages import EncoderFeatures, EngineCoreRequest, ImageInput, PromptEmbeds
 from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -17,7 +17,10 @@ from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 # embeddings {"prompt_embeds": a [tokens, hidden] tensor, or its torch.save bytes}; for a
 # pooling model also a sentence pair, {"text": str, "text_pair": str} (cross-encoders); for a
 # speech model {"multi_modal_data": {"audio": (samples, rate)}} with an optional decoder "prompt"
-# (text with Whisper's special tokens) or "prompt_token_ids" (default: the tokenizer's prefix).
+# (text with Whisper's special tokens) or "prompt_token_ids" (default: the tokenizer's prefix);
+# for a vision-language model {"prompt": text with one image placeholder per image,
+# "multi_modal_data": {"image": a PIL image or a list of them}} (the processor expands each
+# placeholder), or "prompt_token_ids" with the placeholders already expanded.
 PromptType = str | dict[str, Any]
 
 
@@ -28,6 +31,7 @@ class ProcessedPrompt:
     prompt_embeds: PromptEmbeds | None = None
     token_type_ids: list[int] | None = None  # a sentence pair's segments, where the model has them
     encoder_features: EncoderFeatures | None = None  # a speech model's audio window
+    images: tuple[ImageInput, ...] = ()  # a vision-language prompt's, in prompt order
 
 
 class InputProcessor:
@@ -45,6 +49,7 @@ class InputProcessor:
         self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
         self._audio_features: Any | None = None  # WhisperFeatures, built on the first audio
+        self._processor: Any | None = None  # a vision-language model's HF processor
 
     def tokenize_prompt(
         self, prompt: PromptType, add_special_tokens: bool = True
@@ -57,6 +62,9 @@ class InputProcessor:
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             return ProcessedPrompt(prompt, list(ids))
         if isinstance(prompt, dict) and "multi_modal_data" in prompt:
+            data = prompt["multi_modal_data"]
+            if isinstance(data, dict) and set(data) == {"image"}:
+                return self._image_prompt(prompt)
             return self._audio_prompt(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return ProcessedPrompt(
@@ -135,6 +143,8 @@ class InputProcessor:
             raise ValueError("multi_modal_data takes one key, 'audio': (samples, sample_rate)")
         if not self.model_config.num_encoder_tokens:
             raise ValueError(f"{self.model_config.model} takes no audio: it is a text model")
+        if self.model_config.limit_mm_per_prompt.get("audio", DEFAULT_MM_LIMIT) < 1:
+            raise ValueError("audio is off on this server (--limit-mm-per-prompt)")
         audio = data["audio"]
         samples, rate = audio if isinstance(audio, tuple) else (audio, SAMPLE_RATE)
         samples = resample(np.asarray(samples, dtype=np.float32), int(rate))
@@ -153,6 +163,61 @@ class InputProcessor:
         else:
             ids = list(self.tokenizer.prefix_tokens)
         return ProcessedPrompt(prompt.get("prompt"), list(ids), encoder_features=features)
+
+    def _image_prompt(self, prompt: dict[str, Any]) -> ProcessedPrompt:
+        """A vision-language request: the images through the model's own HF processor (its
+        pixel values, and the prompt with each placeholder expanded to the image's rows)."""
+        hf = self.model_config.hf_config
+        if "vision_config" not in hf:
+            raise ValueError(f"{self.model_config.model} takes no images: it is a text model")
+        images = prompt["multi_modal_data"]["image"]
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        limit = self.model_config.limit_mm_per_prompt.get("image", DEFAULT_MM_LIMIT)
+        if len(images) > limit:
+            raise ValueError(
+                f"{len(images)} images in one prompt, more than the {limit} allowed "
+                "(--limit-mm-per-prompt)"
+            )
+        processor = self._image_processor()
+        placeholder = int(hf.get("image_token_id", hf.get("image_token_index")))
+        token = getattr(processor, "image_token", None) or str(placeholder)
+        text = prompt.get("prompt") if "prompt_token_ids" not in prompt else None
+        if isinstance(text, str) and text.count(token) != len(images):
+            raise ValueError(
+                f"the prompt has {text.count(token)} image placeholders ({token}) for "
+                f"{len(images)} images: put one where each image goes"
+            )
+        if "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            pixels = processor.image_processor(images, return_tensors="np")["pixel_values"]
+        elif isinstance(prompt.get("prompt"), str):
+            out = processor(images=images, text=prompt["prompt"], return_tensors="np")
+            ids, pixels = out["input_ids"][0].tolist(), out["pixel_values"]
+        else:
+            raise ValueError("an image prompt needs its text: 'prompt' or 'prompt_token_ids'")
+        vision = hf["vision_config"]
+        per_image = (vision["image_size"] // vision["patch_size"]) ** 2
+        per_image += hf.get("vision_feature_select_strategy", "default") == "full"
+        runs = _runs(ids, placeholder, per_image)
+        if runs is None or len(runs) != len(images):
+            found = "a broken run of" if runs is None else f"{len(runs)}"
+            raise ValueError(
+                f"the prompt has {found} image placeholders ({token}) for {len(images)} "
+                f"images: put one where each image goes (expanded, {per_image} per image)"
+            )
+        inputs = []
+        for (offset, length), image in zip(runs, pixels.astype("float32"), strict=True):
+            data = image.tobytes()
+            digest = hashlib.sha256(data + str(image.shape).encode()).hexdigest()
+            inputs.append(ImageInput(digest, offset, length, data, list(image.shape)))
+        return ProcessedPrompt(prompt.get("prompt"), ids, images=tuple(inputs))
+
+    def _image_processor(self) -> Any:
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_config.path)
+        return self._processor
 
     def _prompt_embeds(self, value: Any) -> PromptEmbeds:
         """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]
@@ -260,6 +325,7 @@ class InputProcessor:
             lora_request=lora_request,
             prompt_embeds=prompt.prompt_embeds,
             encoder_features=prompt.encoder_features,
+            images=list(prompt.images),
         )
 
     def make_pooling_request(
@@ -342,6 +408,26 @@ class InputProcessor:
                 f"token_id(s) {bad[:5]} in logit_bias/stop_token_ids contain out-of-vocab token "
                 f"ids. Vocabulary size: {vocab}"
             )
+
+
+def _runs(ids: list[int], token: int, per_image: int) -> list[tuple[int, int]] | None:
+    """(offset, length) of each image's placeholders in `ids` (adjacent images' runs split);
+    None when a run is not a whole number of images."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(ids):
+        if t != token:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    if any(length % per_image for _, length in runs):
+        return None
+    return [
+        (offset + k * per_image, per_image)
+        for offset, length in runs
+        for k in range(length // per_image)
+    ]
 
 
 def _eos_token_id(model_config: ModelConfig, tokenizer: Any | None) -> int | None:

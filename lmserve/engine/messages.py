@@ -89,6 +89,18 @@ class EncoderFeatures(msgspec.Struct, frozen=True):
     shape: list[int]
 
 
+class ImageInput(msgspec.Struct, frozen=True):
+    """One image of a vision-language prompt: the processor's pixel values (float32 bytes with
+    their shape), the prompt positions its embeddings fill, and a content hash that keys the
+    encoder cache and salts the prefix-cache blocks those positions fall in."""
+
+    identifier: str  # sha256 of the pixel values
+    offset: int  # first placeholder position in the prompt
+    length: int  # placeholder positions: the image's embedding rows
+    data: bytes
+    shape: list[int]  # [channels, height, width]
+
+
 class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     req_id: str
     prompt_token_ids: list[int]
@@ -101,6 +113,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):
     pooling_params: PoolingParams | None = None  # set: a pooling request (sampling unused)
     token_type_ids: list[int] | None = None  # a sentence pair's segments (BERT cross-encoders)
     encoder_features: EncoderFeatures | None = None  # an encoder-decoder model's audio window
+    images: list[ImageInput] = []  # a vision-language prompt's images, in prompt order
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):

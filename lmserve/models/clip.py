@@ -13,17 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lmserve.layers.activation import activation
 from lmserve.layers.bidirectional_attention import BidirectionalAttention
 from lmserve.models.weights import copy_named
-
-_ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -36,7 +30,7 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp.fc1 = nn.Linear(hidden, cfg["intermediate_size"])
         self.mlp.fc2 = nn.Linear(cfg["intermediate_size"], hidden)
         self.layer_norm2 = nn.LayerNorm(hidden, eps=eps)
-        self.act = _ACTIVATIONS[cfg.get("hidden_act", "quick_gelu")]
+        self.act = activation(cfg.get("hidden_act", "quick_gelu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [images, tokens, hidden]."""

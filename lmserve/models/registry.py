@@ -11,6 +11,7 @@ _MODELS = {
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
+    "LlavaForConditionalGeneration": "lmserve.models.llava:LlavaForConditionalGeneration",
     "WhisperForConditionalGeneration": "lmserve.models.whisper:WhisperForConditionalGeneration",
 }
 # the pooling runner's: encoders, and decoders run whole-prompt with no KV cache

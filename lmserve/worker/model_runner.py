@@ -15,7 +15,7 @@ from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata,
 from lmserve.config import EngineConfig
 from lmserve.core.request import RequestFailed
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
-from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
+from lmserve.engine.messages import ImageInput, PromptEmbeds, TokenLogprobs
 from lmserve.forward_context import set_forward_context
 from lmserve.layers.cross_attention import CrossBlocks, CrossLayout
 from lmserve.lora.layers import LoRAMapping
@@ -26,6 +26,7 @@ from lmserve.structured_output.apply import apply_grammar_bitmask
 from lmserve.transfer import float32_tensor, to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
+from lmserve.worker.encoder_cache import EncoderCache
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
     allocate_kv_caches,
@@ -45,7 +46,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens]
     common: CommonAttentionMetadata
     sample_mask: np.ndarray  # [num_reqs] True where the scheduler says the request samples
-    # (step token indices, their embeddings) where a prompt came as embeddings
+    # (step token indices, their embeddings) where a prompt came as embeddings, or images are
     prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -93,6 +94,12 @@ class ModelRunner:
         self._cross: dict[str, CrossBlocks] = {}
         self._sot: dict[str, int] = {}  # prompt position of each one's start-of-transcript
         self._to_encode: list[tuple[torch.Tensor, CrossBlocks]] = []
+        # vision-language models: each request's images its prompt has not yet run past
+        self._images: dict[str, list[ImageInput]] = {}
+        self.encoder_cache: EncoderCache | None = None
+        if hasattr(model, "embed_images"):
+            rows = max(4 * config.scheduler.max_num_batched_tokens, model.image_tokens)
+            self.encoder_cache = EncoderCache(rows)
         self.lora = lora
         self.graphs = graphs
         if graphs is not None:
@@ -322,8 +329,15 @@ class ModelRunner:
             self._prompt_embeds.pop(req_id, None)
             self._cross.pop(req_id, None)
             self._sot.pop(req_id, None)
+            self._drop_images(req_id, 0)
         for new in so.new_reqs:
             batch.add(new)
+            if new.images:
+                assert self.encoder_cache is not None  # the input processor checked the model
+                pending = [i for i in new.images if i.offset + i.length > new.num_computed_tokens]
+                for image in pending:
+                    self.encoder_cache.hold(new.req_id, image.identifier)
+                self._images[new.req_id] = pending
             if new.prompt_embeds is not None:
                 self._prompt_embeds[new.req_id] = self._embeds_tensor(new.prompt_embeds)
             if new.encoder_features is not None:
@@ -343,8 +357,53 @@ class ModelRunner:
 
     def _embeds_tensor(self, embeds: PromptEmbeds) -> torch.Tensor:
         rows = float32_tensor(embeds.data, (embeds.num_tokens, embeds.hidden_size))
-        dtype = self.model.model.embed_tokens.weight.dtype
-        return rows.to(device=self.device, dtype=dtype)
+        return rows.to(device=self.device, dtype=torch_dtype(self.config.model.dtype))
+
+    def _image_override(
+        self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's tokens that are image placeholders, and the image rows they take: the
+        images not in the encoder cache are encoded first, together, in one tower call."""
+        spans = []  # (first step token, image, first row, end row)
+        for i, req_id in enumerate(req_ids):
+            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            first, last = int(positions[start]), int(positions[end - 1]) + 1
+            for image in self._images.get(req_id, ()):
+                lo, hi = max(first, image.offset), min(last, image.offset + image.length)
+                if lo < hi:
+                    spans.append((start + lo - first, image, lo - image.offset, hi - image.offset))
+        if not spans:
+            return None
+        cache = self.encoder_cache
+        assert cache is not None
+        missing = {
+            image.identifier: image for _, image, _, _ in spans if image.identifier not in cache
+        }
+        if missing:
+            dtype = torch_dtype(self.config.model.dtype)
+            pixels = torch.stack(
+                [float32_tensor(image.data, tuple(image.shape)) for image in missing.values()]
+            )
+            encoded = self.model.embed_images(pixels.to(self.device, dtype))
+            for image_hash, rows in zip(missing, encoded, strict=True):
+                cache.put(image_hash, rows)
+        indices = [np.arange(at, at + hi - lo) for at, _, lo, hi in spans]
+        values = [cache.get(image.identifier)[lo:hi] for _, image, lo, hi in spans]
+        return to_device(np.concatenate(indices), self.device), torch.cat(values)
+
+    def _drop_images(self, req_id: str, computed: int) -> None:
+        """Let go of the request's images its prompt has run past (all of them with 0)."""
+        images = self._images.get(req_id)
+        if images is None or self.encoder_cache is None:
+            return
+        keep = [i for i in images if computed and i.offset + i.length > computed]
+        for image in images:
+            if image not in keep:
+                self.encoder_cache.release(req_id, image.identifier)
+        if keep:
+            self._images[req_id] = keep
+        else:
+            del self._images[req_id]
 
     def _embeds_override(
         self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
@@ -398,10 +457,31 @@ class ModelRunner:
             positions=to_device(positions, self.device),
             common=common,
             sample_mask=np.fromiter((r in sampling for r in req_ids), bool, len(req_ids)),
-            prompt_embeds=self._embeds_override(req_ids, query_start_loc, positions)
-            if self._prompt_embeds
-            else None,
+            prompt_embeds=self._override(req_ids, query_start_loc, positions, seq_lens),
         )
+
+    def _override(
+        self,
+        req_ids: list[str],
+        query_start_loc: np.ndarray,
+        positions: np.ndarray,
+        seq_lens: np.ndarray,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows that replace token embeddings this step: prompts given as embeddings, and
+        images (whose requests then let go of the images they have run past)."""
+        parts = []
+        if self._prompt_embeds:
+            parts.append(self._embeds_override(req_ids, query_start_loc, positions))
+        if self._images:
+            parts.append(self._image_override(req_ids, query_start_loc, positions))
+            for req_id, seq_len in zip(req_ids, seq_lens.tolist(), strict=True):
+                self._drop_images(req_id, seq_len)
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _collect_samples(
         self,
