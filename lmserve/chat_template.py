@@ -1,7 +1,8 @@
 """The one chat-template renderer, below both `LLM.chat` and the server, so a conversation
 renders the same way offline and over HTTP: content given as OpenAI's parts or as a string,
-past tool calls with their arguments as mappings, tools, `continue_final_message`, and template
-failures as one error that says what to fix. (HF's renderer runs the Jinja in its sandbox.)"""
+image parts as the model's placeholder, past tool calls with their arguments as mappings,
+tools, `continue_final_message`, and template failures as one error that says what to fix.
+(HF's renderer runs the Jinja in its sandbox.)"""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ ContentFormat = Literal["auto", "string", "openai"]
 # A template that loops over a message's content expects OpenAI's list of parts.
 _LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
 
+
+# Content parts that carry an image, and the key that holds it: OpenAI's chat `image_url`
+# ({"url": ...} or a bare URL), Responses' `input_image`, and offline a PIL image (vLLM's
+# `image_pil`, or `image`).
+_IMAGE_PARTS = {"image_url": "image_url", "input_image": "image_url", "image_pil": "image_pil",
+                "image": "image"}  # fmt: skip
 
 # Arguments the renderer passes itself: chat_template_kwargs may not set them.
 RESERVED_KWARGS = frozenset(
@@ -53,11 +60,13 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     timeout_s: float | None = None,
+    image_token: str | None = None,
 ) -> str:
     """The prompt text of `messages` (OpenAI-style dicts) under the model's template, or
     `chat_template` in its place. With `timeout_s` (for templates that came with a request,
     which are code a client runs here), it renders within template_bounds: that time, bounded
-    memory, no one operation building a huge value."""
+    memory, no one operation building a huge value. `image_token`: the model's image
+    placeholder (None: the model takes no images)."""
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
     if tokenizer is None or not isinstance(template, str):
         raise ChatTemplateError(
@@ -79,7 +88,7 @@ def render_chat(
         )
     if content_format == "auto":
         content_format = detect_content_format(template)
-    rendered = [_render_message(m, content_format) for m in messages]
+    rendered = [_render_message(m, content_format, image_token) for m in messages]
 
     def render() -> str:
         if timeout_s is not None:  # a request's template: operations past the bounds refused
@@ -110,23 +119,40 @@ def render_chat(
         ) from None
 
 
-def _render_message(message: dict[str, Any], content_format: str) -> dict[str, Any]:
-    """With the "string" format, text parts are joined into one string; with "openai" the
-    parts are passed to the template as they came. Non-text parts are refused either way. No
-    content (an assistant turn of tool calls) is "" or no parts, as vLLM renders it."""
+def _render_message(
+    message: dict[str, Any], content_format: str, image_token: str | None
+) -> dict[str, Any]:
+    """With the "string" format, parts are joined into one string (an image as the model's
+    placeholder); with "openai" the parts are passed to the template, an image as
+    {"type": "image"} (what HF's templates test for). Other parts are refused. No content (an
+    assistant turn of tool calls) is "" or no parts, as vLLM renders it."""
     item = copy.deepcopy(dict(message))
     content = item.get("content")
     if content is None:
         item["content"] = [] if content_format == "openai" else ""
     elif isinstance(content, list):
+        parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ChatTemplateError(f"content part type {kind!r} is not supported (text only)")
-            if not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind in _IMAGE_PARTS:
+                if image_token is None:
+                    raise ChatTemplateError(
+                        "this model takes no images: send text content parts only"
+                    )
+                parts.append({"type": "image"})
+            elif kind != "text":
+                raise ChatTemplateError(
+                    f"content part type {kind!r} is not supported (text, image_url)"
+                )
+            elif not isinstance(part.get("text"), str):
                 raise ChatTemplateError("a text content part needs `text`, a string")
+            else:
+                parts.append(part)
+        item["content"] = parts
         if content_format != "openai":
-            item["content"] = "\n".join(part["text"] for part in content)
+            item["content"] = "\n".join(
+                image_token if p["type"] == "image" else p["text"] for p in parts
+            )
     elif not isinstance(content, str):
         raise ChatTemplateError("a message's content is a string or a list of content parts")
     calls = item.get("tool_calls")
@@ -149,3 +175,31 @@ def _arguments_to_dict(call: dict[str, Any]) -> None:
     if isinstance(function, dict) and isinstance(function.get("arguments"), str):
         with contextlib.suppress(json.JSONDecodeError):
             function["arguments"] = json.loads(function["arguments"])
+
+
+def image_sources(messages: Sequence[dict[str, Any]]) -> list[Any]:
+    """Each image part's image in conversation order (the order the template places them): a
+    URL string (http(s), data: or file:) or, offline, a PIL image."""
+    found = []
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            key = _IMAGE_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+            if key is None:
+                continue
+            value = part.get(key)
+            if isinstance(value, dict):  # chat's {"url": ..., "detail": ...}
+                value = value.get("url")
+            if value is None or (isinstance(value, str) and not value):
+                raise ChatTemplateError(f"an {part['type']} part needs its image (`{key}`)")
+            found.append(value)
+    return found
+
+
+def image_placeholder(tokenizer: Any, hf_config: dict[str, Any]) -> str | None:
+    """The text that stands for one image in a vision-language model's prompt; None for a
+    model that takes no images."""
+    token_id = hf_config.get("image_token_id", hf_config.get("image_token_index"))
+    if "vision_config" not in hf_config or token_id is None or tokenizer is None:
+        return None
+    return str(tokenizer.convert_ids_to_tokens(int(token_id)))

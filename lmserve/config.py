@@ -37,6 +37,10 @@ class ModelConfig:
     enable_prompt_embeds: bool = False  # prompts may come as embeddings instead of token ids
     # most items of each modality in one prompt ({"image": 4}); DEFAULT_MM_LIMIT where unset
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    # where a request's media may come from: file:// only under this directory; http(s) only
+    # to these hosts (then private ones too) when set, else to public addresses only
+    allowed_local_media_path: Path | None = None
+    allowed_media_domains: tuple[str, ...] | None = None
 
     @property
     def architecture(self) -> str:

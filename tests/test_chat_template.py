@@ -8,7 +8,12 @@ import time
 import pytest
 
 from lmserve import SamplingParams
-from lmserve.chat_template import ChatTemplateError, detect_content_format, render_chat
+from lmserve.chat_template import (
+    ChatTemplateError,
+    detect_content_format,
+    image_sources,
+    render_chat,
+)
 
 FRANCE = "What is the capital of France?"
 CALL = {"id": "call_1", "type": "function",
@@ -61,7 +66,8 @@ def test_llm_chat_takes_what_the_server_takes(smollm2_llm) -> None:
 @pytest.mark.parametrize(
     ("messages", "options", "match"),
     [
-        ([{"role": "user", "content": [{"type": "image_url"}]}], {}, "not supported"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], {}, "takes no images"),
+        ([{"role": "user", "content": [{"type": "input_audio"}]}], {}, "not supported"),
         ([{"role": "user", "content": "x"}], {"continue_final_message": True}, "only one"),
         ([{"role": "user", "content": "x"}], {"chat_template": "{{ raise_exception('no') }}"},
          "cannot render these messages: no"),
@@ -80,7 +86,7 @@ def test_llm_chat_takes_what_the_server_takes(smollm2_llm) -> None:
         ([{"role": "user", "content": "x"}], {"chat_template_kwargs": {"tokenize": True}},
          "chat_template_kwargs may not set tokenize"),
     ],
-    ids=["image-part", "both-prompt-flags", "template-raises", "text-number", "text-missing",
+    ids=["image-part", "audio-part", "both-prompt-flags", "template-raises", "text-number", "text-missing",
          "content-number", "tool-calls-string", "function-string", "division-by-zero", "include",
          "recursion", "reserved-kwarg"],
 )  # fmt: skip
@@ -157,3 +163,28 @@ def test_the_bounds_do_not_change_what_a_template_renders(smollm2_llm) -> None:
     assert render_chat(tokenizer, messages, chat_template=template, timeout_s=2.0) == render_chat(
         tokenizer, messages
     )
+
+
+def test_image_parts_render_as_the_models_placeholder(smollm2_llm) -> None:
+    """A template that loops over parts sees {"type": "image"} where each image stands; one
+    that takes a string gets the placeholder text in its place; the images come out in order."""
+    tokenizer = smollm2_llm.get_tokenizer()
+    content = [
+        {"type": "image_url", "image_url": {"url": "http://a/1.png"}},
+        {"type": "text", "text": "and"},
+        {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+    ]
+    messages = [{"role": "user", "content": content}]
+    looping = (
+        "{% for m in messages %}{% for p in m['content'] %}"
+        "{% if p['type'] == 'image' %}[IMG]{% else %}{{ p['text'] }}{% endif %}"
+        "{% endfor %}{% endfor %}"
+    )
+    text = render_chat(tokenizer, messages, chat_template=looping, image_token="<image>")
+    assert text == "[IMG]and[IMG]"
+    plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    text = render_chat(tokenizer, messages, chat_template=plain, image_token="<image>")
+    assert text == "<image>\nand\n<image>"
+    assert image_sources(messages) == ["http://a/1.png", "data:image/png;base64,AAAA"]
+    with pytest.raises(ChatTemplateError, match="needs its image"):
+        image_sources([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])

@@ -2,7 +2,8 @@
 
 Served as vLLM serves them: the request becomes a chat completion request (the same template,
 sampling, tool and reasoning handling), and the result is written back in Anthropic's shapes.
-Content blocks other than text, tool_use and tool_result (images, documents) are refused.
+Image blocks (base64 or URL sources) become chat image parts; other content blocks than text,
+image, tool_use and tool_result (documents, ...) are refused.
 """
 
 from __future__ import annotations
@@ -170,12 +171,16 @@ def _chat_messages(message: AnthropicMessage) -> list[dict[str, Any]]:
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # a user turn's text and image parts, in order
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     for block in message.content:
         kind = block.get("type")
         if kind == "text":
             texts.append(str(block.get("text", "")))
+            parts.append({"type": "text", "text": texts[-1]})
+        elif kind == "image" and message.role == "user":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block)}})
         elif kind == "tool_use" and message.role == "assistant":
             calls.append(
                 {
@@ -201,7 +206,7 @@ def _chat_messages(message: AnthropicMessage) -> list[dict[str, Any]]:
         else:
             raise APIError(
                 f"content block type {kind!r} is not supported in a {message.role} message "
-                "(text, tool_use and tool_result only)",
+                "(text, image, tool_use and tool_result only)",
                 param="messages",
             )
     out = list(results)  # tool results answer the previous turn, so they come first
@@ -210,9 +215,30 @@ def _chat_messages(message: AnthropicMessage) -> list[dict[str, Any]]:
         if calls:
             reply["tool_calls"] = calls
         out.append(reply)
+    elif len(parts) > len(texts):  # images: the parts as they came
+        out.append({"role": "user", "content": parts})
     elif texts or not results:
         out.append({"role": "user", "content": "\n".join(texts)})
     return out
+
+
+def _image_url(block: dict[str, Any]) -> str:
+    """An image block's source as a URL: base64 data as a data: URL, or the URL given."""
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64":
+        media_type, data = source.get("media_type"), source.get("data")
+        if isinstance(media_type, str) and isinstance(data, str):
+            return f"data:{media_type};base64,{data}"
+    if (
+        isinstance(source, dict)
+        and source.get("type") == "url"
+        and isinstance(source.get("url"), str)
+    ):
+        return source["url"]
+    raise APIError(
+        "an image block's source is {type: base64, media_type, data} or {type: url, url}",
+        param="messages",
+    )
 
 
 def _text_of(content: str | list[Any], param: str) -> str:

@@ -1,7 +1,8 @@
 """OpenAI Responses API request bodies (POST /v1/responses), and their translation to a chat
 completion request, as vLLM serves them: the same template, sampling, tool and structured-output
 handling. Responses are not stored, so `previous_response_id` is refused; input items other than
-messages, function calls and their outputs (images, files, built-in tools) are refused.
+messages (text and `input_image` parts), function calls and their outputs (files, built-in
+tools) are refused.
 """
 
 from __future__ import annotations
@@ -36,10 +37,19 @@ class TextPart(_Item):
     text: str
 
 
+class ImagePart(_Item):
+    """An image by URL (http(s) or data:); `file_id` needs OpenAI's Files API, which this
+    server does not have."""
+
+    type: Literal["input_image"]
+    image_url: str
+    detail: str | None = None
+
+
 class MessageItem(_Item):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
 
 
 class FunctionCallItem(_Item):
@@ -209,7 +219,7 @@ class ResponsesRequest(BaseModel):
         for item in self.input:
             match item:
                 case MessageItem():
-                    content = _text(item.content)
+                    content = _content(item.content)
                     messages.append({"role": _ROLES[item.role], "content": content})
                 case FunctionCallItem():
                     function = {"name": item.name, "arguments": item.arguments}
@@ -254,6 +264,18 @@ class ResponsesRequest(BaseModel):
         if fmt.type == "json_object":
             return {"type": "json_object"}
         return {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
+
+
+def _content(content: str | list[TextPart | ImagePart] | None) -> str | list[dict[str, Any]]:
+    """A message's content: its text joined, or with images its parts as chat parts."""
+    if not isinstance(content, list) or not any(isinstance(p, ImagePart) for p in content):
+        return _text(content)  # type: ignore[arg-type]
+    return [
+        {"type": "image_url", "image_url": {"url": part.image_url}}
+        if isinstance(part, ImagePart)
+        else {"type": "text", "text": part.text}
+        for part in content
+    ]
 
 
 def _text(content: str | list[TextPart] | None) -> str:

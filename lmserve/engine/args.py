@@ -88,6 +88,8 @@ def create_engine_config(
     task: str | None = None,
     pooler_config: dict[str, Any] | str | None = None,
     limit_mm_per_prompt: dict[str, int] | str | None = None,
+    allowed_local_media_path: str | os.PathLike | None = None,
+    allowed_media_domains: list[str] | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.)"""
@@ -157,6 +159,10 @@ def create_engine_config(
         enable_prompt_embeds=enable_prompt_embeds,
         quantization=quantization,
         limit_mm_per_prompt=_mm_limits(limit_mm_per_prompt),
+        allowed_local_media_path=_media_dir(allowed_local_media_path),
+        allowed_media_domains=tuple(d.lower() for d in allowed_media_domains)
+        if allowed_media_domains
+        else None,
     )
     if "vision_config" in hf_config and enable_lora:
         raise ValueError(
@@ -270,6 +276,15 @@ def _with_decoding_rules(hf_config: dict[str, Any], path: Path) -> dict[str, Any
             if hf_config.get(key) is None and generation.get(key) is not None
         },
     }
+
+
+def _media_dir(value: str | os.PathLike | None) -> Path | None:
+    if value is None or value == "":
+        return None
+    path = Path(value).resolve()
+    if not path.is_dir():
+        raise ValueError(f"allowed_local_media_path {str(value)!r} is not a directory")
+    return path
 
 
 def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
@@ -438,6 +453,21 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "(default: 999 each); more is a 400",
     )
     parser.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="a directory whose files requests may name as file:// media URLs (default: none; "
+        "only trusted clients should have it)",
+    )
+    parser.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="the only hosts http(s) media URLs may name, private addresses allowed for them "
+        "(default: any host with public addresses only: never loopback, the private network "
+        "or cloud metadata)",
+    )
+    parser.add_argument(
         "--max-logprobs",
         type=int,
         default=20,
@@ -550,4 +580,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         task=args.task,
         pooler_config=args.pooler_config,
         limit_mm_per_prompt=args.limit_mm_per_prompt,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=args.allowed_media_domains,
     )

@@ -64,7 +64,7 @@ class InputProcessor:
         if isinstance(prompt, dict) and "multi_modal_data" in prompt:
             data = prompt["multi_modal_data"]
             if isinstance(data, dict) and set(data) == {"image"}:
-                return self._image_prompt(prompt)
+                return self._image_prompt(prompt, add_special_tokens)
             return self._audio_prompt(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return ProcessedPrompt(
@@ -164,7 +164,7 @@ class InputProcessor:
             ids = list(self.tokenizer.prefix_tokens)
         return ProcessedPrompt(prompt.get("prompt"), list(ids), encoder_features=features)
 
-    def _image_prompt(self, prompt: dict[str, Any]) -> ProcessedPrompt:
+    def _image_prompt(self, prompt: dict[str, Any], add_special_tokens: bool) -> ProcessedPrompt:
         """A vision-language request: the images through the model's own HF processor (its
         pixel values, and the prompt with each placeholder expanded to the image's rows)."""
         hf = self.model_config.hf_config
@@ -191,7 +191,12 @@ class InputProcessor:
             ids = [int(t) for t in prompt["prompt_token_ids"]]
             pixels = processor.image_processor(images, return_tensors="np")["pixel_values"]
         elif isinstance(prompt.get("prompt"), str):
-            out = processor(images=images, text=prompt["prompt"], return_tensors="np")
+            out = processor(
+                images=images,
+                text=prompt["prompt"],
+                add_special_tokens=add_special_tokens,
+                return_tensors="np",
+            )
             ids, pixels = out["input_ids"][0].tolist(), out["pixel_values"]
         else:
             raise ValueError("an image prompt needs its text: 'prompt' or 'prompt_token_ids'")

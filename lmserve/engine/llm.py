@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm import tqdm
 
-from lmserve.chat_template import render_chat
+from lmserve.chat_template import image_placeholder, image_sources, render_chat
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.beam_search import (
     BeamSearch,
@@ -24,6 +25,7 @@ from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.tokenizer import load_tokenizer
 from lmserve.lora.request import LoRARequest
+from lmserve.multimodal.media import MediaPolicy, load_images
 from lmserve.outputs import (
     ClassificationOutput,
     ClassificationRequestOutput,
@@ -298,11 +300,13 @@ class LLM:
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template (the server's renderer: text
-        parts or strings, tool calls, `continue_final_message`), then generate. What cannot be
-        rendered raises ChatTemplateError, a ValueError that says why."""
+        parts or strings, image parts for a vision-language model (URLs under the engine's
+        media rules, or PIL images), tool calls, `continue_final_message`), then generate.
+        What cannot be rendered raises ChatTemplateError, a ValueError that says why."""
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model.path} has no tokenizer, so it cannot chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        image_token = image_placeholder(self.tokenizer, self.config.model.hf_config)
         prompts = []
         for conversation in conversations:
             text = render_chat(
@@ -312,8 +316,14 @@ class LLM:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 chat_template_kwargs=chat_template_kwargs,
+                image_token=image_token,
             )
-            prompts.append(self.input_processor.tokenize_prompt(text, add_special_tokens=False))
+            prompt: PromptType = text
+            sources = image_sources(list(conversation))
+            if sources:
+                images = asyncio.run(load_images(sources, MediaPolicy.of(self.config.model)))
+                prompt = {"prompt": text, "multi_modal_data": {"image": images}}
+            prompts.append(self.input_processor.tokenize_prompt(prompt, add_special_tokens=False))
         return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(

@@ -22,9 +22,12 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
+
+from lmserve.config import ModelConfig
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 
@@ -42,6 +45,35 @@ class MediaPolicy:
     max_bytes: int = 20 * 2**20  # one image's encoded bytes
     max_redirects: int = 5
     max_pixels: int = 50_000_000  # decoded size, against decompression bombs
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> MediaPolicy:
+        """The policy the engine's --allowed-media-domains / --allowed-local-media-path set."""
+        domains = model.allowed_media_domains
+        return cls(
+            allowed_domains=frozenset(domains) if domains is not None else None,
+            allowed_local_path=model.allowed_local_media_path,
+        )
+
+
+async def load_images(sources: list[Any], policy: MediaPolicy) -> list[Any]:
+    """Each of a prompt's images as an RGB PIL image: URLs fetched concurrently and decoded
+    off the event loop, PIL images (offline callers) as they are. A MediaError names the image
+    at fault by its place in the prompt."""
+    from PIL import Image
+
+    async def one(i: int, source: Any) -> Any:
+        try:
+            if isinstance(source, Image.Image):
+                return source.convert("RGB")
+            if not isinstance(source, str):
+                raise MediaError(f"an image is a URL or a PIL image, not {type(source).__name__}")
+            data = await fetch_media(source, policy)
+            return await asyncio.to_thread(decode_image, data, policy)
+        except MediaError as exc:
+            raise MediaError(f"image {i + 1} of the prompt: {exc}") from None
+
+    return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(sources))))
 
 
 async def fetch_media(url: str, policy: MediaPolicy) -> bytes:

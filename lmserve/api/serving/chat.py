@@ -37,9 +37,16 @@ from lmserve.api.serving.chat_message import (
     required_calls_schema,
 )
 from lmserve.api.tool_parsers import get_tool_parser
-from lmserve.chat_template import ChatTemplateError, render_chat
+from lmserve.chat_template import (
+    ChatTemplateError,
+    image_placeholder,
+    image_sources,
+    render_chat,
+)
+from lmserve.config import DEFAULT_MM_LIMIT
 from lmserve.engine.beam_search import beam_search
 from lmserve.engine.protocol import EngineClient
+from lmserve.multimodal.media import MediaError, MediaPolicy, load_images
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -80,9 +87,29 @@ async def apply_chat_template(
             tools=tools,
             chat_template_kwargs=chat_template_kwargs,
             timeout_s=None if request_template is None else REQUEST_TEMPLATE_TIMEOUT_S,
+            image_token=image_placeholder(engine.tokenizer, engine.config.model.hf_config),
         )
     except ChatTemplateError as exc:
         raise APIError(str(exc), param=exc.param) from None
+
+
+async def chat_images(engine: EngineClient, messages: list[ChatMessage]) -> list[Any]:
+    """The conversation's images, fetched and decoded under the engine's media rules (none for
+    a conversation of text); a part that cannot be had is a 400 that says which and why."""
+    try:
+        sources = image_sources([m.model_dump(exclude_none=True) for m in messages])
+        if not sources:
+            return []
+        limit = engine.config.model.limit_mm_per_prompt.get("image", DEFAULT_MM_LIMIT)
+        if len(sources) > limit:  # before anything is fetched
+            raise APIError(
+                f"{len(sources)} images in one prompt, more than the {limit} allowed "
+                "(--limit-mm-per-prompt)",
+                param="messages",
+            )
+        return await load_images(sources, MediaPolicy.of(engine.config.model))
+    except (ChatTemplateError, MediaError) as exc:
+        raise APIError(str(exc), param="messages") from None
 
 
 class ChatServing:
@@ -112,21 +139,32 @@ class ChatServing:
             request.chat_template_kwargs,
             tools,
         )
-        ids = await self.encoder.encode(
-            text,
-            request.add_special_tokens,
-            common.keep_tokens(self.engine, request.truncate_prompt_tokens),
-            request.truncation_side,
-        )
+        images = await chat_images(self.engine, request.messages)
         max_tokens = request.max_completion_tokens or request.max_tokens
-        common.check_prompt_length(self.engine, len(ids), max_tokens)
+        prompt: dict[str, Any]
+        if images:  # the processor expands each placeholder; the engine checks the length
+            if request.use_beam_search:
+                raise APIError(
+                    "beam search over a prompt with images is not supported",
+                    param="use_beam_search",
+                )
+            prompt = {"prompt": text, "multi_modal_data": {"image": images}}
+            ids = []
+        else:
+            ids = await self.encoder.encode(
+                text,
+                request.add_special_tokens,
+                common.keep_tokens(self.engine, request.truncate_prompt_tokens),
+                request.truncation_side,
+            )
+            common.check_prompt_length(self.engine, len(ids), max_tokens)
+            prompt = {"prompt_token_ids": ids, "prompt": text}
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, num_logprobs, self.config.sampling_defaults)
         params = _params_for_tools(params, tool_mode, tools, request.parallel_tool_calls)
         parser = MessageParser(self._reasoning_parser(text), tool_mode)
         request_id = common.new_id("chatcmpl", request.request_id)
         common.log_request(self.config, request_id, text, len(ids), params)
-        prompt = {"prompt_token_ids": ids, "prompt": text}
         salt = request.cache_salt
         if request.use_beam_search:  # it answers once, at its end: no first-token deadline
             beams = request.beam_search_params(params)
@@ -147,7 +185,9 @@ class ChatServing:
             model=model,
             choices=[self._choice(request, out, parser) for out in final.outputs],
             usage=Usage.of(
-                len(ids), num_completion, self.config.cached_tokens(final.num_cached_tokens)
+                len(final.prompt_token_ids),
+                num_completion,
+                self.config.cached_tokens(final.num_cached_tokens),
             ),
             metrics=self.config.response_metrics([final]),
         )

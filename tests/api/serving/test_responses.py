@@ -146,7 +146,7 @@ def test_errors(client, server) -> None:
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_1")
     image = {"type": "input_image", "image_url": "http://example.com/a.png"}
-    with pytest.raises(openai.BadRequestError, match="input_image"):
+    with pytest.raises(openai.BadRequestError, match="takes no images"):
         client.responses.create(model=MODEL, input=[{"role": "user", "content": [image]}])
     with pytest.raises(openai.BadRequestError, match="web_search"):
         client.responses.create(model=MODEL, input="Hi", tools=[{"type": "web_search"}])

@@ -1,0 +1,221 @@
+"""Images in chat on `lmserve serve` with a tiny LLaVA, through the official openai client:
+`image_url` parts as data: URLs, http(s) URLs (loopback only because --allowed-media-domains
+names it) and file:// paths under --allowed-local-media-path give HF's tokens; streaming
+works; every bad image or rule broken is a 400 that names the image and the reason."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.api.conftest import Server, start_server, stop_server
+from tests.models.test_llava import PROMPT, _hf_tokens, _png, hf, images  # noqa: F401 - fixtures
+
+QUESTION = "What is in the picture?"
+LIMITS = dict(
+    max_tokens=12, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True}
+)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory, images) -> Path:  # noqa: F811
+    root = tmp_path_factory.mktemp("media")
+    for i, image in enumerate(images):
+        (root / f"{i}.png").write_bytes(_png_bytes(image))
+    (root / "cut.png").write_bytes(_png_bytes(images[0])[:300])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_host(media_dir: Path) -> Iterator[str]:
+    """A plain HTTP server on loopback serving the media directory."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava_dir: Path, media_dir: Path) -> Iterator[Server]:
+    server = start_server(
+        str(tiny_llava_dir), "--served-model-name", "llava",
+        "--allowed-media-domains", "127.0.0.1",
+        "--allowed-local-media-path", str(media_dir),
+        "--limit-mm-per-prompt", '{"image": 2}',
+    )  # fmt: skip
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+def _ask(client: openai.OpenAI, *urls: str, text: str = QUESTION, **kwargs):
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return client.chat.completions.create(model="llava", messages=messages, **{**LIMITS, **kwargs})
+
+
+def _data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(image)).decode()
+
+
+def test_every_kind_of_image_url_gives_hfs_tokens(
+    client: openai.OpenAI,
+    hf,  # noqa: F811
+    images,  # noqa: F811
+    image_host: str,
+    media_dir: Path,  # noqa: F811
+) -> None:
+    expected = _hf_tokens(hf, PROMPT, [images[0]])
+    for url in (_data_url(images[0]), f"{image_host}/0.png", (media_dir / "0.png").as_uri()):
+        answer = _ask(client, url)
+        assert answer.choices[0].token_ids == expected, url[:40]
+        assert answer.usage.prompt_tokens == len(answer.prompt_token_ids) > 16  # 16 image rows
+    other = _ask(client, _data_url(images[1]))
+    assert other.choices[0].token_ids == _hf_tokens(hf, PROMPT, [images[1]])
+
+
+def test_two_images_and_a_stream(client: openai.OpenAI, hf, images) -> None:  # noqa: F811
+    two = _ask(client, _data_url(images[0]), _data_url(images[2]))
+    prompt = f"USER: <image>\n<image>\n{QUESTION}\nASSISTANT:"
+    expected = _hf_tokens(hf, prompt, [images[0], images[2]])
+    assert two.choices[0].token_ids == expected
+    chunks = list(_ask(client, _data_url(images[0]), _data_url(images[2]), stream=True))
+    streamed = [
+        t for c in chunks if c.choices for t in (getattr(c.choices[0], "token_ids", None) or [])
+    ]
+    assert streamed == expected
+
+
+def _error(server: Server, content: list) -> httpx.Response:
+    body = {"model": "llava", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+
+
+def test_bad_images_are_400s_that_say_which_and_why(
+    server: Server,
+    images,  # noqa: F811
+    image_host: str,
+    media_dir: Path,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    def part(url: str) -> dict:
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    text = {"type": "text", "text": QUESTION}
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png_bytes(images[0]))
+    port = image_host.rsplit(":", 1)[1]
+    cases = {
+        "image 1 of the prompt: the image is broken": [
+            part((media_dir / "cut.png").as_uri()),
+            text,
+        ],
+        "image 2 of the prompt: the data is not an image": [
+            part(_data_url(images[0])),
+            part(f"{image_host}/notes.txt"),
+            text,
+        ],
+        "3 images in one prompt, more than the 2 allowed": [part(_data_url(images[0]))] * 3
+        + [text],
+        "localhost": [part(f"http://localhost:{port}/0.png"), text],
+        "file: URLs must name a file under": [part(outside.as_uri()), text],
+        "404": [part(f"{image_host}/missing.png"), text],
+    }
+    for reason, content in cases.items():
+        response = _error(server, content)
+        assert response.status_code == 400, (reason, response.text)
+        error = response.json()["error"]
+        assert reason in error["message"] and error["param"] == "messages", (reason, error)
+    # the engine is unharmed
+    good = _error(server, [part(_data_url(images[0])), text])
+    assert good.status_code == 200
+
+
+def test_anthropic_image_blocks_and_responses_input_images(
+    server: Server,
+    client: openai.OpenAI,
+    images,  # noqa: F811
+    image_host: str,
+) -> None:
+    """Both map onto the chat path: the same prompt, so the same answer as chat's."""
+    import anthropic
+
+    chat_text = (
+        client.chat.completions.create(
+            model="llava",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _data_url(images[0])}},
+                        {"type": "text", "text": QUESTION},
+                    ],
+                }
+            ],
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .message.content
+    )
+    assert chat_text
+    data = base64.b64encode(_png_bytes(images[0])).decode()
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    for source in (
+        {"type": "base64", "media_type": "image/png", "data": data},
+        {"type": "url", "url": f"{image_host}/0.png"},
+    ):
+        message = claude.messages.create(
+            model="llava",
+            max_tokens=12,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": source},
+                        {"type": "text", "text": QUESTION},
+                    ],
+                }
+            ],
+            extra_body={"temperature": 0},
+        )
+        assert message.content[0].text == chat_text
+    response = client.responses.create(
+        model="llava",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": _data_url(images[0])},
+                    {"type": "input_text", "text": QUESTION},
+                ],
+            }
+        ],
+        max_output_tokens=12,
+        temperature=0,
+    )
+    assert response.output_text == chat_text
