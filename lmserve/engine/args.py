@@ -90,9 +90,18 @@ def create_engine_config(
     limit_mm_per_prompt: dict[str, int] | str | None = None,
     allowed_local_media_path: str | os.PathLike | None = None,
     allowed_media_domains: list[str] | None = None,
+    tensor_parallel_size: int = 1,
+    trust_remote_code: bool = False,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
-    (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.)"""
+    (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
+    `trust_remote_code` is vLLM's too: lmserve runs only its own model code, never a
+    checkpoint's, so it changes nothing.)"""
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size}: one engine runs on one device for "
+            "now; leave it at 1"
+        )
     if metrics_prefix not in _METRICS_PREFIXES:
         raise ValueError(
             f"metrics_prefix must be one of {_METRICS_PREFIXES}, got {metrics_prefix!r}"
@@ -288,8 +297,16 @@ def _media_dir(value: str | os.PathLike | None) -> Path | None:
 
 
 def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
-    """--limit-mm-per-prompt: JSON (or a dict) of modality -> most items in one prompt."""
-    if isinstance(value, str):
+    """--limit-mm-per-prompt: JSON (or a dict, or vLLM's `image=1` form) of modality -> most
+    items in one prompt."""
+    if isinstance(value, str) and not value.lstrip().startswith("{"):  # vLLM's image=1,audio=0
+        try:
+            value = {k.strip(): int(v) for k, v in (item.split("=") for item in value.split(","))}
+        except ValueError:
+            raise ValueError(
+                f"limit_mm_per_prompt is JSON or image=N[,audio=N], got {value!r}"
+            ) from None
+    elif isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
@@ -453,6 +470,19 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "(default: 999 each); more is a 400",
     )
     parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="devices one engine spans; only 1 for now",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM compatibility: lmserve runs only its own model code, never "
+        "code shipped with a checkpoint",
+    )
+    parser.add_argument(
         "--allowed-local-media-path",
         default=None,
         help="a directory whose files requests may name as file:// media URLs (default: none; "
@@ -582,4 +612,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         limit_mm_per_prompt=args.limit_mm_per_prompt,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
+        tensor_parallel_size=args.tensor_parallel_size,
+        trust_remote_code=args.trust_remote_code,
     )

@@ -453,3 +453,86 @@ def test_seed_transcription_snippets_run(tmp_path: Path, speech_dir: Path) -> No
         interrupt(proc)
     expected = "Ever tried, ever failed. No matter, try again. Fail again. Fail better."
     assert response.text == curl["text"] == expected
+
+
+# Seed 000's vision deployment (pixtral-12b) with the model swapped for a tiny LLaVA and, as
+# Ray's own CI runs it, no accelerator_type (no L40S here); max_model_len within the tiny
+# model's 512, and the test's image host (loopback) allowed, as a user allows a private host.
+SEED_VISION_SERVER = """
+from ray import serve
+from lmserve.serve import LLMConfig, build_openai_app
+
+
+# Configure a vision model
+llm_config = LLMConfig(
+    model_loading_config=dict(
+        model_id="pixtral-12b",
+        model_source="{model_source}",
+    ),
+    deployment_config=dict(
+        autoscaling_config=dict(
+            min_replicas=1,
+            max_replicas=2,
+        )
+    ),
+    engine_kwargs=dict(
+        tensor_parallel_size=1,
+        max_model_len=512,
+        allowed_media_domains=["127.0.0.1"],
+    ),
+)
+
+# Build and deploy the model
+app = build_openai_app({"llm_configs": [llm_config]})
+serve.run(app, blocking=True)
+"""
+
+
+def test_seed_vision_snippets_run(tmp_path: Path, tiny_llava_dir: Path) -> None:
+    """Seed 000's Ray vision server, then its streaming client with the image URL changed to
+    a loopback host: the streamed text equals the same request sent whole."""
+    import functools
+    import http.server
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.jpg", format="JPEG")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    image_url = f"http://127.0.0.1:{httpd.server_address[1]}/image.jpg"
+    script = tmp_path / "server.py"
+    script.write_text(SEED_VISION_SERVER.replace("{model_source}", str(tiny_llava_dir)))
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        # Initialize client
+        client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What's in this image?"},
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                ],
+            }
+        ]
+        response = client.chat.completions.create(
+            model="pixtral-12b", messages=messages, stream=True, temperature=0, max_tokens=20
+        )
+        streamed = ""
+        for chunk in response:
+            if chunk.choices[0].delta.content is not None:
+                streamed += chunk.choices[0].delta.content
+        whole = client.chat.completions.create(
+            model="pixtral-12b", messages=messages, temperature=0, max_tokens=20
+        )
+    finally:
+        interrupt(proc)
+        httpd.shutdown()
+    assert streamed and streamed == whole.choices[0].message.content
+    assert whole.usage.prompt_tokens > 16  # the image's rows

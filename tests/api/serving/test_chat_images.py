@@ -38,6 +38,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory, images) -> Path:  # noqa
     root = tmp_path_factory.mktemp("media")
     for i, image in enumerate(images):
         (root / f"{i}.png").write_bytes(_png_bytes(image))
+    images[1].save(root / "photo.jpg", format="JPEG")
     (root / "cut.png").write_bytes(_png_bytes(images[0])[:300])
     (root / "notes.txt").write_text("not an image")
     return root
@@ -60,7 +61,8 @@ def server(tiny_llava_dir: Path, media_dir: Path) -> Iterator[Server]:
         str(tiny_llava_dir), "--served-model-name", "llava",
         "--allowed-media-domains", "127.0.0.1",
         "--allowed-local-media-path", str(media_dir),
-        "--limit-mm-per-prompt", '{"image": 2}',
+        "--limit-mm-per-prompt", "image=2",  # vLLM's form, as seed 003 writes it
+        "--trust-remote-code",
     )  # fmt: skip
     yield server
     stop_server(server)
@@ -219,3 +221,56 @@ def test_anthropic_image_blocks_and_responses_input_images(
         temperature=0,
     )
     assert response.output_text == chat_text
+
+
+def test_seed_003_vision_snippets_run(server: Server, image_host: str, media_dir: Path) -> None:
+    """Seed 003's Option A (an image URL) and Option B (a local JPEG as base64), with the base
+    URL, model name and image URL changed: each answers, text part first as the seed sends."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY")
+    model_name = "llava"
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=[{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image? Describe it in detail."},
+                {"type": "image_url", "image_url": {"url": f"{image_host}/photo.jpg"}},
+            ],
+        }],
+        max_tokens=300,
+    )  # fmt: skip
+    assert response.choices[0].message.content
+    assert response.usage.prompt_tokens > 16  # the image's 16 rows are in the prompt
+
+    def encode_image(image_path):
+        with open(image_path, "rb") as image_file:
+            return base64.b64encode(image_file.read()).decode("utf-8")
+
+    base64_image = encode_image(media_dir / "photo.jpg")
+    by_base64 = client.chat.completions.create(
+        model="llava",
+        messages=[{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image? Describe it in detail."},
+                {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{base64_image}"}},
+            ],
+        }],
+        max_tokens=300,
+        temperature=0,
+    )  # fmt: skip
+    by_url = client.chat.completions.create(
+        model="llava",
+        messages=[{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image? Describe it in detail."},
+                {"type": "image_url", "image_url": {"url": f"{image_host}/photo.jpg"}},
+            ],
+        }],
+        max_tokens=300,
+        temperature=0,
+    )  # fmt: skip
+    assert by_base64.choices[0].message.content == by_url.choices[0].message.content
