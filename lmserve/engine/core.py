@@ -148,6 +148,7 @@ class EngineCore:
 
     def check_invariants(self) -> None:
         self.scheduler.kv.check_invariants()
+        self.runner.check_invariants()
 
 
 def build_engine_core(config: EngineConfig) -> EngineCore | PoolingEngineCore:

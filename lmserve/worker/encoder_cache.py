@@ -47,6 +47,11 @@ class EncoderCache:
                 del self._users[image_hash]
         self._evict()
 
+    @property
+    def holders(self) -> set[str]:
+        """Requests that hold an image."""
+        return set().union(*self._users.values())
+
     def _evict(self) -> None:
         excess = self.num_rows - self.budget_rows
         for image_hash in list(self._entries):

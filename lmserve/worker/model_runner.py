@@ -173,6 +173,13 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture()
 
+    def check_invariants(self) -> None:
+        """Only requests the runner holds hold images, and only the images they list."""
+        if self.encoder_cache is not None:
+            live = set(self.batch.row_of)
+            assert set(self._images) <= live, set(self._images) - live
+            assert self.encoder_cache.holders == set(self._images)
+
     def _bind_kv_caches(self) -> None:
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
             layer.kv_cache = cache

@@ -126,3 +126,58 @@ def test_what_image_prompts_refuse(tiny_llava_dir: Path, tiny_chat_dir: Path, im
     text = LLM(str(tiny_chat_dir))
     with pytest.raises(ValueError, match="takes no images"):
         text.generate(_image_prompt(images[0]), GREEDY)
+
+
+def test_an_image_in_a_later_turn_through_chat(tiny_llava_dir: Path, hf, images) -> None:
+    """LLM.chat with image parts (a PIL image, and a data: URL) in the second user turn gives
+    HF's tokens on the prompt HF's processor builds from the same template."""
+    import base64
+
+    buffer = io.BytesIO()
+    images[1].save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    llm = LLM(str(tiny_llava_dir))
+    _, processor = hf
+    for image_part in (
+        {"type": "image_pil", "image_pil": images[1]},
+        {"type": "image_url", "image_url": {"url": data_url}},
+    ):
+        conversation = [
+            {"role": "user", "content": "Hello there."},
+            {"role": "assistant", "content": "Hi! How can I help?"},
+            {"role": "user", "content": [image_part, {"type": "text", "text": "And this?"}]},
+        ]
+        out = llm.chat(conversation, GREEDY, use_tqdm=False)[0]
+        hf_conversation = [*conversation[:2], {"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "And this?"}]}]  # fmt: skip
+        prompt = processor.apply_chat_template(hf_conversation, add_generation_prompt=True)
+        assert out.outputs[0].token_ids == _hf_tokens(hf, prompt, [images[1]])
+        assert llm.get_tokenizer().decode(out.prompt_token_ids).startswith("USER: Hello there.")
+
+
+def test_aborted_requests_let_go_of_their_images(tiny_llava_dir: Path, images) -> None:
+    """Requests aborted halfway through their images hold no image (nor KV block) after; the
+    encoder cache keeps within its budget what nobody holds."""
+    from lmserve.engine.messages import EngineCoreRequest
+
+    llm = LLM(str(tiny_llava_dir), max_num_batched_tokens=8)
+    core = llm.engine_core
+    processor = llm.input_processor
+    for round_ in range(5):
+        req_ids = []
+        for i, image in enumerate(images):
+            prompt = processor.tokenize_prompt(_image_prompt(image))
+            request = processor.make_request(f"r{round_}-{i}", prompt, GREEDY)
+            assert isinstance(request, EngineCoreRequest)
+            core.add_request(request)
+            req_ids.append(request.req_id)
+        for _ in range(3):  # into the first image's rows
+            core.step()
+            core.check_invariants()
+        core.abort_requests(req_ids[::2])
+        while core.has_unfinished_requests():
+            core.step()
+            core.check_invariants()
+    assert core.runner._images == {} and not core.runner.encoder_cache.holders
+    assert core.runner.encoder_cache.num_rows <= core.runner.encoder_cache.budget_rows
+    _assert_nothing_held(llm)
