@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from lmserve.config import EngineConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request, RequestFailed
@@ -96,7 +98,13 @@ class EngineCore:
         return self.scheduler.num_unfinished > 0
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        cache = self.runner.encoder_cache
+        if cache is None:
+            return stats
+        return msgspec.structs.replace(
+            stats, mm_cache_queries=cache.queries, mm_cache_hits=cache.hits
+        )
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule, run the model, mask by the grammars, sample, and apply the tokens."""

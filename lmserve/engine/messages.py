@@ -69,6 +69,8 @@ class SchedulerStats(msgspec.Struct, frozen=True):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_step_tokens: int = 0  # tokens the last step ran through the model
+    mm_cache_queries: int = 0  # images a prompt needed (vision-language models)
+    mm_cache_hits: int = 0  # of those, found already encoded in the encoder cache
 
 
 # ---- to the core ---------------------------------------------------------------------------------

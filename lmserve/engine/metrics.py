@@ -82,6 +82,8 @@ class EngineMetrics:
         )
         self._cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up")
         self._cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self._mm_queries = counter("mm_cache_queries", "Images prompts needed")
+        self._mm_hits = counter("mm_cache_hits", "Images found already encoded")
         self._preemptions = counter("num_preemptions", "Requests preempted by recompute")
         self._prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
         self._prompt_cached = counter("prompt_tokens_cached", "Prompt tokens taken from the cache")
@@ -246,6 +248,12 @@ class EngineMetrics:
         )
         self._preemptions.labels(**self._label).inc(
             stats.num_preemptions - (last.num_preemptions if last else 0)
+        )
+        self._mm_queries.labels(**self._label).inc(
+            stats.mm_cache_queries - (last.mm_cache_queries if last else 0)
+        )
+        self._mm_hits.labels(**self._label).inc(
+            stats.mm_cache_hits - (last.mm_cache_hits if last else 0)
         )
         self._last_stats = stats
 

@@ -17,7 +17,8 @@ class EncoderCache:
         self.budget_rows = budget_rows
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._users: dict[str, set[str]] = {}  # image hash -> requests that still need it
-        self.num_encoded = 0  # images encoded so far (a cache miss each)
+        self.num_encoded = 0  # images encoded so far
+        self.queries = 0  # images requests came to need (again after a preemption)
 
     def __contains__(self, image_hash: str) -> bool:
         return image_hash in self._entries
@@ -25,6 +26,11 @@ class EncoderCache:
     @property
     def num_rows(self) -> int:
         return sum(entry.shape[0] for entry in self._entries.values())
+
+    @property
+    def hits(self) -> int:
+        """Needs met without running the encoder (an image is only encoded while needed)."""
+        return self.queries - self.num_encoded
 
     def get(self, image_hash: str) -> torch.Tensor:
         self._entries.move_to_end(image_hash)
@@ -37,6 +43,8 @@ class EncoderCache:
         self._evict()
 
     def hold(self, req_id: str, image_hash: str) -> None:
+        """`req_id` needs the image until release(): it is not evicted meanwhile."""
+        self.queries += 1
         self._users.setdefault(image_hash, set()).add(req_id)
 
     def release(self, req_id: str, image_hash: str) -> None:

@@ -274,3 +274,49 @@ def test_seed_003_vision_snippets_run(server: Server, image_host: str, media_dir
         temperature=0,
     )  # fmt: skip
     assert by_base64.choices[0].message.content == by_url.choices[0].message.content
+
+
+def test_fifty_image_requests_with_disconnects_leave_nothing_held(server: Server) -> None:
+    """50 streamed requests over 3 new images, every other one closed after its first chunk:
+    afterwards no request runs and no KV block is held, and the encoder ran once per image
+    (mm_cache_queries - mm_cache_hits)."""
+    import asyncio
+
+    from tests.api.test_server import metric, metrics_once_idle
+
+    fresh = [_data_url(_png(10 + i, (30 + i, 30))) for i in range(3)]
+
+    def counts() -> tuple[float, float]:
+        text = metrics_once_idle(server)
+        return metric(text, "lmserve:mm_cache_queries_total"), metric(
+            text, "lmserve:mm_cache_hits_total"
+        )
+
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        body = {
+            "model": "llava",
+            "stream": True,
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": fresh[i % 3]}},
+                {"type": "text", "text": f"Picture {i}?"}]}],
+        }  # fmt: skip
+        async with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and i % 2:
+                    return  # this client leaves
+
+    async def all_of_them() -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            await asyncio.gather(*(one(http, i) for i in range(50)))
+
+    queries, hits = counts()
+    asyncio.run(all_of_them())
+    text = metrics_once_idle(server)
+    assert metric(text, "lmserve:num_requests_running") == 0
+    assert metric(text, "lmserve:kv_cache_usage_perc") == 0
+    new_queries, new_hits = counts()
+    assert new_queries - queries >= 50
+    assert (new_queries - queries) - (new_hits - hits) == 3  # one encode per distinct image
