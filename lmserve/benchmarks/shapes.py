@@ -45,11 +45,15 @@ def with_placeholder_tokenizer(config_dir: Path, target: Path) -> Path:
             special[f"{name}_token"] = f"t{token_id}"
     tokenizer_config = json.dumps({"tokenizer_class": "TokenizersBackend", **special}, indent=2)
     written = {"tokenizer_config.json": tokenizer_config, "config.json": config_text}
+    extra = config_dir / "preprocessor_config.json"  # a vision model's image processor
+    if extra.exists():
+        written = {extra.name: extra.read_text(), **written}
     if all(_read(target / name) == text for name, text in written.items()):
         return target
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    size = config.get("vocab_size") or config["text_config"]["vocab_size"]
+    vocab = {f"t{i}": i for i in range(size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     target.mkdir(parents=True, exist_ok=True)

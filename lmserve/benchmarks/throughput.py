@@ -2,6 +2,8 @@
 
 Every request is sampled (temperature 1) with EOS ignored, so it yields exactly its output length.
 `--peer hf` then runs the same prompts through HF transformers' `generate` in the same process.
+`--images N` gives each prompt N random images (a vision-language model), and reports the
+image encoder's own time over them apart.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from lmserve.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class Workload:
-    prompts: list[list[int]]
+    prompts: list[list[int]]  # with images: their placeholder rows first
     output_lens: list[int]
+    images: list[list[Any]] | None = None  # PIL images of each prompt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--peer-batch-size", type=int, default=8, help="prompts per HF generate")
     parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="random images per prompt (a vision-language model), each a distinct image ahead "
+        "of the prompt's --input-len text tokens",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=336, help="side of the random square images, in pixels"
+    )
+    parser.add_argument(
         "--roofline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -74,11 +87,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config, vocab_size = llm.config, llm.config.model.vocab_size
     rng = np.random.default_rng(args.seed)
     workload = _load_workload(args, vocab_size, llm.get_tokenizer(), rng)
-    warmup = _random_prompts(rng, 2, len(workload.prompts[0]), vocab_size)
+    warmup = _random_prompts(
+        rng, 2, args.input_len if args.dataset is None else len(workload.prompts[0]), vocab_size
+    )
+    warm = Workload(warmup, [4] * len(warmup))
+    if workload.images is not None:  # warm-up images of their own: none is cached for the run
+        workload = _with_images(workload, config, args.images, args.image_size, rng)
+        warm = _with_images(warm, config, args.images, args.image_size, rng)
     results = {
-        "lmserve": _report("lmserve", config, workload, *_time_lmserve(llm, workload, warmup))
+        "lmserve": _report(
+            "lmserve", config, workload, *_time_lmserve(llm, workload, _lmserve_prompts(warm))
+        )
     }
-    if args.roofline:
+    if workload.images is not None:
+        results["lmserve"]["image_encoder_s"] = _time_image_encoder(llm, workload)
+    if args.roofline and workload.images is None:  # (its model covers the language model)
         results["lmserve"]["roofline"] = _roofline(config, workload, results["lmserve"])
     print(json.dumps(results["lmserve"]), flush=True)
     if args.peer == "hf":
@@ -87,7 +110,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if config.device.startswith("cuda"):
             torch.cuda.empty_cache()
         torch.manual_seed(args.seed)
-        timing = _time_hf(config, workload, warmup, args.peer_batch_size)
+        timing = _time_hf(config, workload, warm, args.peer_batch_size)
         results["hf"] = _report("hf", config, workload, *timing)
         ratio = results["lmserve"]["output_tok_per_s"] / results["hf"]["output_tok_per_s"]
         results["ratio_output_tok_per_s"] = round(ratio, 3)
@@ -114,7 +137,8 @@ def _load_workload(
 ) -> Workload:
     if args.dataset is None:
         prompts = _random_prompts(rng, args.num_prompts, args.input_len, vocab_size)
-        return Workload(prompts, [args.output_len] * args.num_prompts)
+        images = [[] for _ in prompts] if args.images else None
+        return Workload(prompts, [args.output_len] * args.num_prompts, images)
     lines = [ln for ln in args.dataset.read_text().splitlines() if ln.strip()]
     prompts, output_lens = [], []
     for line in lines[: args.num_prompts]:
@@ -131,14 +155,75 @@ def _load_workload(
     return Workload(prompts, output_lens)
 
 
+def _with_images(
+    workload: Workload, config: EngineConfig, per_prompt: int, size: int, rng: np.random.Generator
+) -> Workload:
+    """Each prompt with `per_prompt` distinct random images, their placeholder rows ahead of
+    its text tokens (token ids, so any tokenizer works, a shape's placeholder one too)."""
+    from PIL import Image
+
+    hf = config.model.hf_config
+    if "vision_config" not in hf:
+        raise ValueError(f"--images needs a vision-language model, not {config.model.model}")
+    vision = hf["vision_config"]
+    rows = (vision["image_size"] // vision["patch_size"]) ** 2
+    rows += hf.get("vision_feature_select_strategy", "default") == "full"
+    placeholder = int(hf.get("image_token_id", hf.get("image_token_index")))
+    images = [
+        [
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            for _ in range(per_prompt)
+        ]
+        for _ in workload.prompts
+    ]
+    prompts = [[placeholder] * (rows * per_prompt) + p for p in workload.prompts]
+    return Workload(prompts, workload.output_lens, images)
+
+
+def _lmserve_prompts(workload: Workload) -> list[dict[str, Any]]:
+    if workload.images is None:
+        return [{"prompt_token_ids": p} for p in workload.prompts]
+    return [
+        {"prompt_token_ids": p, "multi_modal_data": {"image": images}}
+        for p, images in zip(workload.prompts, workload.images, strict=True)
+    ]
+
+
+def _time_image_encoder(llm: LLM, workload: Workload, batch_size: int = 8) -> float:
+    """Seconds the model's image encoder (tower and projector) takes over the workload's
+    images on their own, in batches: the share of the run that images cost."""
+    from transformers import AutoImageProcessor
+
+    assert workload.images is not None
+    config = llm.config
+    processor = AutoImageProcessor.from_pretrained(config.model.path)
+    images = [image for images in workload.images for image in images]
+    pixels = torch.from_numpy(processor(images, return_tensors="np")["pixel_values"])
+    model = llm.engine_core.runner.model
+    device, dtype = torch.device(config.device), torch_dtype(config.model.dtype)
+    with torch.inference_mode():
+        model.embed_images(pixels[:1].to(device, dtype))  # warm-up
+        _synchronize(device)
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            model.embed_images(pixels[i : i + batch_size].to(device, dtype))
+        _synchronize(device)
+    return round(time.perf_counter() - start, 3)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _sampling_params(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len)
 
 
-def _time_lmserve(llm: LLM, workload: Workload, warmup: list[list[int]]) -> tuple[float, int]:
+def _time_lmserve(llm: LLM, workload: Workload, warmup: list[dict[str, Any]]) -> tuple[float, int]:
     """Seconds for one generate over the workload, and the output tokens it produced."""
-    llm.generate([{"prompt_token_ids": p} for p in warmup], _sampling_params(4), use_tqdm=False)
-    prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    llm.generate(warmup, _sampling_params(4), use_tqdm=False)
+    prompts = _lmserve_prompts(workload)
     params = [_sampling_params(n) for n in workload.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -147,30 +232,46 @@ def _time_lmserve(llm: LLM, workload: Workload, warmup: list[list[int]]) -> tupl
 
 
 def _time_hf(
-    config: EngineConfig, workload: Workload, warmup: list[list[int]], batch_size: int
+    config: EngineConfig, workload: Workload, warmup: Workload, batch_size: int
 ) -> tuple[float, int]:
     """HF generate over the workload in batches, in lmserve's dtype; each batch runs to its longest
     output length, and a row counts only the tokens its request asked for."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
 
     model_config, device = config.model, config.device
     dtype = getattr(torch, model_config.dtype)
+    auto = (
+        transformers.AutoModelForCausalLM
+        if workload.images is None
+        else transformers.AutoModelForImageTextToText
+    )
     if model_config.load_format == "dummy":
-        hf_config = AutoConfig.from_pretrained(model_config.path)
+        hf_config = transformers.AutoConfig.from_pretrained(model_config.path)
         with torch.device(device):  # random init where the model runs: seconds, not minutes
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            model = auto.from_config(hf_config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_config.path, dtype=dtype)
+        model = auto.from_pretrained(model_config.path, dtype=dtype)
     model.to(device).eval()
     pad_token_id = _pad_token_id(model.generation_config)
+    image_processor = (
+        transformers.AutoImageProcessor.from_pretrained(model_config.path)
+        if workload.images is not None
+        else None
+    )
 
-    def generate(prompts: list[list[int]], output_lens: list[int]) -> int:
+    def generate(batch: Workload) -> int:
+        prompts, output_lens = batch.prompts, batch.output_lens
         width, max_new = max(map(len, prompts)), max(output_lens)
         input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(prompts):  # left padding
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
+        extra = {}
+        if batch.images is not None and image_processor is not None:
+            images = [image for row in batch.images for image in row]
+            pixels = image_processor(images, return_tensors="pt")["pixel_values"]
+            extra["pixel_values"] = pixels.to(device, dtype)
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -181,15 +282,19 @@ def _time_hf(
             max_new_tokens=max_new,
             min_new_tokens=max_new,
             pad_token_id=pad_token_id,
+            **extra,
         )
         return sum(min(out.shape[1] - width, n) for n in output_lens)
 
+    def part(w: Workload, i: int) -> Workload:
+        images = w.images[i : i + batch_size] if w.images is not None else None
+        return Workload(w.prompts[i : i + batch_size], w.output_lens[i : i + batch_size], images)
+
     with torch.inference_mode():
-        generate(warmup, [4] * len(warmup))
+        generate(warmup)
         start = time.perf_counter()
         num_output_tokens = sum(
-            generate(workload.prompts[i : i + batch_size], workload.output_lens[i : i + batch_size])
-            for i in range(0, len(workload.prompts), batch_size)
+            generate(part(workload, i)) for i in range(0, len(workload.prompts), batch_size)
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -236,7 +341,7 @@ def _report(
     """One run's JSON record; peak_rss_mb is the process's peak so far (the peer runs after us)."""
     num_prompts = len(workload.prompts)
     num_prompt_tokens = sum(map(len, workload.prompts))
-    return {
+    record: dict[str, Any] = {
         "engine": engine,
         "model": config.model.model,
         "num_prompts": num_prompts,
@@ -252,6 +357,10 @@ def _report(
         "torch_threads": torch.get_num_threads(),
         "device": config.device,
     }
+    if workload.images is not None:
+        record["images_per_prompt"] = len(workload.images[0])
+        record["image_size"] = workload.images[0][0].size[0]
+    return record
 
 
 if __name__ == "__main__":

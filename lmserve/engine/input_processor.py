@@ -49,7 +49,7 @@ class InputProcessor:
         self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
         self._audio_features: Any | None = None  # WhisperFeatures, built on the first audio
-        self._processor: Any | None = None  # a vision-language model's HF processor
+        self._processors: dict[str, Any] = {}  # a vision-language model's, by kind
 
     def tokenize_prompt(
         self, prompt: PromptType, add_special_tokens: bool = True
@@ -178,19 +178,19 @@ class InputProcessor:
                 f"{len(images)} images in one prompt, more than the {limit} allowed "
                 "(--limit-mm-per-prompt)"
             )
-        processor = self._image_processor()
         placeholder = int(hf.get("image_token_id", hf.get("image_token_index")))
-        token = getattr(processor, "image_token", None) or str(placeholder)
-        text = prompt.get("prompt") if "prompt_token_ids" not in prompt else None
-        if isinstance(text, str) and text.count(token) != len(images):
-            raise ValueError(
-                f"the prompt has {text.count(token)} image placeholders ({token}) for "
-                f"{len(images)} images: put one where each image goes"
-            )
-        if "prompt_token_ids" in prompt:
+        token = f"token id {placeholder}"
+        if "prompt_token_ids" in prompt:  # placeholders expanded: the image processor alone
             ids = [int(t) for t in prompt["prompt_token_ids"]]
-            pixels = processor.image_processor(images, return_tensors="np")["pixel_values"]
+            pixels = self._hf("AutoImageProcessor")(images, return_tensors="np")["pixel_values"]
         elif isinstance(prompt.get("prompt"), str):
+            processor = self._hf("AutoProcessor")
+            token = getattr(processor, "image_token", None) or token
+            if prompt["prompt"].count(token) != len(images):
+                raise ValueError(
+                    f"the prompt has {prompt['prompt'].count(token)} image placeholders "
+                    f"({token}) for {len(images)} images: put one where each image goes"
+                )
             out = processor(
                 images=images,
                 text=prompt["prompt"],
@@ -217,12 +217,14 @@ class InputProcessor:
             inputs.append(ImageInput(digest, offset, length, data, list(image.shape)))
         return ProcessedPrompt(prompt.get("prompt"), ids, images=tuple(inputs))
 
-    def _image_processor(self) -> Any:
-        if self._processor is None:
-            from transformers import AutoProcessor
+    def _hf(self, kind: str) -> Any:
+        """The model's HF processor (AutoProcessor) or image processor, loaded once."""
+        if kind not in self._processors:
+            import transformers
 
-            self._processor = AutoProcessor.from_pretrained(self.model_config.path)
-        return self._processor
+            loader = getattr(transformers, kind)
+            self._processors[kind] = loader.from_pretrained(self.model_config.path)
+        return self._processors[kind]
 
     def _prompt_embeds(self, value: Any) -> PromptEmbeds:
         """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]

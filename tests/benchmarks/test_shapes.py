@@ -58,3 +58,13 @@ def test_a_dummy_shape_serves_the_serving_benchmark() -> None:
     assert result["model"] == "Qwen2.5-0.5B"
     assert result["total_output_tokens"] == 3 * 6
     assert result["itl_ms"]["mean"] > 0 and result["ttft_ms"]["p50"] > 0
+
+
+def test_vision_shapes_ship_their_image_processor(tmp_path) -> None:
+    """A vision-language shape is served with its image processor's config beside it, and its
+    placeholder tokenizer covers the text model's vocabulary."""
+    for name in ("LLaVA-1.5-7B", "LLaVA-CLIP-B16-SmolLM2-135M"):
+        served = Path(resolve_model(name, tmp_path))
+        config = json.loads((served / "config.json").read_text())
+        assert (served / "preprocessor_config.json").exists()
+        assert len(load_tokenizer(served)) == config["text_config"]["vocab_size"]

@@ -67,3 +67,19 @@ def test_dataset_of_token_ids(tiny_model: Path, tmp_path: Path) -> None:
         assert line["num_prompts"] == 2
         assert line["num_prompt_tokens"] == 3 + 5
         assert line["num_output_tokens"] == 4 + 6
+
+
+def test_images_per_prompt_with_hf_peer(
+    tiny_llava_dir: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--images 2: each prompt carries two random images' rows ahead of its text; both engines
+    generate every token, and the image encoder's own time is reported apart."""
+    results = _run(tiny_llava_dir, "--images", "2", "--image-size", "40", "--peer", "hf")
+    for engine in ("lmserve", "hf"):
+        line = results[engine]
+        assert line["num_output_tokens"] == 3 * 4
+        assert line["input_len"] == 8 + 2 * 16  # 16 rows per 28-pixel image
+        assert (line["images_per_prompt"], line["image_size"]) == (2, 40)
+    assert results["lmserve"]["image_encoder_s"] > 0 and "roofline" not in results["lmserve"]
+    with pytest.raises(ValueError, match="needs a vision-language model"):
+        _run(tiny_model, "--images", "1")
