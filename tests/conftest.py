@@ -312,3 +312,42 @@ def tiny_llava_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     tokenizer.chat_template = _LLAVA_TEMPLATE
     tokenizer.save_pretrained(root)
     return root
+
+
+_PIXTRAL_TEMPLATE = _LLAVA_TEMPLATE.replace("<image>\n", "[IMG]")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixtral_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pixtral-12B's layout in miniature: a random Pixtral tower (images up to 32 px, 8 px
+    patches), the LLaVA projector and a random Llama, behind SmolLM2's tokenizer with [IMG],
+    [IMG_BREAK] and [IMG_END] added, and HF's Pixtral image processor saved beside them."""
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("tiny_pixtral")
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]}
+    )
+    vision = tf.PixtralVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, hidden_act="silu",
+    )  # fmt: skip
+    text = tf.LlamaConfig(
+        **{**_COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2
+    )
+    config = tf.LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = tf.LlavaForConditionalGeneration(config)
+    _randomize(model)
+    model.save_pretrained(root)
+    tf.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8).save_pretrained(root)
+    tokenizer.chat_template = _PIXTRAL_TEMPLATE
+    tokenizer.save_pretrained(root)
+    return root

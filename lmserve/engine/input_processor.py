@@ -49,7 +49,7 @@ class InputProcessor:
         self.structured_outputs_backend = structured_outputs_backend
         self.eos_token_id = _eos_token_id(model_config, tokenizer)
         self._audio_features: Any | None = None  # WhisperFeatures, built on the first audio
-        self._processors: dict[str, Any] = {}  # a vision-language model's, by kind
+        self._image_prompts: Any | None = None  # ImagePrompts, built on the first image
 
     def tokenize_prompt(
         self, prompt: PromptType, add_special_tokens: bool = True
@@ -165,66 +165,16 @@ class InputProcessor:
         return ProcessedPrompt(prompt.get("prompt"), list(ids), encoder_features=features)
 
     def _image_prompt(self, prompt: dict[str, Any], add_special_tokens: bool) -> ProcessedPrompt:
-        """A vision-language request: the images through the model's own HF processor (its
-        pixel values, and the prompt with each placeholder expanded to the image's rows)."""
-        hf = self.model_config.hf_config
-        if "vision_config" not in hf:
+        """A vision-language request: the images through the model's HF image processor, and
+        the prompt with each placeholder expanded to the positions its rows fill."""
+        if "vision_config" not in self.model_config.hf_config:
             raise ValueError(f"{self.model_config.model} takes no images: it is a text model")
-        images = prompt["multi_modal_data"]["image"]
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        limit = self.model_config.limit_mm_per_prompt.get("image", DEFAULT_MM_LIMIT)
-        if len(images) > limit:
-            raise ValueError(
-                f"{len(images)} images in one prompt, more than the {limit} allowed "
-                "(--limit-mm-per-prompt)"
-            )
-        placeholder = int(hf.get("image_token_id", hf.get("image_token_index")))
-        token = f"token id {placeholder}"
-        if "prompt_token_ids" in prompt:  # placeholders expanded: the image processor alone
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-            pixels = self._hf("AutoImageProcessor")(images, return_tensors="np")["pixel_values"]
-        elif isinstance(prompt.get("prompt"), str):
-            processor = self._hf("AutoProcessor")
-            token = getattr(processor, "image_token", None) or token
-            if prompt["prompt"].count(token) != len(images):
-                raise ValueError(
-                    f"the prompt has {prompt['prompt'].count(token)} image placeholders "
-                    f"({token}) for {len(images)} images: put one where each image goes"
-                )
-            out = processor(
-                images=images,
-                text=prompt["prompt"],
-                add_special_tokens=add_special_tokens,
-                return_tensors="np",
-            )
-            ids, pixels = out["input_ids"][0].tolist(), out["pixel_values"]
-        else:
-            raise ValueError("an image prompt needs its text: 'prompt' or 'prompt_token_ids'")
-        vision = hf["vision_config"]
-        per_image = (vision["image_size"] // vision["patch_size"]) ** 2
-        per_image += hf.get("vision_feature_select_strategy", "default") == "full"
-        runs = _runs(ids, placeholder, per_image)
-        if runs is None or len(runs) != len(images):
-            found = "a broken run of" if runs is None else f"{len(runs)}"
-            raise ValueError(
-                f"the prompt has {found} image placeholders ({token}) for {len(images)} "
-                f"images: put one where each image goes (expanded, {per_image} per image)"
-            )
-        inputs = []
-        for (offset, length), image in zip(runs, pixels.astype("float32"), strict=True):
-            data = image.tobytes()
-            digest = hashlib.sha256(data + str(image.shape).encode()).hexdigest()
-            inputs.append(ImageInput(digest, offset, length, data, list(image.shape)))
-        return ProcessedPrompt(prompt.get("prompt"), ids, images=tuple(inputs))
+        if self._image_prompts is None:
+            from lmserve.multimodal.processing import ImagePrompts
 
-    def _hf(self, kind: str) -> Any:
-        """The model's HF processor (AutoProcessor) or image processor, loaded once."""
-        if kind not in self._processors:
-            import transformers
-
-            loader = getattr(transformers, kind)
-            self._processors[kind] = loader.from_pretrained(self.model_config.path)
-        return self._processors[kind]
+            self._image_prompts = ImagePrompts(self.model_config, self.tokenizer)
+        ids, images = self._image_prompts(prompt, add_special_tokens)
+        return ProcessedPrompt(prompt.get("prompt"), ids, images=images)
 
     def _prompt_embeds(self, value: Any) -> PromptEmbeds:
         """Embeddings checked to be what the model takes: a dense float [tokens, hidden_size]
@@ -415,26 +365,6 @@ class InputProcessor:
                 f"token_id(s) {bad[:5]} in logit_bias/stop_token_ids contain out-of-vocab token "
                 f"ids. Vocabulary size: {vocab}"
             )
-
-
-def _runs(ids: list[int], token: int, per_image: int) -> list[tuple[int, int]] | None:
-    """(offset, length) of each image's placeholders in `ids` (adjacent images' runs split);
-    None when a run is not a whole number of images."""
-    runs: list[tuple[int, int]] = []
-    for i, t in enumerate(ids):
-        if t != token:
-            continue
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    if any(length % per_image for _, length in runs):
-        return None
-    return [
-        (offset + k * per_image, per_image)
-        for offset, length in runs
-        for k in range(length // per_image)
-    ]
 
 
 def _eos_token_id(model_config: ModelConfig, tokenizer: Any | None) -> int | None:

@@ -93,14 +93,16 @@ class EncoderFeatures(msgspec.Struct, frozen=True):
 
 class ImageInput(msgspec.Struct, frozen=True):
     """One image of a vision-language prompt: the processor's pixel values (float32 bytes with
-    their shape), the prompt positions its embeddings fill, and a content hash that keys the
-    encoder cache and salts the prefix-cache blocks those positions fall in."""
+    their shape), the span of prompt positions its embedding rows fill, and a content hash
+    that keys the encoder cache and salts the prefix-cache blocks the span falls in."""
 
     identifier: str  # sha256 of the pixel values
     offset: int  # first placeholder position in the prompt
-    length: int  # placeholder positions: the image's embedding rows
+    length: int  # positions of the span
     data: bytes
     shape: list[int]  # [channels, height, width]
+    # one byte per position, 1 where a row goes (Pixtral's row breaks stay text); empty: all
+    mask: bytes = b""
 
 
 class EngineCoreRequest(msgspec.Struct, frozen=True, tag="add"):

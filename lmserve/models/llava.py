@@ -1,6 +1,6 @@
-"""LLaVA (`LlavaForConditionalGeneration`, LLaVA-1.5): a CLIP vision tower, a two-layer
-projector, and a Llama-family language model that reads the projected patches in place of the
-prompt's image placeholder tokens.
+"""LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5, and Pixtral-12B as HF lays it out): a
+CLIP or Pixtral vision tower, a two-layer projector, and a Llama-family language model that
+reads the projected patches in place of the prompt's image placeholder tokens.
 
 The language model is ours (`LlamaForCausalLM`, paged KV and all); an image's rows reach it as
 prompt-position embeddings, the way a prompt given as embeddings does, so the runner decides
@@ -21,8 +21,13 @@ from lmserve.layers.activation import activation
 from lmserve.layers.attention import Attention
 from lmserve.models.clip import CLIPVisionTower
 from lmserve.models.llama import LlamaForCausalLM
+from lmserve.models.pixtral import PixtralVisionTower
 from lmserve.models.weights import copy_named
 
+_TOWERS: dict[str, type[nn.Module]] = {
+    "clip_vision_model": CLIPVisionTower,
+    "pixtral": PixtralVisionTower,
+}
 # the outer model's parts, as checkpoints name them (transformers 5 nests them under `model.`)
 _PARTS = ("language_model.", "vision_tower.", "multi_modal_projector.")
 
@@ -47,9 +52,10 @@ class LlavaForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = cfg
         vision = cfg["vision_config"]
-        if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+        kind = vision.get("model_type", "clip_vision_model")
+        if kind not in _TOWERS:
             raise ValueError(
-                f"LLaVA with a {vision.get('model_type')!r} vision tower is not supported (CLIP is)"
+                f"LLaVA with a {kind!r} vision tower is not supported ({', '.join(_TOWERS)} are)"
             )
         self.feature_layer = cfg.get("vision_feature_layer", -2)
         if not isinstance(self.feature_layer, int):
@@ -58,19 +64,25 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {self.strategy!r} is not supported")
         self.image_token_id = int(cfg.get("image_token_id", cfg.get("image_token_index")))
-        self.vision_tower = CLIPVisionTower(vision)
+        if kind == "pixtral" and self.strategy != "full":
+            raise ValueError(
+                "Pixtral's features are read whole: vision_feature_select_strategy 'full'"
+            )
+        self.vision_tower = _TOWERS[kind](vision)
         self.multi_modal_projector = LlavaProjector(cfg)
         self.language_model = LlamaForCausalLM(cfg)
 
     @property
     def image_tokens(self) -> int:
-        """Placeholder positions (embedding rows) per image."""
+        """Embedding rows of the largest image."""
         patches = (self.vision_tower.image_size // self.config["vision_config"]["patch_size"]) ** 2
-        return patches + (self.strategy == "full")
+        return patches + (
+            self.strategy == "full" and isinstance(self.vision_tower, CLIPVisionTower)
+        )
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[images, 3, size, size] -> [images, image_tokens, hidden]: each image's rows for
-        the language model."""
+        """[images, 3, height, width] (one size) -> [images, rows, hidden]: each image's rows
+        for the language model."""
         features = self.vision_tower(pixel_values, self.feature_layer)
         if self.strategy == "default":
             features = features[:, 1:]

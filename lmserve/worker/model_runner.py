@@ -369,9 +369,9 @@ class ModelRunner:
     def _image_override(
         self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's tokens that are image placeholders, and the image rows they take: the
-        images not in the encoder cache are encoded first, together, in one tower call."""
-        spans = []  # (first step token, image, first row, end row)
+        """The step's tokens that take image rows, and those rows: the images not in the
+        encoder cache are encoded first (those of one size together, in one tower call)."""
+        spans = []  # (step token of the span's first position here, image, span range)
         for i, req_id in enumerate(req_ids):
             start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
             first, last = int(positions[start]), int(positions[end - 1]) + 1
@@ -383,19 +383,28 @@ class ModelRunner:
             return None
         cache = self.encoder_cache
         assert cache is not None
-        missing = {
-            image.identifier: image for _, image, _, _ in spans if image.identifier not in cache
-        }
-        if missing:
-            dtype = torch_dtype(self.config.model.dtype)
-            pixels = torch.stack(
-                [float32_tensor(image.data, tuple(image.shape)) for image in missing.values()]
-            )
+        by_shape: dict[tuple[int, ...], dict[str, ImageInput]] = {}
+        for _, image, _, _ in spans:
+            if image.identifier not in cache:
+                by_shape.setdefault(tuple(image.shape), {})[image.identifier] = image
+        dtype = torch_dtype(self.config.model.dtype)
+        for shape, missing in by_shape.items():
+            pixels = torch.stack([float32_tensor(i.data, shape) for i in missing.values()])
             encoded = self.model.embed_images(pixels.to(self.device, dtype))
             for image_hash, rows in zip(missing, encoded, strict=True):
                 cache.put(image_hash, rows)
-        indices = [np.arange(at, at + hi - lo) for at, _, lo, hi in spans]
-        values = [cache.get(image.identifier)[lo:hi] for _, image, lo, hi in spans]
+        indices, values = [], []
+        for at, image, lo, hi in spans:
+            rows = cache.get(image.identifier)
+            if not image.mask:  # every position of the span is a row
+                indices.append(np.arange(at, at + hi - lo))
+                values.append(rows[lo:hi])
+                continue
+            mask = np.frombuffer(image.mask, np.uint8).astype(bool)
+            row_of = np.cumsum(mask) - 1
+            taken = np.flatnonzero(mask[lo:hi])
+            indices.append(at + taken)
+            values.append(rows[torch.from_numpy(row_of[lo + taken])])
         return to_device(np.concatenate(indices), self.device), torch.cat(values)
 
     def _drop_images(self, req_id: str, computed: int) -> None:
