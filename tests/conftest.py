@@ -351,3 +351,49 @@ def tiny_pixtral_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
     tokenizer.chat_template = _PIXTRAL_TEMPLATE
     tokenizer.save_pretrained(root)
     return root
+
+
+_QWEN_VL_TEMPLATE = _LLAVA_TEMPLATE.replace(
+    "<image>\n", "<|vision_start|><|image_pad|><|vision_end|>"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2.5-VL in miniature: a random windowed vision tower (2 layers, one of them full
+    attention; images up to 16 merged rows), and a random Qwen2 language model with M-RoPE
+    (sections 2/3/3 of head_dim 16), behind SmolLM2's tokenizer with Qwen's vision tokens
+    added, and HF's Qwen2-VL image processor saved beside them."""
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("tiny_qwen2_5_vl")
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]})  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        **{**_COMMON, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )  # fmt: skip
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+        fullatt_block_indexes=[1],
+    )  # fmt: skip
+    config = tf.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model = tf.Qwen2_5_VLForConditionalGeneration(config)
+    _randomize(model)
+    model.save_pretrained(root)
+    tf.Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
+        temporal_patch_size=2,
+    ).save_pretrained(root)  # fmt: skip
+    tokenizer.chat_template = _QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(root)
+    return root

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (rotate-half layout, as HF Llama), with Llama-3 frequency scaling."""
+"""Rotary position embeddings (rotate-half layout, as HF Llama), with Llama-3 frequency scaling,
+and Qwen2-VL's multimodal M-RoPE (three position components, each turning its own bands)."""
 
 from __future__ import annotations
 
@@ -46,10 +47,25 @@ class RotaryEmbedding(nn.Module):
     layers; the sign of rotate-half is folded into the sin table so applying it is three ops."""
 
     def __init__(
-        self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None
+        self,
+        head_dim: int,
+        max_position: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        mrope_section: list[int] | None = None,
     ) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        # M-RoPE (Qwen2-VL): frequency band i turns with position component i % 3 (t, h, w)
+        bands = None
+        if mrope_section:
+            if sum(mrope_section) != head_dim // 2:
+                raise ValueError(f"mrope_section {mrope_section} must sum to head_dim / 2")
+            half = torch.cat(
+                [torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(mrope_section)]
+            )
+            bands = torch.cat([half, half])
+        self.register_buffer("mrope_bands", bands, persistent=False)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_cache", torch.cat((freqs, freqs), -1).cos(), persistent=False)
         # [-sin, sin]: x * cos + roll(x, half) * signed_sin == x * cos + rotate_half(x) * sin
@@ -58,10 +74,23 @@ class RotaryEmbedding(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, signed_sin), each [num_tokens, 1, head_dim], to broadcast over heads."""
+        """(cos, signed_sin), each [num_tokens, 1, head_dim], to broadcast over heads.
+        `positions` is [num_tokens], or [3, num_tokens] (t, h, w) for M-RoPE."""
+        if positions.dim() == 2:
+            return self._mrope(positions, dtype)
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1).to(dtype)
         sin = self.signed_sin_cache.index_select(0, positions).unsqueeze(1).to(dtype)
         return cos, sin
+
+    def _mrope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Each column of the tables read at the position component its band turns with."""
+        assert self.mrope_bands is not None, "3D positions need an M-RoPE model"
+        index = self.mrope_bands.expand(1, positions.shape[1], -1)
+        out = []
+        for table in (self.cos_cache, self.signed_sin_cache):
+            rows = table[positions]  # [3, num_tokens, head_dim]
+            out.append(rows.gather(0, index)[0].unsqueeze(1).to(dtype))
+        return out[0], out[1]
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -110,7 +110,11 @@ class LlamaModel(nn.Module):
         theta, scaling = _rope_config(cfg)
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         self.rotary_emb = RotaryEmbedding(
-            head_dim, cfg.get("max_position_embeddings", 2048), theta, scaling
+            head_dim,
+            cfg.get("max_position_embeddings", 2048),
+            theta,
+            scaling,
+            _mrope_section(cfg),
         )
 
     def forward(
@@ -256,4 +260,14 @@ def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     scaling = cfg.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) in ("mrope", "default"):
+        scaling = None  # M-RoPE turns unscaled frequencies (its sections: _mrope_section)
     return theta, scaling
+
+
+def _mrope_section(cfg: dict[str, Any]) -> list[int] | None:
+    """Qwen2-VL's M-RoPE bands (t, h, w), from either config layout; None without M-RoPE."""
+    for source in (cfg.get("rope_parameters"), cfg.get("rope_scaling")):
+        if isinstance(source, dict) and source.get("mrope_section"):
+            return [int(n) for n in source["mrope_section"]]
+    return None

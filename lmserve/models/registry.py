@@ -12,6 +12,7 @@ _MODELS = {
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "LlavaForConditionalGeneration": "lmserve.models.llava:LlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "lmserve.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     "WhisperForConditionalGeneration": "lmserve.models.whisper:WhisperForConditionalGeneration",
 }
 # the pooling runner's: encoders, and decoders run whole-prompt with no KV cache

@@ -5,8 +5,10 @@ its embedding rows fill.
 LLaVA-1.5 expands one placeholder token to a run of them (HF's LlavaProcessor does it). Pixtral
 lays an image out as rows of `[IMG]` tokens, each row ended by `[IMG_BREAK]` and the image by
 `[IMG_END]`; the breaks and the end stay text tokens, so an image's span carries a mask of the
-positions that take rows. HF's PixtralProcessor needs torchvision (no CPU wheel on the package
-index), so that layout is written here, from the sizes HF's Pixtral image processor gives.
+positions that take rows. Qwen2.5-VL repeats `<|image_pad|>` once per merged 2x2 block of the
+image's patch grid. HF's Pixtral and Qwen2.5-VL processors need torchvision (no CPU wheel on
+the package index), so those layouts are written here, from the sizes the models' HF image
+processors give.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class ImagePrompts:
         self.tokenizer = tokenizer
         self.vision = hf["vision_config"]
         self.pixtral = self.vision.get("model_type") == "pixtral"
+        self.qwen = (
+            hf.get("model_type", "").startswith("qwen2_5_vl")
+            or "Qwen2_5_VL" in ((hf.get("architectures") or [""])[0])
+        )
         self.image_id = int(hf.get("image_token_id", hf.get("image_token_index")))
         self.full = hf.get("vision_feature_select_strategy", "default") == "full"
         self._processors: dict[str, Any] = {}
@@ -67,6 +73,8 @@ class ImagePrompts:
             )
         if self.pixtral:
             pixels, ids = self._pixtral(images, text, prompt, add_special_tokens)
+        elif self.qwen:
+            pixels, ids = self._qwen(images, text, prompt, add_special_tokens)
         elif text is not None:
             out = self._hf("AutoProcessor")(
                 images=images, text=text, add_special_tokens=add_special_tokens, return_tensors="np"
@@ -113,6 +121,28 @@ class ImagePrompts:
         assert self.tokenizer is not None
         return pixels, list(self.tokenizer.encode(expanded, add_special_tokens=add_special))
 
+    def _qwen(
+        self, images: list[Any], text: str | None, prompt: dict[str, Any], add_special: bool
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """Each image's patches as [frames, height, width, values] (its grid), and the prompt
+        with each <|image_pad|> repeated once per merged block, as HF's processor would."""
+        out = self._hf("AutoImageProcessor")(images, return_tensors="np")
+        merge = self.vision.get("spatial_merge_size", 2)
+        pixels, counts, start = [], [], 0
+        for t, h, w in out["image_grid_thw"].tolist():
+            patches = out["pixel_values"][start : start + t * h * w]
+            pixels.append(patches.reshape(t, h, w, -1))
+            counts.append(t * h * w // merge**2)
+            start += t * h * w
+        if text is None:
+            return pixels, [int(t) for t in prompt["prompt_token_ids"]]
+        pieces = text.split(self.image_token)
+        expanded = pieces[0] + "".join(
+            self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
+        )
+        assert self.tokenizer is not None
+        return pixels, list(self.tokenizer.encode(expanded, add_special_tokens=add_special))
+
     def _spans(
         self, ids: list[int], pixels: list[np.ndarray]
     ) -> list[tuple[int, int, bytes]] | None:
@@ -136,6 +166,9 @@ class ImagePrompts:
             i = j
         spans = []
         for offset, length in runs:
+            if self.qwen:  # each image between its own vision start and end tokens
+                spans.append((offset, length, b""))
+                continue
             if not self.pixtral:  # adjacent LLaVA images share one run: split it
                 per = self._rows(pixels[0].shape) if pixels else length
                 if length % per:
@@ -154,7 +187,10 @@ class ImagePrompts:
         return spans
 
     def _rows(self, shape: tuple[int, ...]) -> int:
-        """Embedding rows of one image of this [channels, height, width]."""
+        """Embedding rows of one image of this [channels, height, width] (Qwen: [frames,
+        height, width, values] in patches)."""
+        if self.qwen:
+            return shape[0] * shape[1] * shape[2] // self.vision.get("spatial_merge_size", 2) ** 2
         patch = self.vision["patch_size"]
         return (shape[1] // patch) * (shape[2] // patch) + (self.full and not self.pixtral)
 

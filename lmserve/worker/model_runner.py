@@ -48,6 +48,7 @@ class StepInputs:
     sample_mask: np.ndarray  # [num_reqs] True where the scheduler says the request samples
     # (step token indices, their embeddings) where a prompt came as embeddings, or images are
     prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope_positions: torch.Tensor | None = None  # [3, num_tokens]: an M-RoPE model's
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class ModelRunner:
         # vision-language models: each request's images its prompt has not yet run past
         self._images: dict[str, list[ImageInput]] = {}
         self.encoder_cache: EncoderCache | None = None
+        # M-RoPE models: each request's prompt positions [3, prompt len] and later tokens' offset
+        self._mrope = hasattr(model, "rope_positions")
+        self._rope: dict[str, tuple[np.ndarray, int]] = {}
         if hasattr(model, "embed_images"):
             rows = max(4 * config.scheduler.max_num_batched_tokens, model.image_tokens)
             self.encoder_cache = EncoderCache(rows)
@@ -247,6 +251,7 @@ class ModelRunner:
             and decode_only
             and mapping is None
             and inputs.prompt_embeds is None
+            and inputs.rope_positions is None
             and self.graphs.padded_size(num_rows)
         ):
             return self.graphs.run(
@@ -259,9 +264,10 @@ class ModelRunner:
         with set_forward_context(self.backend.build_metadata(common), mapping):
             if self._num_encoder_tokens:
                 return self.model(inputs.input_ids, inputs.positions, self._cross_layout(inputs))
+            positions = inputs.positions if inputs.rope_positions is None else inputs.rope_positions
             if inputs.prompt_embeds is not None:
-                return self.model(inputs.input_ids, inputs.positions, inputs.prompt_embeds)
-            return self.model(inputs.input_ids, inputs.positions)
+                return self.model(inputs.input_ids, positions, inputs.prompt_embeds)
+            return self.model(inputs.input_ids, positions)
 
     def _encode(self) -> None:
         """The encoder over the windows of the requests this step starts, their cross K/V into
@@ -337,8 +343,13 @@ class ModelRunner:
             self._cross.pop(req_id, None)
             self._sot.pop(req_id, None)
             self._drop_images(req_id, 0)
+            self._rope.pop(req_id, None)
         for new in so.new_reqs:
             batch.add(new)
+            if self._mrope and new.images:
+                self._rope[new.req_id] = self.model.rope_positions(
+                    new.num_prompt_tokens, new.images
+                )
             if new.images:
                 assert self.encoder_cache is not None  # the input processor checked the model
                 pending = [i for i in new.images if i.offset + i.length > new.num_computed_tokens]
@@ -474,7 +485,29 @@ class ModelRunner:
             common=common,
             sample_mask=np.fromiter((r in sampling for r in req_ids), bool, len(req_ids)),
             prompt_embeds=self._override(req_ids, query_start_loc, positions, seq_lens),
+            rope_positions=self._rope_positions(req_ids, query_start_loc, positions)
+            if self._mrope
+            else None,
         )
+
+    def _rope_positions(
+        self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
+    ) -> torch.Tensor:
+        """[3, num_tokens] M-RoPE positions: a prompt's from its table, later tokens at their
+        index plus the prompt's offset; requests without images at their index throughout."""
+        rope = np.broadcast_to(positions, (3, len(positions))).copy()
+        for i, req_id in enumerate(req_ids):
+            table = self._rope.get(req_id)
+            if table is None:
+                continue
+            prompt, delta = table
+            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            step = positions[start:end]
+            inside = step < prompt.shape[1]
+            rope[:, start:end] = np.where(
+                inside, prompt[:, np.minimum(step, prompt.shape[1] - 1)], step + delta
+            )
+        return to_device(rope, self.device)
 
     def _override(
         self,
