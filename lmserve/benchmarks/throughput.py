@@ -158,17 +158,14 @@ def _load_workload(
 def _with_images(
     workload: Workload, config: EngineConfig, per_prompt: int, size: int, rng: np.random.Generator
 ) -> Workload:
-    """Each prompt with `per_prompt` distinct random images, their placeholder rows ahead of
-    its text tokens (token ids, so any tokenizer works, a shape's placeholder one too)."""
+    """Each prompt with `per_prompt` distinct random images, their placeholders (as many as
+    the model's processor makes of each) ahead of its text tokens: token ids, so any tokenizer
+    works, a shape's placeholder one too."""
     from PIL import Image
 
-    hf = config.model.hf_config
-    if "vision_config" not in hf:
+    if "vision_config" not in config.model.hf_config:
         raise ValueError(f"--images needs a vision-language model, not {config.model.model}")
-    vision = hf["vision_config"]
-    rows = (vision["image_size"] // vision["patch_size"]) ** 2
-    rows += hf.get("vision_feature_select_strategy", "default") == "full"
-    placeholder = int(hf.get("image_token_id", hf.get("image_token_index")))
+    layout = _image_layout(config)
     images = [
         [
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
@@ -176,8 +173,38 @@ def _with_images(
         ]
         for _ in workload.prompts
     ]
-    prompts = [[placeholder] * (rows * per_prompt) + p for p in workload.prompts]
+    prompts = [
+        [token for image in row for token in layout(image)] + prompt
+        for prompt, row in zip(workload.prompts, images, strict=True)
+    ]
     return Workload(prompts, workload.output_lens, images)
+
+
+def _image_layout(config: EngineConfig) -> Any:
+    """image -> the token ids that stand for it in a prompt, as the model's processor lays
+    them out (LLaVA-1.5: one placeholder per row; Qwen2.5-VL: a pad per merged block between
+    its vision start and end tokens)."""
+    from transformers import AutoImageProcessor
+
+    hf = config.model.hf_config
+    vision = hf["vision_config"]
+    placeholder = int(hf.get("image_token_id", hf.get("image_token_index")))
+    if vision.get("model_type") == "pixtral":
+        raise ValueError("--images does not lay out Pixtral prompts yet; use a LLaVA-1.5 or "
+                         "Qwen2.5-VL model")  # fmt: skip
+    if "vision_start_token_id" in hf:  # Qwen2.5-VL
+        processor = AutoImageProcessor.from_pretrained(config.model.path)
+        merge = vision.get("spatial_merge_size", 2)
+        start, end = int(hf["vision_start_token_id"]), int(hf["vision_end_token_id"])
+
+        def qwen(image: Any) -> list[int]:
+            grid = processor([image], return_tensors="np")["image_grid_thw"][0]
+            return [start] + [placeholder] * (int(np.prod(grid)) // merge**2) + [end]
+
+        return qwen
+    rows = (vision["image_size"] // vision["patch_size"]) ** 2
+    rows += hf.get("vision_feature_select_strategy", "default") == "full"
+    return lambda image: [placeholder] * rows
 
 
 def _lmserve_prompts(workload: Workload) -> list[dict[str, Any]]:
@@ -190,23 +217,32 @@ def _lmserve_prompts(workload: Workload) -> list[dict[str, Any]]:
 
 
 def _time_image_encoder(llm: LLM, workload: Workload, batch_size: int = 8) -> float:
-    """Seconds the model's image encoder (tower and projector) takes over the workload's
-    images on their own, in batches: the share of the run that images cost."""
-    from transformers import AutoImageProcessor
+    """Seconds the model's image encoder takes over the workload's images on their own, as
+    the engine gets them (prepared by the same processing, encoded in batches of one size):
+    the share of the run that images cost."""
+    from lmserve.multimodal.processing import ImagePrompts
+    from lmserve.transfer import float32_tensor
 
-    assert workload.images is not None
     config = llm.config
-    processor = AutoImageProcessor.from_pretrained(config.model.path)
-    images = [image for images in workload.images for image in images]
-    pixels = torch.from_numpy(processor(images, return_tensors="np")["pixel_values"])
+    prepare = ImagePrompts(config.model, llm.get_tokenizer())
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for prompt in _lmserve_prompts(workload):
+        for image in prepare(prompt, add_special_tokens=False)[1]:
+            shape = tuple(image.shape)
+            by_shape.setdefault(shape, []).append(float32_tensor(image.data, shape))
     model = llm.engine_core.runner.model
     device, dtype = torch.device(config.device), torch_dtype(config.model.dtype)
+    batches = [
+        torch.stack(group[i : i + batch_size]).to(device, dtype)
+        for group in by_shape.values()
+        for i in range(0, len(group), batch_size)
+    ]
     with torch.inference_mode():
-        model.embed_images(pixels[:1].to(device, dtype))  # warm-up
+        model.embed_images(batches[0][:1])  # warm-up
         _synchronize(device)
         start = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            model.embed_images(pixels[i : i + batch_size].to(device, dtype))
+        for batch in batches:
+            model.embed_images(batch)
         _synchronize(device)
     return round(time.perf_counter() - start, 3)
 
@@ -270,8 +306,13 @@ def _time_hf(
         extra = {}
         if batch.images is not None and image_processor is not None:
             images = [image for row in batch.images for image in row]
-            pixels = image_processor(images, return_tensors="pt")["pixel_values"]
-            extra["pixel_values"] = pixels.to(device, dtype)
+            extra = {
+                k: v.to(device) for k, v in image_processor(images, return_tensors="pt").items()
+            }
+            extra["pixel_values"] = extra["pixel_values"].to(dtype)
+            if "image_grid_thw" in extra:  # Qwen2.5-VL places image tokens by their type
+                image_id = model.config.image_token_id
+                extra["mm_token_type_ids"] = (input_ids == image_id).int().to(device)
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -63,7 +63,7 @@ def test_a_dummy_shape_serves_the_serving_benchmark() -> None:
 def test_vision_shapes_ship_their_image_processor(tmp_path) -> None:
     """A vision-language shape is served with its image processor's config beside it, and its
     placeholder tokenizer covers the text model's vocabulary."""
-    for name in ("LLaVA-1.5-7B", "LLaVA-CLIP-B16-SmolLM2-135M"):
+    for name in ("LLaVA-1.5-7B", "LLaVA-CLIP-B16-SmolLM2-135M", "Qwen2.5-VL-3B"):
         served = Path(resolve_model(name, tmp_path))
         config = json.loads((served / "config.json").read_text())
         assert (served / "preprocessor_config.json").exists()

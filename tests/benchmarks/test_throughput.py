@@ -83,3 +83,12 @@ def test_images_per_prompt_with_hf_peer(
     assert results["lmserve"]["image_encoder_s"] > 0 and "roofline" not in results["lmserve"]
     with pytest.raises(ValueError, match="needs a vision-language model"):
         _run(tiny_model, "--images", "1")
+
+
+def test_qwen2_5_vl_images_with_hf_peer(tiny_qwen2_5_vl_dir: Path) -> None:
+    """A 56-pixel image is a 4x4 patch grid: 4 merged rows between vision start and end."""
+    results = _run(tiny_qwen2_5_vl_dir, "--images", "1", "--image-size", "56", "--peer", "hf")
+    for engine in ("lmserve", "hf"):
+        assert results[engine]["num_output_tokens"] == 3 * 4
+        assert results[engine]["input_len"] == 8 + 1 + 4 + 1
+    assert results["lmserve"]["image_encoder_s"] > 0
