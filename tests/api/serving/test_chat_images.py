@@ -278,8 +278,8 @@ def test_seed_003_vision_snippets_run(server: Server, image_host: str, media_dir
 
 def test_fifty_image_requests_with_disconnects_leave_nothing_held(server: Server) -> None:
     """50 streamed requests over 3 new images, every other one closed after its first chunk:
-    afterwards no request runs and no KV block is held, and the encoder ran once per image
-    (mm_cache_queries - mm_cache_hits)."""
+    afterwards no request runs and no KV block is held, the prefix cache served the repeats,
+    and the encoder ran once per image (mm_cache_queries - mm_cache_hits)."""
     import asyncio
 
     from tests.api.test_server import metric, metrics_once_idle
@@ -313,10 +313,13 @@ def test_fifty_image_requests_with_disconnects_leave_nothing_held(server: Server
             await asyncio.gather(*(one(http, i) for i in range(50)))
 
     queries, hits = counts()
+    prefix_hits = metric(metrics_once_idle(server), "lmserve:prefix_cache_hits_total")
     asyncio.run(all_of_them())
     text = metrics_once_idle(server)
     assert metric(text, "lmserve:num_requests_running") == 0
     assert metric(text, "lmserve:kv_cache_usage_perc") == 0
+    # requests after the first with each image reuse its KV blocks (the image's rows included)
+    assert metric(text, "lmserve:prefix_cache_hits_total") - prefix_hits >= 47 * 16
     new_queries, new_hits = counts()
     assert new_queries - queries >= 50
     assert (new_queries - queries) - (new_hits - hits) == 3  # one encode per distinct image
