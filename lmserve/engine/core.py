@@ -99,9 +99,9 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         stats = self.scheduler.stats()
-        cache = self.runner.encoder_cache
-        if cache is None:
+        if self.runner.images is None:
             return stats
+        cache = self.runner.images.encoder_cache
         return msgspec.structs.replace(
             stats, mm_cache_queries=cache.queries, mm_cache_hits=cache.hits
         )

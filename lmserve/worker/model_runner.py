@@ -15,7 +15,7 @@ from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata,
 from lmserve.config import EngineConfig
 from lmserve.core.request import RequestFailed
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
-from lmserve.engine.messages import ImageInput, PromptEmbeds, TokenLogprobs
+from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
 from lmserve.forward_context import set_forward_context
 from lmserve.layers.cross_attention import CrossBlocks, CrossLayout
 from lmserve.lora.layers import LoRAMapping
@@ -26,7 +26,7 @@ from lmserve.structured_output.apply import apply_grammar_bitmask
 from lmserve.transfer import float32_tensor, to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
-from lmserve.worker.encoder_cache import EncoderCache
+from lmserve.worker.image_rows import ImageRows
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
     allocate_kv_caches,
@@ -95,15 +95,8 @@ class ModelRunner:
         self._cross: dict[str, CrossBlocks] = {}
         self._sot: dict[str, int] = {}  # prompt position of each one's start-of-transcript
         self._to_encode: list[tuple[torch.Tensor, CrossBlocks]] = []
-        # vision-language models: each request's images its prompt has not yet run past
-        self._images: dict[str, list[ImageInput]] = {}
-        self.encoder_cache: EncoderCache | None = None
-        # M-RoPE models: each request's prompt positions [3, prompt len] and later tokens' offset
-        self._mrope = hasattr(model, "rope_positions")
-        self._rope: dict[str, tuple[np.ndarray, int]] = {}
-        if hasattr(model, "embed_images"):
-            rows = max(4 * config.scheduler.max_num_batched_tokens, model.image_tokens)
-            self.encoder_cache = EncoderCache(rows)
+        # vision-language models: the images requests need, encoded once
+        self.images = ImageRows(model, config, device) if hasattr(model, "embed_images") else None
         self.lora = lora
         self.graphs = graphs
         if graphs is not None:
@@ -178,11 +171,9 @@ class ModelRunner:
             self.graphs.capture()
 
     def check_invariants(self) -> None:
-        """Only requests the runner holds hold images, and only the images they list."""
-        if self.encoder_cache is not None:
-            live = set(self.batch.row_of)
-            assert set(self._images) <= live, set(self._images) - live
-            assert self.encoder_cache.holders == set(self._images)
+        """Only requests the runner holds hold images."""
+        if self.images is not None:
+            self.images.check_invariants(set(self.batch.row_of))
 
     def _bind_kv_caches(self) -> None:
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
@@ -342,20 +333,13 @@ class ModelRunner:
             self._prompt_embeds.pop(req_id, None)
             self._cross.pop(req_id, None)
             self._sot.pop(req_id, None)
-            self._drop_images(req_id, 0)
-            self._rope.pop(req_id, None)
+            if self.images is not None:
+                self.images.remove(req_id)
         for new in so.new_reqs:
             batch.add(new)
-            if self._mrope and new.images:
-                self._rope[new.req_id] = self.model.rope_positions(
-                    new.num_prompt_tokens, new.images
-                )
             if new.images:
-                assert self.encoder_cache is not None  # the input processor checked the model
-                pending = [i for i in new.images if i.offset + i.length > new.num_computed_tokens]
-                for image in pending:
-                    self.encoder_cache.hold(new.req_id, image.identifier)
-                self._images[new.req_id] = pending
+                assert self.images is not None  # the input processor checked the model
+                self.images.add(new)
             if new.prompt_embeds is not None:
                 self._prompt_embeds[new.req_id] = self._embeds_tensor(new.prompt_embeds)
             if new.encoder_features is not None:
@@ -376,61 +360,6 @@ class ModelRunner:
     def _embeds_tensor(self, embeds: PromptEmbeds) -> torch.Tensor:
         rows = float32_tensor(embeds.data, (embeds.num_tokens, embeds.hidden_size))
         return rows.to(device=self.device, dtype=torch_dtype(self.config.model.dtype))
-
-    def _image_override(
-        self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's tokens that take image rows, and those rows: the images not in the
-        encoder cache are encoded first (those of one size together, in one tower call)."""
-        spans = []  # (step token of the span's first position here, image, span range)
-        for i, req_id in enumerate(req_ids):
-            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
-            first, last = int(positions[start]), int(positions[end - 1]) + 1
-            for image in self._images.get(req_id, ()):
-                lo, hi = max(first, image.offset), min(last, image.offset + image.length)
-                if lo < hi:
-                    spans.append((start + lo - first, image, lo - image.offset, hi - image.offset))
-        if not spans:
-            return None
-        cache = self.encoder_cache
-        assert cache is not None
-        by_shape: dict[tuple[int, ...], dict[str, ImageInput]] = {}
-        for _, image, _, _ in spans:
-            if image.identifier not in cache:
-                by_shape.setdefault(tuple(image.shape), {})[image.identifier] = image
-        dtype = torch_dtype(self.config.model.dtype)
-        for shape, missing in by_shape.items():
-            pixels = torch.stack([float32_tensor(i.data, shape) for i in missing.values()])
-            encoded = self.model.embed_images(pixels.to(self.device, dtype))
-            for image_hash, rows in zip(missing, encoded, strict=True):
-                cache.put(image_hash, rows)
-        indices, values = [], []
-        for at, image, lo, hi in spans:
-            rows = cache.get(image.identifier)
-            if not image.mask:  # every position of the span is a row
-                indices.append(np.arange(at, at + hi - lo))
-                values.append(rows[lo:hi])
-                continue
-            mask = np.frombuffer(image.mask, np.uint8).astype(bool)
-            row_of = np.cumsum(mask) - 1
-            taken = np.flatnonzero(mask[lo:hi])
-            indices.append(at + taken)
-            values.append(rows[torch.from_numpy(row_of[lo + taken])])
-        return to_device(np.concatenate(indices), self.device), torch.cat(values)
-
-    def _drop_images(self, req_id: str, computed: int) -> None:
-        """Let go of the request's images its prompt has run past (all of them with 0)."""
-        images = self._images.get(req_id)
-        if images is None or self.encoder_cache is None:
-            return
-        keep = [i for i in images if computed and i.offset + i.length > computed]
-        for image in images:
-            if image not in keep:
-                self.encoder_cache.release(req_id, image.identifier)
-        if keep:
-            self._images[req_id] = keep
-        else:
-            del self._images[req_id]
 
     def _embeds_override(
         self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
@@ -485,29 +414,10 @@ class ModelRunner:
             common=common,
             sample_mask=np.fromiter((r in sampling for r in req_ids), bool, len(req_ids)),
             prompt_embeds=self._override(req_ids, query_start_loc, positions, seq_lens),
-            rope_positions=self._rope_positions(req_ids, query_start_loc, positions)
-            if self._mrope
+            rope_positions=self.images.rope_positions(req_ids, query_start_loc, positions)
+            if self.images is not None and self.images.mrope
             else None,
         )
-
-    def _rope_positions(
-        self, req_ids: list[str], query_start_loc: np.ndarray, positions: np.ndarray
-    ) -> torch.Tensor:
-        """[3, num_tokens] M-RoPE positions: a prompt's from its table, later tokens at their
-        index plus the prompt's offset; requests without images at their index throughout."""
-        rope = np.broadcast_to(positions, (3, len(positions))).copy()
-        for i, req_id in enumerate(req_ids):
-            table = self._rope.get(req_id)
-            if table is None:
-                continue
-            prompt, delta = table
-            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
-            step = positions[start:end]
-            inside = step < prompt.shape[1]
-            rope[:, start:end] = np.where(
-                inside, prompt[:, np.minimum(step, prompt.shape[1] - 1)], step + delta
-            )
-        return to_device(rope, self.device)
 
     def _override(
         self,
@@ -521,10 +431,8 @@ class ModelRunner:
         parts = []
         if self._prompt_embeds:
             parts.append(self._embeds_override(req_ids, query_start_loc, positions))
-        if self._images:
-            parts.append(self._image_override(req_ids, query_start_loc, positions))
-            for req_id, seq_len in zip(req_ids, seq_lens.tolist(), strict=True):
-                self._drop_images(req_id, seq_len)
+        if self.images is not None:
+            parts.append(self.images.override(req_ids, query_start_loc, positions, seq_lens))
         parts = [p for p in parts if p is not None]
         if not parts:
             return None

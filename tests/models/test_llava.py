@@ -98,7 +98,7 @@ def test_chunked_and_preempted_prompts_encode_each_image_once(
     outputs = llm.generate(list(map(_image_prompt, images)), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.engine_core.scheduler.num_preemptions > 0
-    assert llm.engine_core.runner.encoder_cache.num_encoded == len(images)
+    assert llm.engine_core.runner.images.encoder_cache.num_encoded == len(images)
     _assert_nothing_held(llm)
 
 
@@ -178,6 +178,6 @@ def test_aborted_requests_let_go_of_their_images(tiny_llava_dir: Path, images) -
         while core.has_unfinished_requests():
             core.step()
             core.check_invariants()
-    assert core.runner._images == {} and not core.runner.encoder_cache.holders
-    assert core.runner.encoder_cache.num_rows <= core.runner.encoder_cache.budget_rows
+    assert not core.runner.images.holders and not core.runner.images.encoder_cache.holders
+    assert core.runner.images.encoder_cache.num_rows <= core.runner.images.encoder_cache.budget_rows
     _assert_nothing_held(llm)

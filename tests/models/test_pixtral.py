@@ -98,7 +98,7 @@ def test_chunked_preempted_and_chat(tiny_pixtral_dir: Path, hf, images) -> None:
     outputs = llm.generate([_prompt([image]) for image in images], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.engine_core.scheduler.num_preemptions > 0
-    assert llm.engine_core.runner.encoder_cache.num_encoded == 3
+    assert llm.engine_core.runner.images.encoder_cache.num_encoded == 3
     chat = llm.chat(
         [{"role": "user", "content": [{"type": "image_pil", "image_pil": images[2]},
                                       {"type": "text", "text": "What is in the picture?"}]}],

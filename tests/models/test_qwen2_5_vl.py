@@ -92,7 +92,7 @@ def test_chunked_preempted_and_chat(tiny_qwen2_5_vl_dir: Path, hf, images) -> No
     outputs = llm.generate([_prompt([image]) for image in images], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.engine_core.scheduler.num_preemptions > 0
-    assert llm.engine_core.runner.encoder_cache.num_encoded == 3
+    assert llm.engine_core.runner.images.encoder_cache.num_encoded == 3
     chat = llm.chat(
         [{"role": "user", "content": [{"type": "image_pil", "image_pil": images[0]},
                                       {"type": "text", "text": "What is in the picture?"}]}],
