@@ -168,7 +168,12 @@ class InputProcessor:
         """A vision-language request: the images through the model's HF image processor, and
         the prompt with each placeholder expanded to the positions its rows fill."""
         if "vision_config" not in self.model_config.hf_config:
-            raise ValueError(f"{self.model_config.model} takes no images: it is a text model")
+            kind = (
+                "a speech model: it takes audio"
+                if self.model_config.num_encoder_tokens
+                else ("a text model")
+            )
+            raise ValueError(f"{self.model_config.model} takes no images: it is {kind}")
         if self._image_prompts is None:
             from lmserve.multimodal.processing import ImagePrompts
 
