@@ -40,7 +40,11 @@ def _hf_tokens(hf, prompt: str, images: list[Image.Image], max_tokens: int = 10)
     """HF's generate on the prompt as HF's PixtralProcessor lays it out (each [IMG] replaced by
     the image's rows of [IMG], each row ended by [IMG_BREAK], the last by [IMG_END])."""
     model, image_processor, tokenizer = hf
-    pixels = image_processor(images, return_tensors="pt")
+    pixels = (
+        image_processor(images, return_tensors="pt")
+        if images
+        else {"image_sizes": torch.empty(0, 3)}
+    )
     pieces = prompt.split("[IMG]")
     for i, (height, width) in enumerate(pixels["image_sizes"].tolist()):
         rows = [["[IMG]"] * (width // 8) + ["[IMG_BREAK]"] for _ in range(height // 8)]
@@ -52,8 +56,11 @@ def _hf_tokens(hf, prompt: str, images: list[Image.Image], max_tokens: int = 10)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
-            pixel_values=pixels["pixel_values"],
-            image_sizes=pixels["image_sizes"],
+            **(
+                {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+                if images
+                else {}
+            ),
             max_new_tokens=max_tokens,
             min_new_tokens=max_tokens,
             do_sample=False,
@@ -78,7 +85,8 @@ def test_images_of_their_own_sizes_equal_hf(tiny_pixtral_dir: Path, hf, images) 
         "USER: Hi\nASSISTANT:",
     ]
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs[:4]] == [*expected, expected_two]
+    expected_text = _hf_tokens(hf, prompts[-1], [])
+    assert [o.outputs[0].token_ids for o in outputs] == [*expected, expected_two, expected_text]
     tokenizer = llm.get_tokenizer()
     layout = tokenizer.decode(outputs[0].prompt_token_ids)  # 64 wide, 32 high: 2 rows of 4
     assert "[IMG]" * 4 + "[IMG_BREAK]" + "[IMG]" * 4 + "[IMG_END]What" in layout
@@ -106,4 +114,15 @@ def test_chunked_preempted_and_chat(tiny_pixtral_dir: Path, hf, images) -> None:
         use_tqdm=False,
     )[0]  # fmt: skip
     assert chat.outputs[0].token_ids == expected[2]
+    later = [
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": [{"type": "image_pil", "image_pil": images[1]},
+                                     {"type": "text", "text": "And this?"}]},
+    ]  # fmt: skip
+    out = llm.chat(later, params, use_tqdm=False)[0]
+    hf_later = [*later[:2], {"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "And this?"}]}]  # fmt: skip
+    prompt = hf[2].apply_chat_template(hf_later, tokenize=False, add_generation_prompt=True)
+    assert out.outputs[0].token_ids == _hf_tokens(hf, prompt, [images[1]], 30)
     _assert_nothing_held(llm)

@@ -44,7 +44,11 @@ def hf(tiny_qwen2_5_vl_dir: Path):
 def _hf_tokens(hf, prompt: str, images: list[Image.Image], max_tokens: int = 10) -> list[int]:
     """HF's generate on the prompt as HF's Qwen2.5-VL processor lays it out."""
     model, image_processor, tokenizer = hf
-    pixels = image_processor(images, return_tensors="pt")
+    pixels = (
+        image_processor(images, return_tensors="pt")
+        if images
+        else {"image_grid_thw": torch.empty(0, 3)}
+    )
     pieces = prompt.split("<|image_pad|>")
     for i, (t, h, w) in enumerate(pixels["image_grid_thw"].tolist()):
         pieces[i + 1] = "<|image_pad|>" * (t * h * w // 4) + pieces[i + 1]
@@ -53,9 +57,15 @@ def _hf_tokens(hf, prompt: str, images: list[Image.Image], max_tokens: int = 10)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
-            pixel_values=pixels["pixel_values"],
-            image_grid_thw=pixels["image_grid_thw"],
-            mm_token_type_ids=(ids == image_id).int(),
+            **(
+                {
+                    "pixel_values": pixels["pixel_values"],
+                    "image_grid_thw": pixels["image_grid_thw"],
+                    "mm_token_type_ids": (ids == image_id).int(),
+                }
+                if images
+                else {}
+            ),
             max_new_tokens=max_tokens,
             min_new_tokens=max_tokens,
             do_sample=False,
@@ -77,7 +87,8 @@ def test_images_with_mrope_equal_hf(tiny_qwen2_5_vl_dir: Path, hf, images) -> No
     llm.step_hook = llm.engine_core.check_invariants
     prompts = [*(_prompt([image]) for image in images), _prompt(images[:2], two), text]
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs[:4]] == [*expected, expected_two]
+    expected_text = _hf_tokens(hf, text, [])
+    assert [o.outputs[0].token_ids for o in outputs] == [*expected, expected_two, expected_text]
     _assert_nothing_held(llm)
 
 
@@ -100,4 +111,15 @@ def test_chunked_preempted_and_chat(tiny_qwen2_5_vl_dir: Path, hf, images) -> No
         use_tqdm=False,
     )[0]  # fmt: skip
     assert chat.outputs[0].token_ids == expected[0]
+    later = [
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": [{"type": "image_pil", "image_pil": images[1]},
+                                     {"type": "text", "text": "And this?"}]},
+    ]  # fmt: skip
+    out = llm.chat(later, params, use_tqdm=False)[0]
+    hf_later = [*later[:2], {"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "And this?"}]}]  # fmt: skip
+    prompt = hf[2].apply_chat_template(hf_later, tokenize=False, add_generation_prompt=True)
+    assert out.outputs[0].token_ids == _hf_tokens(hf, prompt, [images[1]], 30)
     _assert_nothing_held(llm)
