@@ -1,7 +1,8 @@
-"""The Llama family as one implementation: Llama 2/3, Mistral, SmolLM2, Qwen2/2.5, Qwen3.
+"""The Llama family as one implementation: Llama 2/3, Mistral, SmolLM2, Qwen2/2.5, Qwen3, Phi-3.
 
 Differences are config switches: qkv bias (Qwen2), per-head q/k RMSNorm and explicit head_dim
-(Qwen3), tied embeddings, RoPE theta and scaling. Q/K/V and gate/up are fused into one matmul
+(Qwen3), tied embeddings, RoPE theta and scaling. Phi-3 checkpoints already fuse q/k/v and
+gate/up, in the order these layers use. Q/K/V and gate/up are fused into one matmul
 each, so a layer is a handful of ops. Tokens of all requests are flattened: [num_tokens, ...].
 """
 
@@ -108,6 +109,13 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         theta, scaling = _rope_config(cfg)
+        partial = cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", 1.0
+        )
+        if float(partial) != 1.0:
+            raise ValueError(
+                f"partial_rotary_factor={partial} (rotary on part of each head) is not supported"
+            )
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         self.rotary_emb = RotaryEmbedding(
             head_dim,

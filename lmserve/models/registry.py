@@ -9,6 +9,7 @@ from torch import nn
 _MODELS = {
     "LlamaForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
+    "Phi3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "LlavaForConditionalGeneration": "lmserve.models.llava:LlavaForConditionalGeneration",
