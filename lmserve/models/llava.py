@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from lmserve.layers.activation import activation
-from lmserve.layers.attention import Attention
 from lmserve.models.clip import CLIPVisionTower
 from lmserve.models.llama import LlamaForCausalLM
 from lmserve.models.pixtral import PixtralVisionTower
+from lmserve.models.vision_language import VisionLanguageModel
 from lmserve.models.weights import copy_named
 
 _TOWERS: dict[str, type[nn.Module]] = {
@@ -45,7 +45,7 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(VisionLanguageModel):
     """`cfg` is the config with the text model's keys at the top (engine args flatten it)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -87,23 +87,6 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.strategy == "default":
             features = features[:, 1:]
         return self.multi_modal_projector(features)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        return self.language_model(input_ids, positions, embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def attention_layers(self) -> list[Attention]:
-        return self.language_model.attention_layers()
-
-    def tie_weights(self) -> None:
-        self.language_model.tie_weights()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Either checkpoint layout: `language_model.model.*` / `language_model.lm_head.*`

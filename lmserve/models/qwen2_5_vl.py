@@ -16,17 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from lmserve.layers.attention import Attention
 from lmserve.models.llama import LlamaForCausalLM
 from lmserve.models.qwen2_5_vl_vision import Qwen2_5_VisionTower
+from lmserve.models.vision_language import VisionLanguageModel
 
 if TYPE_CHECKING:
     from lmserve.engine.messages import ImageInput
 
 
-class Qwen2_5_VLForConditionalGeneration(nn.Module):
+class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
     """`cfg` is the config with the text model's keys at the top (engine args flatten it)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -74,24 +73,6 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             start = image.offset + image.length
         positions[:, start:] = current + np.arange(num_tokens - start)
         return positions, int(positions.max()) + 1 - num_tokens
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """`positions`: [3, num_tokens] M-RoPE positions."""
-        return self.language_model(input_ids, positions, embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def attention_layers(self) -> list[Attention]:
-        return self.language_model.attention_layers()
-
-    def tie_weights(self) -> None:
-        self.language_model.tie_weights()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Either checkpoint layout: `visual.*` / `model.*` / `lm_head.*` (Qwen's own, and
