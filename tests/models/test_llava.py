@@ -57,6 +57,20 @@ def _image_prompt(image: Image.Image, prompt: str = PROMPT) -> dict:
     return {"prompt": prompt, "multi_modal_data": {"image": image}}
 
 
+def later_turn(image_part: dict) -> tuple[list[dict], list[dict]]:
+    """A conversation with `image_part` in its second user turn, as LLM.chat takes it, and as
+    HF's chat template takes it (the image as {"type": "image"})."""
+    turns = [
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+    ]
+    text = {"type": "text", "text": "And this?"}
+    return (
+        [*turns, {"role": "user", "content": [image_part, text]}],
+        [*turns, {"role": "user", "content": [{"type": "image"}, text]}],
+    )
+
+
 def _assert_nothing_held(llm: LLM) -> None:
     kv = llm.engine_core.scheduler.kv
     kv.check_invariants()
@@ -142,14 +156,8 @@ def test_an_image_in_a_later_turn_through_chat(tiny_llava_dir: Path, hf, images)
         {"type": "image_pil", "image_pil": images[1]},
         {"type": "image_url", "image_url": {"url": data_url}},
     ):
-        conversation = [
-            {"role": "user", "content": "Hello there."},
-            {"role": "assistant", "content": "Hi! How can I help?"},
-            {"role": "user", "content": [image_part, {"type": "text", "text": "And this?"}]},
-        ]
+        conversation, hf_conversation = later_turn(image_part)
         out = llm.chat(conversation, GREEDY, use_tqdm=False)[0]
-        hf_conversation = [*conversation[:2], {"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "And this?"}]}]  # fmt: skip
         prompt = processor.apply_chat_template(hf_conversation, add_generation_prompt=True)
         assert out.outputs[0].token_ids == _hf_tokens(hf, prompt, [images[1]])
         assert llm.get_tokenizer().decode(out.prompt_token_ids).startswith("USER: Hello there.")

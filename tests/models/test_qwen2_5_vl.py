@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lmserve import LLM, SamplingParams
-from tests.models.test_llava import _assert_nothing_held, _png
+from tests.models.test_llava import _assert_nothing_held, _png, later_turn
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -111,15 +111,8 @@ def test_chunked_preempted_and_chat(tiny_qwen2_5_vl_dir: Path, hf, images) -> No
         use_tqdm=False,
     )[0]  # fmt: skip
     assert chat.outputs[0].token_ids == expected[0]
-    later = [
-        {"role": "user", "content": "Hello there."},
-        {"role": "assistant", "content": "Hi! How can I help?"},
-        {"role": "user", "content": [{"type": "image_pil", "image_pil": images[1]},
-                                     {"type": "text", "text": "And this?"}]},
-    ]  # fmt: skip
+    later, hf_later = later_turn({"type": "image_pil", "image_pil": images[1]})
     out = llm.chat(later, params, use_tqdm=False)[0]
-    hf_later = [*later[:2], {"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "And this?"}]}]  # fmt: skip
     prompt = hf[2].apply_chat_template(hf_later, tokenize=False, add_generation_prompt=True)
     assert out.outputs[0].token_ids == _hf_tokens(hf, prompt, [images[1]], 30)
     _assert_nothing_held(llm)
