@@ -66,8 +66,15 @@ class AttentionBackend(abc.ABC):
         kv_cache: torch.Tensor,
         metadata: Any,
         scale: float,
+        *,
+        window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
-        """Store k/v at metadata's slots, then attend; returns [num_tokens, num_heads, head_dim]."""
+        """Store k/v at metadata's slots, then attend; returns [num_tokens, num_heads, head_dim].
+
+        window: a query sees only the last `window` keys up to itself, itself included (HF's and
+        vLLM's `sliding_window`); soft_cap: scores s become soft_cap * tanh(s / soft_cap) before
+        the softmax (Gemma 2's attention logit soft-capping)."""
 
     supports_cuda_graphs = False
 

@@ -72,14 +72,21 @@ class CpuBackend(TorchRefBackend):
         kv_cache: torch.Tensor,
         metadata: CpuMetadata | TorchRefMetadata,
         scale: float,
+        *,
+        window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         if isinstance(metadata, TorchRefMetadata):
-            return super().forward(q, k, v, kv_cache, metadata, scale)
+            return super().forward(
+                q, k, v, kv_cache, metadata, scale, window=window, soft_cap=soft_cap
+            )
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, kv_heads, block_size, d]
         cpu_ops.store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
         prefill = metadata.prefill
         if prefill is not None and prefill.covers_batch:
-            return attend_group(q, key_cache, value_cache, prefill, scale).reshape(q.shape)
+            return attend_group(
+                q, key_cache, value_cache, prefill, scale, window, soft_cap
+            ).reshape(q.shape)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         decode = metadata.decode
         if decode is not None:
@@ -92,9 +99,10 @@ class CpuBackend(TorchRefBackend):
                 decode.token_index,
                 out,
                 scale,
+                window,
+                soft_cap,
             )
         if prefill is not None:
-            out[prefill.token_index] = attend_group(q, key_cache, value_cache, prefill, scale)[
-                prefill.valid
-            ]
+            attn = attend_group(q, key_cache, value_cache, prefill, scale, window, soft_cap)
+            out[prefill.token_index] = attn[prefill.valid]
         return out

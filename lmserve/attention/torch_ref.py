@@ -16,7 +16,8 @@ future positions. Padded block-table entries point at the null block, which stay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +48,22 @@ class SdpaGroup:
     valid: torch.Tensor  # [rows, max_q] True where the query is real
     token_index: torch.Tensor  # [num_valid] token index of each real query, in valid order
     covers_batch: bool  # the group is the whole batch, unpadded: no gather/scatter of queries
+    query_pos: torch.Tensor  # [rows, max_q] int64 position of each query (pad: 0)
+    max_query_pos: int
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask_for(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for layers that see the last `window` keys (None: all keys); the
+        window's masks are built once per step, at the first layer that asks."""
+        if window is None or self.max_query_pos < window:  # no query is past its window
+            return self.mask, self.is_causal
+        mask = self._window_masks.get(window)
+        if mask is None:
+            k_pos = torch.arange(self.num_keys, device=self.query_pos.device)
+            q_pos = self.query_pos[:, :, None]
+            mask = ((k_pos <= q_pos) & (k_pos > q_pos - window))[:, None]  # pad rows: key 0
+            self._window_masks[window] = mask
+        return mask, False
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,24 @@ class _DecodeBlocks:
     owner: torch.Tensor  # [n] int64 row each block belongs to (unused span blocks: row 0)
     mask: torch.Tensor  # [n, 1, 1, block_size] fp32: 0 for keys the row sees, else _HIDDEN
     covers_batch: bool  # every token of the step is a decode row, in row order
+    first_key: torch.Tensor  # [n] int64 position of each block's first key (unused blocks: 0)
+    seq_len: torch.Tensor  # [n] int64 keys of the block's row (unused blocks: 0)
+    max_seq_len: int
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """`mask`, with keys before the row's last `window` hidden too (built once per step)."""
+        if window is None or self.max_seq_len <= window:
+            return self.mask
+        mask = self._window_masks.get(window)
+        if mask is None:
+            key_pos = self.first_key[:, None] + torch.arange(
+                self.mask.shape[-1], device=self.mask.device
+            )
+            early = key_pos < (self.seq_len - window)[:, None]
+            mask = self.mask.masked_fill(early[:, None, None, :], _HIDDEN)
+            self._window_masks[window] = mask
+        return mask
 
 
 @dataclass(frozen=True)
@@ -108,12 +143,15 @@ class TorchRefBackend(AttentionBackend):
         in_place = hi - lo <= _MAX_SPAN_RATIO * len(blocks) and len(np.unique(blocks)) == len(
             blocks
         )
+        first_key, row_len = col * block_size, seq_lens[row]
         if in_place:
             owner = np.zeros(hi - lo, np.int64)
             owner[blocks - lo] = row
             span_visible = np.zeros(hi - lo, np.int64)  # unused blocks: nothing visible
             span_visible[blocks - lo] = visible
-            row, visible = owner, span_visible
+            span_first, span_len = np.zeros(hi - lo, np.int64), np.zeros(hi - lo, np.int64)
+            span_first[blocks - lo], span_len[blocks - lo] = first_key, row_len
+            row, visible, first_key, row_len = owner, span_visible, span_first, span_len
         mask = np.where(np.arange(block_size) < visible[:, None], 0.0, _HIDDEN)
         dev = self.device
         num_tokens = int(common.query_start_loc[-1])
@@ -124,6 +162,9 @@ class TorchRefBackend(AttentionBackend):
             owner=torch.from_numpy(row).to(dev),
             mask=torch.from_numpy(mask.astype(np.float32)[:, None, None, :]).to(dev),
             covers_batch=len(rows) == num_tokens,
+            first_key=torch.from_numpy(first_key.astype(np.int64)).to(dev),
+            seq_len=torch.from_numpy(row_len.astype(np.int64)).to(dev),
+            max_seq_len=int(seq_lens.max()),
         )
 
     def _build_group(self, common: CommonAttentionMetadata, rows: np.ndarray) -> SdpaGroup:
@@ -156,6 +197,8 @@ class TorchRefBackend(AttentionBackend):
             valid=torch.from_numpy(valid).to(dev),
             token_index=torch.from_numpy(query_index[valid]).to(dev),
             covers_batch=bool(valid.all()) and len(rows) * max_q == num_tokens,
+            query_pos=torch.from_numpy(np.where(valid, q_pos, 0).astype(np.int64)).to(dev),
+            max_query_pos=int(q_pos[valid].max()),
         )
 
     def forward(
@@ -166,13 +209,16 @@ class TorchRefBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: TorchRefMetadata,
         scale: float,
+        *,
+        window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, kv_heads, block_size, d]
         key_cache[metadata.slot_block, :, metadata.slot_offset] = k
         value_cache[metadata.slot_block, :, metadata.slot_offset] = v
         decode = metadata.decode
         if decode is not None:
-            attn = _attend_decode(q, key_cache, value_cache, decode, scale)
+            attn = _attend_decode(q, key_cache, value_cache, decode, scale, window, soft_cap)
             if decode.covers_batch:
                 return attn
             out = torch.empty_like(q)
@@ -180,7 +226,7 @@ class TorchRefBackend(AttentionBackend):
         else:
             out = torch.empty_like(q)
         for group in metadata.groups:
-            attn = attend_group(q, key_cache, value_cache, group, scale)
+            attn = attend_group(q, key_cache, value_cache, group, scale, window, soft_cap)
             if group.covers_batch:
                 return attn.reshape(q.shape)
             out[group.token_index] = attn[group.valid]
@@ -193,6 +239,8 @@ def _attend_decode(
     value_cache: torch.Tensor,
     decode: _DecodeBlocks,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """[rows, heads, d] attention of the decode rows, one softmax per block, merged per row."""
     if decode.span is not None:
@@ -206,8 +254,10 @@ def _attend_decode(
     group = num_heads // num_kv_heads  # query heads h*group..h*group+group-1 read KV head h
     block_queries = query.index_select(0, decode.owner).view(-1, group, head_dim)
     scores = torch.bmm(block_queries, keys.view(-1, block_size, head_dim).transpose(1, 2))
-    scores = scores.view(num_blocks, num_kv_heads, group, block_size).float()
-    scores = scores.mul_(scale).add_(decode.mask)
+    scores = scores.view(num_blocks, num_kv_heads, group, block_size).float().mul_(scale)
+    if soft_cap is not None:
+        scores = scores.div_(soft_cap).tanh_().mul_(soft_cap)
+    scores = scores.add_(decode.mask_for(window))
     block_max = scores.amax(-1, keepdim=True)
     probs = scores.sub_(block_max).exp_()
     block_sum = probs.sum(-1).view(num_blocks, num_heads)
@@ -234,6 +284,8 @@ def attend_group(
     value_cache: torch.Tensor,
     group: SdpaGroup,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """[rows, max_q, heads, d] SDPA over each row's gathered keys, a slice of rows at a time."""
     rows = group.valid.shape[0]
@@ -246,6 +298,8 @@ def attend_group(
     blocks_per_row = group.block_table.shape[0] // rows
     row_bytes = 2 * blocks_per_row * key_cache[0].nbytes
     step = max(1, _GATHER_BYTES // row_bytes)
+    mask, is_causal = group.mask_for(window)
+    attend = F.scaled_dot_product_attention if soft_cap is None else _soft_capped(soft_cap)
     for start in range(0, rows, step):
         end = min(rows, start + step)
         # index_select on the flattened table: far cheaper than advanced indexing on CPU
@@ -257,13 +311,39 @@ def attend_group(
             .reshape(end - start, num_kv_heads, -1, head_dim)[:, :, : group.num_keys]
             for cache in (key_cache, value_cache)
         )
-        attn[start:end] = F.scaled_dot_product_attention(
+        attn[start:end] = attend(
             query[start:end].transpose(1, 2),  # [rows, heads, max_q, d]
             keys,
             values,
-            attn_mask=None if group.mask is None else group.mask[start:end],
-            is_causal=group.is_causal,
+            attn_mask=None if mask is None else mask[start:end],
+            is_causal=is_causal,
             scale=scale,
             enable_gqa=True,
         ).transpose(1, 2)
     return attn
+
+
+def _soft_capped(cap: float) -> Callable[..., torch.Tensor]:
+    """SDPA's signature, with scores capped by cap * tanh(s / cap) (which SDPA cannot do)."""
+
+    def attend(
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        scale: float,
+        enable_gqa: bool,
+    ) -> torch.Tensor:
+        group = query.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = (query @ keys.transpose(-1, -2)).float().mul_(scale)
+        scores = scores.div_(cap).tanh_().mul_(cap)
+        if is_causal:
+            n_q, n_k = scores.shape[-2:]
+            attn_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril_(n_k - n_q)
+        if attn_mask is not None:
+            scores = scores.masked_fill_(~attn_mask, float("-inf"))
+        return scores.softmax(-1).to(values.dtype) @ values
+
+    return attend

@@ -95,6 +95,9 @@ class TritonBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: TritonMetadata,
         scale: float,
+        *,
+        window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         store_kv(k, v, kv_cache, metadata.slot_mapping)
         return paged_attention(
@@ -106,4 +109,6 @@ class TritonBackend(AttentionBackend):
             scale,
             max_query_len=metadata.max_query_len,
             num_splits=metadata.num_splits,
+            window=window,
+            soft_cap=soft_cap,
         )

@@ -111,15 +111,28 @@ def decode_attention(
     token_index: torch.Tensor,
     out: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
-    """Attention of decode rows (one query each) over their paged keys, written into `out`.
+    """Attention of decode rows (one query each) over their paged keys, written into `out`;
+    with `window`, over the last `window` keys only, and with `soft_cap`, scores capped by
+    soft_cap * tanh(s / soft_cap).
 
     q, out: [num_tokens, num_heads, head_dim]; caches [num_blocks, kv_heads, block_size,
     head_dim]; block_table [rows, max_blocks] int32; seq_lens [rows] int32; token_index [rows]
     int64, the token of each row in q and out. float32; shapes per decode_attention_supported.
     """
     torch.ops.lmserve_cpu.decode_attention(
-        q, key_cache, value_cache, block_table, seq_lens, token_index, out, scale
+        q,
+        key_cache,
+        value_cache,
+        block_table,
+        seq_lens,
+        token_index,
+        out,
+        scale,
+        window or 0,
+        soft_cap or 0.0,
     )
 
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_LOG2E_JIT = tl.constexpr(_LOG2E)
 # Running max starts finite so a row that sees no key in a tile never computes -inf - (-inf).
 # NOTE: a global read inside a kernel must be tl.constexpr: compiled Triton rejects plain ones
 # (the interpreter does not; test_kernels_compile_for_h100 catches it).
@@ -116,7 +117,7 @@ def _find_request(query_start_loc_ptr, num_reqs, q_block, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
+@triton.jit(do_not_specialize=["num_reqs", "num_splits", "window"])
 def _paged_attention_kernel(
     out_ptr,
     q_ptr,
@@ -129,6 +130,7 @@ def _paged_attention_kernel(
     part_sum_ptr,  # [num_reqs, num_heads, num_splits] fp32
     part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32, unnormalized
     scale_log2,
+    window,  # > 0: each query sees its last `window` keys, itself included
     num_reqs,
     num_splits,
     stride_qt,
@@ -153,6 +155,7 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFT_CAP: tl.constexpr,  # > 0: scores s become SOFT_CAP * tanh(s / SOFT_CAP)
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -196,6 +199,8 @@ def _paged_attention_kernel(
     )
     kv_start = split * per_split
     kv_end = tl.minimum(kv_end, kv_start + per_split)
+    if window > 0:  # nothing before the window of the tile's first query
+        kv_start = tl.maximum(kv_start, context_len + q_first - window + 1)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -217,7 +222,12 @@ def _paged_attention_kernel(
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
         scores = tl.dot(q, key_t, input_precision=DOT_PRECISION) * scale_log2
+        if SOFT_CAP > 0:  # cap * tanh(s / cap) in the log2 domain; tanh(x) = 1 - 2 / (e^2x + 1)
+            tanh = 1.0 - 2.0 / (tl.exp2(2.0 * scores / SOFT_CAP) + 1.0)
+            scores = (SOFT_CAP * _LOG2E_JIT) * tanh
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        if window > 0:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -303,6 +313,8 @@ def paged_attention(
     max_query_len: int,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of q over the paged cache; returns out [num_tokens, num_heads, head_dim].
 
@@ -312,6 +324,7 @@ def paged_attention(
     max_query_len only picks the tile shape (1: one query token per tile, the decode shape); any
     value gives correct results. num_splits > 1 splits the keys of every decode row (query_len 1)
     into that many ranges. Tokens past query_start_loc[-1] are left untouched in out (padding).
+    window and soft_cap as AttentionBackend.forward's.
     """
     num_tokens, num_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[0], kv_cache[1]
@@ -354,6 +367,7 @@ def paged_attention(
         part_sum,
         part_acc,
         scale * _LOG2E,
+        window or 0,
         num_reqs,
         num_splits,
         q.stride(0),
@@ -379,6 +393,7 @@ def paged_attention(
         BLOCK_SIZE=key_cache.shape[1],
         # fp32 must not silently drop to tf32 on tensor cores; half types ignore this.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFT_CAP=float(soft_cap or 0.0),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_reqs, num_heads)](

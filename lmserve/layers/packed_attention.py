@@ -63,13 +63,17 @@ def packed_attention(
     layout: PackedLayout,
     scale: float | None = None,
     causal: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, heads, D], k/v: [T, kv_heads, D] -> [T, heads, D], each prompt attending to
-    itself only (bidirectionally, or causally for a decoder)."""
+    itself only (bidirectionally, or causally for a decoder, over its last `window` keys if
+    given)."""
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for group in layout.groups:
-        if group.valid is None:
+        longest = max(group.seq_lens)
+        windowed = causal and window is not None and longest > window
+        if group.valid is None and not windowed:
             qg, kg, vg = (t[group.start : group.end].transpose(0, 1)[None] for t in (q, k, v))
             out = F.scaled_dot_product_attention(
                 qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa
@@ -77,11 +81,14 @@ def packed_attention(
             outs.append(out[0].transpose(0, 1))
             continue
         valid = group.valid
+        if valid is None:
+            valid = torch.ones(1, longest, dtype=torch.bool, device=q.device)
         qg, kg, vg = (_pad(t[group.start : group.end], valid) for t in (q, k, v))
         mask = valid[:, None, None, :]  # [B, 1, 1, L]: padding keys masked out
         if causal:
-            longest = valid.shape[1]
             lower = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril_()
+            if windowed:
+                lower = lower.triu_(1 - window)
             mask = mask & lower
         out = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=gqa

@@ -19,15 +19,17 @@ pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler
 CPU = torch.device("cpu")
 
 
-def _compare(common, cache, q, k, v) -> CpuMetadata:
+def _compare(common, cache, q, k, v, **options) -> CpuMetadata:
+    """options: window, soft_cap."""
     backend = CpuBackend(CPU)
     metadata = backend.build_metadata(common)
     assert isinstance(metadata, CpuMetadata)
     cpu_cache = cache.clone()
-    out = backend.forward(q, k, v, cpu_cache, metadata, scale=0.3)
+    out = backend.forward(q, k, v, cpu_cache, metadata, 0.3, **options)
     ref_cache = cache.clone()
     ref_backend = TorchRefBackend(CPU)
-    expected = ref_backend.forward(q, k, v, ref_cache, ref_backend.build_metadata(common), 0.3)
+    ref_metadata = ref_backend.build_metadata(common)
+    expected = ref_backend.forward(q, k, v, ref_cache, ref_metadata, 0.3, **options)
     assert torch.equal(cpu_cache, ref_cache)  # the same K/V stored at the same slots
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-5)
     return metadata
@@ -50,6 +52,17 @@ def test_decode_rows_with_scattered_shared_and_partial_blocks(shape, block_size)
     rows = [(1, block_size * 2), (1, 3), (1, block_size + 5), (1, block_size * 3 - 1)]
     tables = [[7, 2, 30], [12], [7, 21], [5, 40, 9]]
     _compare(*make_batch(rows, tables, 41, block_size=block_size, **shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize(
+    "options", [dict(window=5), dict(window=1), dict(soft_cap=0.7), dict(window=20, soft_cap=0.7)]
+)
+def test_sliding_window_and_soft_cap(shape, options) -> None:
+    # windows that start mid-block, on a block edge, past short rows; a capped score range
+    rows = [(1, 32), (1, 3), (1, 21), (1, 47), (5, 12)]
+    tables = [[7, 2, 30], [12], [7, 21], [5, 40, 9], [3, 4]]
+    _compare(*make_batch(rows, tables, 41, block_size=16, **shape), **options)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

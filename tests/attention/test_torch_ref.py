@@ -58,8 +58,9 @@ def make_batch(
     return common, cache, qk[:, :heads], qk[:, heads:], v
 
 
-def _row_by_row(common, cache, q, scale) -> torch.Tensor:
-    """Each token attends its row's keys up to its own position; cache already holds this step."""
+def _row_by_row(common, cache, q, scale, window=None, soft_cap=None) -> torch.Tensor:
+    """Each token attends its row's keys up to its own position (its last `window` of them),
+    scores capped by soft_cap * tanh(s / soft_cap); cache already holds this step."""
     out = torch.empty_like(q)
     group = NUM_HEADS // NUM_KV_HEADS
     for i, seq_len in enumerate(common.seq_lens.tolist()):
@@ -71,21 +72,25 @@ def _row_by_row(common, cache, q, scale) -> torch.Tensor:
         )
         for t in range(start, end):
             visible = seq_len - (end - t) + 1
+            first = 0 if window is None else max(0, visible - window)
             for h in range(NUM_HEADS):
                 kv = h // group
-                weights = torch.softmax(keys[kv, :visible] @ q[t, h] * scale, dim=0)
-                out[t, h] = weights @ values[kv, :visible]
+                scores = keys[kv, first:visible] @ q[t, h] * scale
+                if soft_cap is not None:
+                    scores = soft_cap * torch.tanh(scores / soft_cap)
+                out[t, h] = torch.softmax(scores, dim=0) @ values[kv, first:visible]
     return out
 
 
-def _check(common, cache, q, k, v) -> torch_ref.TorchRefMetadata:
+def _check(common, cache, q, k, v, window=None, soft_cap=None) -> torch_ref.TorchRefMetadata:
     backend = TorchRefBackend(torch.device("cpu"))
     metadata = backend.build_metadata(common)
-    out = backend.forward(q, k, v, cache, metadata, scale=0.3)
+    out = backend.forward(q, k, v, cache, metadata, 0.3, window=window, soft_cap=soft_cap)
     slots = common.slot_mapping
     stored_k = cache[0][slots // BLOCK_SIZE, :, slots % BLOCK_SIZE]
     assert torch.equal(stored_k, k)
-    torch.testing.assert_close(out, _row_by_row(common, cache, q, 0.3), atol=1e-5, rtol=1e-5)
+    expected = _row_by_row(common, cache, q, 0.3, window, soft_cap)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     return metadata
 
 
@@ -127,6 +132,24 @@ def test_prefill_rows_gathered_one_per_slice(monkeypatch) -> None:
     monkeypatch.setattr(torch_ref, "_GATHER_BYTES", 1)
     rows = [(3, 5), (6, 0), (2, 1)]
     _check(*make_batch(rows, [[4, 2], [1, 3], [5]], num_blocks=6))
+
+
+# windows shorter than some rows' contexts, a window of one key, and soft-capped scores
+WINDOWED = [(3, None), (6, None), (1, None), (None, 0.5), (5, 0.5)]
+
+
+@pytest.mark.parametrize(("window", "soft_cap"), WINDOWED)
+def test_sliding_window_and_soft_cap_on_every_path(window, soft_cap) -> None:
+    # decode blocks in place, gathered (a shared prefix block), beside chunks, a lone row
+    layouts = [
+        ([(1, 6), (1, 8), (1, 3)], [[3, 7], [2, 6, 4], [1]], 9),
+        ([(1, 6), (1, 5), (1, 4)], [[1, 2], [1, 3], [1, 4]], 5),
+        ([(1, 9), (5, 3), (1, 2), (6, 0)], [[5, 6, 7], [1, 2], [8], [3, 4]], 9),
+        ([(1, 10)], [[2, 1, 3]], 4),
+        ([(7, 0)], [[2, 1]], 3),
+    ]
+    for rows, tables, num_blocks in layouts:
+        _check(*make_batch(rows, tables, num_blocks), window=window, soft_cap=soft_cap)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])

@@ -102,33 +102,38 @@ def make_batch(
     )
 
 
-def reference(batch: Batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch_ref's output (computed in fp32) and its cache after the step (in the batch dtype)."""
+def reference(batch: Batch, scale: float, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch_ref's output (computed in fp32) and its cache after the step (in the batch dtype);
+    options: window, soft_cap."""
     ref = TorchRefBackend(batch.kv_cache.device)
     metadata = ref.build_metadata(batch.common)
     # torch_ref's cache is head-major: [2, blocks, kv_heads, block_size, d]
     cache = batch.kv_cache.transpose(2, 3).contiguous()
-    ref.forward(batch.q, batch.k, batch.v, cache, metadata, scale)
+    ref.forward(batch.q, batch.k, batch.v, cache, metadata, scale, **options)
     cache32 = batch.kv_cache.float().transpose(2, 3).contiguous()
-    out = ref.forward(batch.q.float(), batch.k.float(), batch.v.float(), cache32, metadata, scale)
+    q, k, v = batch.q.float(), batch.k.float(), batch.v.float()
+    out = ref.forward(q, k, v, cache32, metadata, scale, **options)
     return out, cache.transpose(2, 3)
 
 
 def run_triton(
-    batch: Batch, scale: float, num_splits: int | None = None
+    batch: Batch, scale: float, num_splits: int | None = None, **options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = get_backend("triton", batch.kv_cache.device)
     metadata = backend.build_metadata(batch.common)
     if num_splits is not None:
         metadata = dataclasses.replace(metadata, num_splits=num_splits)
     cache = batch.kv_cache.clone()
-    return backend.forward(batch.q, batch.k, batch.v, cache, metadata, scale), cache
+    out = backend.forward(batch.q, batch.k, batch.v, cache, metadata, scale, **options)
+    return out, cache
 
 
-def check_against_reference(batch: Batch, num_splits: int | None = None, atol: float = 2e-4):
+def check_against_reference(
+    batch: Batch, num_splits: int | None = None, atol: float = 2e-4, **options
+):
     scale = batch.q.shape[-1] ** -0.5
-    ref_out, ref_cache = reference(batch, scale)
-    out, cache = run_triton(batch, scale, num_splits)
+    ref_out, ref_cache = reference(batch, scale, **options)
+    out, cache = run_triton(batch, scale, num_splits, **options)
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
     torch.testing.assert_close(out.float(), ref_out, atol=atol, rtol=atol)
     assert torch.equal(cache, ref_cache)
@@ -161,6 +166,16 @@ def test_split_kv_decode(num_splits: int) -> None:
 
 def test_split_kv_in_mixed_batch_splits_only_decode_rows() -> None:
     check_against_reference(make_batch(MIXED_ROWS, 8, 1, 64, seed=4), num_splits=3)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(window=7), dict(window=16), dict(soft_cap=0.8), dict(window=20, soft_cap=0.8)]
+)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_window_and_soft_cap(options, num_splits) -> None:
+    # windows inside one tile and across tiles, split decode rows with splits before the window
+    batch = make_batch(MIXED_ROWS, 4, 2, 64, seed=11)
+    check_against_reference(batch, num_splits=num_splits, **options)
 
 
 def test_float16() -> None:
@@ -277,8 +292,10 @@ def build(kernel, dtype, **constexprs):
 
 build(pa._store_kv_kernel, "bf16", BLOCK_SIZE=16, BLOCK_D=128)
 tile = dict(NUM_QUERIES_PER_KV=7, HEADS_PAD=8, BLOCK_N=64, BLOCK_D=128, BLOCK_SIZE=16)
-build(pa._paged_attention_kernel, "bf16", BLOCK_Q=8, BLOCK_M=64, DOT_PRECISION="tf32", **tile)
-build(pa._paged_attention_kernel, "fp32", BLOCK_Q=1, BLOCK_M=16, DOT_PRECISION="ieee", **tile)
+build(pa._paged_attention_kernel, "bf16", BLOCK_Q=8, BLOCK_M=64, DOT_PRECISION="tf32",
+      SOFT_CAP=0.0, **tile)
+build(pa._paged_attention_kernel, "fp32", BLOCK_Q=1, BLOCK_M=16, DOT_PRECISION="ieee",
+      SOFT_CAP=50.0, **tile)
 build(pa._reduce_splits_kernel, "bf16", SPLITS_PAD=16, BLOCK_D=128)
 """
 

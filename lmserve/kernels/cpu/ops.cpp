@@ -37,15 +37,17 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// One request's decode query heads that share KV head `h`, against all its keys: an online
-// softmax over the blocks, so each K/V byte is read once. NV = head_dim / kLanes when known at
-// compile time (the common sizes), else 0 and `nv` at run time.
+// One request's decode query heads that share KV head `h`, against its keys from `first_key`
+// on (0, or where a sliding window starts): an online softmax over the blocks, so each K/V byte
+// is read once. Scores are capped by soft_cap * tanh(s / soft_cap) when soft_cap > 0.
+// NV = head_dim / kLanes when known at compile time (the common sizes), else 0 and `nv` at run
+// time.
 template <int64_t NV>
 void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_cache,
                        const float* value_cache, const int32_t* blocks, int64_t seq_len,
-                       int64_t kv_heads, int64_t h, int64_t block_size, int64_t group,
-                       int64_t nv_runtime, float scale, float* scores, float* out,
-                       int64_t out_head_stride) {
+                       int64_t first_key, int64_t kv_heads, int64_t h, int64_t block_size,
+                       int64_t group, int64_t nv_runtime, float scale, float soft_cap,
+                       float* scores, float* out, int64_t out_head_stride) {
   const int64_t nv = NV > 0 ? NV : nv_runtime;
   const int64_t head_dim = nv * kLanes;
   Vec qv[kMaxGroup][NV > 0 ? NV : kMaxVectors];
@@ -62,17 +64,18 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
   }
   const int64_t block_elems = block_size * head_dim;
   const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = first_key / block_size; b < num_blocks; ++b) {
     const int64_t base = (static_cast<int64_t>(blocks[b]) * kv_heads + h) * block_elems;
     const float* keys = key_cache + base;
     const float* values = value_cache + base;
     const int64_t n = std::min(block_size, seq_len - b * block_size);
+    const int64_t j0 = std::max<int64_t>(0, first_key - b * block_size);  // first key in window
     // The next block's K and V, a few cache lines per key: blocks are scattered, so the
     // hardware prefetcher cannot guess them (-17% kernel time at batch 64, context 192).
     const int64_t next =
         b + 1 < num_blocks ? (static_cast<int64_t>(blocks[b + 1]) * kv_heads + h) * block_elems
                            : base;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = j0; j < n; ++j) {
       for (int64_t line = j * head_dim; line < (j + 1) * head_dim; line += kFloatsPerLine) {
         __builtin_prefetch(key_cache + next + line);
         __builtin_prefetch(value_cache + next + line);
@@ -82,17 +85,19 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
       for (int64_t g = 0; g < group; ++g) {
         Vec dot = qv[g][0] * k[0];
         for (int64_t v = 1; v < nv; ++v) dot = at::vec::fmadd(qv[g][v], k[v], dot);
-        scores[g * block_size + j] = hsum(dot);
+        const float score = hsum(dot);
+        scores[g * block_size + j] =
+            soft_cap > 0.f ? soft_cap * std::tanh(score / soft_cap) : score;
       }
     }
     for (int64_t g = 0; g < group; ++g) {
       float* s = scores + g * block_size;
       float new_max = row_max[g];
-      for (int64_t j = 0; j < n; ++j) new_max = std::max(new_max, s[j]);
+      for (int64_t j = j0; j < n; ++j) new_max = std::max(new_max, s[j]);
       const float correction = std::exp(row_max[g] - new_max);
       row_max[g] = new_max;
       float sum = 0.f;
-      int64_t j = 0;
+      int64_t j = j0;
       for (; j + kLanes <= n; j += kLanes) {
         const Vec p = (Vec::loadu(s + j) - Vec(new_max)).exp_u20();
         p.store(s + j);
@@ -105,7 +110,7 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
       row_sum[g] = row_sum[g] * correction + sum;
       for (int64_t v = 0; v < nv; ++v) acc[g][v] = acc[g][v] * Vec(correction);
     }
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = j0; j < n; ++j) {
       Vec val[NV > 0 ? NV : kMaxVectors];
       for (int64_t v = 0; v < nv; ++v) val[v] = Vec::loadu(values + j * head_dim + v * kLanes);
       for (int64_t g = 0; g < group; ++g) {
@@ -125,11 +130,12 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
 // q, out: [num_tokens, num_heads, head_dim] (head_dim contiguous); caches: [num_blocks,
 // kv_heads, block_size, head_dim] contiguous; block_table [rows, max_blocks] int32; seq_lens
 // [rows] int32; token_index [rows] int64: the query token of each decode row, whose output
-// row of `out` is written.
+// row of `out` is written. window > 0: each row sees its last `window` keys only; soft_cap > 0:
+// scores capped by soft_cap * tanh(s / soft_cap).
 void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_table,
                       const at::Tensor& seq_lens, const at::Tensor& token_index, at::Tensor& out,
-                      double scale) {
+                      double scale, int64_t window, double soft_cap) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && key_cache.scalar_type() == at::kFloat &&
                   value_cache.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "decode_attention: float32 only");
@@ -158,6 +164,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
   const int64_t* tokens = token_index.data_ptr<int64_t>();
   float* out_ptr = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  const float fcap = static_cast<float>(soft_cap);
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * block_size);
     for (int64_t item = begin; item < end; ++item) {
@@ -165,19 +172,22 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
       const float* qh = q_ptr + tokens[r] * q.stride(0) + h * group * q.stride(1);
       float* oh = out_ptr + tokens[r] * out.stride(0) + h * group * out.stride(1);
       const int32_t* blocks = table + r * max_blocks;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
       switch (nv) {
 #define LMSERVE_ATTEND(N)                                                                     \
   case N:                                                                                     \
-    attend_decode_row<N>(qh, q.stride(1), k_ptr, v_ptr, blocks, lens[r], kv_heads, h,         \
-                         block_size, group, nv, fscale, scores.data(), oh, out.stride(1)); \
+    attend_decode_row<N>(qh, q.stride(1), k_ptr, v_ptr, blocks, lens[r], first, kv_heads, h,  \
+                         block_size, group, nv, fscale, fcap, scores.data(), oh,              \
+                         out.stride(1));                                                      \
     break;
         LMSERVE_ATTEND(4)
         LMSERVE_ATTEND(8)
         LMSERVE_ATTEND(16)
 #undef LMSERVE_ATTEND
         default:
-          attend_decode_row<0>(qh, q.stride(1), k_ptr, v_ptr, blocks, lens[r], kv_heads, h,
-                               block_size, group, nv, fscale, scores.data(), oh, out.stride(1));
+          attend_decode_row<0>(qh, q.stride(1), k_ptr, v_ptr, blocks, lens[r], first, kv_heads,
+                               h, block_size, group, nv, fscale, fcap, scores.data(), oh,
+                               out.stride(1));
       }
     }
   });
@@ -400,7 +410,8 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin)
 TORCH_LIBRARY(lmserve_cpu, m) {
   m.def(
       "decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_table, "
-      "Tensor seq_lens, Tensor token_index, Tensor(a!) out, float scale) -> ()");
+      "Tensor seq_lens, Tensor token_index, Tensor(a!) out, float scale, int window, "
+      "float soft_cap) -> ()");
   m.def(
       "store_kv(Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
