@@ -1,5 +1,6 @@
 """RMSNorm computed in fp32 whatever the activation dtype, as HF does, optionally fused with the
-residual add that precedes it (vLLM's fused_add_rms_norm)."""
+residual add that precedes it (vLLM's fused_add_rms_norm); and Gemma's, which scales by
+(1 + weight)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,28 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint's weight is zero-centred and the output is scaled by
+    (1 + weight), computed in fp32 and cast once at the end, as HF's Gemma norms do (folding the
+    1 into a bf16 weight would round it)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        if cpu_ops.usable(x):
+            rows = x.reshape(-1, x.shape[-1])
+            if residual is None:
+                return cpu_ops.rms_norm(rows, scale, self.eps).view(x.shape)
+            return cpu_ops.add_rms_norm_(residual.view(rows.shape), rows, scale, self.eps).view(
+                x.shape
+            )
+        if residual is not None:
+            x = residual.add_(x)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * scale).to(x.dtype)

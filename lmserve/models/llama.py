@@ -35,7 +35,7 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], window: int | None = None) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
@@ -50,7 +50,13 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            sliding_window=window,
+        )
 
     def forward(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -82,10 +88,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.mlp = LlamaMLP(cfg)
 
@@ -106,7 +112,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, w) for w in sliding_windows(cfg))
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         theta, scaling = _rope_config(cfg)
         partial = cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get(
@@ -145,10 +151,11 @@ class LlamaForCausalLM(nn.Module):
     """forward() returns final hidden states; compute_logits() runs the LM head on the rows that
     need logits only (the last token of each sampled request)."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], model: nn.Module | None = None) -> None:
+        """`model`: another family's decoder with LlamaModel's interface (default: LlamaModel)."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg) if model is None else model
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         # With tied embeddings this is a transposed copy of embed_tokens, filled at load time:
         # the embedding wants rows per token, the LM head wants [in, out] for fast decode.
@@ -258,6 +265,25 @@ def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
         else:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
     return loaded
+
+
+def sliding_windows(cfg: dict[str, Any]) -> list[int | None]:
+    """Each layer's sliding window (None: global), as HF reads the config: Mistral and Phi-3
+    window every layer when `sliding_window` is set; Qwen2/Qwen3 only with
+    `use_sliding_window`, then the layers `layer_types` marks (default: from
+    `max_window_layers` on)."""
+    num_layers, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return [None] * num_layers
+    kinds = cfg.get("layer_types")
+    if not kinds and "use_sliding_window" in cfg:  # Qwen's layout
+        kinds = [
+            "sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"
+            for i in range(num_layers)
+        ]
+    if not kinds or cfg.get("model_type") == "mistral":  # HF's Mistral ignores layer_types
+        return [int(window)] * num_layers
+    return [int(window) if kind == "sliding_attention" else None for kind in kinds]
 
 
 def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

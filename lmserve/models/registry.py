@@ -7,6 +7,8 @@ import importlib
 from torch import nn
 
 _MODELS = {
+    "Gemma2ForCausalLM": "lmserve.models.gemma:GemmaForCausalLM",
+    "Gemma3ForCausalLM": "lmserve.models.gemma:GemmaForCausalLM",
     "LlamaForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "Phi3ForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
