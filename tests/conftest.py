@@ -31,8 +31,9 @@ TINY_KINDS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _build_tiny(kind: str):
-    """llama: untied, Llama-3 rope scaling; qwen2: qkv bias, tied; qwen3: q/k norm, head_dim 32;
-    mistral: untied, default rope."""
+    """llama: untied, Llama-3 rope scaling; qwen2: qkv bias, tied, its last layer windowed;
+    qwen3: q/k norm, head_dim 32; mistral: untied, default rope, a 16-token sliding window on
+    every layer (prompts and outputs run past it)."""
     import transformers as tf
 
     if kind == "llama":
@@ -47,9 +48,16 @@ def _build_tiny(kind: str):
             tf.LlamaConfig(**_COMMON, tie_word_embeddings=False, rope_scaling=scaling)
         )
     if kind == "mistral":
-        return tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, sliding_window=None))
+        return tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, sliding_window=16))
     if kind == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON, tie_word_embeddings=True))
+        config = tf.Qwen2Config(
+            **_COMMON,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=12,
+            max_window_layers=1,
+        )
+        return tf.Qwen2ForCausalLM(config)
     return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True))
 
 

@@ -1,4 +1,9 @@
-"""THE owner of KV blocks: which blocks each request holds, prefix-cache hits, and freeing."""
+"""THE owner of KV blocks: which blocks each request holds, prefix-cache hits, and freeing.
+
+With a sliding window on every layer, blocks that have fallen out of the window of a request's
+next query go back to the pool while it runs (keeping their prefix hashes until reused), so a
+long request holds about window / block_size blocks; its list keeps the null block in their
+place, so block indices still match positions."""
 
 from __future__ import annotations
 
@@ -14,15 +19,23 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        sliding_window: int | None = None,
+    ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_caching)
         self._req_blocks: dict[str, list[KVBlock]] = {}
         # an encoder-decoder request's cross-attention K/V: held from its start until it ends
         # (or is preempted), never prefix-cached
         self._cross_blocks: dict[str, list[KVBlock]] = {}
         self._num_published: dict[str, int] = {}  # leading blocks of a request already cached
+        self._num_dropped: dict[str, int] = {}  # leading blocks given back, out of the window
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,6 +86,7 @@ class KVCacheManager:
         attention reads it, layer by layer.
         """
         held = self._req_blocks.get(request.req_id, [])
+        self._drop_out_of_window(request, held)
         num_tokens = (
             request.num_computed_tokens
             + len(new_computed_blocks) * self.block_size
@@ -108,10 +122,26 @@ class KVCacheManager:
         """
         blocks = self._req_blocks.pop(request.req_id, [])
         self._num_published.pop(request.req_id, None)
+        dropped = self._num_dropped.pop(request.req_id, 0)
         if num_written is not None:
-            self.pool.uncache(blocks[num_written // self.block_size :])
-        self.pool.release(reversed(blocks))
+            self.pool.uncache(blocks[max(dropped, num_written // self.block_size) :])
+        self.pool.release(reversed(blocks[dropped:]))
         self.pool.release(self._cross_blocks.pop(request.req_id, []))
+
+    def _drop_out_of_window(self, request: Request, held: list[KVBlock]) -> None:
+        """Give back the blocks before the window of the request's next query (position
+        num_computed_tokens, which sees keys from num_computed_tokens - window + 1 on)."""
+        if self.sliding_window is None:
+            return
+        first_seen = request.num_computed_tokens - self.sliding_window + 1
+        num_out = min(max(first_seen, 0) // self.block_size, len(held))
+        start = self._num_dropped.get(request.req_id, 0)
+        if num_out <= start:
+            return
+        out = held[start:num_out]
+        held[start:num_out] = [self.pool.null_block] * (num_out - start)
+        self._num_dropped[request.req_id] = num_out
+        self.pool.release(out)
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
@@ -126,7 +156,7 @@ class KVCacheManager:
             return
         self._update_block_hashes(request, num_full)
         blocks = self._req_blocks[request.req_id]
-        for i in range(start, num_full):
+        for i in range(max(start, self._num_dropped.get(request.req_id, 0)), num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self._num_published[request.req_id] = num_full
 
@@ -146,14 +176,20 @@ class KVCacheManager:
     def check_invariants(self) -> None:
         """Pool invariants, and every block's ref count equals the requests holding it."""
         self.pool.check_invariants()
-        held = [*self._req_blocks.values(), *self._cross_blocks.values()]
+        held = [
+            *(blocks[self._num_dropped.get(r, 0) :] for r, blocks in self._req_blocks.items()),
+            *self._cross_blocks.values(),
+        ]
         holders = Counter(b.block_id for blocks in held for b in blocks)
         for block in self.pool.blocks[1:]:
             assert block.ref_cnt == holders[block.block_id], (
                 f"block {block.block_id}: ref_cnt {block.ref_cnt} != {holders[block.block_id]} holders"
             )
-        for blocks in self._req_blocks.values():
-            assert len({b.block_id for b in blocks}) == len(blocks), "request holds a block twice"
+        for req_id, blocks in self._req_blocks.items():
+            dropped = self._num_dropped.get(req_id, 0)
+            assert all(b is self.pool.null_block for b in blocks[:dropped])
+            live = blocks[dropped:]
+            assert len({b.block_id for b in live}) == len(live), "request holds a block twice"
         for req_id, blocks in self._cross_blocks.items():
             assert not {b.block_id for b in blocks} & set(self.block_ids(req_id)), (
                 f"request {req_id} holds a block as self and cross K/V"

@@ -342,15 +342,12 @@ _DECODING_RULES = (
 
 
 def _model_max_len(hf_config: dict[str, Any]) -> int:
-    """The longest context the model supports; sliding-window attention caps it (not implemented)."""
+    """The longest context the model supports."""
     length = int(
         hf_config.get("max_position_embeddings") or hf_config.get("max_target_positions") or 2048
     )
     if hf_config.get("model_type") in ("roberta", "xlm-roberta"):  # positions start after pad
         length -= int(hf_config.get("pad_token_id", 1)) + 1
-    window = hf_config.get("sliding_window")
-    if window and hf_config.get("use_sliding_window", True):
-        length = min(length, int(window))
     return length
 
 

@@ -53,7 +53,10 @@ class EngineCore:
                 "num_kv_blocks or gpu_memory_utilization)"
             )
         kv = KVCacheManager(
-            runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            runner.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            sliding_window=runner.kv_window,
         )
         grammars = StructuredOutputManager(
             config.structured_output,

@@ -170,6 +170,15 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture()
 
+    @property
+    def kv_window(self) -> int | None:
+        """How far back any query sees when every layer attends over a sliding window (the KV
+        of older positions is never read again); None when some layer sees all keys."""
+        windows = [
+            getattr(layer, "sliding_window", None) for layer in self.model.attention_layers()
+        ]
+        return None if not windows or None in windows else max(windows)
+
     def check_invariants(self) -> None:
         """Only requests the runner holds hold images."""
         if self.images is not None:

@@ -320,3 +320,54 @@ def test_check_invariants_catches_ref_cnt_not_matching_holders() -> None:
     kv.pool.touch([kv.pool.blocks[block_id]])  # a reference nobody holds
     with pytest.raises(AssertionError):
         kv.check_invariants()
+
+
+# ---- sliding window -----------------------------------------------------------------------------
+def test_blocks_out_of_every_layers_window_go_back_while_the_request_runs() -> None:
+    kv = KVCacheManager(16, BLOCK_SIZE, sliding_window=6)
+    request = make_request("a", range(10))
+    prefill(kv, request)
+    assert len(kv.block_ids("a")) == 3 and kv.num_free_blocks == 12
+    held = []
+    for _ in range(20):  # decode: the query at position p sees keys p - 5 .. p
+        request.append_output_token(1)
+        assert kv.allocate_slots(request, 1)
+        first_seen = request.num_computed_tokens - 5
+        ids = kv.block_ids("a")
+        assert all(b == 0 for b in ids[: first_seen // BLOCK_SIZE])  # null in their place
+        assert 0 not in ids[first_seen // BLOCK_SIZE :]  # every block still seen is held
+        held.append(15 - kv.num_free_blocks)
+        request.num_computed_tokens += 1
+        kv.check_invariants()
+    assert max(held) == 3  # 6 keys + the new one span at most 3 blocks of 4
+    kv.free(request)
+    kv.check_invariants()
+    assert kv.num_free_blocks == 15
+
+
+def test_blocks_given_back_stay_cached_for_a_later_prefix_hit() -> None:
+    kv = KVCacheManager(16, BLOCK_SIZE, sliding_window=4)
+    request = make_request("a", range(13))
+    prefill(kv, request)
+    request.append_output_token(1)
+    assert kv.allocate_slots(request, 1)  # blocks 0 and 1 fall out of the window
+    assert kv.block_ids("a")[:2] == [0, 0]
+    again = make_request("b", range(13))
+    assert len(kv.get_computed_blocks(again)) == 3  # the given-back blocks still hit
+    prefill(kv, again)
+    kv.free(request)
+    kv.free(again)
+    kv.check_invariants()
+    assert kv.num_free_blocks == 15
+
+
+def test_a_failed_step_uncaches_held_blocks_and_never_the_null_block() -> None:
+    kv = KVCacheManager(16, BLOCK_SIZE, sliding_window=4)
+    request = make_request("a", range(13))
+    prefill(kv, request)
+    request.append_output_token(1)
+    assert kv.allocate_slots(request, 1)  # blocks 0 and 1 given back, intact
+    kv.free(request, num_written=5)  # held blocks from 1 on are untrusted: 2 and 3
+    kv.check_invariants()
+    assert kv.num_free_blocks == 15 and kv.pool.null_block.block_hash is None
+    assert len(kv.get_computed_blocks(make_request("b", range(13)))) == 2

@@ -1,5 +1,6 @@
-"""Phi-3 (fused qkv_proj and gate_up_proj in the checkpoint) on the Llama implementation: greedy
-tokens equal HF's, batched, chunked and preempted; what it does not support says so."""
+"""Phi-3 (fused qkv_proj and gate_up_proj in the checkpoint, a 40-token sliding window on every
+layer) on the Llama implementation: greedy tokens equal HF's, batched, chunked and preempted;
+what it does not support says so."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def phi3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Modul
 
     root = tmp_path_factory.mktemp("tiny_phi3")
     torch.manual_seed(5)
-    model = tf.Phi3ForCausalLM(tf.Phi3Config(**_COMMON, pad_token_id=0, sliding_window=None))
+    model = tf.Phi3ForCausalLM(tf.Phi3Config(**_COMMON, pad_token_id=0, sliding_window=40))
     _randomize(model)
     model.save_pretrained(root)
     return root, model.eval()
