@@ -32,6 +32,12 @@ def wrap_lora_layers(
 ) -> dict[tuple[int, str], tuple[LoRALinear, int]]:
     """Put every decoder linear layer of a Llama-family model behind a LoRALinear; returns
     (layer, HF projection) -> (its LoRALinear, part index)."""
+    if not getattr(model, "supports_lora", True):
+        architecture = (model.config.get("architectures") or [type(model).__name__])[0]
+        raise ValueError(
+            f"LoRA adapters are not supported for {architecture} (a mixture-of-experts model) "
+            "yet; serve it without --enable-lora"
+        )
     index = {}
     for i, layer in enumerate(model.model.layers):
         for owner in (layer.self_attn, layer.mlp):

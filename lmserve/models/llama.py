@@ -8,7 +8,7 @@ each, so a layer is a handful of ops. Tokens of all requests are flattened: [num
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -43,10 +43,13 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))
+        bias = cfg.get("attention_bias")
+        if bias is None:  # Qwen2 and Qwen2-MoE: biased q/k/v, unbiased o
+            bias = cfg.get("model_type") in ("qwen2", "qwen2_moe") and cfg.get("qkv_bias", True)
+        bias = bool(bias)
         self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = Linear(self.q_size, hidden, bias=bool(cfg.get("attention_bias", False)))
-        self.qk_norm = cfg.get("model_type") == "qwen3"
+        self.qk_norm = cfg.get("model_type") in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
@@ -76,10 +79,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], intermediate_size: int | None = None) -> None:
         super().__init__()
         bias = bool(cfg.get("mlp_bias", False))
-        self.intermediate_size = cfg["intermediate_size"]
+        self.intermediate_size = intermediate_size or cfg["intermediate_size"]
         self.gate_up_proj = Linear(cfg["hidden_size"], 2 * self.intermediate_size, bias=bias)
         self.down_proj = Linear(self.intermediate_size, cfg["hidden_size"], bias=bias)
 
@@ -88,12 +91,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict[str, Any], window: int | None = None) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], window: int | None = None, mlp: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.self_attn = LlamaAttention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg) if mlp is None else mlp
 
     def forward(
         self, rope: tuple[torch.Tensor, ...], x: torch.Tensor, residual: torch.Tensor | None
@@ -109,10 +114,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], mlp: Callable[[int], nn.Module | None] | None = None
+    ) -> None:
+        """`mlp(i)`: layer i's MLP where it is not LlamaMLP (a mixture of experts), else None."""
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, w) for w in sliding_windows(cfg))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, window, mlp(i) if mlp else None)
+            for i, window in enumerate(sliding_windows(cfg))
+        )
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         theta, scaling = _rope_config(cfg)
         partial = cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get(
@@ -238,10 +249,7 @@ def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     attn = model.model.layers[0].self_attn
-    sizes = {
-        "qkv_proj": [attn.q_size, attn.kv_size, attn.kv_size],
-        "gate_up_proj": [model.config["intermediate_size"]] * 2,
-    }
+    qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
     loaded: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name:
@@ -251,7 +259,11 @@ def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
         if leaf in _FUSED:
             fused, shard = _FUSED[leaf]
             module_name = f"{parent}.{fused}"
-            start, size = sum(sizes[fused][:shard]), sizes[fused][shard]
+            if fused == "qkv_proj":
+                sizes = qkv_sizes
+            else:  # this MLP's own width: a shared expert's differs from the config's
+                sizes = [getattr(modules.get(module_name), "out_features", 0) // 2] * 2
+            start, size = sum(sizes[:shard]), sizes[shard]
         else:
             start, size = 0, tensor.shape[0]
         module = modules.get(module_name)

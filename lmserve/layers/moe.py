@@ -1,0 +1,95 @@
+"""Mixture-of-experts MLPs: a router picks each token's top-k experts, and the experts' SwiGLU
+MLPs run grouped, one GEMM per expert over the tokens routed to it (tokens sorted by expert),
+never a loop over tokens.
+
+Expert weights are stacked [experts, in, out], the layout of layers/linear.py (a few rows times
+[in, out] streams fastest on CPU). A token's expert outputs are summed in ascending expert order,
+as HF's loop over experts sums them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.layers.activation import silu_and_mul
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a model turns router logits into top-k weights (HF's variants)."""
+
+    top_k: int
+    renormalize: bool  # top-k probabilities divided by their sum (Mixtral, Qwen3-MoE)
+
+
+class Router(nn.Module):
+    """Router logits, in HF's [experts, hidden] layout and op (F.linear), so routing decisions
+    round exactly as HF's do; not a Linear, so int8 quantization leaves it alone."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def select_experts(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [tokens, k] in the logits' dtype, expert ids [tokens, k]): softmax in fp32, top-k,
+    renormalized if the model does."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, routing.top_k, dim=-1)
+    if routing.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+class FusedMoE(nn.Module):
+    """`num_experts` SwiGLU MLPs: w13 [experts, hidden, 2 * inter] (gate | up), w2 [experts,
+    inter, hidden]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden]; weights, ids [tokens, k] from select_experts."""
+        top_k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, ascending
+        token = order // top_k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        rows = x.index_select(0, token)
+        out = torch.empty_like(rows)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                end = start + count
+                hidden = silu_and_mul(rows[start:end] @ self.w13[expert])
+                out[start:end] = hidden @ self.w2[expert]
+                start = end
+        out.mul_(weights.reshape(-1, 1).index_select(0, order))
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+    def load_expert(self, expert: int, kind: str, tensor: torch.Tensor) -> None:
+        """One expert's HF tensor: `gate` or `up` [inter, hidden], or `down` [hidden, inter]."""
+        inter = self.intermediate_size
+        with torch.no_grad():
+            if kind == "down":
+                self.w2[expert].copy_(tensor.t())
+            else:
+                start = 0 if kind == "gate" else inter
+                self.w13[expert, :, start : start + inter].copy_(tensor.t())
+
+    def load_stacked(self, kind: str, tensor: torch.Tensor) -> None:
+        """transformers 5's stacked layout: `gate_up` [experts, 2 * inter, hidden] or `down`
+        [experts, hidden, inter]."""
+        with torch.no_grad():
+            (self.w2 if kind == "down" else self.w13).copy_(tensor.transpose(1, 2))
