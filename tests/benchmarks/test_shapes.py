@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from lmserve.benchmarks.serve import run as bench_serve
 from lmserve.benchmarks.shapes import SHAPES_DIR, resolve_model, with_placeholder_tokenizer
 from lmserve.engine.tokenizer import load_tokenizer
@@ -68,3 +70,24 @@ def test_vision_shapes_ship_their_image_processor(tmp_path) -> None:
         config = json.loads((served / "config.json").read_text())
         assert (served / "preprocessor_config.json").exists()
         assert len(load_tokenizer(served)) == config["text_config"]["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "billions"),
+    [("Llama-3-8B", 8.03), ("Qwen2.5-0.5B", 0.494), ("Qwen3-30B-A3B", 30.5), ("Gemma-3-4B", 3.88)],
+)
+def test_text_shapes_build_at_their_published_size(shape: str, billions: float) -> None:
+    """Each shipped config builds (on the meta device: no memory) to the parameter count its
+    model card states, so `--load-format dummy` runs time the real model's work."""
+    import torch
+
+    from lmserve.models.registry import resolve_model_class
+
+    config = json.loads((SHAPES_DIR / shape / "config.json").read_text())
+    with torch.device("meta"):
+        model = resolve_model_class(config["architectures"][0])(config)
+    tied = model.tie_word_embeddings  # the LM head is then a copy of the embedding
+    count = sum(
+        p.numel() for name, p in model.named_parameters() if not (tied and name == "lm_head.weight")
+    )
+    assert count / 1e9 == pytest.approx(billions, rel=0.005)
