@@ -69,12 +69,14 @@ class AttentionBackend(abc.ABC):
         *,
         window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store k/v at metadata's slots, then attend; returns [num_tokens, num_heads, head_dim].
 
         window: a query sees only the last `window` keys up to itself, itself included (HF's and
         vLLM's `sliding_window`); soft_cap: scores s become soft_cap * tanh(s / soft_cap) before
-        the softmax (Gemma 2's attention logit soft-capping)."""
+        the softmax (Gemma 2's attention logit soft-capping); sinks [num_heads]: a logit per head
+        added to the softmax's denominator with no value (gpt-oss's attention sinks)."""
 
     supports_cuda_graphs = False
 

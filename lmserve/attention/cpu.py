@@ -75,18 +75,20 @@ class CpuBackend(TorchRefBackend):
         *,
         window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        options = (window, soft_cap, sinks)
         if isinstance(metadata, TorchRefMetadata):
             return super().forward(
-                q, k, v, kv_cache, metadata, scale, window=window, soft_cap=soft_cap
+                q, k, v, kv_cache, metadata, scale, window=window, soft_cap=soft_cap, sinks=sinks
             )
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, kv_heads, block_size, d]
         cpu_ops.store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
         prefill = metadata.prefill
         if prefill is not None and prefill.covers_batch:
-            return attend_group(
-                q, key_cache, value_cache, prefill, scale, window, soft_cap
-            ).reshape(q.shape)
+            return attend_group(q, key_cache, value_cache, prefill, scale, *options).reshape(
+                q.shape
+            )
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         decode = metadata.decode
         if decode is not None:
@@ -101,8 +103,9 @@ class CpuBackend(TorchRefBackend):
                 scale,
                 window,
                 soft_cap,
+                sinks,
             )
         if prefill is not None:
-            attn = attend_group(q, key_cache, value_cache, prefill, scale, window, soft_cap)
+            attn = attend_group(q, key_cache, value_cache, prefill, scale, *options)
             out[prefill.token_index] = attn[prefill.valid]
         return out

@@ -212,13 +212,15 @@ class TorchRefBackend(AttentionBackend):
         *,
         window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, kv_heads, block_size, d]
         key_cache[metadata.slot_block, :, metadata.slot_offset] = k
         value_cache[metadata.slot_block, :, metadata.slot_offset] = v
         decode = metadata.decode
+        options = (window, soft_cap, sinks)
         if decode is not None:
-            attn = _attend_decode(q, key_cache, value_cache, decode, scale, window, soft_cap)
+            attn = _attend_decode(q, key_cache, value_cache, decode, scale, *options)
             if decode.covers_batch:
                 return attn
             out = torch.empty_like(q)
@@ -226,7 +228,7 @@ class TorchRefBackend(AttentionBackend):
         else:
             out = torch.empty_like(q)
         for group in metadata.groups:
-            attn = attend_group(q, key_cache, value_cache, group, scale, window, soft_cap)
+            attn = attend_group(q, key_cache, value_cache, group, scale, *options)
             if group.covers_batch:
                 return attn.reshape(q.shape)
             out[group.token_index] = attn[group.valid]
@@ -241,8 +243,10 @@ def _attend_decode(
     scale: float,
     window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[rows, heads, d] attention of the decode rows, one softmax per block, merged per row."""
+    """[rows, heads, d] attention of the decode rows, one softmax per block, merged per row
+    (a sink is one more term of the merge: its logit, a zero value)."""
     if decode.span is not None:
         keys, values = key_cache[slice(*decode.span)], value_cache[slice(*decode.span)]
     else:
@@ -268,13 +272,17 @@ def _attend_decode(
     row_max = torch.full((num_rows, num_heads), _HIDDEN, device=q.device).scatter_reduce_(
         0, decode.owner[:, None].expand(-1, num_heads), block_max, "amax"
     )
+    if sinks is not None:
+        row_max = torch.maximum(row_max, sinks.float())
     weight = block_max.sub_(row_max.index_select(0, decode.owner)).exp_()
     numerator = torch.zeros(num_rows, num_heads, head_dim, device=q.device).index_add_(
         0, decode.owner, block_out.float().mul_(weight[..., None])
     )
-    denominator = torch.zeros(num_rows, num_heads, device=q.device).index_add_(
-        0, decode.owner, block_sum.mul_(weight)
-    )
+    if sinks is None:
+        denominator = torch.zeros(num_rows, num_heads, device=q.device)
+    else:
+        denominator = (sinks.float() - row_max).exp_()
+    denominator = denominator.index_add_(0, decode.owner, block_sum.mul_(weight))
     return numerator.div_(denominator[..., None]).to(q.dtype)
 
 
@@ -286,8 +294,10 @@ def attend_group(
     scale: float,
     window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[rows, max_q, heads, d] SDPA over each row's gathered keys, a slice of rows at a time."""
+    """[rows, max_q, heads, d] SDPA over each row's gathered keys, a slice of rows at a time
+    (written out where SDPA cannot: capped scores, sinks)."""
     rows = group.valid.shape[0]
     if group.covers_batch:
         query = q.view(rows, -1, *q.shape[1:])
@@ -299,7 +309,8 @@ def attend_group(
     row_bytes = 2 * blocks_per_row * key_cache[0].nbytes
     step = max(1, _GATHER_BYTES // row_bytes)
     mask, is_causal = group.mask_for(window)
-    attend = F.scaled_dot_product_attention if soft_cap is None else _soft_capped(soft_cap)
+    plain = soft_cap is None and sinks is None
+    attend = F.scaled_dot_product_attention if plain else _written_out(soft_cap, sinks)
     for start in range(0, rows, step):
         end = min(rows, start + step)
         # index_select on the flattened table: far cheaper than advanced indexing on CPU
@@ -323,8 +334,9 @@ def attend_group(
     return attn
 
 
-def _soft_capped(cap: float) -> Callable[..., torch.Tensor]:
-    """SDPA's signature, with scores capped by cap * tanh(s / cap) (which SDPA cannot do)."""
+def _written_out(soft_cap: float | None, sinks: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+    """SDPA's signature, with what SDPA cannot do: scores capped by cap * tanh(s / cap), and a
+    sink per head (a logit in the softmax's denominator with no value, gpt-oss's)."""
 
     def attend(
         query: torch.Tensor,
@@ -338,12 +350,17 @@ def _soft_capped(cap: float) -> Callable[..., torch.Tensor]:
         group = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
         scores = (query @ keys.transpose(-1, -2)).float().mul_(scale)
-        scores = scores.div_(cap).tanh_().mul_(cap)
+        if soft_cap is not None:
+            scores = scores.div_(soft_cap).tanh_().mul_(soft_cap)
         if is_causal:
             n_q, n_k = scores.shape[-2:]
             attn_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril_(n_k - n_q)
         if attn_mask is not None:
             scores = scores.masked_fill_(~attn_mask, float("-inf"))
-        return scores.softmax(-1).to(values.dtype) @ values
+        if sinks is None:
+            return scores.softmax(-1).to(values.dtype) @ values
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+        return probs.to(values.dtype) @ values
 
     return attend

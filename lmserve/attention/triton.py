@@ -98,6 +98,7 @@ class TritonBackend(AttentionBackend):
         *,
         window: int | None = None,
         soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         store_kv(k, v, kv_cache, metadata.slot_mapping)
         return paged_attention(
@@ -111,4 +112,5 @@ class TritonBackend(AttentionBackend):
             num_splits=metadata.num_splits,
             window=window,
             soft_cap=soft_cap,
+            sinks=sinks,
         )

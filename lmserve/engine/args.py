@@ -92,6 +92,7 @@ def create_engine_config(
     allowed_media_domains: list[str] | None = None,
     tensor_parallel_size: int = 1,
     trust_remote_code: bool = False,
+    hf_overrides: dict[str, Any] | str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
@@ -136,7 +137,7 @@ def create_engine_config(
         served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = _with_decoding_rules(json.loads((path / "config.json").read_text()), path)
-    hf_config = _with_text_config(hf_config)
+    hf_config = _with_text_config({**hf_config, **_hf_overrides(hf_overrides)})
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     resolved = resolve_runner(runner, convert, task, architecture)
     runner = resolved.runner
@@ -323,6 +324,20 @@ def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
     return dict(value)
 
 
+def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """--hf-overrides (vLLM's): config.json keys to replace, as JSON or a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"hf_overrides is not JSON: {exc}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f'hf_overrides is a JSON object, e.g. {{"num_hidden_layers": 4}}; got {value!r}'
+        )
+    return dict(value or {})
+
+
 def _with_text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     """A vision-language model's config with its language model's keys at the top: the KV
     cache, the limits and the language model are sized from those, as for a text model. The
@@ -465,6 +480,13 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="most media items of each kind in one prompt, as JSON: '{\"image\": 4}' "
         "(default: 999 each); more is a 400",
+    )
+    parser.add_argument(
+        "--hf-overrides",
+        default=None,
+        help="config.json keys to replace, as JSON: '{\"num_hidden_layers\": 4}' with "
+        "--load-format dummy cuts a shape to a few layers for a benchmark; real weights must "
+        "still match the changed config",
     )
     parser.add_argument(
         "--tensor-parallel-size",
@@ -611,4 +633,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         allowed_media_domains=args.allowed_media_domains,
         tensor_parallel_size=args.tensor_parallel_size,
         trust_remote_code=args.trust_remote_code,
+        hf_overrides=args.hf_overrides,
     )

@@ -113,10 +113,12 @@ def decode_attention(
     scale: float,
     window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Attention of decode rows (one query each) over their paged keys, written into `out`;
-    with `window`, over the last `window` keys only, and with `soft_cap`, scores capped by
-    soft_cap * tanh(s / soft_cap).
+    with `window`, over the last `window` keys only, with `soft_cap`, scores capped by
+    soft_cap * tanh(s / soft_cap), and with `sinks` [num_heads], one more logit per head in the
+    softmax's denominator.
 
     q, out: [num_tokens, num_heads, head_dim]; caches [num_blocks, kv_heads, block_size,
     head_dim]; block_table [rows, max_blocks] int32; seq_lens [rows] int32; token_index [rows]
@@ -133,6 +135,7 @@ def decode_attention(
         scale,
         window or 0,
         soft_cap or 0.0,
+        None if sinks is None else sinks.float().contiguous(),
     )
 
 

@@ -129,6 +129,7 @@ def _paged_attention_kernel(
     part_max_ptr,  # [num_reqs, num_heads, num_splits] fp32, log2 domain
     part_sum_ptr,  # [num_reqs, num_heads, num_splits] fp32
     part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32, unnormalized
+    sinks_ptr,  # [num_heads] fp32 when HAS_SINKS
     scale_log2,
     window,  # > 0: each query sees its last `window` keys, itself included
     num_reqs,
@@ -156,6 +157,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFT_CAP: tl.constexpr,  # > 0: scores s become SOFT_CAP * tanh(s / SOFT_CAP)
+    HAS_SINKS: tl.constexpr,  # one more logit per head in the denominator, with no value
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -204,6 +206,9 @@ def _paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS and split == 0:  # the sink starts the softmax: a key of zero value, once a row
+        m_i = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * _LOG2E_JIT
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = block_table_ptr + req.to(tl.int64) * stride_bt
     for start_n in range(kv_start, kv_end, BLOCK_N):
@@ -315,6 +320,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q over the paged cache; returns out [num_tokens, num_heads, head_dim].
 
@@ -324,7 +330,7 @@ def paged_attention(
     max_query_len only picks the tile shape (1: one query token per tile, the decode shape); any
     value gives correct results. num_splits > 1 splits the keys of every decode row (query_len 1)
     into that many ranges. Tokens past query_start_loc[-1] are left untouched in out (padding).
-    window and soft_cap as AttentionBackend.forward's.
+    window, soft_cap and sinks as AttentionBackend.forward's.
     """
     num_tokens, num_heads, head_dim = q.shape
     key_cache, value_cache = kv_cache[0], kv_cache[1]
@@ -366,6 +372,7 @@ def paged_attention(
         part_max,
         part_sum,
         part_acc,
+        part_max if sinks is None else sinks.float().contiguous(),
         scale * _LOG2E,
         window or 0,
         num_reqs,
@@ -394,6 +401,7 @@ def paged_attention(
         # fp32 must not silently drop to tf32 on tensor cores; half types ignore this.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SOFT_CAP=float(soft_cap or 0.0),
+        HAS_SINKS=sinks is not None,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_reqs, num_heads)](

@@ -9,6 +9,7 @@ as HF's loop over experts sums them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,32 @@ def select_experts(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor
     return weights.to(logits.dtype), ids
 
 
+def run_grouped(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_mlp(ids[t, k], x[t]) for every token t, each expert called
+    once on all the rows routed to it, and each token's terms added in ascending expert order."""
+    top_k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, ascending
+    token = order // top_k
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    rows = x.index_select(0, token)
+    out = torch.empty_like(rows)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            end = start + count
+            out[start:end] = expert_mlp(expert, rows[start:end])
+            start = end
+    out.mul_(weights.reshape(-1, 1).index_select(0, order))
+    return torch.zeros_like(x).index_add_(0, token, out)
+
+
 class FusedMoE(nn.Module):
     """`num_experts` SwiGLU MLPs: w13 [experts, hidden, 2 * inter] (gate | up), w2 [experts,
     inter, hidden]."""
@@ -61,22 +88,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; weights, ids [tokens, k] from select_experts."""
-        top_k = ids.shape[1]
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, ascending
-        token = order // top_k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        rows = x.index_select(0, token)
-        out = torch.empty_like(rows)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                end = start + count
-                hidden = silu_and_mul(rows[start:end] @ self.w13[expert])
-                out[start:end] = hidden @ self.w2[expert]
-                start = end
-        out.mul_(weights.reshape(-1, 1).index_select(0, order))
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return run_grouped(x, weights, ids, self.num_experts, self._expert)
+
+    def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(rows @ self.w13[expert]) @ self.w2[expert]
 
     def load_expert(self, expert: int, kind: str, tensor: torch.Tensor) -> None:
         """One expert's HF tensor: `gate` or `up` [inter, hidden], or `down` [hidden, inter]."""

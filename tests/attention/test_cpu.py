@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 
 
 def _compare(common, cache, q, k, v, **options) -> CpuMetadata:
-    """options: window, soft_cap."""
+    """options: window, soft_cap, sinks."""
     backend = CpuBackend(CPU)
     metadata = backend.build_metadata(common)
     assert isinstance(metadata, CpuMetadata)
@@ -56,12 +56,23 @@ def test_decode_rows_with_scattered_shared_and_partial_blocks(shape, block_size)
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize(
-    "options", [dict(window=5), dict(window=1), dict(soft_cap=0.7), dict(window=20, soft_cap=0.7)]
+    "options",
+    [
+        dict(window=5),
+        dict(window=1),
+        dict(soft_cap=0.7),
+        dict(window=20, soft_cap=0.7),
+        dict(sinks=True),
+        dict(window=5, sinks=True),
+    ],
 )
-def test_sliding_window_and_soft_cap(shape, options) -> None:
-    # windows that start mid-block, on a block edge, past short rows; a capped score range
+def test_sliding_window_soft_cap_and_sinks(shape, options) -> None:
+    # windows that start mid-block, on a block edge, past short rows; a capped score range;
+    # sinks (gpt-oss's), some larger than any score, some smaller
     rows = [(1, 32), (1, 3), (1, 21), (1, 47), (5, 12)]
     tables = [[7, 2, 30], [12], [7, 21], [5, 40, 9], [3, 4]]
+    if options.get("sinks"):
+        options = {**options, "sinks": torch.linspace(-3.0, 3.0, shape["heads"])}
     _compare(*make_batch(rows, tables, 41, block_size=16, **shape), **options)
 
 

@@ -58,9 +58,10 @@ def make_batch(
     return common, cache, qk[:, :heads], qk[:, heads:], v
 
 
-def _row_by_row(common, cache, q, scale, window=None, soft_cap=None) -> torch.Tensor:
+def _row_by_row(common, cache, q, scale, window=None, soft_cap=None, sinks=None) -> torch.Tensor:
     """Each token attends its row's keys up to its own position (its last `window` of them),
-    scores capped by soft_cap * tanh(s / soft_cap); cache already holds this step."""
+    scores capped by soft_cap * tanh(s / soft_cap), a head's sink one more score whose value is
+    zero; cache already holds this step."""
     out = torch.empty_like(q)
     group = NUM_HEADS // NUM_KV_HEADS
     for i, seq_len in enumerate(common.seq_lens.tolist()):
@@ -78,18 +79,26 @@ def _row_by_row(common, cache, q, scale, window=None, soft_cap=None) -> torch.Te
                 scores = keys[kv, first:visible] @ q[t, h] * scale
                 if soft_cap is not None:
                     scores = soft_cap * torch.tanh(scores / soft_cap)
-                out[t, h] = torch.softmax(scores, dim=0) @ values[kv, first:visible]
+                if sinks is not None:
+                    scores = torch.cat([scores, sinks[h : h + 1]])
+                    values_h = torch.cat([values[kv, first:visible], torch.zeros(1, HEAD_DIM)])
+                else:
+                    values_h = values[kv, first:visible]
+                out[t, h] = torch.softmax(scores, dim=0) @ values_h
     return out
 
 
-def _check(common, cache, q, k, v, window=None, soft_cap=None) -> torch_ref.TorchRefMetadata:
+def _check(
+    common, cache, q, k, v, window=None, soft_cap=None, sinks=None
+) -> torch_ref.TorchRefMetadata:
     backend = TorchRefBackend(torch.device("cpu"))
     metadata = backend.build_metadata(common)
-    out = backend.forward(q, k, v, cache, metadata, 0.3, window=window, soft_cap=soft_cap)
+    options = dict(window=window, soft_cap=soft_cap, sinks=sinks)
+    out = backend.forward(q, k, v, cache, metadata, 0.3, **options)
     slots = common.slot_mapping
     stored_k = cache[0][slots // BLOCK_SIZE, :, slots % BLOCK_SIZE]
     assert torch.equal(stored_k, k)
-    expected = _row_by_row(common, cache, q, 0.3, window, soft_cap)
+    expected = _row_by_row(common, cache, q, 0.3, window, soft_cap, sinks)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     return metadata
 
@@ -134,12 +143,23 @@ def test_prefill_rows_gathered_one_per_slice(monkeypatch) -> None:
     _check(*make_batch(rows, [[4, 2], [1, 3], [5]], num_blocks=6))
 
 
-# windows shorter than some rows' contexts, a window of one key, and soft-capped scores
-WINDOWED = [(3, None), (6, None), (1, None), (None, 0.5), (5, 0.5)]
+# windows shorter than some rows' contexts, a window of one key, soft-capped scores, and sinks
+# (large ones take most of the weight; with a window of one key the sink still competes)
+SINKS = torch.tensor([2.0, -1.0, 0.5, 4.0, -3.0, 0.0])
+WINDOWED = [
+    (3, None, None),
+    (6, None, None),
+    (1, None, None),
+    (None, 0.5, None),
+    (5, 0.5, None),
+    (None, None, SINKS),
+    (1, None, SINKS),
+    (4, None, SINKS),
+]
 
 
-@pytest.mark.parametrize(("window", "soft_cap"), WINDOWED)
-def test_sliding_window_and_soft_cap_on_every_path(window, soft_cap) -> None:
+@pytest.mark.parametrize(("window", "soft_cap", "sinks"), WINDOWED)
+def test_sliding_window_soft_cap_and_sinks_on_every_path(window, soft_cap, sinks) -> None:
     # decode blocks in place, gathered (a shared prefix block), beside chunks, a lone row
     layouts = [
         ([(1, 6), (1, 8), (1, 3)], [[3, 7], [2, 6, 4], [1]], 9),
@@ -149,7 +169,7 @@ def test_sliding_window_and_soft_cap_on_every_path(window, soft_cap) -> None:
         ([(7, 0)], [[2, 1]], 3),
     ]
     for rows, tables, num_blocks in layouts:
-        _check(*make_batch(rows, tables, num_blocks), window=window, soft_cap=soft_cap)
+        _check(*make_batch(rows, tables, num_blocks), window=window, soft_cap=soft_cap, sinks=sinks)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])

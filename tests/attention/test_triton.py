@@ -104,7 +104,7 @@ def make_batch(
 
 def reference(batch: Batch, scale: float, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """torch_ref's output (computed in fp32) and its cache after the step (in the batch dtype);
-    options: window, soft_cap."""
+    options: window, soft_cap, sinks."""
     ref = TorchRefBackend(batch.kv_cache.device)
     metadata = ref.build_metadata(batch.common)
     # torch_ref's cache is head-major: [2, blocks, kv_heads, block_size, d]
@@ -176,6 +176,15 @@ def test_sliding_window_and_soft_cap(options, num_splits) -> None:
     # windows inside one tile and across tiles, split decode rows with splits before the window
     batch = make_batch(MIXED_ROWS, 4, 2, 64, seed=11)
     check_against_reference(batch, num_splits=num_splits, **options)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sinks(window, num_splits) -> None:
+    # gpt-oss's sinks: counted once per row however its keys are split, beside a window
+    batch = make_batch(MIXED_ROWS, 4, 2, 64, seed=12)
+    sinks = torch.tensor([3.0, -2.0, 0.0, 1.5], device=batch.q.device)
+    check_against_reference(batch, num_splits=num_splits, window=window, sinks=sinks)
 
 
 def test_float16() -> None:
@@ -283,7 +292,9 @@ def build(kernel, dtype, **constexprs):
         if name in constexprs:
             return "constexpr"
         if name.endswith("_ptr"):
-            return "*fp32" if name.startswith("part_") else INT_PTRS.get(name, "*" + dtype)
+            if name.startswith("part_") or name == "sinks_ptr":
+                return "*fp32"
+            return INT_PTRS.get(name, "*" + dtype)
         return "fp32" if name == "scale_log2" else "i32"
     names = kernel.arg_names
     signature = {name: arg_type(name) for name in names}
@@ -293,9 +304,9 @@ def build(kernel, dtype, **constexprs):
 build(pa._store_kv_kernel, "bf16", BLOCK_SIZE=16, BLOCK_D=128)
 tile = dict(NUM_QUERIES_PER_KV=7, HEADS_PAD=8, BLOCK_N=64, BLOCK_D=128, BLOCK_SIZE=16)
 build(pa._paged_attention_kernel, "bf16", BLOCK_Q=8, BLOCK_M=64, DOT_PRECISION="tf32",
-      SOFT_CAP=0.0, **tile)
+      SOFT_CAP=0.0, HAS_SINKS=False, **tile)
 build(pa._paged_attention_kernel, "fp32", BLOCK_Q=1, BLOCK_M=16, DOT_PRECISION="ieee",
-      SOFT_CAP=50.0, **tile)
+      SOFT_CAP=50.0, HAS_SINKS=True, **tile)
 build(pa._reduce_splits_kernel, "bf16", SPLITS_PAD=16, BLOCK_D=128)
 """
 

@@ -32,3 +32,21 @@ def test_vllms_flag_spellings_parse(tiny_chat_dir) -> None:
     assert config.observability.metrics_prefix == "vllm"
     with pytest.raises(ValueError, match="metrics_prefix"):
         create_engine_config(str(tiny_chat_dir), metrics_prefix="prom")
+
+
+def test_hf_overrides_replace_config_keys(tiny_chat_dir) -> None:
+    """vLLM's --hf-overrides: the model is built from the overridden config."""
+    from lmserve import LLM
+
+    parser = argparse.ArgumentParser()
+    add_engine_cli_args(parser)
+    args = parser.parse_args(["--hf-overrides", '{"num_hidden_layers": 1, "sliding_window": 8}'])
+    kwargs = engine_kwargs_from_cli(args)
+    config = create_engine_config(str(tiny_chat_dir), **kwargs)
+    assert config.model.hf_config["num_hidden_layers"] == 1
+    llm = LLM(str(tiny_chat_dir), hf_overrides={"num_hidden_layers": 1}, load_format="dummy")
+    assert len(llm.engine_core.runner.model.model.layers) == 1
+    with pytest.raises(ValueError, match="hf_overrides is not JSON"):
+        create_engine_config(str(tiny_chat_dir), hf_overrides="{num_hidden_layers: 1}")
+    with pytest.raises(ValueError, match="hf_overrides is a JSON object"):
+        create_engine_config(str(tiny_chat_dir), hf_overrides="[1]")

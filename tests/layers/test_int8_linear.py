@@ -1,4 +1,5 @@
-"""Int8Linear: close to the fp32 layer it replaces, row results independent of the batch."""
+"""Int8Linear and Int8FusedMoE: close to the fp32 layers they replace, row results independent
+of the batch."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lmserve.layers.int8_linear import Int8Linear, quantize_linears
+from lmserve.layers.int8_linear import Int8FusedMoE, Int8Linear, quantize_linears
 from lmserve.layers.linear import Linear
+from lmserve.layers.moe import FusedMoE, Routing, select_experts
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> Linear:
@@ -82,3 +84,32 @@ def test_torch_linears_are_quantized_too() -> None:
     assert quantize_linears(model) == 2
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2
     assert (model(x) - expected).norm() / expected.norm() < 0.05
+
+
+def _experts() -> FusedMoE:
+    torch.manual_seed(3)
+    moe = FusedMoE(num_experts=6, hidden_size=64, intermediate_size=48)
+    with torch.no_grad():
+        moe.w13.normal_(0, 0.1)
+        moe.w2.normal_(0, 0.1)
+    return moe
+
+
+def test_int8_experts_are_close_to_fp32_and_exact_per_token() -> None:
+    moe = _experts()
+    x = torch.randn(20, 64)
+    weights, ids = select_experts(torch.randn(20, 6), Routing(top_k=2, renormalize=True))
+    quantized = Int8FusedMoE(moe)
+    assert quantized.w13.dtype == torch.int8 and quantized.w13.shape == (6, 96, 64)
+    expected, got = moe(x, weights, ids), quantized(x, weights, ids)
+    assert (got - expected).norm() / expected.norm() < 0.02
+    for i in (0, 7, 19):  # a token's result does not depend on the others routed with it
+        alone = quantized(x[i : i + 1], weights[i : i + 1], ids[i : i + 1])
+        assert torch.equal(alone, got[i : i + 1])
+
+
+def test_quantize_linears_replaces_experts_too() -> None:
+    model = nn.ModuleDict({"experts": _experts(), "proj": _linear(8, 4, False)})
+    assert quantize_linears(model) == 2
+    assert isinstance(model["experts"], Int8FusedMoE)
+    assert isinstance(model["proj"], Int8Linear)

@@ -102,6 +102,20 @@ def test_prefix_cached_requests_and_logprobs_equal_hf(moe) -> None:
     assert_no_blocks_held(llm)
 
 
+def test_int8_experts_give_each_prompt_its_tokens_alone(moe) -> None:
+    """--quantization int8 covers the experts; its tokens do not depend on the batch."""
+    from lmserve.layers.int8_linear import Int8FusedMoE
+
+    path, _ = moe
+    prompts = _prompts()
+    llm = LLM(str(path), quantization="int8", max_num_batched_tokens=8)
+    model = llm.engine_core.runner.model
+    assert any(isinstance(m, Int8FusedMoE) for m in model.modules())
+    alone = [run_greedy(llm, [p])[0] for p in prompts]
+    assert run_greedy(llm, prompts) == alone
+    assert alone != run_greedy(LLM(str(path)), prompts)  # the quantized experts really run
+
+
 def test_lora_is_refused_clearly(moe) -> None:
     path, _ = moe
     with pytest.raises(

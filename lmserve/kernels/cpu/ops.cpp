@@ -47,7 +47,7 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
                        const float* value_cache, const int32_t* blocks, int64_t seq_len,
                        int64_t first_key, int64_t kv_heads, int64_t h, int64_t block_size,
                        int64_t group, int64_t nv_runtime, float scale, float soft_cap,
-                       float* scores, float* out, int64_t out_head_stride) {
+                       const float* sinks, float* scores, float* out, int64_t out_head_stride) {
   const int64_t nv = NV > 0 ? NV : nv_runtime;
   const int64_t head_dim = nv * kLanes;
   Vec qv[kMaxGroup][NV > 0 ? NV : kMaxVectors];
@@ -59,8 +59,9 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
       qv[g][v] = Vec::loadu(q + g * q_head_stride + v * kLanes) * Vec(scale);
       acc[g][v] = Vec(0.f);
     }
-    row_max[g] = -std::numeric_limits<float>::infinity();
-    row_sum[g] = 0.f;
+    // a sink is a key with its own logit and a zero value: the softmax's starting state
+    row_max[g] = sinks ? sinks[g] : -std::numeric_limits<float>::infinity();
+    row_sum[g] = sinks ? 1.f : 0.f;
   }
   const int64_t block_elems = block_size * head_dim;
   const int64_t num_blocks = (seq_len + block_size - 1) / block_size;
@@ -131,11 +132,13 @@ void attend_decode_row(const float* q, int64_t q_head_stride, const float* key_c
 // kv_heads, block_size, head_dim] contiguous; block_table [rows, max_blocks] int32; seq_lens
 // [rows] int32; token_index [rows] int64: the query token of each decode row, whose output
 // row of `out` is written. window > 0: each row sees its last `window` keys only; soft_cap > 0:
-// scores capped by soft_cap * tanh(s / soft_cap).
+// scores capped by soft_cap * tanh(s / soft_cap); sinks (optional, [heads] float32): one more
+// logit per head in the softmax's denominator, with no value.
 void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_table,
                       const at::Tensor& seq_lens, const at::Tensor& token_index, at::Tensor& out,
-                      double scale, int64_t window, double soft_cap) {
+                      double scale, int64_t window, double soft_cap,
+                      const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && key_cache.scalar_type() == at::kFloat &&
                   value_cache.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "decode_attention: float32 only");
@@ -165,6 +168,10 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
   float* out_ptr = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const float fcap = static_cast<float>(soft_cap);
+  TORCH_CHECK(!sinks || (sinks->scalar_type() == at::kFloat && sinks->is_contiguous() &&
+                         sinks->numel() == heads),
+              "decode_attention: sinks must be float32 [num_heads], contiguous");
+  const float* sinks_ptr = sinks ? sinks->data_ptr<float>() : nullptr;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * block_size);
     for (int64_t item = begin; item < end; ++item) {
@@ -173,11 +180,12 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
       float* oh = out_ptr + tokens[r] * out.stride(0) + h * group * out.stride(1);
       const int32_t* blocks = table + r * max_blocks;
       const int64_t first = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
+      const float* sink = sinks_ptr ? sinks_ptr + h * group : nullptr;
       switch (nv) {
 #define LMSERVE_ATTEND(N)                                                                     \
   case N:                                                                                     \
     attend_decode_row<N>(qh, q.stride(1), k_ptr, v_ptr, blocks, lens[r], first, kv_heads, h,  \
-                         block_size, group, nv, fscale, fcap, scores.data(), oh,              \
+                         block_size, group, nv, fscale, fcap, sink, scores.data(), oh,        \
                          out.stride(1));                                                      \
     break;
         LMSERVE_ATTEND(4)
@@ -186,8 +194,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
 #undef LMSERVE_ATTEND
         default:
           attend_decode_row<0>(qh, q.stride(1), k_ptr, v_ptr, blocks, lens[r], first, kv_heads,
-                               h, block_size, group, nv, fscale, fcap, scores.data(), oh,
-                               out.stride(1));
+                               h, block_size, group, nv, fscale, fcap, sink, scores.data(),
+                               oh, out.stride(1));
       }
     }
   });
@@ -411,7 +419,7 @@ TORCH_LIBRARY(lmserve_cpu, m) {
   m.def(
       "decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_table, "
       "Tensor seq_lens, Tensor token_index, Tensor(a!) out, float scale, int window, "
-      "float soft_cap) -> ()");
+      "float soft_cap, Tensor? sinks) -> ()");
   m.def(
       "store_kv(Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
