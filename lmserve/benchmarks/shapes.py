@@ -16,6 +16,11 @@ from pathlib import Path
 SHAPES_DIR = Path(__file__).parent / "configs"
 
 
+def shape_names() -> list[str]:
+    """The shipped shapes' names, sorted, for `--help` texts."""
+    return sorted((path.name for path in SHAPES_DIR.iterdir() if path.is_dir()), key=str.lower)
+
+
 def resolve_model(model: str | None, cache_dir: Path | None = None) -> str | None:
     """A shipped shape's served directory for its name (`Llama-3-8B`, case-insensitive), unless
     a local path of that name exists; anything else unchanged."""

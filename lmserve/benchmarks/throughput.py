@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmserve.benchmarks.roofline import ModelCost, measure_hardware, roofline_seconds
-from lmserve.benchmarks.shapes import resolve_model
+from lmserve.benchmarks.shapes import resolve_model, shape_names
 from lmserve.config import EngineConfig
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"{MODEL_HELP}; or a shipped shape, Llama-3-8B or Qwen2.5-0.5B, with "
-        "--load-format dummy",
+        help=f"{MODEL_HELP}; or a shipped shape with --load-format dummy: "
+        + ", ".join(shape_names()),
     )
     add_engine_cli_args(parser)
     parser.set_defaults(max_num_seqs=64)

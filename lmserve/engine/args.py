@@ -137,7 +137,7 @@ def create_engine_config(
         served_model_name = served_model_name or DEFAULT_POOLING_MODEL
     path = resolve_model_dir(model, Path(cache_dir) if cache_dir else default_cache_dir())
     hf_config = _with_decoding_rules(json.loads((path / "config.json").read_text()), path)
-    hf_config = _with_text_config({**hf_config, **_hf_overrides(hf_overrides)})
+    hf_config = _with_text_config(_overridden(hf_config, _hf_overrides(hf_overrides)))
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     resolved = resolve_runner(runner, convert, task, architecture)
     runner = resolved.runner
@@ -336,6 +336,16 @@ def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
             f'hf_overrides is a JSON object, e.g. {{"num_hidden_layers": 4}}; got {value!r}'
         )
     return dict(value or {})
+
+
+def _overridden(hf_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The config with `overrides` applied; a smaller `num_hidden_layers` keeps the first layers'
+    `layer_types`, so a benchmark of a model's first layers has those layers' kinds."""
+    config = {**hf_config, **overrides}
+    num_layers, kinds = config.get("num_hidden_layers"), config.get("layer_types")
+    if "layer_types" not in overrides and isinstance(kinds, list) and isinstance(num_layers, int):
+        config["layer_types"] = kinds[:num_layers]
+    return config
 
 
 def _with_text_config(hf_config: dict[str, Any]) -> dict[str, Any]:

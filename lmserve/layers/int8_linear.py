@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from lmserve.kernels import cpu_ops
-from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.linear import Linear
 from lmserve.layers.moe import FusedMoE, run_grouped
 
@@ -88,6 +87,9 @@ class Int8FusedMoE(nn.Module):
     def __init__(self, moe: FusedMoE) -> None:
         super().__init__()
         self.num_experts = moe.num_experts
+        self.activation = moe.activation
+        self.register_buffer("b13", None if moe.b13 is None else moe.b13.detach().float())
+        self.register_buffer("b2", None if moe.b2 is None else moe.b2.detach().float())
         w13, w13_scale = quantize_weight(moe.w13.detach().transpose(1, 2))  # [E, 2I, H]
         w2, w2_scale = quantize_weight(moe.w2.detach().transpose(1, 2))  # [E, H, I]
         self.register_buffer("w13", w13)
@@ -102,9 +104,11 @@ class Int8FusedMoE(nn.Module):
 
     def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         kernels = self.cpu_kernels
-        gate_up = int8_matmul(rows, self.w13[expert], self.w13_scale[expert], None, kernels)
-        hidden = silu_and_mul(gate_up)
-        return int8_matmul(hidden, self.w2[expert], self.w2_scale[expert], None, kernels)
+        b13 = None if self.b13 is None else self.b13[expert]
+        b2 = None if self.b2 is None else self.b2[expert]
+        gate_up = int8_matmul(rows, self.w13[expert], self.w13_scale[expert], b13, kernels)
+        hidden = self.activation(gate_up)
+        return int8_matmul(hidden, self.w2[expert], self.w2_scale[expert], b2, kernels)
 
 
 def quantize_linears(model: nn.Module) -> int:

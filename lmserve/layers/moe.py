@@ -25,23 +25,43 @@ class Routing:
 
     top_k: int
     renormalize: bool  # top-k probabilities divided by their sum (Mixtral, Qwen3-MoE)
+    softmax_after_topk: bool = False  # the top-k logits softmaxed among themselves (gpt-oss)
 
 
 class Router(nn.Module):
     """Router logits, in HF's [experts, hidden] layout and op (F.linear), so routing decisions
     round exactly as HF's do; not a Linear, so int8 quantization leaves it alone."""
 
-    def __init__(self, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation on [..., 2n] (gate | up): the gate clamped above and the up
+    projection both ways at `limit`, then (up + 1) * gate * sigmoid(alpha * gate)."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 def select_experts(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [tokens, k] in the logits' dtype, expert ids [tokens, k]): softmax in fp32, top-k,
-    renormalized if the model does."""
+    renormalized if the model does; or top-k of the logits, then their softmax."""
+    if routing.softmax_after_topk:
+        top, ids = torch.topk(logits, routing.top_k, dim=-1)
+        return torch.softmax(top, dim=1, dtype=top.dtype), ids
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, routing.top_k, dim=-1)
     if routing.renormalize:
@@ -76,22 +96,41 @@ def run_grouped(
 
 
 class FusedMoE(nn.Module):
-    """`num_experts` SwiGLU MLPs: w13 [experts, hidden, 2 * inter] (gate | up), w2 [experts,
-    inter, hidden]."""
+    """`num_experts` gated MLPs: w13 [experts, hidden, 2 * inter] (gate | up), w2 [experts,
+    inter, hidden], optional biases b13 [experts, 2 * inter] and b2 [experts, hidden] (gpt-oss's,
+    added after each product as HF adds them); `activation` maps gate | up to inter (SwiGLU
+    unless given)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        bias: bool = False,
+        activation: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul,
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
+        self.activation = activation
         self.w13 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; weights, ids [tokens, k] from select_experts."""
         return run_grouped(x, weights, ids, self.num_experts, self._expert)
 
     def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(rows @ self.w13[expert]) @ self.w2[expert]
+        gate_up = rows @ self.w13[expert]
+        if self.b13 is not None:
+            gate_up = gate_up + self.b13[expert]
+        out = self.activation(gate_up) @ self.w2[expert]
+        if self.b2 is not None:
+            out = out + self.b2[expert]
+        return out
 
     def load_expert(self, expert: int, kind: str, tensor: torch.Tensor) -> None:
         """One expert's HF tensor: `gate` or `up` [inter, hidden], or `down` [hidden, inter]."""

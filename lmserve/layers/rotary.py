@@ -1,5 +1,6 @@
-"""Rotary position embeddings (rotate-half layout, as HF Llama), with Llama-3 frequency scaling,
-and Qwen2-VL's multimodal M-RoPE (three position components, each turning its own bands)."""
+"""Rotary position embeddings (rotate-half layout, as HF Llama), with linear, Llama-3 and YaRN
+frequency scaling, and Qwen2-VL's multimodal M-RoPE (three position components, each turning its
+own bands)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from lmserve.kernels import cpu_ops, cuda_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies in fp32, as HF computes them, with `linear` or `llama3` scaling applied."""
+    """Inverse frequencies in fp32, as HF computes them, with `linear`, `llama3` or `yarn` scaling
+    applied."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if not scaling:
         return inv_freq
@@ -24,7 +26,58 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
+    raise ValueError(
+        f"rope_scaling type {kind!r} is not supported (supported: linear, llama3, yarn)"
+    )
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor HF multiplies cos and sin by: YaRN's attention scaling (its `attention_factor`,
+    else 0.1 * ln(factor) + 1, or the ratio of two such terms with `mscale`/`mscale_all_dim`);
+    1 for every other kind."""
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if kind != "yarn":
+        return 1.0
+    assert scaling is not None
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor, 1.0)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict[str, Any]
+) -> torch.Tensor:
+    """YaRN: high-frequency bands kept (extrapolated), low ones divided by `factor`
+    (interpolated), a linear ramp between the bands that turn beta_fast and beta_slow times over
+    the original context."""
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+
+    def band(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = (
+        band(float(scaling.get("beta_fast") or 32)),
+        band(float(scaling.get("beta_slow") or 1)),
+    )
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # HF's guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp
+    return (inv_freq / factor) * (1 - extrapolated) + inv_freq * extrapolated
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -67,11 +120,11 @@ class RotaryEmbedding(nn.Module):
             bands = torch.cat([half, half])
         self.register_buffer("mrope_bands", bands, persistent=False)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos_cache", torch.cat((freqs, freqs), -1).cos(), persistent=False)
+        factor = rope_attention_factor(scaling)
+        cos, sin = freqs.cos() * factor, freqs.sin() * factor
+        self.register_buffer("cos_cache", torch.cat((cos, cos), -1), persistent=False)
         # [-sin, sin]: x * cos + roll(x, half) * signed_sin == x * cos + rotate_half(x) * sin
-        self.register_buffer(
-            "signed_sin_cache", torch.cat((-freqs.sin(), freqs.sin()), -1), persistent=False
-        )
+        self.register_buffer("signed_sin_cache", torch.cat((-sin, sin), -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(cos, signed_sin), each [num_tokens, 1, head_dim], to broadcast over heads.

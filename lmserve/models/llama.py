@@ -59,6 +59,7 @@ class LlamaAttention(nn.Module):
             self.head_dim,
             self.head_dim**-0.5,
             sliding_window=window,
+            sinks=cfg.get("model_type") == "gpt_oss",
         )
 
     def forward(self, rope: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
@@ -283,11 +284,14 @@ def sliding_windows(cfg: dict[str, Any]) -> list[int | None]:
     """Each layer's sliding window (None: global), as HF reads the config: Mistral and Phi-3
     window every layer when `sliding_window` is set; Qwen2/Qwen3 only with
     `use_sliding_window`, then the layers `layer_types` marks (default: from
-    `max_window_layers` on)."""
+    `max_window_layers` on); gpt-oss the layers `layer_types` marks (default: every other one,
+    the first windowed)."""
     num_layers, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
     if not window or cfg.get("use_sliding_window") is False:
         return [None] * num_layers
     kinds = cfg.get("layer_types")
+    if not kinds and cfg.get("model_type") == "gpt_oss":  # windowed and global, alternating
+        kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     if not kinds and "use_sliding_window" in cfg:  # Qwen's layout
         kinds = [
             "sliding_attention" if i >= cfg.get("max_window_layers", 0) else "full_attention"

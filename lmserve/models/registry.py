@@ -9,6 +9,7 @@ from torch import nn
 _MODELS = {
     "Gemma2ForCausalLM": "lmserve.models.gemma:GemmaForCausalLM",
     "Gemma3ForCausalLM": "lmserve.models.gemma:GemmaForCausalLM",
+    "GptOssForCausalLM": "lmserve.models.gpt_oss:GptOssForCausalLM",
     "LlamaForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmserve.models.llama:LlamaForCausalLM",
     "MixtralForCausalLM": "lmserve.models.moe:MoeForCausalLM",

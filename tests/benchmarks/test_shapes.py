@@ -74,7 +74,13 @@ def test_vision_shapes_ship_their_image_processor(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "billions"),
-    [("Llama-3-8B", 8.03), ("Qwen2.5-0.5B", 0.494), ("Qwen3-30B-A3B", 30.5), ("Gemma-3-4B", 3.88)],
+    [
+        ("Llama-3-8B", 8.03),
+        ("Qwen2.5-0.5B", 0.494),
+        ("Qwen3-30B-A3B", 30.5),
+        ("Gemma-3-4B", 3.88),
+        ("gpt-oss-20b", 20.9),
+    ],
 )
 def test_text_shapes_build_at_their_published_size(shape: str, billions: float) -> None:
     """Each shipped config builds (on the meta device: no memory) to the parameter count its

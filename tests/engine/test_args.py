@@ -50,3 +50,24 @@ def test_hf_overrides_replace_config_keys(tiny_chat_dir) -> None:
         create_engine_config(str(tiny_chat_dir), hf_overrides="{num_hidden_layers: 1}")
     with pytest.raises(ValueError, match="hf_overrides is a JSON object"):
         create_engine_config(str(tiny_chat_dir), hf_overrides="[1]")
+
+
+def test_hf_overrides_fewer_layers_keep_the_first_layer_kinds(tmp_path) -> None:
+    """Overriding `num_hidden_layers` of a model whose config lists `layer_types` (gpt-oss,
+    Gemma 3) builds that many layers, windowed and global as the model's first layers are."""
+    import torch
+
+    from lmserve.benchmarks.shapes import resolve_model
+    from lmserve.models.registry import resolve_model_class
+
+    shape = resolve_model("gpt-oss-20b", tmp_path)
+    config = create_engine_config(shape, load_format="dummy", hf_overrides={"num_hidden_layers": 3})
+    assert config.model.hf_config["layer_types"] == [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
+    with torch.device("meta"):
+        model = resolve_model_class(config.model.architecture)(config.model.hf_config)
+    windows = [layer.self_attn.attn.sliding_window for layer in model.model.layers]
+    assert windows == [128, None, 128]

@@ -1,7 +1,8 @@
 """Mixture-of-experts models through `LLM`: Mixtral, Qwen2-MoE (gated shared expert, a dense
-layer, unnormalized top-k) and Qwen3-MoE (q/k norms, normalized top-k) on tiny random
-checkpoints; greedy tokens and logprobs equal HF's, single, batched, chunked, prefix-cached and
-preempted. LoRA is refused clearly."""
+layer, unnormalized top-k), Qwen3-MoE (q/k norms, normalized top-k) and gpt-oss (biased router
+and experts, top-k then softmax, a clamped SwiGLU, attention sinks, windowed and global layers,
+YaRN RoPE) on tiny random checkpoints; greedy tokens and logprobs equal HF's, single, batched,
+chunked, prefix-cached and preempted. LoRA is refused clearly."""
 
 from __future__ import annotations
 
@@ -39,18 +40,32 @@ def _build(kind: str):
             **EXPERTS,
         )
         return tf.Qwen2MoeForCausalLM(config)
+    if kind == "gpt_oss":
+        config = tf.GptOssConfig(
+            **{**_COMMON, "intermediate_size": 32},
+            num_local_experts=4,
+            head_dim=16,
+            sliding_window=8,  # prompts and outputs run past it on the windowed layer
+            swiglu_limit=1.0,  # low enough that the clamps bite
+            **EXPERTS,
+        )
+        return tf.GptOssForCausalLM(config)
     config = tf.Qwen3MoeConfig(
         **_COMMON, num_experts=8, moe_intermediate_size=32, norm_topk_prob=True, **EXPERTS
     )
     return tf.Qwen3MoeForCausalLM(config)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def moe(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     root = tmp_path_factory.mktemp(f"tiny_{request.param}")
     torch.manual_seed(11)
     model = _build(request.param)
     _randomize(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):  # as large as scores, so they take real weight
+                param.normal_(0.0, 1.0)
     model.save_pretrained(root)
     return root, model.eval()
 

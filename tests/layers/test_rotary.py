@@ -1,0 +1,72 @@
+"""RoPE tables against HF's own initialization of each scaling kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from lmserve.layers.rotary import RotaryEmbedding
+
+HEAD_DIM = 64
+SCALINGS = {
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    # gpt-oss's (untruncated ramp), and DeepSeek's form with mscale terms (truncated)
+    "yarn-gpt-oss": {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 64,
+    },
+    "yarn-mscale": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 128,
+    },
+}
+
+
+@pytest.mark.parametrize("scaling", SCALINGS.values(), ids=SCALINGS.keys())
+def test_tables_equal_hfs_cos_and_sin(scaling) -> None:
+    theta = 150000.0
+    config = LlamaConfig(
+        hidden_size=HEAD_DIM * 4,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        rope_parameters={**scaling, "rope_theta": theta},
+    )
+    init = ROPE_INIT_FUNCTIONS.get(scaling["rope_type"])
+    if scaling["rope_type"] == "default":
+        inv_freq, factor = 1.0 / (theta ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)), 1.0
+    else:
+        inv_freq, factor = init(config, None)
+    positions = torch.arange(0, 2048, 7)
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    rope = RotaryEmbedding(HEAD_DIM, 2048, theta, scaling)
+    cos, signed_sin = rope(positions, torch.float32)
+    torch.testing.assert_close(cos[:, 0], emb.cos() * factor, atol=0, rtol=0)
+    half = HEAD_DIM // 2
+    torch.testing.assert_close(
+        signed_sin[:, 0, half:], (emb.sin() * factor)[:, half:], atol=0, rtol=0
+    )
+    if scaling["rope_type"] == "yarn":
+        assert factor != 1.0  # the attention scaling is part of what is compared
+
+
+def test_an_unknown_scaling_names_the_supported_ones() -> None:
+    with pytest.raises(ValueError, match="supported: linear, llama3, yarn"):
+        RotaryEmbedding(HEAD_DIM, 16, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
