@@ -174,7 +174,7 @@ class OutputProcessor:
             if sample.decoder is not None and not (
                 stop_token and not params.include_stop_str_in_output
             ):
-                text = sample.decoder.step(self.tokenizer._tokenizer, token_id)
+                text = self._step_decoder(sample, token_id)
                 if text:
                     output.text += text
                     sample.undecoded.clear()
@@ -227,10 +227,29 @@ class OutputProcessor:
             return None
         from tokenizers.decoders import DecodeStream
 
-        # Primed with the prompt's tail so the first token's leading space decodes as in context.
-        return DecodeStream(
-            ids=prompt_token_ids[-8:], skip_special_tokens=params.skip_special_tokens
-        )
+        # Primed with the prompt's tail so the first token's leading space decodes as in context;
+        # a tail that ends inside a character (byte-fallback pieces) would put the prompt's own
+        # text in the output, so the shortest tail of 4 to 24 tokens that decodes whole is used.
+        tail: list[int] = []
+        for length in range(min(len(prompt_token_ids), 4), min(len(prompt_token_ids), 24) + 1):
+            candidate = prompt_token_ids[-length:]
+            if "\ufffd" not in self.tokenizer.decode(candidate):
+                tail = candidate
+                break
+        return DecodeStream(ids=tail, skip_special_tokens=params.skip_special_tokens)
+
+    def _step_decoder(self, sample: _Sample, token_id: int) -> str | None:
+        """The stream's text for one more token. tokenizers refuses a token that changes how
+        the text before it decodes ("Invalid prefix"); the stream then restarts from it."""
+        from tokenizers.decoders import DecodeStream
+
+        try:
+            return sample.decoder.step(self.tokenizer._tokenizer, token_id)
+        except Exception as exc:
+            if "Invalid prefix" not in str(exc):
+                raise
+            sample.decoder = DecodeStream(skip_special_tokens=sample.params.skip_special_tokens)
+            return sample.decoder.step(self.tokenizer._tokenizer, token_id)
 
     def _logprob_dicts(self, entries: list[TokenLogprobs]) -> list[dict[int, Logprob]]:
         dicts = []

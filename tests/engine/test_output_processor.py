@@ -48,3 +48,18 @@ def test_possible_stop_string_is_held_back(smollm2_llm) -> None:
     assert to_abort == ["r"] and snapshots[-1].finished
     assert texts[-1] == " the end of "
     assert all(texts[-1].startswith(t) for t in texts)  # nothing streamed was taken back
+
+
+def test_a_prompt_ending_inside_a_character_keeps_its_text_out_of_the_output(smollm2_llm) -> None:
+    """Random or cut prompts can end on part of a character's bytes: the output holds only
+    the generated tokens' text, and a token that redraws the prompt's tail is not an error."""
+    tokenizer = smollm2_llm.get_tokenizer()
+    ids = tokenizer.encode("Say 日本語 🎉", add_special_tokens=False)
+    cut = max(k for k in range(1, len(ids)) if "\ufffd" in tokenizer.decode(ids[:k]))
+    prompt = ids[:cut]  # ends on part of the emoji's bytes
+    generated = tokenizer.encode(" ok\n", add_special_tokens=False) + ids[cut:]
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("r", None, prompt, SamplingParams(max_tokens=50), ["r"])
+    snapshots = feed(processor, generated, last_reason=FinishReason.LENGTH)
+    text = snapshots[-1].outputs[0].text
+    assert text.startswith(" ok\n") and "Say" not in text
