@@ -17,11 +17,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     """Inverse frequencies in fp32, as HF computes them, with `linear`, `llama3` or `yarn` scaling
     applied."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    kind = _scaling_kind(scaling)
     if kind == "default":
         return inv_freq
+    assert scaling is not None
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
@@ -37,8 +36,7 @@ def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
     """The factor HF multiplies cos and sin by: YaRN's attention scaling (its `attention_factor`,
     else 0.1 * ln(factor) + 1, or the ratio of two such terms with `mscale`/`mscale_all_dim`);
     1 for every other kind."""
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if kind != "yarn":
+    if _scaling_kind(scaling) != "yarn":
         return 1.0
     assert scaling is not None
     if scaling.get("attention_factor") is not None:
@@ -48,6 +46,11 @@ def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
     if mscale and mscale_all_dim:
         return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
     return _yarn_mscale(factor, 1.0)
+
+
+def _scaling_kind(scaling: dict[str, Any] | None) -> str:
+    """The config's RoPE scaling kind in either key (`rope_type`, older `type`); "default"."""
+    return (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:

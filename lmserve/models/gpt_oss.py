@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmserve.layers.moe import ClampedSwiGLU, FusedMoE, Router, Routing, select_experts
-from lmserve.models.llama import LlamaForCausalLM, LlamaModel
+from lmserve.models.moe import MoeForCausalLM
 
 _EXPERTS_RE = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?")
 
@@ -41,18 +41,12 @@ class GptOssMoeBlock(nn.Module):
         return self.experts(x, weights, ids)
 
 
-class GptOssForCausalLM(LlamaForCausalLM):
-    supports_lora = False  # adapters on expert weights are not implemented yet
+class GptOssForCausalLM(MoeForCausalLM):
+    @staticmethod
+    def moe_block(cfg: dict[str, Any], layer: int) -> nn.Module:
+        return GptOssMoeBlock(cfg)  # every layer's MLP is sparse
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__(cfg, LlamaModel(cfg, lambda _: GptOssMoeBlock(cfg)))
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded: set[str] = set()
-        rest = super().load_weights(self._load_own(weights, loaded))
-        return loaded | rest
-
-    def _load_own(
+    def _load_experts(
         self, weights: Iterable[tuple[str, torch.Tensor]], loaded: set[str]
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Load experts (de-interleaving gate | up) and sinks, recording them in `loaded`; pass

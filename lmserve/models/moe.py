@@ -62,8 +62,12 @@ class MoeForCausalLM(LlamaForCausalLM):
     supports_lora = False  # adapters on expert weights are not implemented yet
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        model = LlamaModel(cfg, lambda i: SparseMoeBlock(cfg) if _is_sparse(cfg, i) else None)
-        super().__init__(cfg, model)
+        super().__init__(cfg, LlamaModel(cfg, lambda i: self.moe_block(cfg, i)))
+
+    @staticmethod
+    def moe_block(cfg: dict[str, Any], layer: int) -> nn.Module | None:
+        """Layer `layer`'s MLP: the experts block, or None for the dense Llama MLP."""
+        return SparseMoeBlock(cfg) if _is_sparse(cfg, layer) else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded: set[str] = set()
