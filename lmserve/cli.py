@@ -88,6 +88,7 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
     engine = await AsyncEngine.start(
         model,
         log_stats=not args.disable_log_stats,
+        log_stats_interval_s=_log_stats_interval(),
         served_model_name=names[0],
         **engine_kwargs_from_cli(args),
     )
@@ -177,6 +178,23 @@ def _env_flag(name: str) -> bool:
     import os
 
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _log_stats_interval() -> float:
+    """Seconds between stats lines: LMSERVE_LOG_STATS_INTERVAL (or vLLM's
+    VLLM_LOG_STATS_INTERVAL), 10 by default."""
+    import os
+
+    for name in ("LMSERVE_LOG_STATS_INTERVAL", "VLLM_LOG_STATS_INTERVAL"):
+        if value := os.environ.get(name, "").strip():
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise SystemExit(f"{name}={value!r}: give a number of seconds, e.g. 10") from None
+            if seconds <= 0:
+                raise SystemExit(f"{name}={value!r}: give a positive number of seconds")
+            return seconds
+    return 10.0
 
 
 def _lora_modules(values: list[str]) -> list[tuple[str, str]]:
@@ -415,7 +433,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disable-log-stats",
         action="store_true",
-        help="do not log the throughput and cache line every 10 s",
+        help="do not log the throughput and cache line (every 10 s, or every "
+        "$LMSERVE_LOG_STATS_INTERVAL / $VLLM_LOG_STATS_INTERVAL seconds)",
     )
     parser.add_argument(
         "--disable-uvicorn-access-log",

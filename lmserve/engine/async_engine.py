@@ -84,10 +84,12 @@ class AsyncEngine(EngineClient):
         *,
         start_timeout_s: float = 600.0,
         log_stats: bool = True,
+        log_stats_interval_s: float = 10.0,
         **engine_args: Any,
     ) -> AsyncEngine:
         """Resolve the model, start the core process, wait for it to load. With `log_stats`, a
-        line of throughput and cache state is logged every 10 s while there is work."""
+        line of throughput and cache state is logged every `log_stats_interval_s` while there is
+        work."""
         config = create_engine_config(model, **engine_args)
         tokenizer = load_tokenizer(config.model.path) if config.model.has_tokenizer else None
         client = AsyncMPCoreClient(config)
@@ -104,7 +106,9 @@ class AsyncEngine(EngineClient):
         )
         engine._output_task = asyncio.create_task(engine._output_loop(), name="lmserve-outputs")
         if log_stats:
-            engine._log_task = asyncio.create_task(engine._log_loop(), name="lmserve-stats-log")
+            engine._log_task = asyncio.create_task(
+                engine._log_loop(log_stats_interval_s), name="lmserve-stats-log"
+            )
         return engine
 
     @property
@@ -322,7 +326,7 @@ class AsyncEngine(EngineClient):
                 case Ready():
                     pass  # only ever the first message, which start() consumed
 
-    async def _log_loop(self, interval_s: float = 10.0) -> None:
+    async def _log_loop(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
             self.metrics.log_interval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -31,12 +32,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(
-    *args: str, timeout_s: float = 240, scheme: str = "http", uvicorn_log_level: str = "warning"
+def launch_server(
+    *args: str,
+    scheme: str = "http",
+    uvicorn_log_level: str = "warning",
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """NOTE: the log goes to a file, not a pipe: nobody reads a pipe while tests run, and once
-    its 64 KiB buffer fills the server blocks writing its request log and stops answering.
-    With scheme "https" (a server given --ssl-* flags) the health probe trusts any certificate."""
+    """The server process, started and not waited for (see `wait_until_healthy`), so a test can
+    do other work while it loads.
+
+    NOTE: the log goes to a file, not a pipe: nobody reads a pipe while tests run, and once
+    its 64 KiB buffer fills the server blocks writing its request log and stops answering."""
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="lmserve-server-", suffix=".log")[1])
     proc = subprocess.Popen(
@@ -53,20 +59,38 @@ def start_server(
         ],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
+        env=None if env is None else {**os.environ, **env},
     )
-    url = f"{scheme}://127.0.0.1:{port}"
+    return Server(f"{scheme}://127.0.0.1:{port}", proc, log_path)
+
+
+def wait_until_healthy(server: Server, timeout_s: float = 240) -> Server:
+    """Until /health answers 200 (an https server's certificate is not checked); the log in
+    the error if the process exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1, verify=False).status_code == 200:
-                return Server(url, proc, log_path)
+            if httpx.get(f"{server.url}/health", timeout=1, verify=False).status_code == 200:
+                return server
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    proc.kill()
+    server.proc.kill()
     raise RuntimeError("server did not become healthy in time")
+
+
+def start_server(
+    *args: str,
+    timeout_s: float = 240,
+    scheme: str = "http",
+    uvicorn_log_level: str = "warning",
+    env: dict[str, str] | None = None,
+) -> Server:
+    """A server that answers /health."""
+    server = launch_server(*args, scheme=scheme, uvicorn_log_level=uvicorn_log_level, env=env)
+    return wait_until_healthy(server, timeout_s)
 
 
 def stop_server(server: Server) -> None:

@@ -46,7 +46,7 @@ def detailed(smollm2_dir):
         "--max-model-len", "1024", "--kv-cache-memory-gb", "0.25",
         "--enable-prompt-tokens-details", "--enable-force-include-usage",
         "--disable-log-stats", "--disable-uvicorn-access-log", "--return-tokens-as-token-ids",
-        uvicorn_log_level="info",
+        uvicorn_log_level="info", env={"LMSERVE_LOG_STATS_INTERVAL": "1"},
     )  # fmt: skip
     yield server
     stop_server(server)
@@ -95,9 +95,9 @@ def test_tokens_as_token_ids(detailed: Server) -> None:
 
 def test_quiet_logs(detailed: Server) -> None:
     """--disable-log-stats and --disable-uvicorn-access-log, with uvicorn logging at info."""
-    body = {"prompt": "Count:", "max_tokens": 300, "ignore_eos": True}
+    body = {"prompt": "Count:", "max_tokens": 100, "ignore_eos": True}
     assert httpx.post(f"{detailed.url}/v1/completions", json=body, timeout=120).status_code == 200
-    time.sleep(10.5)  # a stats line would be written every 10 s after tokens were generated
+    time.sleep(1.5)  # a stats line would be written every second after tokens were generated
     log = detailed.log()
     assert "Uvicorn running on" in log  # info lines still come
     assert "generation: " not in log and "POST /v1/completions" not in log
@@ -309,6 +309,7 @@ def test_response_role_root_path_and_stats_log(smollm2_dir) -> None:
         "512",
         "--kv-cache-memory-gb",
         "0.1",
+        env={"VLLM_LOG_STATS_INTERVAL": "1"},  # vLLM's name for the interval, read as its own
     )
     try:
         messages = [
@@ -337,11 +338,11 @@ def test_response_role_root_path_and_stats_log(smollm2_dir) -> None:
         assert httpx.get(f"{server.url}/openapi.json").json()["servers"] == [{"url": "/llm"}]
         busy = httpx.post(
             f"{server.url}/v1/completions",
-            json={"prompt": "Count:", "max_tokens": 400, "ignore_eos": True},
+            json={"prompt": "Count:", "max_tokens": 100, "ignore_eos": True},
             timeout=120,
         )
         assert busy.status_code == 200
-        time.sleep(10.5)  # the stats line is written every 10 s after tokens were generated
+        time.sleep(1.5)  # the stats line is written every second after tokens were generated
     finally:
         stop_server(server)
     log = server.log()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmserve.models.source import GEMMA3_MODEL
-from tests.api.conftest import Server, start_server, stop_server
+from tests.api.conftest import Server, launch_server, stop_server, wait_until_healthy
 
 PROMPTS = [
     "The capital of France is",
@@ -22,15 +22,7 @@ PROMPTS = [
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def server(gemma3_dir: Path) -> Iterator[Server]:
-    server = start_server(GEMMA3_MODEL, "--max-model-len", "2048", "--kv-cache-memory-gb", "0.2")
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def hf_tokens(gemma3_gguf: Path, gemma3_dir: Path) -> list[list[int]]:
+def _hf_tokens(gemma3_gguf: Path, gemma3_dir: Path) -> list[list[int]]:
     """HF's greedy tokens, with HF's model loaded from the GGUF itself."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,10 +39,23 @@ def hf_tokens(gemma3_gguf: Path, gemma3_dir: Path) -> list[list[int]]:
     return tokens
 
 
-def test_served_completions_equal_hf_on_the_same_gguf(server, hf_tokens, gemma3_dir) -> None:
+@pytest.fixture(scope="module")
+def served(gemma3_gguf: Path, gemma3_dir: Path) -> Iterator[tuple[Server, list[list[int]]]]:
+    """The server, and HF's tokens computed while it loads (HF reads the GGUF's 262k-token
+    vocabulary twice: half a minute)."""
+    server = launch_server(GEMMA3_MODEL, "--max-model-len", "2048", "--kv-cache-memory-gb", "0.2")
+    try:
+        tokens = _hf_tokens(gemma3_gguf, gemma3_dir)
+        yield wait_until_healthy(server), tokens
+    finally:
+        stop_server(server)
+
+
+def test_served_completions_equal_hf_on_the_same_gguf(served, gemma3_dir) -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
+    server, hf_tokens = served
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [GEMMA3_MODEL]

@@ -85,8 +85,11 @@ def write_config(
     return path
 
 
-@pytest.mark.parametrize("per_model_file", [False, True], ids=["inline", "per-model-file"])
-@pytest.mark.parametrize("runner", ["serve", "lmserve"])
+@pytest.mark.parametrize(
+    ("runner", "per_model_file"),
+    [("serve", False), ("lmserve", True)],
+    ids=["serve-inline", "lmserve-per-model-file"],
+)  # each runner and each form once (lmserve run resolves per-model files beside the config)
 def test_yaml_config_deploys(
     tmp_path: Path, tiny_model_dirs: dict[str, Path], runner: str, per_model_file: bool
 ) -> None:
