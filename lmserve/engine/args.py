@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("cpu", "torch_ref", "triton")
 _QUANTIZATIONS = ("int8",)
 _METRICS_PREFIXES = ("lmserve", "vllm")
+
+logger = logging.getLogger(__name__)
 
 
 def create_engine_config(
@@ -157,6 +160,7 @@ def create_engine_config(
         raise ValueError(
             f"max_model_len={max_model_len} exceeds the model's limit of {model_max_len} tokens"
         )
+    hf_config = _with_longrope_choice(hf_config, max_model_len)
     model_config = ModelConfig(
         model=model or DEFAULT_MODEL,
         path=path,
@@ -346,6 +350,38 @@ def _overridden(hf_config: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     if "layer_types" not in overrides and isinstance(kinds, list) and isinstance(num_layers, int):
         config["layer_types"] = kinds[:num_layers]
     return config
+
+
+def _with_longrope_choice(hf_config: dict[str, Any], max_model_len: int) -> dict[str, Any]:
+    """A LongRoPE model (Phi-3 128k, Phi-3.5) turns with its long factors when the engine may run
+    past the pretrained context, else with its short ones, for every request (vLLM's rule). HF
+    switches as each sequence crosses that length, which would leave cached keys turned the
+    other way; the two agree on every sequence when max_model_len is at most the pretrained
+    context, and on prompts already past it otherwise."""
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf_config.get(key)
+        if not isinstance(params, dict):
+            continue
+        if (params.get("rope_type") or params.get("type")) not in ("longrope", "su"):
+            continue
+        original = int(
+            params.get("original_max_position_embeddings")
+            or hf_config.get("original_max_position_embeddings")
+            or hf_config["max_position_embeddings"]
+        )
+        long_context = max_model_len > original
+        logger.info(
+            "LongRoPE: max_model_len %d %s the pretrained %d tokens: the %s factors for every "
+            "request%s",
+            max_model_len,
+            "exceeds" if long_context else "is within",
+            original,
+            "long" if long_context else "short",
+            f" (--max-model-len {original} for the short ones)" if long_context else "",
+        )
+        params = {**params, "original_max_position_embeddings": original}
+        return {**hf_config, key: {**params, "long_context": long_context}}
+    return hf_config
 
 
 def _with_text_config(hf_config: dict[str, Any]) -> dict[str, Any]:

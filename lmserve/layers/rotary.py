@@ -1,5 +1,5 @@
-"""Rotary position embeddings (rotate-half layout, as HF Llama), with linear, Llama-3 and YaRN
-frequency scaling, and Qwen2-VL's multimodal M-RoPE (three position components, each turning its
+"""Rotary position embeddings (rotate-half layout, as HF Llama), with linear, Llama-3, YaRN and
+LongRoPE frequency scaling, and Qwen2-VL's multimodal M-RoPE (three position components, each turning its
 own bands)."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from lmserve.kernels import cpu_ops, cuda_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies in fp32, as HF computes them, with `linear`, `llama3` or `yarn` scaling
-    applied."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies in fp32, as HF computes them, with `linear`, `llama3`, `yarn` or
+    `longrope` scaling applied."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     kind = _scaling_kind(scaling)
     if kind == "default":
         return inv_freq
@@ -27,20 +28,33 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return _llama3_inv_freq(inv_freq, scaling)
     if kind == "yarn":
         return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
+    if kind in LONGROPE_KINDS:
+        # one set of factors for the engine's life: `long_context`, decided from max_model_len
+        factors = scaling["long_factor" if scaling.get("long_context") else "short_factor"]
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
     raise ValueError(
-        f"rope_scaling type {kind!r} is not supported (supported: linear, llama3, yarn)"
+        f"rope_scaling type {kind!r} is not supported (supported: linear, llama3, yarn, longrope)"
     )
 
 
-def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+LONGROPE_KINDS = ("longrope", "su")  # "su": Phi-3's first name for it
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None, max_position: int) -> float:
     """The factor HF multiplies cos and sin by: YaRN's attention scaling (its `attention_factor`,
     else 0.1 * ln(factor) + 1, or the ratio of two such terms with `mscale`/`mscale_all_dim`);
-    1 for every other kind."""
-    if _scaling_kind(scaling) != "yarn":
+    LongRoPE's (its `attention_factor`, else sqrt(1 + ln(factor) / ln(original context)), the
+    factor being the model's context over the original); 1 for every other kind."""
+    kind = _scaling_kind(scaling)
+    if kind not in ("yarn", *LONGROPE_KINDS):
         return 1.0
     assert scaling is not None
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
+    if kind in LONGROPE_KINDS:
+        original = float(scaling["original_max_position_embeddings"])
+        factor = float(scaling.get("factor") or max_position / original)
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     factor = float(scaling["factor"])
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if mscale and mscale_all_dim:
@@ -123,7 +137,7 @@ class RotaryEmbedding(nn.Module):
             bands = torch.cat([half, half])
         self.register_buffer("mrope_bands", bands, persistent=False)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        factor = rope_attention_factor(scaling)
+        factor = rope_attention_factor(scaling, max_position)
         cos, sin = freqs.cos() * factor, freqs.sin() * factor
         self.register_buffer("cos_cache", torch.cat((cos, cos), -1), persistent=False)
         # [-sin, sin]: x * cos + roll(x, half) * signed_sin == x * cos + rotate_half(x) * sin

@@ -36,6 +36,17 @@ SCALINGS = {
         "mscale_all_dim": 1.0,
         "original_max_position_embeddings": 128,
     },
+    # Phi-3's: factors per band, the short or the long ones as the engine decided
+    **{
+        f"longrope-{length}": {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.05 * i for i in range(HEAD_DIM // 2)],
+            "long_factor": [1.0 + 0.7 * i for i in range(HEAD_DIM // 2)],
+            "original_max_position_embeddings": 256,
+            "long_context": length == "long",
+        }
+        for length in ("short", "long")
+    },
 }
 
 
@@ -46,11 +57,18 @@ def test_tables_equal_hfs_cos_and_sin(scaling) -> None:
         hidden_size=HEAD_DIM * 4,
         num_attention_heads=4,
         max_position_embeddings=2048,
-        rope_parameters={**scaling, "rope_theta": theta},
+        rope_parameters={
+            **{k: v for k, v in scaling.items() if k != "long_context"},
+            "rope_theta": theta,
+        },
     )
     init = ROPE_INIT_FUNCTIONS.get(scaling["rope_type"])
     if scaling["rope_type"] == "default":
         inv_freq, factor = 1.0 / (theta ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)), 1.0
+    elif scaling.get("long_context"):  # HF's tables for a sequence past the original context
+        inv_freq, factor = init(
+            config, None, seq_len=scaling["original_max_position_embeddings"] + 1
+        )
     else:
         inv_freq, factor = init(config, None)
     positions = torch.arange(0, 2048, 7)
@@ -63,10 +81,10 @@ def test_tables_equal_hfs_cos_and_sin(scaling) -> None:
     torch.testing.assert_close(
         signed_sin[:, 0, half:], (emb.sin() * factor)[:, half:], atol=0, rtol=0
     )
-    if scaling["rope_type"] == "yarn":
+    if scaling["rope_type"] in ("yarn", "longrope"):
         assert factor != 1.0  # the attention scaling is part of what is compared
 
 
 def test_an_unknown_scaling_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match="supported: linear, llama3, yarn"):
+    with pytest.raises(ValueError, match="supported: linear, llama3, yarn, longrope"):
         RotaryEmbedding(HEAD_DIM, 16, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
