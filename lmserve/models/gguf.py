@@ -26,14 +26,17 @@ from lmserve.models.conversion_cache import convert_once
 logger = logging.getLogger(__name__)
 
 # Part of the cache key: bump it whenever a conversion's output changes, so stale caches rebuild.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 _HF_ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
-    "llama": "LlamaForCausalLM",
+    "llama": "LlamaForCausalLM",  # MixtralForCausalLM when it has experts
     "qwen2": "Qwen2ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
 }
+_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -51,7 +54,18 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixtures of experts: the router, the experts stacked as transformers 5 keeps them (gate
+    # and up are joined into one gate_up_proj after conversion), Qwen2-MoE's shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+_STACKED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight")
 # Gemma's four norms per layer: llama.cpp's `ffn_norm` is the norm before the MLP in both.
 _GEMMA_LAYER_TENSORS = {
     **_LAYER_TENSORS,
@@ -115,7 +129,7 @@ def _convert(src: Path, out: Path) -> None:
     for tensor in tqdm(reader.tensors, desc=f"Dequantizing {src.name}", unit="tensor"):
         if tensor.name != _ROPE_FREQS:
             tensors[_hf_name(tensor.name, arch)] = _dequantize(tensor, arch, config)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    save_file(_stack_experts(tensors), out / "model.safetensors", metadata={"format": "pt"})
     _write_json(out / "config.json", config)
     token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
     _write_json(out / "generation_config.json", {k: config[k] for k in token_ids if k in config})
@@ -142,7 +156,7 @@ def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
     hidden, heads = meta("embedding_length"), meta("attention.head_count")
     config: dict[str, Any] = {
         "architectures": [_HF_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden,
         "intermediate_size": meta("feed_forward_length"),
         "num_hidden_layers": meta("block_count"),
@@ -155,9 +169,10 @@ def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
         "max_position_embeddings": meta("context_length"),
         "vocab_size": int(names["token_embd.weight"].shape[-1]),
         "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
         "torch_dtype": "float32",
     }
+    if arch not in ("qwen2", "qwen2moe"):  # Qwen2's q/k/v biases (and no o bias) go with its type
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
     for gguf_key, hf_key in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
         token_id = _meta(reader, f"tokenizer.ggml.{gguf_key}_token_id")
         if token_id is not None:
@@ -167,6 +182,37 @@ def _config(reader: GGUFReader, arch: str) -> dict[str, Any]:
         config["rope_scaling"] = rope_scaling
     if arch == "gemma3":
         config.update(_gemma3_config(reader, config))
+    if meta("expert_count"):
+        config.update(_moe_config(reader, arch))
+    return config
+
+
+def _moe_config(reader: GGUFReader, arch: str) -> dict[str, Any]:
+    """The experts' part of the config, with what llama.cpp assumes where the file is silent:
+    every layer sparse, Qwen3-MoE's top-k weights renormalized and Qwen2-MoE's not."""
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _meta(reader, f"{arch}.{key}", default)
+
+    num_experts, top_k = meta("expert_count"), meta("expert_used_count")
+    if arch == "llama":  # Mixtral: experts as wide as the dense MLP would be
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "num_local_experts": num_experts,
+            "num_experts_per_tok": top_k,
+        }
+    config = {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": meta("expert_feed_forward_length"),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": arch == "qwen3moe",
+    }
+    shared = meta("expert_shared_feed_forward_length")
+    if shared:
+        config["shared_expert_intermediate_size"] = shared
     return config
 
 
@@ -248,12 +294,31 @@ def _hf_name(name: str, arch: str) -> str:
     return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{match[3]}"
 
 
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's expert tensors as transformers 5 names them: gate and up joined into
+    `experts.gate_up_proj` [experts, 2 * inter, hidden], `experts.down_proj` [experts, hidden,
+    inter]."""
+    out: dict[str, np.ndarray] = {}
+    for name, weights in tensors.items():
+        match = _STACKED_EXPERTS.fullmatch(name)
+        if match is None:
+            out[name] = weights
+        elif match[2] == "down_proj":
+            out[f"{match[1]}.down_proj"] = weights
+        elif match[2] == "gate_proj":
+            up = tensors[f"{match[1]}.up_proj.weight"]
+            out[f"{match[1]}.gate_up_proj"] = np.concatenate([weights, up], axis=1)
+    return out
+
+
 def _dequantize(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> np.ndarray:
     """Float32 in numpy dim order (GGUF lists dims innermost-first), RoPE row order restored."""
     weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     weights = weights.reshape([int(d) for d in reversed(tensor.shape)])
     if arch == "gemma3" and tensor.name.endswith("norm.weight"):
         return weights - np.float32(_GEMMA_NORM_SHIFT)
+    if tensor.name.endswith(".ffn_gate_inp_shexp.weight"):  # a vector in GGUF, [1, hidden] in HF
+        return weights.reshape(1, -1)
     if arch != "llama":  # llama.cpp only permutes q/k for the llama architecture
         return weights
     if ".attn_q." in tensor.name:
