@@ -282,7 +282,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=list(TOOL_PARSERS),
         help="how to read tool calls from the model's text: hermes (Qwen2.5, Hermes), "
-        "llama3_json, mistral, pythonic (Llama 3.2/4), qwen3_xml (Qwen3-Coder)",
+        "llama3_json, mistral, openai (gpt-oss's harmony), pythonic (Llama 3.2/4), qwen3_xml "
+        "(Qwen3-Coder)",
     )
     parser.add_argument(
         "--chat-template-content-format",

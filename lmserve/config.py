@@ -136,7 +136,13 @@ class SchedulerConfig:
 
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar", "guidance")
 # --reasoning-parser name -> the texts that open and close the model's thinking
-REASONING_MARKERS = {"deepseek_r1": ("<think>", "</think>"), "qwen3": ("<think>", "</think>")}
+# (start, end) of each reasoning parser's thinking, as the engine finds them in token ids: the
+# grammar of a structured output applies after the end (gpt-oss: once its final channel opens)
+REASONING_MARKERS = {
+    "deepseek_r1": ("<think>", "</think>"),
+    "openai": ("<|start|>assistant", "<|channel|>final<|message|>"),
+    "qwen3": ("<think>", "</think>"),
+}
 
 
 @dataclass(frozen=True)

@@ -636,8 +636,9 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--reasoning-parser",
         default=None,
         choices=list(REASONING_MARKERS),
-        help="split a reasoning model's thinking into reasoning_content; output constraints "
-        "then apply only after the thinking ends",
+        help="split a reasoning model's thinking into reasoning_content: deepseek_r1, qwen3 "
+        "(<think> tags), openai (gpt-oss's analysis channel); output constraints then apply "
+        "only after the thinking ends",
     )
 
 

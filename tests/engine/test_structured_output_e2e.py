@@ -100,3 +100,20 @@ def test_grammar_applies_only_after_the_reasoning_ends(smollm2_dir) -> None:
     assert closed.outputs[0].text in ("yes", "no")
     assert thinking.outputs[0].text not in ("yes", "no")
     assert len(thinking.outputs[0].token_ids) > 2
+
+
+def test_gpt_oss_grammar_applies_once_the_final_channel_opens(smollm2_dir) -> None:
+    """`reasoning_parser="openai"`: the harmony prompt's open `<|start|>assistant` leaves the
+    text free (the model thinks in its analysis channel first); a prompt that already opened
+    the final channel is constrained from its first token."""
+    llm = LLM(max_model_len=512, kv_cache_memory_gb=0.1, reasoning_parser="openai")
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=12,
+        structured_outputs=StructuredOutputsParams(choice=["yes", "no"]),
+    )
+    prompt = "<|start|>user<|message|>Question: is the sky blue?<|end|><|start|>assistant"
+    thinking, final = llm.generate([prompt, prompt + "<|channel|>final<|message|>"], params)
+    assert final.outputs[0].text in ("yes", "no")
+    assert thinking.outputs[0].text not in ("yes", "no")
+    assert len(thinking.outputs[0].token_ids) > 2

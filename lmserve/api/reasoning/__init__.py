@@ -52,6 +52,8 @@ class ReasoningParser(ABC):
 
     start_text: ClassVar[str]
     end_text: ClassVar[str]
+    # Whether the tags are special tokens the detokenizer must keep.
+    needs_special_tokens: ClassVar[bool] = False
 
     def __init__(self, *, reasoning_ended_in_prompt: bool = False) -> None:
         self.reasoning_ended_in_prompt = reasoning_ended_in_prompt
@@ -84,6 +86,7 @@ class ReasoningParser(ABC):
 _PARSER_PATHS: Mapping[str, str] = MappingProxyType(
     {
         "deepseek_r1": "lmserve.api.reasoning.deepseek_r1:DeepSeekR1ReasoningParser",
+        "openai": "lmserve.api.reasoning.gpt_oss:GptOssReasoningParser",
         "qwen3": "lmserve.api.reasoning.qwen3:Qwen3ReasoningParser",
     }
 )

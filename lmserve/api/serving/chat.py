@@ -11,7 +11,7 @@ from msgspec import UNSET, UnsetType
 
 from lmserve.api.errors import APIError
 from lmserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, tool_dicts
-from lmserve.api.reasoning import get_reasoning_parser
+from lmserve.api.reasoning import ReasoningParser, get_reasoning_parser
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.schemas.chat import (
     ChatChoice,
@@ -162,7 +162,10 @@ class ChatServing:
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, num_logprobs, self.config.sampling_defaults)
         params = _params_for_tools(params, tool_mode, tools, request.parallel_tool_calls)
-        parser = MessageParser(self._reasoning_parser(text), tool_mode)
+        reasoning = self._reasoning_parser(text)
+        if reasoning is not None and reasoning.needs_special_tokens:
+            params = replace(params, skip_special_tokens=False)  # its channels are special tokens
+        parser = MessageParser(reasoning, tool_mode)
         request_id = common.new_id("chatcmpl", request.request_id)
         common.log_request(self.config, request_id, text, len(ids), params)
         salt = request.cache_salt
@@ -218,7 +221,7 @@ class ChatServing:
         parallel = request.parallel_tool_calls is not False
         return ToolMode("auto", parser=parser_class(tools or []), parallel=parallel)
 
-    def _reasoning_parser(self, prompt: str) -> Any:
+    def _reasoning_parser(self, prompt: str) -> ReasoningParser | None:
         if self.config.reasoning_parser is None:
             return None
         parser_class = get_reasoning_parser(self.config.reasoning_parser)

@@ -170,6 +170,7 @@ _PARSER_PATHS: Mapping[str, str] = MappingProxyType(
         "hermes": "lmserve.api.tool_parsers.hermes:HermesToolParser",
         "llama3_json": "lmserve.api.tool_parsers.llama3_json:Llama3JsonToolParser",
         "mistral": "lmserve.api.tool_parsers.mistral:MistralToolParser",
+        "openai": "lmserve.api.tool_parsers.gpt_oss:GptOssToolParser",
         "pythonic": "lmserve.api.tool_parsers.pythonic:PythonicToolParser",
         "qwen3_xml": "lmserve.api.tool_parsers.qwen3_xml:Qwen3XmlToolParser",
     }

@@ -95,3 +95,28 @@ def test_required_array_becomes_calls_and_a_cut_one_keeps_its_whole_calls() -> N
     for source in (text, cut, after_one):
         for pieces in splits(source)[:5]:
             assert streamed(parser, pieces) == whole(parser, source)
+
+
+GPT_OSS_CALLS = (
+    "<|channel|>analysis<|message|>Weather, then a sum.<|end|>"
+    "<|start|>assistant<|channel|>commentary<|message|>One moment.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city": "Paris"}<|call|>'
+    "<|start|>assistant to=functions.add<|channel|>commentary json<|message|>"
+    '{"a": 1, "b": 2}<|call|>'
+)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_oss_channels_and_calls_stream_as_they_parse(parallel: bool) -> None:
+    """`--reasoning-parser openai --tool-call-parser openai`: analysis is reasoning, the
+    preamble is content, each function message is a call."""
+    parser = MessageParser(
+        get_reasoning_parser("openai")(),
+        ToolMode("auto", parser=get_tool_parser("openai")([]), parallel=parallel),
+    )
+    expected = whole(parser, GPT_OSS_CALLS)
+    calls = [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 1, "b": 2}')]
+    assert expected == ("Weather, then a sum.", "One moment.", calls if parallel else calls[:1])
+    for pieces in splits(GPT_OSS_CALLS):
+        assert streamed(parser, pieces) == expected

@@ -26,6 +26,10 @@ MARKUP = (
     "<|python_end|>",
     "<function=",
     "<parameter=",
+    "<|channel|>",
+    "<|message|>",
+    "<|start|>",
+    "<|call|>",
 )
 
 

@@ -26,6 +26,9 @@ PIECES = {
                     '"parameters": ', '{"a": [1, "x;"]}', "; ", ";", " ", "\n", '"', "hi"],
     "mistral": ["[TOOL_CALLS]", "[TOOL_", "[", "]", "{", "}", '"name": "f"', ", ",
                 '"arguments": ', '{"a": 1}', "[ARGS]", "[CALL_ID]", "f", "ab1", " ", "hi"],
+    "openai": ["<|start|>assistant", "<|channel|>", "commentary", "analysis", "final",
+               " to=functions.f", " to=python", "<|constrain|>json", "<|message|>", "<|call|>",
+               "<|end|>", "<|return|>", '{"a": [1, "}"]}', "{", "}", '"', " ", "hi", "<|"],
     "pythonic": ["[", "]", "f(", "g (", ")", "a=", "b =", "1", '"x,)"', "[1, 2]", ",", " ",
                  "<|python_start|>", "<|python_end|>", "<|python", "{", "}", "'", "None", "x"],
     "qwen3_xml": ["<tool_call>", "</tool_call>", "<function=f>", "<function=", "g>",
@@ -39,12 +42,17 @@ WELL_FORMED = {
     '{"name": "g", "arguments": {}}',
     "mistral": 'Hi[TOOL_CALLS][{"name": "f", "arguments": {"a": [1]}}, {"name": "g", '
     '"arguments": {}}][TOOL_CALLS]h[CALL_ID]a1[ARGS]{"z": true}',
+    "openai": "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>"
+    "commentary<|message|>Hi<|end|><|start|>assistant<|channel|>commentary to=functions.f "
+    '<|constrain|>json<|message|>{"a": [1, {"b": "x"}]}<|call|><|start|>assistant to=functions.g'
+    "<|channel|>commentary json<|message|>{}<|call|>",
     "pythonic": '<|python_start|>[f(a=[1, 2], b="x,)", c={"k": None}), g()]<|python_end|>',
     "qwen3_xml": "Hi\n<tool_call>\n<function=f>\n<parameter=s>\nnull!\n</parameter>\n"
     "<parameter=n>\n5\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=g>\n"
     "</function>\n</tool_call>",
 }
 DAMAGE = list('{}[]",:;() \n<>/=\\x') + ["<tool_call>", "[TOOL_CALLS]", "</parameter>"]
+DAMAGE += ["<|message|>", "<|start|>", "<|call|>"]
 
 
 def _damaged(text: str, rng: random.Random) -> str:

@@ -12,6 +12,7 @@ from lmserve.api.tool_parsers import (
     ToolParser,
     get_tool_parser,
 )
+from lmserve.api.tool_parsers.gpt_oss import GptOssToolParser
 from lmserve.api.tool_parsers.hermes import HermesToolParser
 from lmserve.api.tool_parsers.llama3_json import Llama3JsonToolParser
 from lmserve.api.tool_parsers.mistral import MistralToolParser
@@ -20,7 +21,8 @@ from lmserve.api.tool_parsers.qwen3_xml import Qwen3XmlToolParser
 
 
 def test_names_resolve_to_their_classes() -> None:
-    assert TOOL_PARSERS == ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_xml")
+    assert TOOL_PARSERS == ("hermes", "llama3_json", "mistral", "openai", "pythonic", "qwen3_xml")
+    assert get_tool_parser("openai") is GptOssToolParser
     assert get_tool_parser("hermes") is HermesToolParser
     assert get_tool_parser("llama3_json") is Llama3JsonToolParser
     assert get_tool_parser("mistral") is MistralToolParser
@@ -32,7 +34,7 @@ def test_names_resolve_to_their_classes() -> None:
 def test_unknown_name_lists_the_known_ones(name: str) -> None:
     with pytest.raises(
         ValueError,
-        match=r"unknown tool call parser .*hermes, llama3_json, mistral, pythonic, qwen3_xml",
+        match=r"unknown tool call parser .*hermes, llama3_json, mistral, openai, pythonic, qwen3_xml",
     ):
         get_tool_parser(name)
 
