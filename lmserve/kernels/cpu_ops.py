@@ -179,6 +179,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.lmserve_cpu.silu_and_mul(gate_up)
 
 
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert times their expert's weight: x [rows, K] float32, w [experts, N, K]
+    (HF's [out, in]), offsets [experts + 1] int64 (expert e's rows are offsets[e]..[e + 1])
+    -> [rows, N]. A row's result is the same whatever rows share its expert."""
+    return torch.ops.lmserve_cpu.grouped_matmul(x, w, offsets)
+
+
 def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     """Rotate x [tokens, heads, head_dim] in place (layers/rotary.py's rotate-half tables)."""
     torch.ops.lmserve_cpu.rotary_(x, cos, signed_sin)

@@ -14,7 +14,7 @@ from torch import nn
 
 from lmserve.kernels import cpu_ops
 from lmserve.layers.linear import Linear
-from lmserve.layers.moe import FusedMoE, run_grouped
+from lmserve.layers.moe import FusedMoE, each_expert, run_grouped
 
 _QMAX = 127.0
 
@@ -90,8 +90,8 @@ class Int8FusedMoE(nn.Module):
         self.activation = moe.activation
         self.register_buffer("b13", None if moe.b13 is None else moe.b13.detach().float())
         self.register_buffer("b2", None if moe.b2 is None else moe.b2.detach().float())
-        w13, w13_scale = quantize_weight(moe.w13.detach().transpose(1, 2))  # [E, 2I, H]
-        w2, w2_scale = quantize_weight(moe.w2.detach().transpose(1, 2))  # [E, H, I]
+        w13, w13_scale = quantize_weight(moe.w13.detach())  # [E, 2I, H]
+        w2, w2_scale = quantize_weight(moe.w2.detach())  # [E, H, I]
         self.register_buffer("w13", w13)
         self.register_buffer("w13_scale", w13_scale)
         self.register_buffer("w2", w2)
@@ -99,7 +99,9 @@ class Int8FusedMoE(nn.Module):
         self.cpu_kernels = w13.device.type == "cpu" and cpu_ops.available()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = run_grouped(x.float(), weights.float(), ids, self.num_experts, self._expert)
+        out = run_grouped(
+            x.float(), weights.float(), ids, self.num_experts, each_expert(self._expert)
+        )
         return out.to(x.dtype)
 
     def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:

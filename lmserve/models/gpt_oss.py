@@ -61,6 +61,8 @@ class GptOssForCausalLM(MoeForCausalLM):
                 target = f"{experts[1]}.{('b' if is_bias else 'w') + ('13' if is_gate_up else '2')}"
                 if is_gate_up:  # columns alternate gate, up: gather each half
                     tensor = torch.cat([tensor[..., 0::2], tensor[..., 1::2]], dim=-1)
+                if not is_bias:  # HF's [experts, in, out] to FusedMoE's [experts, out, in]
+                    tensor = tensor.transpose(1, 2)
             else:
                 yield name, tensor
                 continue

@@ -113,6 +113,29 @@ def test_rotary_in_place_equals_the_torch_expression(head_dim: int) -> None:
     assert torch.equal(qk, expected) and torch.equal(qkv[:, 9:], untouched)
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    ("counts", "n", "k"),
+    [([4, 0, 9, 1], 1536, 64), ([1, 2, 3], 70, 24), ([0, 0, 5], 3, 17)],
+    ids=["tiles-and-empty-expert", "partial-tile-and-k-tail", "fewer-columns-than-a-block"],
+)
+def test_grouped_matmul_equals_each_experts_product(counts: list[int], n: int, k: int) -> None:
+    """Each expert's rows times its [out, in] weight, close to torch's product; and a row's
+    result the same bit for bit whatever rows share its expert."""
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(len(counts), n, k, generator=gen)
+    x = torch.randn(sum(counts), k, generator=gen)
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    out = cpu_ops.grouped_matmul(x, w, offsets)
+    for e in range(len(counts)):
+        rows = slice(int(offsets[e]), int(offsets[e + 1]))
+        torch.testing.assert_close(out[rows], x[rows] @ w[e].T, rtol=1e-5, atol=1e-5)
+        for r in range(rows.start, rows.stop):
+            alone = torch.zeros(len(counts) + 1, dtype=torch.long)
+            alone[e + 1 :] = 1
+            assert torch.equal(cpu_ops.grouped_matmul(x[r : r + 1], w, alone)[0], out[r])
+
+
 def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path) -> None:
     """torch waits forever on a build lock; one older than any build is removed, a fresh one
     (a build under way) is left alone."""

@@ -4,7 +4,8 @@
 // dominated a decode step on a 2-core CPU (SmolLM2-135M, batch 64): paged decode attention
 // (a gather + SDPA, or ~15 batched-matmul and merge ops), K/V stores (two index_put), int8
 // dynamic quantization around `torch._int_mm` (~10 elementwise ops per linear layer), and the
-// residual add + RMSNorm, SiLU-and-multiply and rotary chains (3-5 ops each).
+// residual add + RMSNorm, SiLU-and-multiply and rotary chains (3-5 ops each), and the
+// mixture-of-experts projections (one small GEMM per expert).
 // SIMD through ATen's Vectorized<float>, threads through at::parallel_for (torch's own pool).
 
 #include <ATen/Parallel.h>
@@ -413,6 +414,98 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin)
   });
 }
 
+
+// Rows r of x times the columns n0..n0+C of one expert's weight w [N, K] (HF's [out, in]):
+// out[r, n] = dot(x[r], w[n]), each a lane-wise sum over k then a horizontal sum, plus a scalar
+// tail. A row's result does not depend on R or on which rows share its block, so an expert's
+// rows batched give each row's result alone.
+template <int64_t R, int64_t C>
+void expert_dots(const float* x, int64_t k_size, const float* w, int64_t n0, float* out,
+                 int64_t n_size) {
+  Vec acc[R][C];
+  float tail[R][C] = {};
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) acc[m][c] = Vec(0.f);
+  }
+  int64_t k = 0;
+  for (; k + kLanes <= k_size; k += kLanes) {
+    Vec xv[R];
+    for (int64_t m = 0; m < R; ++m) xv[m] = Vec::loadu(x + m * k_size + k);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec wv = Vec::loadu(w + (n0 + c) * k_size + k);
+      for (int64_t m = 0; m < R; ++m) acc[m][c] = acc[m][c] + xv[m] * wv;
+    }
+  }
+  for (; k < k_size; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t m = 0; m < R; ++m) tail[m][c] += x[m * k_size + k] * w[(n0 + c) * k_size + k];
+    }
+  }
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) out[m * n_size + n0 + c] = hsum(acc[m][c]) + tail[m][c];
+  }
+}
+
+// One expert's rows times columns [n_begin, n_end): four rows and four columns per register
+// block (16 accumulators: fits AVX2's registers too), then the leftover rows and columns.
+void expert_tile(const float* x, int64_t rows, int64_t k_size, const float* w, int64_t n_begin,
+                 int64_t n_end, float* out, int64_t n_size) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      expert_dots<4, 4>(x + r * k_size, k_size, w, n, out + r * n_size, n_size);
+    }
+    for (; r < rows; ++r) expert_dots<1, 4>(x + r * k_size, k_size, w, n, out + r * n_size, n_size);
+  }
+  for (; n < n_end; ++n) {
+    for (int64_t r = 0; r < rows; ++r) {
+      expert_dots<1, 1>(x + r * k_size, k_size, w, n, out + r * n_size, n_size);
+    }
+  }
+}
+
+// Mixture-of-experts projection over rows sorted by expert: rows offsets[e]..offsets[e + 1] of
+// x [rows, K] times expert e's weight w[e] [N, K]. Each weight byte is read once, in order (a few
+// rows per expert leave oneDNN's small GEMMs at a third of the memory bandwidth); the work is
+// split over (expert, 64 columns) so both threads stream.
+at::Tensor grouped_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.scalar_type() == at::kFloat &&
+                  w.scalar_type() == at::kFloat && x.is_contiguous() && w.is_contiguous() &&
+                  x.size(1) == w.size(2),
+              "grouped_matmul: contiguous float32 x [rows, K] and w [experts, N, K]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.size(0) == w.size(0) + 1,
+              "grouped_matmul: int64 offsets [experts + 1]");
+  const int64_t k_size = x.size(1), n_size = w.size(1), experts = w.size(0);
+  constexpr int64_t kTileColumns = 64;
+  const int64_t tiles = (n_size + kTileColumns - 1) / kTileColumns;
+  at::Tensor out = at::empty({x.size(0), n_size}, x.options());
+  const at::Tensor offsets_cpu = offsets.contiguous();
+  const int64_t* off = offsets_cpu.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[experts] == x.size(0), "grouped_matmul: offsets span x's rows");
+  std::vector<int64_t> work;  // (expert * tiles + tile) of the experts that have rows
+  for (int64_t e = 0; e < experts; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], "grouped_matmul: offsets must not decrease");
+    if (off[e + 1] > off[e]) {
+      for (int64_t t = 0; t < tiles; ++t) work.push_back(e * tiles + t);
+    }
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = work[i] / tiles, t = work[i] % tiles;
+      const int64_t n_begin = t * kTileColumns;
+      expert_tile(xp + off[e] * k_size, off[e + 1] - off[e], k_size, wp + e * n_size * k_size,
+                  n_begin, std::min(n_begin + kTileColumns, n_size), op + off[e] * n_size,
+                  n_size);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmserve_cpu, m) {
@@ -427,6 +520,7 @@ TORCH_LIBRARY(lmserve_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("grouped_matmul(Tensor x, Tensor w, Tensor offsets) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor signed_sin) -> ()");
   m.def(
       "dequantize_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor(a!)");
@@ -440,5 +534,6 @@ TORCH_LIBRARY_IMPL(lmserve_cpu, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("silu_and_mul", silu_and_mul);
+  m.impl("grouped_matmul", grouped_matmul);
   m.impl("rotary_", rotary_);
 }
