@@ -186,6 +186,20 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return torch.ops.lmserve_cpu.grouped_matmul(x, w, offsets)
 
 
+def grouped_matmul_int8(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`grouped_matmul` in W8A8: int8 rows x_q [rows, K] with scales [rows], int8 w [experts,
+    N, K] with scales [experts, N], optional bias [experts, N] -> float32 [rows, N], each product
+    dequantized as `dequantize_` does (the int32 sums are exact, so equal to `torch._int_mm`'s)."""
+    return torch.ops.lmserve_cpu.grouped_matmul_int8(x_q, x_scale, w, w_scale, offsets, bias)
+
+
 def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
     """Rotate x [tokens, heads, head_dim] in place (layers/rotary.py's rotate-half tables)."""
     torch.ops.lmserve_cpu.rotary_(x, cos, signed_sin)

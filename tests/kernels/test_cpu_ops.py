@@ -136,6 +136,28 @@ def test_grouped_matmul_equals_each_experts_product(counts: list[int], n: int, k
             assert torch.equal(cpu_ops.grouped_matmul(x[r : r + 1], w, alone)[0], out[r])
 
 
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("counts", "n", "k"), [([4, 0, 9, 1], 96, 64), ([1, 2, 3], 70, 45)])
+def test_grouped_matmul_int8_equals_int_mm_per_expert(counts, n: int, k: int, bias: bool) -> None:
+    """Exact int32 sums (a K that is not a multiple of 32 included), dequantized as dequantize_."""
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randint(-127, 128, (len(counts), n, k), dtype=torch.int8, generator=gen)
+    w_scale = torch.rand(len(counts), n, generator=gen)
+    b = torch.randn(len(counts), n, generator=gen) if bias else None
+    x_q, x_scale = cpu_ops.quantize_rows(torch.randn(sum(counts), k, generator=gen))
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    out = cpu_ops.grouped_matmul_int8(x_q, x_scale, w, w_scale, offsets, b)
+    for e in range(len(counts)):
+        rows = slice(int(offsets[e]), int(offsets[e + 1]))
+        if rows.start == rows.stop:
+            continue
+        acc = torch._int_mm(x_q[rows], w[e].t())
+        bias_e = None if b is None else b[e]
+        expected = cpu_ops.dequantize_(acc.contiguous(), x_scale[rows], w_scale[e], bias_e)
+        assert torch.equal(out[rows], expected)
+
+
 def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path) -> None:
     """torch waits forever on a build lock; one older than any build is removed, a fresh one
     (a build under way) is left alone."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmserve.kernels import cpu_ops
 from lmserve.layers.int8_linear import Int8FusedMoE, Int8Linear, quantize_linears
 from lmserve.layers.linear import Linear
 from lmserve.layers.moe import FusedMoE, Routing, select_experts
@@ -106,6 +107,19 @@ def test_int8_experts_are_close_to_fp32_and_exact_per_token() -> None:
     for i in (0, 7, 19):  # a token's result does not depend on the others routed with it
         alone = quantized(x[i : i + 1], weights[i : i + 1], ids[i : i + 1])
         assert torch.equal(alone, got[i : i + 1])
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
+def test_the_grouped_int8_kernel_equals_one_gemm_per_expert() -> None:
+    """The C++ pass over every expert gives what one torch._int_mm per expert gives, bit for bit."""
+    moe = _experts()
+    x = torch.randn(40, 64)
+    weights, ids = select_experts(torch.randn(40, 6), Routing(top_k=2, renormalize=True))
+    quantized = Int8FusedMoE(moe)
+    assert quantized.cpu_kernels
+    got = quantized(x, weights, ids)
+    quantized.cpu_kernels = False
+    assert torch.equal(got, quantized(x, weights, ids))
 
 
 def test_quantize_linears_replaces_experts_too() -> None:

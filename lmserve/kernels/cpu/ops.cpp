@@ -16,6 +16,10 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -506,6 +510,164 @@ at::Tensor grouped_matmul(const at::Tensor& x, const at::Tensor& w, const at::Te
   return out;
 }
 
+
+// int8 rows r of x_q times columns n0..n0+C of one expert's int8 weight w [N, K]: exact int32
+// dot products, so any order of summation gives _int_mm's accumulators. The u8 x s8 pair
+// products (|x| against w carrying x's sign) cannot saturate: both lie in [-127, 127]. 64 bytes
+// of K at a time with AVX-512, then 32 with AVX2, then one.
+template <int64_t R, int64_t C>
+void expert_int8_dots(const int8_t* x, int64_t k_size, const int8_t* w, int64_t n0,
+                      int32_t* acc_out) {
+  int32_t acc[R][C] = {};
+  int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i wacc[R][C];
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) wacc[m][c] = _mm512_setzero_si512();
+  }
+  const __m512i wide_ones = _mm512_set1_epi16(1);
+  for (; k + 64 <= k_size; k += 64) {
+    __m512i ax[R];
+    __mmask64 negative[R];
+    for (int64_t m = 0; m < R; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * k_size + k);
+      ax[m] = _mm512_abs_epi8(xv);
+      negative[m] = _mm512_movepi8_mask(xv);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512i wv = _mm512_loadu_si512(w + (n0 + c) * k_size + k);
+      for (int64_t m = 0; m < R; ++m) {
+        const __m512i signed_w =
+            _mm512_mask_sub_epi8(wv, negative[m], _mm512_setzero_si512(), wv);
+        const __m512i pairs = _mm512_maddubs_epi16(ax[m], signed_w);
+        wacc[m][c] = _mm512_add_epi32(wacc[m][c], _mm512_madd_epi16(pairs, wide_ones));
+      }
+    }
+  }
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) acc[m][c] += _mm512_reduce_add_epi32(wacc[m][c]);
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  __m256i vacc[R][C];
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) vacc[m][c] = _mm256_setzero_si256();
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (; k + 32 <= k_size; k += 32) {
+    __m256i xv[R], ax[R];
+    for (int64_t m = 0; m < R; ++m) {
+      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * k_size + k));
+      ax[m] = _mm256_abs_epi8(xv[m]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const __m256i wv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + c) * k_size + k));
+      for (int64_t m = 0; m < R; ++m) {
+        const __m256i pairs = _mm256_maddubs_epi16(ax[m], _mm256_sign_epi8(wv, xv[m]));
+        vacc[m][c] = _mm256_add_epi32(vacc[m][c], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vacc[m][c]);
+      for (int32_t lane : lanes) acc[m][c] += lane;
+    }
+  }
+#endif
+  for (; k < k_size; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t m = 0; m < R; ++m) {
+        acc[m][c] += static_cast<int32_t>(x[m * k_size + k]) * w[(n0 + c) * k_size + k];
+      }
+    }
+  }
+  for (int64_t m = 0; m < R; ++m) {
+    for (int64_t c = 0; c < C; ++c) acc_out[m * C + c] = acc[m][c];
+  }
+}
+
+// grouped_matmul's int8 twin (W8A8, as layers/int8_linear.py): rows of x_q [rows, K] (scales
+// x_scale [rows]) times their expert's w [experts, N, K] (scales w_scale [experts, N]), each
+// product dequantized as dequantize_ does it: acc * x_scale * w_scale (+ bias [experts, N]).
+at::Tensor grouped_matmul_int8(const at::Tensor& x_q, const at::Tensor& x_scale,
+                               const at::Tensor& w, const at::Tensor& w_scale,
+                               const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_q.dim() == 2 && w.dim() == 3 && x_q.scalar_type() == at::kChar &&
+                  w.scalar_type() == at::kChar && x_q.is_contiguous() && w.is_contiguous() &&
+                  x_q.size(1) == w.size(2),
+              "grouped_matmul_int8: contiguous int8 x_q [rows, K] and w [experts, N, K]");
+  const int64_t rows = x_q.size(0), k_size = x_q.size(1), n_size = w.size(1);
+  const int64_t experts = w.size(0);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() &&
+                  x_scale.numel() == rows && w_scale.scalar_type() == at::kFloat &&
+                  w_scale.is_contiguous() && w_scale.numel() == experts * n_size,
+              "grouped_matmul_int8: float32 x_scale [rows] and w_scale [experts, N]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                            bias->numel() == experts * n_size),
+              "grouped_matmul_int8: float32 bias [experts, N]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.size(0) == experts + 1,
+              "grouped_matmul_int8: int64 offsets [experts + 1]");
+  const at::Tensor offsets_cpu = offsets.contiguous();
+  const int64_t* off = offsets_cpu.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[experts] == rows, "grouped_matmul_int8: offsets span x's rows");
+  constexpr int64_t kTileColumns = 64;
+  const int64_t tiles = (n_size + kTileColumns - 1) / kTileColumns;
+  std::vector<int64_t> work;
+  for (int64_t e = 0; e < experts; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], "grouped_matmul_int8: offsets must not decrease");
+    if (off[e + 1] > off[e]) {
+      for (int64_t t = 0; t < tiles; ++t) work.push_back(e * tiles + t);
+    }
+  }
+  at::Tensor out = at::empty({rows, n_size}, x_scale.options());
+  const int8_t* xp = x_q.data_ptr<int8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* xs = x_scale.data_ptr<float>();
+  const float* ws = w_scale.data_ptr<float>();
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = work[i] / tiles, n_begin = (work[i] % tiles) * kTileColumns;
+      const int64_t n_end = std::min(n_begin + kTileColumns, n_size);
+      const int8_t* we = wp + e * n_size * k_size;
+      // dequantized as dequantize_ does it: float(acc) * x_scale * w_scale (+ bias)
+      auto emit = [&](int64_t r, int64_t n, int32_t acc) {
+        float y = static_cast<float>(acc) * xs[r] * ws[e * n_size + n];
+        if (bp != nullptr) y += bp[e * n_size + n];
+        op[r * n_size + n] = y;
+      };
+      int32_t acc[16];
+      int64_t n = n_begin;
+      for (; n + 4 <= n_end; n += 4) {
+        int64_t r = off[e];
+        for (; r + 4 <= off[e + 1]; r += 4) {
+          expert_int8_dots<4, 4>(xp + r * k_size, k_size, we, n, acc);
+          for (int64_t m = 0; m < 4; ++m) {
+            for (int64_t c = 0; c < 4; ++c) emit(r + m, n + c, acc[m * 4 + c]);
+          }
+        }
+        for (; r < off[e + 1]; ++r) {
+          expert_int8_dots<1, 4>(xp + r * k_size, k_size, we, n, acc);
+          for (int64_t c = 0; c < 4; ++c) emit(r, n + c, acc[c]);
+        }
+      }
+      for (; n < n_end; ++n) {
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+          expert_int8_dots<1, 1>(xp + r * k_size, k_size, we, n, acc);
+          emit(r, n, acc[0]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmserve_cpu, m) {
@@ -521,6 +683,9 @@ TORCH_LIBRARY(lmserve_cpu, m) {
   m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("grouped_matmul(Tensor x, Tensor w, Tensor offsets) -> Tensor");
+  m.def(
+      "grouped_matmul_int8(Tensor x_q, Tensor x_scale, Tensor w, Tensor w_scale, Tensor offsets, "
+      "Tensor? bias) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor signed_sin) -> ()");
   m.def(
       "dequantize_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor(a!)");
@@ -535,5 +700,6 @@ TORCH_LIBRARY_IMPL(lmserve_cpu, CPU, m) {
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("silu_and_mul", silu_and_mul);
   m.impl("grouped_matmul", grouped_matmul);
+  m.impl("grouped_matmul_int8", grouped_matmul_int8);
   m.impl("rotary_", rotary_);
 }
