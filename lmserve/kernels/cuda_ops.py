@@ -35,3 +35,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     return _fused().rotary_(x, cos, signed_sin)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _fused().grouped_matmul(x, w, offsets)

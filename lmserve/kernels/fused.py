@@ -1,5 +1,6 @@
-"""Fused elementwise kernels in Triton for the CUDA path: RMSNorm (with the residual add before
-it), SiLU-and-mul, and rotary embedding in place.
+"""Fused kernels in Triton for the CUDA path: RMSNorm (with the residual add before it),
+SiLU-and-mul, rotary embedding in place, and the grouped expert GEMM of mixture-of-experts
+layers.
 
 In plain torch each of these is several kernels (RMSNorm alone ~6), and at small batches a
 decode step's time on a GPU is mostly such tiny kernels: ~25 per layer, ~2 us each, against
@@ -153,3 +154,92 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
         HALF_PAD=triton.next_power_of_2(head_dim // 2),
     )
     return x
+
+
+@triton.jit
+def _grouped_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    offsets_ptr,
+    block_expert_ptr,
+    block_start_ptr,
+    n_size,
+    k_size,
+    num_experts,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One block of up to BLOCK_M rows of one expert times BLOCK_N of its output columns."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < num_experts:
+        row_end = tl.load(offsets_ptr + expert + 1)
+        rows = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask, col_mask = rows < row_end, cols < n_size
+        w_base = w_ptr + expert.to(tl.int64) * n_size * k_size
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_size, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < k_size
+            a = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * k_size + ks[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(  # w[expert] is [N, K]: read a [BLOCK_K, BLOCK_N] tile of its transpose
+                w_base + cols[None, :].to(tl.int64) * k_size + ks[:, None],
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            if IEEE:  # float32 as torch multiplies it on CUDA by default: no TF32
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        out = out_ptr + rows[:, None].to(tl.int64) * n_size + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+_MOE_BLOCK_M, _MOE_BLOCK_N, _MOE_BLOCK_K = 16, 64, 32
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert times their expert's weight (the CPU kernel's contract): x [rows, K],
+    w [experts, N, K], offsets [experts + 1] -> [rows, N] in x's dtype, accumulated in fp32.
+    Each expert's rows are cut into blocks of 16 on the device, with no host sync (CUDA graphs
+    capture it): the grid holds every block the rows could need, cdiv(rows, 16) + experts, and
+    the blocks no expert has return at once."""
+    rows, k_size = x.shape
+    num_experts, n_size = w.shape[0], w.shape[1]
+    out = x.new_empty((rows, n_size))
+    if rows == 0:
+        return out
+    counts = offsets[1:] - offsets[:-1]
+    blocks = (counts + _MOE_BLOCK_M - 1) // _MOE_BLOCK_M
+    block_ends = blocks.cumsum(0)
+    max_blocks = triton.cdiv(rows, _MOE_BLOCK_M) + num_experts
+    ids = torch.arange(max_blocks, device=x.device)
+    block_expert = torch.searchsorted(block_ends, ids, right=True)  # num_experts: unused block
+    expert = block_expert.clamp(max=num_experts - 1)
+    first_block = block_ends.index_select(0, expert) - blocks.index_select(0, expert)
+    block_start = offsets.index_select(0, expert) + (ids - first_block) * _MOE_BLOCK_M
+    grid = (max_blocks, triton.cdiv(n_size, _MOE_BLOCK_N))
+    _grouped_matmul_kernel[grid](
+        x.contiguous(),
+        w.contiguous(),
+        out,
+        offsets,
+        block_expert.to(torch.int32),
+        block_start.to(torch.int32),
+        n_size,
+        k_size,
+        num_experts,
+        BLOCK_M=_MOE_BLOCK_M,
+        BLOCK_N=_MOE_BLOCK_N,
+        BLOCK_K=_MOE_BLOCK_K,
+        IEEE=x.dtype == torch.float32,
+    )
+    return out

@@ -1,7 +1,7 @@
 """Mixture-of-experts MLPs: a router picks each token's top-k experts, and the experts' SwiGLU
 MLPs run grouped over the tokens sorted by expert, never a loop over tokens: on CPU in float32
-one C++ pass per projection over every expert (kernels/cpu/ops.cpp `grouped_matmul`), else one
-GEMM per expert.
+one C++ pass per projection over every expert (kernels/cpu/ops.cpp `grouped_matmul`), on CUDA
+one Triton launch (kernels/fused.py), else one GEMM per expert.
 
 Expert weights are stacked in HF's [experts, out, in] layout, which the CPU kernel streams: at
 batch 64 a Qwen3-30B-A3B layer routes ~4 rows to each of its 128 experts, so the step reads every
@@ -12,14 +12,16 @@ sums them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.kernels import cpu_ops
+from lmserve.kernels import cpu_ops, cuda_ops
 from lmserve.layers.activation import silu_and_mul
 
 
@@ -95,7 +97,10 @@ def run_grouped(
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, ascending
     token = order // top_k
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: on CUDA it reads the largest id back to the host, which graphs cannot capture
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat)
+    )
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.long, device=x.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     groups = ExpertGroups(counts, offsets, flat.index_select(0, order))
@@ -148,15 +153,22 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; weights, ids [tokens, k] from select_experts."""
-        if cpu_ops.usable(x) and self.w13.dtype == torch.float32:
-            return run_grouped(x, weights, ids, self.num_experts, self._kernel_project)
-        return run_grouped(x, weights, ids, self.num_experts, each_expert(self._expert))
+        if cuda_ops.usable(x):  # Triton: no host sync, so CUDA graphs capture it
+            project = functools.partial(self._kernel_project, cuda_ops)
+        elif cpu_ops.usable(x) and self.w13.dtype == torch.float32:
+            project = functools.partial(self._kernel_project, cpu_ops)
+        else:
+            project = each_expert(self._expert)
+        return run_grouped(x, weights, ids, self.num_experts, project)
 
-    def _kernel_project(self, rows: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        gate_up = cpu_ops.grouped_matmul(rows, self.w13, groups.offsets)
+    def _kernel_project(
+        self, ops: ModuleType, rows: torch.Tensor, groups: ExpertGroups
+    ) -> torch.Tensor:
+        """Both projections over every expert at once, with `ops`' grouped_matmul."""
+        gate_up = ops.grouped_matmul(rows, self.w13, groups.offsets)
         if self.b13 is not None:
             gate_up.add_(self.b13.index_select(0, groups.row_expert))
-        out = cpu_ops.grouped_matmul(self.activation(gate_up), self.w2, groups.offsets)
+        out = ops.grouped_matmul(self.activation(gate_up), self.w2, groups.offsets)
         if self.b2 is not None:
             out.add_(self.b2.index_select(0, groups.row_expert))
         return out

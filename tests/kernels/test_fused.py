@@ -124,10 +124,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from lmserve.kernels import fused
 
+# the grouped expert GEMM's index pointers
+INDEX_POINTERS = {"offsets_ptr": "*i64", "block_expert_ptr": "*i32", "block_start_ptr": "*i32"}
+
 def build(kernel, dtype, **constexprs):
     def arg_type(name):
         if name in constexprs:
             return "constexpr"
+        if name in INDEX_POINTERS:
+            return INDEX_POINTERS[name]
         if name.endswith("_ptr"):
             return "*" + dtype
         return "fp32" if name == "eps" else "i32"
@@ -141,6 +146,10 @@ for dtype in ("bf16", "fp32"):
     build(fused._rms_norm_kernel, dtype, HAS_RESIDUAL=False, BLOCK=1024)
     build(fused._silu_and_mul_kernel, dtype, BLOCK=1024)
     build(fused._rotary_kernel, dtype, HEADS_PAD=64, HALF_PAD=64)
+    build(
+        fused._grouped_matmul_kernel, dtype, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32,
+        IEEE=dtype == "fp32",
+    )
 """
 
 
@@ -163,3 +172,75 @@ def test_gpu_layers_take_the_fused_kernels() -> None:
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("_rms_norm_kernel" in n for n in names) and any("_silu_and_mul" in n for n in names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("counts", "n", "k"),
+    [([3, 0, 20, 1], 96, 64), ([17, 1, 0, 33], 70, 40)],
+    ids=["empty-expert-and-two-blocks", "ragged-blocks-and-tiles"],
+)
+def test_grouped_matmul_equals_each_experts_product(dtype, counts, n: int, k: int) -> None:
+    """Each expert's rows (in blocks of 16, cut on the device) times its [out, in] weight."""
+    w = _rand(len(counts), n, k, dtype=dtype, seed=3) * 0.2
+    x = _rand(sum(counts), k, dtype=dtype, seed=4)
+    offsets = torch.tensor([0, *counts], device=DEVICE).cumsum(0)
+    out = fused.grouped_matmul(x, w, offsets)
+    for e in range(len(counts)):
+        rows = slice(int(offsets[e]), int(offsets[e + 1]))
+        expected = (x[rows].float() @ w[e].float().T).to(dtype)
+        torch.testing.assert_close(out[rows], expected, **_tol(dtype))
+
+
+def _tiny_moe(path) -> torch.nn.Module:
+    import transformers as tf
+
+    from tests.conftest import _COMMON, _randomize
+
+    torch.manual_seed(3)
+    config = tf.Qwen3MoeConfig(
+        **_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, pad_token_id=0,
+    )  # fmt: skip
+    hf = tf.Qwen3MoeForCausalLM(config)
+    _randomize(hf)
+    hf.save_pretrained(path)
+    return hf.eval()
+
+
+def test_an_moe_model_through_the_triton_experts_gives_hfs_tokens(monkeypatch, tmp_path) -> None:
+    """A Qwen3-MoE engine whose experts run the Triton kernel (interpreted) keeps HF's greedy
+    tokens, batched and chunked."""
+    from lmserve import LLM
+    from tests.engine.test_llm import hf_greedy, random_prompts, run_greedy
+
+    hf = _tiny_moe(tmp_path)
+    calls = []
+
+    def counted(x, w, offsets):
+        calls.append(x.shape[0])
+        return fused.grouped_matmul(x, w, offsets)
+
+    monkeypatch.setattr(cuda_ops, "grouped_matmul", counted)
+    monkeypatch.setattr(cpu_ops, "available", lambda: False)
+    monkeypatch.setattr(cuda_ops, "usable", lambda x: x.is_floating_point() and x.stride(-1) == 1)
+    prompts = [[t or 1 for t in p] for p in random_prompts([5, 17, 9])]
+    expected = [hf_greedy(hf, p, 6) for p in prompts]
+    llm = LLM(str(tmp_path), kv_cache_memory_gb=0.01, max_num_batched_tokens=16)
+    assert run_greedy(llm, prompts, num_new=6) == expected
+    assert calls
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_moe_model_gives_hfs_tokens_with_graphs(tmp_path) -> None:
+    """On CUDA in fp32 the experts take the Triton kernel inside CUDA graphs: HF's tokens."""
+    from lmserve import LLM
+    from tests.engine.test_llm import hf_greedy, random_prompts, run_greedy
+
+    hf = _tiny_moe(tmp_path)
+    prompts = [[t or 1 for t in p] for p in random_prompts([5, 17, 9, 33])]
+    expected = [hf_greedy(hf, p, 8) for p in prompts]
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01)
+    assert llm.engine_core.runner.graphs is not None
+    assert run_greedy(llm, prompts, num_new=8) == expected
