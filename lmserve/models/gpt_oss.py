@@ -5,7 +5,8 @@ clamped SwiGLU.
 
 HF stores a layer's experts stacked, gate and up interleaved column by column
 (`gate_up_proj` [experts, hidden, 2 * inter]); they are split into FusedMoE's gate | up halves
-at load.
+at load. The released checkpoints hold the experts in MXFP4 (`*_blocks` + `*_scales`,
+models/mxfp4.py), dequantized at load.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from torch import nn
 
 from lmserve.layers.moe import ClampedSwiGLU, FusedMoE, Router, Routing, select_experts
 from lmserve.models.moe import MoeForCausalLM
+from lmserve.models.mxfp4 import dequantize_mxfp4
 
+_MXFP4_RE = re.compile(r"(.*\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
 _EXPERTS_RE = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?")
 
 
@@ -52,7 +55,7 @@ class GptOssForCausalLM(MoeForCausalLM):
         """Load experts (de-interleaving gate | up) and sinks, recording them in `loaded`; pass
         every other tensor on."""
         params = dict(self.named_parameters())
-        for name, tensor in weights:
+        for name, tensor in _mxfp4_dequantized(weights):
             experts = _EXPERTS_RE.fullmatch(name)
             if name.endswith(".self_attn.sinks"):
                 target = name.replace(".self_attn.sinks", ".self_attn.attn.sinks")
@@ -74,3 +77,23 @@ class GptOssForCausalLM(MoeForCausalLM):
             with torch.no_grad():
                 param.copy_(tensor)
             loaded.add(target)
+
+
+def _mxfp4_dequantized(
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The released checkpoints' MXFP4 experts (`*_proj_blocks` with `*_proj_scales`) as the
+    bf16 checkpoints name and lay them out ([experts, in, out]); every other tensor as it is."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights:
+        packed = _MXFP4_RE.fullmatch(name)
+        if packed is None:
+            yield name, tensor
+            continue
+        parts = pending.setdefault(packed[1], {})
+        parts[packed[2]] = tensor
+        if len(parts) == 2:
+            del pending[packed[1]]
+            yield packed[1], dequantize_mxfp4(parts["blocks"], parts["scales"]).transpose(1, 2)
+    if pending:
+        raise ValueError(f"MXFP4 tensors without their blocks or scales: {sorted(pending)}")
