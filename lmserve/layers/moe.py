@@ -106,9 +106,7 @@ def run_grouped(
     groups = ExpertGroups(counts, offsets, flat.index_select(0, order))
     out = project(x.index_select(0, token), groups)
     out.mul_(weights.reshape(-1, 1).index_select(0, order))
-    return torch.zeros(x.shape[0], out.shape[1], dtype=out.dtype, device=x.device).index_add_(
-        0, token, out
-    )
+    return torch.zeros_like(x).index_add_(0, token, out)
 
 
 def each_expert(expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> Project:
