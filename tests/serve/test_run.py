@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,26 +24,50 @@ from tests.api.conftest import free_port  # noqa: E402
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
-    """Until the deployment answers /v1/models; fails with the log if the process exits."""
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, model: str) -> None:
+    """Until the deployment lists `model` at /v1/models (so a deployment of an earlier test,
+    still going away on the seeds' fixed port, is not taken for this one); fails with the log
+    if the process exits or 180 s pass."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+            reply = httpx.get(f"{url}/v1/models", timeout=2)
+            if reply.status_code == 200 and model in [m["id"] for m in reply.json()["data"]]:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
+    pytest.fail(f"{model} was not served at {url} within 180 s:\n{log.read_text()[-3000:]}")
 
 
-def interrupt(proc: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops `serve run` / `lmserve run`; killed if it has not exited in 60 s."""
+def interrupt(proc: subprocess.Popen, port: int) -> None:
+    """Ctrl-C, as a user stops `serve run` / `lmserve run` (killed if it has not exited in 60 s),
+    then until nothing listens on `port`: Ray's proxy outlives the driver by a few seconds, and
+    the next seed binds the same port."""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    wait_until_closed(port)
+
+
+def wait_until_closed(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"port {port} still answers {timeout_s:.0f} s after its deployment stopped")
+
+
+@pytest.fixture(autouse=True)
+def seed_port_free() -> None:
+    """The seeds serve on Ray's default port 8000: each test starts with it free (an earlier
+    module's or test's deployment may still be going away)."""
+    wait_until_closed(8000)
 
 
 SMALL_ENGINE = {"max_model_len": 256, "kv_cache_memory_gb": 0.02}
@@ -103,7 +128,7 @@ def test_yaml_config_deploys(
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(proc, url, tmp_path / "run.log")
+        wait_until_serving(proc, url, tmp_path / "run.log", "smollm2")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         assert [m.id for m in client.models.list().data] == ["tiny", "smollm2"]
         reply = client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4)
@@ -114,7 +139,7 @@ def test_yaml_config_deploys(
         )  # fmt: skip
         assert "Paris" in chat.choices[0].message.content
     finally:
-        interrupt(proc)
+        interrupt(proc, port)
 
 
 def test_lmserve_run_fails_fast_when_the_models_do_not_fit(
@@ -171,7 +196,7 @@ def test_seed_server_snippet_runs(tmp_path: Path, smollm2_dir: Path) -> None:
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log", "qwen-0.5b")
         client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
         response = client.chat.completions.create(
             model="qwen-0.5b",
@@ -181,7 +206,7 @@ def test_seed_server_snippet_runs(tmp_path: Path, smollm2_dir: Path) -> None:
         )
         assert "Paris" in response.choices[0].message.content
     finally:
-        interrupt(proc)
+        interrupt(proc, 8000)
 
 
 # Seed 001's three Python forms, each as the seed writes it but for the import lines, the
@@ -368,7 +393,7 @@ def test_seed_embedding_snippets_run(tmp_path: Path, smollm2_dir: Path) -> None:
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log", "qwen-0.5b")
         client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
         response = client.embeddings.create(
             model="qwen-0.5b",
@@ -387,7 +412,7 @@ def test_seed_embedding_snippets_run(tmp_path: Path, smollm2_dir: Path) -> None:
             timeout=60,
         ).json()
     finally:
-        interrupt(proc)
+        interrupt(proc, 8000)
     model = AutoModel.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     for i, text in enumerate(["A text to embed", "Another text to embed"]):
@@ -436,7 +461,7 @@ def test_seed_transcription_snippets_run(tmp_path: Path, speech_dir: Path) -> No
     proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
     audio = speech_dir / "beckett.wav"
     try:
-        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log", "whisper-small")
         client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
         with open(audio, "rb") as f:
             response = client.audio.transcriptions.create(
@@ -453,7 +478,7 @@ def test_seed_transcription_snippets_run(tmp_path: Path, speech_dir: Path) -> No
             timeout=60,
         ).json()
     finally:
-        interrupt(proc)
+        interrupt(proc, 8000)
     expected = "Ever tried, ever failed. No matter, try again. Fail again. Fail better."
     assert response.text == curl["text"] == expected
 
@@ -512,7 +537,7 @@ def test_seed_vision_snippets_run(tmp_path: Path, tiny_llava_dir: Path) -> None:
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log")
+        wait_until_serving(proc, "http://127.0.0.1:8000", tmp_path / "run.log", "pixtral-12b")
         # Initialize client
         client = openai.OpenAI(base_url="http://localhost:8000/v1", api_key="fake-key")
         messages = [
@@ -535,7 +560,7 @@ def test_seed_vision_snippets_run(tmp_path: Path, tiny_llava_dir: Path) -> None:
             model="pixtral-12b", messages=messages, temperature=0, max_tokens=20
         )
     finally:
-        interrupt(proc)
+        interrupt(proc, 8000)
         httpd.shutdown()
     assert streamed and streamed == whole.choices[0].message.content
     assert whole.usage.prompt_tokens > 16  # the image's rows
