@@ -182,7 +182,13 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
         }
     )
     serve.run(app, name="scaling", route_prefix="/scaling")
+    try:
+        _burst_scales_up_and_back(app_url)
+    finally:  # a failure must not leave its replicas holding the CPUs the next tests reserve
+        serve.delete("scaling")
 
+
+def _burst_scales_up_and_back(app_url: str) -> None:
     def replicas() -> int:
         deployments = serve.status().applications["scaling"].deployments
         server = next(d for name, d in deployments.items() if name.startswith("LLMServer"))
@@ -208,7 +214,6 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
     while replicas() != 1 and time.monotonic() < deadline:
         time.sleep(1)
     assert replicas() == 1
-    serve.delete("scaling")
 
 
 def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, smollm2_dir: Path) -> None:
