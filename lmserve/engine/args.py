@@ -26,6 +26,7 @@ from lmserve.config import (
     default_cache_dir,
 )
 from lmserve.kernels import cpu_ops
+from lmserve.layers.rotary import LONGROPE_KINDS, scaling_kind
 from lmserve.models.source import (
     DEFAULT_MODEL,
     DEFAULT_POOLING_MODEL,
@@ -362,7 +363,7 @@ def _with_longrope_choice(hf_config: dict[str, Any], max_model_len: int) -> dict
         params = hf_config.get(key)
         if not isinstance(params, dict):
             continue
-        if (params.get("rope_type") or params.get("type")) not in ("longrope", "su"):
+        if scaling_kind(params) not in LONGROPE_KINDS:
             continue
         original = int(
             params.get("original_max_position_embeddings")

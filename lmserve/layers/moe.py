@@ -79,7 +79,6 @@ def select_experts(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor
 class ExpertGroups:
     """Rows sorted by expert: expert e's rows are offsets[e]..offsets[e + 1]."""
 
-    counts: torch.Tensor  # [experts] int64
     offsets: torch.Tensor  # [experts + 1] int64
     row_expert: torch.Tensor  # [rows]: each sorted row's expert
 
@@ -103,7 +102,7 @@ def run_grouped(
     )
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.long, device=x.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    groups = ExpertGroups(counts, offsets, flat.index_select(0, order))
+    groups = ExpertGroups(offsets, flat.index_select(0, order))
     out = project(x.index_select(0, token), groups)
     out.mul_(weights.reshape(-1, 1).index_select(0, order))
     return torch.zeros_like(x).index_add_(0, token, out)
@@ -116,7 +115,7 @@ def each_expert(expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> Proj
     def project(rows: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         out = torch.empty_like(rows)
         start = 0
-        for expert, count in enumerate(groups.counts.tolist()):
+        for expert, count in enumerate(groups.offsets.diff().tolist()):
             if count:
                 out[start : start + count] = expert_mlp(expert, rows[start : start + count])
                 start += count

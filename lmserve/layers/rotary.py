@@ -1,6 +1,6 @@
 """Rotary position embeddings (rotate-half layout, as HF Llama), with linear, Llama-3, YaRN and
-LongRoPE frequency scaling, and Qwen2-VL's multimodal M-RoPE (three position components, each turning its
-own bands)."""
+LongRoPE frequency scaling, and Qwen2-VL's multimodal M-RoPE (three position components, each
+turning its own bands)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     `longrope` scaling applied."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    kind = _scaling_kind(scaling)
+    kind = scaling_kind(scaling)
     if kind == "default":
         return inv_freq
     assert scaling is not None
@@ -45,7 +45,7 @@ def rope_attention_factor(scaling: dict[str, Any] | None, max_position: int) -> 
     else 0.1 * ln(factor) + 1, or the ratio of two such terms with `mscale`/`mscale_all_dim`);
     LongRoPE's (its `attention_factor`, else sqrt(1 + ln(factor) / ln(original context)), the
     factor being the model's context over the original); 1 for every other kind."""
-    kind = _scaling_kind(scaling)
+    kind = scaling_kind(scaling)
     if kind not in ("yarn", *LONGROPE_KINDS):
         return 1.0
     assert scaling is not None
@@ -62,7 +62,7 @@ def rope_attention_factor(scaling: dict[str, Any] | None, max_position: int) -> 
     return _yarn_mscale(factor, 1.0)
 
 
-def _scaling_kind(scaling: dict[str, Any] | None) -> str:
+def scaling_kind(scaling: dict[str, Any] | None) -> str:
     """The config's RoPE scaling kind in either key (`rope_type`, older `type`); "default"."""
     return (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
 

@@ -19,28 +19,20 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from lmserve import LLM
 from lmserve.models.gguf import bundled_smollm2_gguf, gguf_to_hf_dir
-from tests.conftest import _randomize
+from tests.conftest import _COMMON, _randomize
 from tests.engine.test_llm import hf_greedy, random_prompts, run_greedy
 
 VOCAB = 49152  # SmolLM2's tokenizer, copied into every file
-_SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+_SHAPE = {**_COMMON, "vocab_size": VOCAB, "tie_word_embeddings": False}
 # transformers' GGUF reader does not read the experts' widths from the file: the defaults of its
 # configs (Qwen1.5-MoE's and Qwen3-30B-A3B's widths) stand in, so these models use them
 CONFIGS = {
     "qwen3moe": dict(
-        _SHAPE, head_dim=16, intermediate_size=128, moe_intermediate_size=768, num_experts=8,
+        _SHAPE, head_dim=16, moe_intermediate_size=768, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True,
     ),
     "qwen2moe": dict(
-        _SHAPE, intermediate_size=128, moe_intermediate_size=1408, num_experts=8,
+        _SHAPE, moe_intermediate_size=1408, num_experts=8,
         num_experts_per_tok=2, shared_expert_intermediate_size=5632,
     ),
     "mixtral": dict(_SHAPE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
