@@ -469,6 +469,37 @@ void expert_tile(const float* x, int64_t rows, int64_t k_size, const float* w, i
   }
 }
 
+// The work of a grouped product: each (expert, column tile) of the experts that have rows,
+// after checking that `offsets` [experts + 1] split the `rows` rows in order.
+constexpr int64_t kTileColumns = 64;
+
+struct ExpertTile {
+  int64_t expert, n_begin, n_end;
+};
+
+struct GroupedWork {
+  at::Tensor offsets;  // contiguous int64, read through off()
+  std::vector<ExpertTile> tiles;
+  const int64_t* off() const { return offsets.data_ptr<int64_t>(); }
+};
+
+GroupedWork grouped_work(const at::Tensor& offsets, int64_t experts, int64_t rows, int64_t n_size,
+                         const char* name) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.size(0) == experts + 1,
+              name, ": int64 offsets [experts + 1]");
+  GroupedWork work{offsets.contiguous(), {}};
+  const int64_t* off = work.off();
+  TORCH_CHECK(off[0] == 0 && off[experts] == rows, name, ": offsets span x's rows");
+  for (int64_t e = 0; e < experts; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], name, ": offsets must not decrease");
+    for (int64_t n = 0; off[e + 1] > off[e] && n < n_size; n += kTileColumns) {
+      work.tiles.push_back({e, n, std::min(n + kTileColumns, n_size)});
+    }
+  }
+  return work;
+}
+
 // Mixture-of-experts projection over rows sorted by expert: rows offsets[e]..offsets[e + 1] of
 // x [rows, K] times expert e's weight w[e] [N, K]. Each weight byte is read once, in order (a few
 // rows per expert leave oneDNN's small GEMMs at a third of the memory bandwidth); the work is
@@ -478,33 +509,20 @@ at::Tensor grouped_matmul(const at::Tensor& x, const at::Tensor& w, const at::Te
                   w.scalar_type() == at::kFloat && x.is_contiguous() && w.is_contiguous() &&
                   x.size(1) == w.size(2),
               "grouped_matmul: contiguous float32 x [rows, K] and w [experts, N, K]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
-                  offsets.size(0) == w.size(0) + 1,
-              "grouped_matmul: int64 offsets [experts + 1]");
-  const int64_t k_size = x.size(1), n_size = w.size(1), experts = w.size(0);
-  constexpr int64_t kTileColumns = 64;
-  const int64_t tiles = (n_size + kTileColumns - 1) / kTileColumns;
+  const int64_t k_size = x.size(1), n_size = w.size(1);
+  const GroupedWork work = grouped_work(offsets, w.size(0), x.size(0), n_size, "grouped_matmul");
+  const int64_t* off = work.off();
   at::Tensor out = at::empty({x.size(0), n_size}, x.options());
-  const at::Tensor offsets_cpu = offsets.contiguous();
-  const int64_t* off = offsets_cpu.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[experts] == x.size(0), "grouped_matmul: offsets span x's rows");
-  std::vector<int64_t> work;  // (expert * tiles + tile) of the experts that have rows
-  for (int64_t e = 0; e < experts; ++e) {
-    TORCH_CHECK(off[e + 1] >= off[e], "grouped_matmul: offsets must not decrease");
-    if (off[e + 1] > off[e]) {
-      for (int64_t t = 0; t < tiles; ++t) work.push_back(e * tiles + t);
-    }
-  }
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_tiles = static_cast<int64_t>(work.tiles.size());
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e = work[i] / tiles, t = work[i] % tiles;
-      const int64_t n_begin = t * kTileColumns;
+      const ExpertTile& tile = work.tiles[i];
+      const int64_t e = tile.expert;
       expert_tile(xp + off[e] * k_size, off[e + 1] - off[e], k_size, wp + e * n_size * k_size,
-                  n_begin, std::min(n_begin + kTileColumns, n_size), op + off[e] * n_size,
-                  n_size);
+                  tile.n_begin, tile.n_end, op + off[e] * n_size, n_size);
     }
   });
   return out;
@@ -609,21 +627,8 @@ at::Tensor grouped_matmul_int8(const at::Tensor& x_q, const at::Tensor& x_scale,
   TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                             bias->numel() == experts * n_size),
               "grouped_matmul_int8: float32 bias [experts, N]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
-                  offsets.size(0) == experts + 1,
-              "grouped_matmul_int8: int64 offsets [experts + 1]");
-  const at::Tensor offsets_cpu = offsets.contiguous();
-  const int64_t* off = offsets_cpu.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[experts] == rows, "grouped_matmul_int8: offsets span x's rows");
-  constexpr int64_t kTileColumns = 64;
-  const int64_t tiles = (n_size + kTileColumns - 1) / kTileColumns;
-  std::vector<int64_t> work;
-  for (int64_t e = 0; e < experts; ++e) {
-    TORCH_CHECK(off[e + 1] >= off[e], "grouped_matmul_int8: offsets must not decrease");
-    if (off[e + 1] > off[e]) {
-      for (int64_t t = 0; t < tiles; ++t) work.push_back(e * tiles + t);
-    }
-  }
+  const GroupedWork work = grouped_work(offsets, experts, rows, n_size, "grouped_matmul_int8");
+  const int64_t* off = work.off();
   at::Tensor out = at::empty({rows, n_size}, x_scale.options());
   const int8_t* xp = x_q.data_ptr<int8_t>();
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -631,10 +636,11 @@ at::Tensor grouped_matmul_int8(const at::Tensor& x_q, const at::Tensor& x_scale,
   const float* ws = w_scale.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_tiles = static_cast<int64_t>(work.tiles.size());
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e = work[i] / tiles, n_begin = (work[i] % tiles) * kTileColumns;
-      const int64_t n_end = std::min(n_begin + kTileColumns, n_size);
+      const int64_t e = work.tiles[i].expert;
+      const int64_t n_begin = work.tiles[i].n_begin, n_end = work.tiles[i].n_end;
       const int8_t* we = wp + e * n_size * k_size;
       // dequantized as dequantize_ does it: float(acc) * x_scale * w_scale (+ bias)
       auto emit = [&](int64_t r, int64_t n, int32_t acc) {
