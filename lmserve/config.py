@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve.pooling.config import PoolerConfig
+from lmserve.spec_decode.config import SpeculativeConfig
 
 _DEFAULT_CPU_KV_CACHE_GB = 2.0
 DEFAULT_MM_LIMIT = 999  # vLLM's default number of items per modality in one prompt
@@ -205,3 +206,4 @@ class EngineConfig:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     runner: str = "generate"  # "generate", or "pooling": prompts in, embeddings out
     pooler: PoolerConfig | None = None  # the pooling runner's pooler
+    speculative: SpeculativeConfig | None = None  # None: one token per request per step

@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", type=Path, default=None, help='JSONL of {"prompt": str}; overrides input-len'
     )
     parser.add_argument(
+        "--dataset-name",
+        choices=["random", "code-edit"],
+        default="random",
+        help="random: --input-len random tokens; code-edit: 'add type hints to this function' "
+        "requests in the tokenizer's chat template, whose answers repeat most of their prompt "
+        "(where n-gram speculative decoding pays)",
+    )
+    parser.add_argument(
         "--max-concurrency", type=int, default=None, help="most requests in flight at once"
     )
     parser.add_argument(
@@ -83,12 +91,39 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     tokenizer_dir = resolve_model_dir(resolve_model(args.tokenizer, cache_dir), cache_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     rng = np.random.default_rng(args.seed)
+    if args.dataset_name == "code-edit":
+        return [_code_edit_prompt(tokenizer, rng) for _ in range(args.num_prompts)]
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(min(tokenizer.vocab_size, 32000)) if i not in special]
     return [
         tokenizer.decode(rng.choice(vocab, size=args.input_len).tolist())
         for _ in range(args.num_prompts)
     ]
+
+
+_NAMES = ["total", "count", "width", "height", "price", "rate", "offset", "limit", "score", "step"]
+_OPS = ["+", "-", "*", "//", "%"]
+
+
+def _code_edit_prompt(tokenizer: Any, rng: np.random.Generator) -> str:
+    """A random small Python function and the request to add type hints to it, keeping the
+    rest: a code edit, whose answer is mostly its input."""
+    a, b, c = rng.choice(_NAMES, size=3, replace=False).tolist()
+    name = f"{rng.choice(['compute', 'update', 'scale', 'merge'])}_{a}_{b}"
+    lines = [f"def {name}({a}, {b}, {c}=1):", f'    """Combine {a} and {b}, step by {c}."""']
+    for i in range(int(rng.integers(4, 8))):
+        x, y = rng.choice([a, b, c], size=2).tolist()
+        op = rng.choice(_OPS)
+        lines.append(f"    {x} = {x} {op} {y} + {int(rng.integers(1, 10))}")
+        if i % 2:
+            lines.append(f"    if {x} > {int(rng.integers(10, 100))}:\n        {x} = {y}")
+    lines.append(f"    return {a} {rng.choice(_OPS)} {b}")
+    text = "Add type hints to this Python function. Change nothing else:\n\n" + "\n".join(lines)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text + "\n\nWith type hints:\n\n"
 
 
 async def _run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:

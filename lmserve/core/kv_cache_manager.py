@@ -92,12 +92,15 @@ class KVCacheManager:
             + len(new_computed_blocks) * self.block_size
             + num_new_tokens
         )
+        # a speculative step also writes its guesses' KV: blocks are held for them, but only
+        # known tokens are published (num_tokens counts no guesses)
+        num_known = min(num_tokens, request.num_tokens)
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(held) - len(new_computed_blocks)
         num_cross = 0
         if request.num_encoder_tokens and request.req_id not in self._cross_blocks:
             num_cross = cdiv(request.num_encoder_tokens, self.block_size)
         if num_new_blocks <= 0 and not new_computed_blocks and not num_cross:
-            self._publish_full_blocks(request, num_tokens)  # most decode steps: room already held
+            self._publish_full_blocks(request, num_known)  # most decode steps: room already held
             return True
         # Hits with no holder sit in the free queue: taking them uses up free blocks too.
         num_idle_hits = sum(block.ref_cnt == 0 for block in new_computed_blocks)
@@ -110,7 +113,7 @@ class KVCacheManager:
         held.extend(new_computed_blocks)
         if num_new_blocks > 0:
             held.extend(self.pool.take_new_blocks(num_new_blocks))
-        self._publish_full_blocks(request, num_tokens)
+        self._publish_full_blocks(request, num_known)
         return True
 
     def free(self, request: Request, num_written: int | None = None) -> None:
@@ -120,6 +123,9 @@ class KVCacheManager:
         have left the rest half written; blocks past them leave the prefix cache, so no later
         request can hit them.
         """
+        if num_written is None and request.req_id in self._req_blocks:
+            # a speculative step's accepted guesses filled blocks no allocation has published
+            self._publish_full_blocks(request, min(request.num_computed_tokens, request.num_tokens))
         blocks = self._req_blocks.pop(request.req_id, [])
         self._num_published.pop(request.req_id, None)
         dropped = self._num_dropped.pop(request.req_id, 0)

@@ -78,6 +78,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | None = None  # the stop token id that ended it
     block_hashes: list[bytes] = field(default_factory=list)
+    # speculative decoding: guessed next tokens, checked (and dropped) by the next step
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -25,6 +25,8 @@ from lmserve.core.scheduler_output import (
     SchedulerOutput,
 )
 from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats
+from lmserve.spec_decode.config import SpeculativeConfig
+from lmserve.spec_decode.ngram import NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Scheduler:
         kv_cache_manager: KVCacheManager,
         grammars: GrammarTracker | None = None,
         max_loras: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = config
         self.max_loras = max_loras  # most adapters among running requests (0: LoRA is off)
@@ -57,6 +60,17 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found
         self._step_tokens = 0  # tokens the last step scheduled
+        self.speculative = speculative
+        self._proposer = (
+            NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max)
+            if speculative
+            else None
+        )
+        self.spec_num_drafts = 0  # steps that checked a request's guesses
+        self.spec_num_draft_tokens = 0
+        self.spec_accepted_per_pos = [0] * (
+            speculative.num_speculative_tokens if speculative else 0
+        )
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -92,7 +106,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = request.num_tokens - request.num_computed_tokens
+            # guesses ride along only where the budget has room for all the real tokens
+            request.spec_token_ids = request.spec_token_ids[: max(budget - num_new, 0)]
+            num_new = min(num_new + len(request.spec_token_ids), budget)
             num_held = self.kv.num_blocks(request.req_id)
             while not self.kv.allocate_slots(request, num_new):
                 preempted = True
@@ -187,11 +204,14 @@ class Scheduler:
         num_scheduled: dict[str, int],
     ) -> SchedulerOutput:
         sampling = []
+        spec: dict[str, list[int]] = {}
         for request in self.running:
             if request.req_id in num_scheduled:
                 request.num_computed_tokens += num_scheduled[request.req_id]
                 self._known_to_worker.add(request.req_id)
-                if request.num_computed_tokens == request.num_tokens:
+                if request.spec_token_ids:
+                    spec[request.req_id] = request.spec_token_ids
+                if request.num_computed_tokens == request.num_tokens + len(request.spec_token_ids):
                     sampling.append(request.req_id)
         finished, self._finished_ids = self._finished_ids, set()
         self._step_tokens = sum(num_scheduled.values())
@@ -202,6 +222,7 @@ class Scheduler:
             total_num_scheduled_tokens=self._step_tokens,
             finished_req_ids=finished,
             sampling_req_ids=sampling,
+            spec_token_ids=spec,
         )
 
     def grammar_bitmask(self, output: SchedulerOutput) -> GrammarBitmask | None:
@@ -228,6 +249,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -245,6 +267,9 @@ class Scheduler:
             if request is None or request.status.finished:
                 continue  # aborted while the step ran
             result = sampled.get(req_id)
+            drafts = output.spec_token_ids.get(req_id)
+            if drafts:
+                self._take_back_rejected(request, drafts, result)
             try:
                 new_tokens = self._append_tokens(request, result)
             except Exception:  # noqa: BLE001 - one request's grammar fails it alone
@@ -269,7 +294,43 @@ class Scheduler:
                         no_speech_prob=result.no_speech_prob if result else None,
                     )
                 )
+            if new_tokens and self._proposer is not None and not request.status.finished:
+                self._propose(request)
         return updates
+
+    def _take_back_rejected(
+        self, request: Request, drafts: list[int], result: SampledTokens | None
+    ) -> None:
+        """The step computed KV for every guess; those after the first rejected one (whose
+        token the model replaced) hold wrong tokens' KV and are computed again later."""
+        num_accepted = max(len(result.token_ids) - 1, 0) if result is not None else 0
+        request.num_computed_tokens -= len(drafts) - num_accepted
+        request.spec_token_ids = []
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += len(drafts)
+        for pos in range(num_accepted):
+            self.spec_accepted_per_pos[pos] += 1
+
+    def _propose(self, request: Request) -> None:
+        """Guess the request's next tokens for its next step. Requests whose sampling depends on
+        the tokens before each position (penalties, a grammar) decode one token a step."""
+        assert self._proposer is not None and self.speculative is not None
+        params = request.sampling_params
+        if (
+            params.structured_outputs is not None
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+            or params.repetition_penalty != 1.0
+        ):
+            return
+        # room for every guess plus the model's own token, within both length limits
+        k = min(
+            self.speculative.num_speculative_tokens,
+            self.config.max_model_len - request.num_tokens - 1,
+        )
+        if params.max_tokens is not None:
+            k = min(k, params.max_tokens - request.num_output_tokens - 1)
+        request.spec_token_ids = self._proposer.propose(request.all_token_ids, k)
 
     def _append_tokens(self, request: Request, result: SampledTokens | None) -> list[int]:
         """Apply one request's sampled tokens until a stop; the tokens kept."""
@@ -323,6 +384,10 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_step_tokens=self._step_tokens,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=sum(self.spec_accepted_per_pos),
+            spec_accepted_per_pos=list(self.spec_accepted_per_pos),
         )
 
     def _check_stop(self, request: Request, token_id: int) -> bool:

@@ -50,6 +50,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # requests whose scheduled tokens reach their last token, in batch order: they sample
     sampling_req_ids: list[str] = field(default_factory=list)
+    # speculative decoding: the guessed tokens each request's scheduled tokens end with; its
+    # logits at the last len + 1 positions check them
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -66,7 +69,8 @@ class GrammarBitmask:
 
 @dataclass(frozen=True, slots=True)
 class SampledTokens:
-    """What the worker produced for one request this step."""
+    """What the worker produced for one request this step: with guessed tokens, the accepted
+    ones and then the model's own token."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None

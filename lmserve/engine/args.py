@@ -41,6 +41,7 @@ from lmserve.pooling.config import (
     resolve_pooler,
     resolve_runner,
 )
+from lmserve.spec_decode.config import parse_speculative_config
 
 MODEL_HELP = (
     "HF model directory, .gguf file, or HF id in the local cache "
@@ -97,6 +98,7 @@ def create_engine_config(
     tensor_parallel_size: int = 1,
     trust_remote_code: bool = False,
     hf_overrides: dict[str, Any] | str | None = None,
+    speculative_config: dict[str, Any] | str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
@@ -199,6 +201,13 @@ def create_engine_config(
         # as vLLM: a step must hold any whole prompt (an encoder's is never split)
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     attention_backend = _resolve_attention_backend(attention_backend, model_config, device)
+    speculative = parse_speculative_config(speculative_config)
+    if speculative is not None and (runner == "pooling" or model_config.num_encoder_tokens):
+        what = "a pooling model" if runner == "pooling" else "an encoder-decoder model"
+        raise ValueError(
+            f"speculative decoding is for decoder-only generation, not {what}: "
+            "leave out speculative_config"
+        )
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(
@@ -223,6 +232,7 @@ def create_engine_config(
         observability=ObservabilityConfig(served_model_name, metrics_prefix),
         runner=runner,
         pooler=pooler,
+        speculative=speculative,
     )
 
 
@@ -536,6 +546,16 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "still match the changed config",
     )
     parser.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding, as JSON: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+        "guesses the next tokens from earlier text that ended like the last few tokens and "
+        "checks the guesses in one forward pass: faster when outputs repeat their context "
+        "(code edits, summaries, extraction), the same greedy tokens always. Requests with "
+        "penalties or structured outputs decode without it",
+    )
+    parser.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -682,4 +702,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         tensor_parallel_size=args.tensor_parallel_size,
         trust_remote_code=args.trust_remote_code,
         hf_overrides=args.hf_overrides,
+        speculative_config=args.speculative_config,
     )

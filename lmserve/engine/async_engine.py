@@ -68,7 +68,9 @@ class AsyncEngine(EngineClient):
         self._sleep_level = 0
         observability = config.observability
         self.metrics = EngineMetrics(
-            observability.served_model_name or config.model.model, observability.metrics_prefix
+            observability.served_model_name or config.model.model,
+            observability.metrics_prefix,
+            speculative=config.speculative is not None,
         )
         self._output_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None

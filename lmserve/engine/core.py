@@ -65,7 +65,7 @@ class EngineCore:
             config.scheduler.max_num_seqs,
         )
         max_loras = config.lora.max_loras if config.lora else 0
-        scheduler = Scheduler(config.scheduler, kv, grammars, max_loras)
+        scheduler = Scheduler(config.scheduler, kv, grammars, max_loras, config.speculative)
         return cls(config, scheduler, runner, grammars)
 
     def add_request(self, request: EngineCoreRequest) -> None:

@@ -71,6 +71,12 @@ class SchedulerStats(msgspec.Struct, frozen=True):
     num_step_tokens: int = 0  # tokens the last step ran through the model
     mm_cache_queries: int = 0  # images a prompt needed (vision-language models)
     mm_cache_hits: int = 0  # of those, found already encoded in the encoder cache
+    # speculative decoding: steps that checked guesses, guessed tokens, accepted ones, and
+    # accepted ones by position in the guess (acceptance rate = accepted / draft tokens)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = msgspec.field(default_factory=list)
 
 
 # ---- to the core ---------------------------------------------------------------------------------

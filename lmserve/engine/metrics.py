@@ -51,9 +51,10 @@ class _Interval:
 class EngineMetrics:
     """`prefix` names the series: `lmserve` (ours) or `vllm`, so dashboards and autoscalers
     written for vLLM's `vllm:*` series read an lmserve server unchanged; `model_name` labels
-    them with the served name, as vLLM does."""
+    them with the served name, as vLLM does. With `speculative`, the spec_decode_* counters
+    too (vLLM registers them only when speculating)."""
 
-    def __init__(self, model_name: str, prefix: str = "lmserve") -> None:
+    def __init__(self, model_name: str, prefix: str = "lmserve", speculative: bool = False) -> None:
         self.registry = CollectorRegistry()
         self._prefix = prefix
         labels = ["model_name"]
@@ -85,6 +86,20 @@ class EngineMetrics:
         self._mm_queries = counter("mm_cache_queries", "Images prompts needed")
         self._mm_hits = counter("mm_cache_hits", "Images found already encoded")
         self._preemptions = counter("num_preemptions", "Requests preempted by recompute")
+        self._spec = (
+            (
+                counter("spec_decode_num_drafts", "Steps that checked a request's guesses"),
+                counter("spec_decode_num_draft_tokens", "Guessed tokens checked"),
+                counter("spec_decode_num_accepted_tokens", "Guessed tokens accepted"),
+                counter(
+                    "spec_decode_num_accepted_tokens_per_pos",
+                    "Guessed tokens accepted, by position in the guess",
+                    ("position",),
+                ),
+            )
+            if speculative
+            else None
+        )
         self._prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
         self._prompt_cached = counter("prompt_tokens_cached", "Prompt tokens taken from the cache")
         self._generation_tokens = counter("generation_tokens", "Tokens generated")
@@ -255,7 +270,26 @@ class EngineMetrics:
         self._mm_hits.labels(**self._label).inc(
             stats.mm_cache_hits - (last.mm_cache_hits if last else 0)
         )
+        if self._spec is not None:
+            self._record_spec(stats, last)
         self._last_stats = stats
+
+    def _record_spec(self, stats: SchedulerStats, last: SchedulerStats | None) -> None:
+        assert self._spec is not None
+        drafts, draft_tokens, accepted, per_pos = self._spec
+        drafts.labels(**self._label).inc(
+            stats.spec_num_drafts - (last.spec_num_drafts if last else 0)
+        )
+        draft_tokens.labels(**self._label).inc(
+            stats.spec_num_draft_tokens - (last.spec_num_draft_tokens if last else 0)
+        )
+        accepted.labels(**self._label).inc(
+            stats.spec_num_accepted_tokens - (last.spec_num_accepted_tokens if last else 0)
+        )
+        before = last.spec_accepted_per_pos if last else []
+        for pos, count in enumerate(stats.spec_accepted_per_pos):
+            done = before[pos] if pos < len(before) else 0
+            per_pos.labels(**self._label, position=str(pos)).inc(count - done)
 
     def log_interval(self) -> None:
         """One line of throughput and cache state, when anything happened since the last."""
@@ -270,13 +304,18 @@ class EngineMetrics:
             if stats and stats.prefix_cache_queries
             else 0.0
         )
+        spec = ""
+        if self._spec is not None and stats and stats.spec_num_draft_tokens:
+            rate = 100.0 * stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
+            spec = f", draft acceptance rate: {rate:.1f}%"
         logger.info(
             "running: %d, waiting: %d, KV cache usage: %.1f%%, prompt: %.1f tok/s, "
-            "generation: %.1f tok/s, prefix cache hit rate: %.1f%%",
+            "generation: %.1f tok/s, prefix cache hit rate: %.1f%%%s",
             stats.num_running if stats else 0,
             stats.num_waiting if stats else 0,
             100.0 * (stats.kv_cache_usage if stats else 0.0),
             interval.prompt_tokens / elapsed,
             interval.generation_tokens / elapsed,
             hit_rate,
+            spec,
         )

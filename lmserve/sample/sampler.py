@@ -9,7 +9,7 @@ vocabulary-sized noise an exponential race needs (16 ms vs 95 ms for 64 x 49k ro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,13 +26,23 @@ class SamplerOutput:
     logprob_token_ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     sampled_ranks: torch.Tensor | None = None
+    # With guessed tokens: [R] whether each row's guess was accepted (its sampled token is then
+    # the guess; otherwise the token that replaces it). Rows without a guess hold False.
+    accepted: torch.Tensor | None = None
 
 
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator  # for rows without a seed
 
-    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        md: SamplingMetadata,
+        draft_token_ids: torch.Tensor | None = None,
+    ) -> SamplerOutput:
+        """Sample one token per row; with `draft_token_ids` ([R], -1 where a row has no
+        guess), check each row's guessed token first, as speculative decoding does."""
         logits = logits.float()
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if md.max_num_logprobs is not None else None
@@ -40,14 +50,18 @@ class Sampler:
         logits = _apply_bias_and_bans(logits, md)
         if md.penalties is not None:
             logits = _apply_penalties(logits, md.penalties)
-        sampled = self._sample(logits, md)
+        sampled, accepted = self._sample(logits, md, draft_token_ids)
         if raw_logprobs is None:
-            return SamplerOutput(sampled)
-        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs, md.logprob_token_ids)
+            return SamplerOutput(sampled, accepted=accepted)
+        out = gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs, md.logprob_token_ids)
+        return replace(out, accepted=accepted)
 
-    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, md: SamplingMetadata, drafts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if md.all_greedy:
-            return logits.argmax(dim=-1)
+            target = logits.argmax(dim=-1)  # a guess is kept where it is the argmax
+            return target, None if drafts is None else target == drafts
         greedy = logits.argmax(dim=-1) if md.any_greedy else None
         is_greedy = md.temperature == 0
         if not md.unit_temperature:
@@ -57,17 +71,44 @@ class Sampler:
             logits = _apply_min_p(logits, md.min_p)
         if md.top_k is not None or md.top_p is not None:
             logits = _apply_top_k_top_p(logits, md.top_k, md.top_p)
-        cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)  # [R, V]
-        uniform = torch.rand(cdf.shape[0], generator=self.generator, device=cdf.device)
+        probs = torch.softmax(logits, dim=-1)  # [R, V]
+        uniform = self._uniform(md, probs.shape[0], 1 if drafts is None else 2, probs.device)
+        accepted = None
+        if drafts is not None:
+            # rejection sampling against a one-hot guess: keep it with the model's probability
+            # of it; else sample from the model's distribution with the guess taken out
+            guessed = drafts >= 0
+            index = drafts.clamp(min=0).unsqueeze(1)
+            p_guess = probs.gather(1, index).squeeze(1)
+            accepted = guessed & (uniform[1] < p_guess)
+            probs.scatter_(1, index, torch.where(guessed, 0.0, p_guess).unsqueeze(1))
+        cdf = probs.cumsum_(dim=-1)
+        # (0, 1] scaled to the row's total: the first index whose CDF reaches it has p > 0
+        target = (1.0 - uniform[0]).unsqueeze(1) * cdf[:, -1:]
+        sampled = torch.searchsorted(cdf, target).squeeze(1)
+        if accepted is not None:
+            assert drafts is not None
+            sampled = torch.where(accepted, drafts, sampled)
+        if greedy is None:
+            return sampled, accepted
+        if accepted is not None:
+            accepted = torch.where(is_greedy, greedy == drafts, accepted)
+        return torch.where(is_greedy, greedy, sampled), accepted
+
+    def _uniform(
+        self, md: SamplingMetadata, num_rows: int, num_draws: int, device: torch.device
+    ) -> torch.Tensor:
+        """[num_draws, R] uniform numbers; a seeded row's come from its own generator, its
+        first draw the one it makes without guesses."""
+        uniform = torch.rand(num_draws, num_rows, generator=self.generator, device=device)
         if md.generators:
             # per-request generators live on the host (see step_generator): draw there, one copy
-            seeded = torch.cat([torch.rand(1, generator=g) for g in md.generators.values()])
+            seeded = torch.stack(
+                [torch.rand(num_draws, generator=g) for g in md.generators.values()]
+            )
             rows = np.fromiter(md.generators, np.int64, len(md.generators))
-            uniform[to_device(rows, cdf.device)] = to_device(seeded, cdf.device)
-        # (0, 1] scaled to the row's total: the first index whose CDF reaches it has p > 0
-        target = (1.0 - uniform).unsqueeze(1) * cdf[:, -1:]
-        sampled = torch.searchsorted(cdf, target).squeeze(1)
-        return sampled if greedy is None else torch.where(is_greedy, greedy, sampled)
+            uniform[:, to_device(rows, device)] = to_device(seeded.T.contiguous(), device)
+        return uniform
 
 
 def _apply_bias_and_bans(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

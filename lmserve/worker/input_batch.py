@@ -76,6 +76,12 @@ class InputBatch:
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
 
+    def extend_tokens(self, row: int, token_ids: list[int]) -> None:
+        """Several new tokens for one row (a speculative step's accepted ones)."""
+        start = self.num_tokens[row]
+        self.token_ids[row, start : start + len(token_ids)] = token_ids
+        self.num_tokens[row] = start + len(token_ids)
+
     def rows_of(self, req_ids: list[str]) -> np.ndarray:
         return np.fromiter((self.row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
 

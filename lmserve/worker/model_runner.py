@@ -46,6 +46,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens]
     common: CommonAttentionMetadata
     sample_mask: np.ndarray  # [num_reqs] True where the scheduler says the request samples
+    num_drafts: np.ndarray  # [num_reqs] guessed tokens its query ends with (speculative decoding)
     # (step token indices, their embeddings) where a prompt came as embeddings, or images are
     prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
     rope_positions: torch.Tensor | None = None  # [3, num_tokens]: an M-RoPE model's
@@ -58,7 +59,9 @@ class _ExecutedStep:
     inputs: StepInputs
     hidden: torch.Tensor  # [num_tokens, hidden]
     sample_idx: np.ndarray  # batch positions that sample
-    logits: torch.Tensor | None  # [len(sample_idx), vocab]
+    # logits rows per sampling request: 1, or 1 + its guesses (one per position checked)
+    num_rows: np.ndarray
+    logits: torch.Tensor | None  # [num_rows.sum(), vocab]
     no_speech: dict[str, float]  # Whisper requests whose start-of-transcript ran this step
 
 
@@ -202,12 +205,12 @@ class ModelRunner:
             self._encode()
         hidden = self._forward(inputs)  # [num_tokens, hidden]
         sample_idx = np.flatnonzero(inputs.sample_mask)
+        num_rows = inputs.num_drafts[sample_idx] + 1
         logits = None
         if len(sample_idx):
-            last_token = inputs.common.query_start_loc[1:] - 1
-            logits = self.model.compute_logits(
-                hidden[to_device(last_token[sample_idx], self.device)]
-            )
+            ends = inputs.common.query_start_loc[1:][sample_idx]
+            token_idx = np.repeat(ends, num_rows) - _reversed_ranks(num_rows) - 1
+            logits = self.model.compute_logits(hidden[to_device(token_idx, self.device)])
             if self._num_encoder_tokens:  # Whisper's suppress and timestamp rules
                 rows = inputs.rows[sample_idx].tolist()
                 self.model.process_logits(
@@ -216,7 +219,7 @@ class ModelRunner:
                     [self.batch.output_token_ids(r) for r in rows],
                 )
         no_speech = self._no_speech(inputs, hidden) if self._sot else {}
-        self._executed = _ExecutedStep(inputs, hidden, sample_idx, logits, no_speech)
+        self._executed = _ExecutedStep(inputs, hidden, sample_idx, num_rows, logits, no_speech)
 
     @torch.inference_mode()
     def sample(self, grammar: GrammarBitmask | None = None) -> dict[str, SampledTokens]:
@@ -226,14 +229,25 @@ class ModelRunner:
         results: dict[str, SampledTokens] = {}
         if step is None:
             return results
-        inputs, sample_idx = step.inputs, step.sample_idx
+        inputs, sample_idx, num_rows = step.inputs, step.sample_idx, step.num_rows
         if step.logits is not None:
-            if grammar is not None:
-                self._apply_grammar(grammar, [inputs.req_ids[i] for i in sample_idx], step.logits)
-            rows = inputs.rows[sample_idx]
-            md = build_sampling_metadata(self.batch, rows, self.vocab_size, self.device)
-            out = self.sampler(step.logits, md)
-            self._collect_samples(inputs, sample_idx, out, results)
+            first_row = np.cumsum(num_rows) - num_rows
+            if grammar is not None:  # (a constrained request has no guesses: one row)
+                position = {
+                    inputs.req_ids[i]: int(r) for i, r in zip(sample_idx, first_row, strict=True)
+                }
+                self._apply_grammar(grammar, position, step.logits)
+            rows = np.repeat(inputs.rows[sample_idx], num_rows)
+            if len(rows) == len(sample_idx):
+                md = build_sampling_metadata(self.batch, rows, self.vocab_size, self.device)
+                out = self.sampler(step.logits, md)
+            else:
+                offsets = _ranks(num_rows)
+                md = build_sampling_metadata(
+                    self.batch, rows, self.vocab_size, self.device, offsets
+                )
+                out = self.sampler(step.logits, md, self._drafts(rows, offsets, num_rows))
+            self._collect_samples(inputs, sample_idx, num_rows, out, results)
         self._collect_prompt_logprobs(inputs, step.hidden, results)
         for req_id, prob in step.no_speech.items():
             prev = results.get(req_id, SampledTokens([]))
@@ -328,10 +342,17 @@ class ModelRunner:
                 groups.append((slot, to_device(rows, self.device)))
         return LoRAMapping(tuple(groups))
 
+    def _drafts(self, rows: np.ndarray, offsets: np.ndarray, num_rows: np.ndarray) -> torch.Tensor:
+        """Each logits row's guessed token (stored after its request's tokens), -1 on the
+        last row of each request: the position past its guesses, which only samples."""
+        drafts = self.batch.token_ids[rows, self.batch.num_tokens[rows] + offsets]
+        drafts[np.cumsum(num_rows) - 1] = -1
+        return to_device(drafts, self.device)
+
     def _apply_grammar(
-        self, grammar: GrammarBitmask, sampled_req_ids: list[str], logits: torch.Tensor
+        self, grammar: GrammarBitmask, position: dict[str, int], logits: torch.Tensor
     ) -> None:
-        position = {req_id: i for i, req_id in enumerate(sampled_req_ids)}
+        """`position`: the logits row of each sampling request."""
         rows = np.fromiter((position[r] for r in grammar.req_ids), np.int64, len(grammar.req_ids))
         apply_grammar_bitmask(logits, grammar.bitmask, to_device(rows, logits.device))
 
@@ -395,6 +416,14 @@ class ModelRunner:
         req_ids = list(so.num_scheduled_tokens)
         sampling = set(so.sampling_req_ids)
         rows = batch.rows_of(req_ids)
+        num_drafts = np.zeros(len(req_ids), dtype=np.int64)
+        if so.spec_token_ids:
+            for i, req_id in enumerate(req_ids):
+                drafts = so.spec_token_ids.get(req_id)
+                if drafts:  # the guesses go where the tokens they guess would be
+                    row, end = rows[i], batch.num_tokens[rows[i]]
+                    batch.token_ids[row, end : end + len(drafts)] = drafts
+                    num_drafts[i] = len(drafts)
         num_scheduled = np.fromiter(so.num_scheduled_tokens.values(), np.int64, len(req_ids))
         query_start_loc = np.zeros(len(req_ids) + 1, dtype=np.int64)
         np.cumsum(num_scheduled, out=query_start_loc[1:])
@@ -422,6 +451,7 @@ class ModelRunner:
             positions=to_device(positions, self.device),
             common=common,
             sample_mask=np.fromiter((r in sampling for r in req_ids), bool, len(req_ids)),
+            num_drafts=num_drafts,
             prompt_embeds=self._override(req_ids, query_start_loc, positions, seq_lens),
             rope_positions=self.images.rope_positions(req_ids, query_start_loc, positions)
             if self.images is not None and self.images.mrope
@@ -453,29 +483,33 @@ class ModelRunner:
         self,
         inputs: StepInputs,
         sample_idx: np.ndarray,
+        num_rows: np.ndarray,
         out: SamplerOutput,
         results: dict[str, SampledTokens],
     ) -> None:
         out = _on_host(out)  # the step's one wait for the device
         rows = inputs.rows[sample_idx]
-        self.batch.append_tokens(rows, out.sampled_token_ids.numpy())
         sampled = out.sampled_token_ids.tolist()
         req_ids = [inputs.req_ids[idx] for idx in sample_idx.tolist()]
-        if out.logprobs is None:
-            for req_id, token_id in zip(req_ids, sampled, strict=True):
-                results[req_id] = SampledTokens([token_id])
-            return
-        logprobs = _to_token_logprobs(out)
+        if out.accepted is None:  # one token each
+            self.batch.append_tokens(rows, out.sampled_token_ids.numpy())
+            spans = [(i, i + 1) for i in range(len(rows))]
+        else:
+            spans = _accepted_spans(num_rows, out.accepted.tolist())
+            for row, (start, end) in zip(rows.tolist(), spans, strict=True):
+                self.batch.extend_tokens(row, sampled[start:end])
+        logprobs = _to_token_logprobs(out) if out.logprobs is not None else None
         for i, row in enumerate(rows.tolist()):
+            start, end = spans[i]
             params = self.batch.state(row).params
             wanted = len(params.logprob_token_ids) if params.logprob_token_ids else params.logprobs
-            entry = None
-            if wanted is not None:
-                lp = logprobs[i]
-                entry = [
+            entries = None
+            if logprobs is not None and wanted is not None:
+                entries = [
                     TokenLogprobs(lp.token_ids[: 1 + wanted], lp.logprobs[: 1 + wanted], lp.rank)
+                    for lp in logprobs[start:end]
                 ]
-            results[req_ids[i]] = SampledTokens([sampled[i]], logprobs=entry)
+            results[req_ids[i]] = SampledTokens(sampled[start:end], logprobs=entries)
 
     def _collect_prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor, results: dict[str, SampledTokens]
@@ -571,14 +605,35 @@ def profile_forward(
             layer.kv_cache = None
 
 
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., n - 1 for each n in `counts`, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _reversed_ranks(counts: np.ndarray) -> np.ndarray:
+    """n - 1, ..., 1, 0 for each n in `counts`, concatenated."""
+    return np.repeat(counts, counts) - 1 - _ranks(counts)
+
+
+def _accepted_spans(num_rows: np.ndarray, accepted: list[bool]) -> list[tuple[int, int]]:
+    """Each request's rows whose tokens it keeps: its accepted guesses, then the first row
+    whose guess was rejected (holding the token that replaced it) or the row past them all."""
+    spans, start = [], 0
+    for n in num_rows.tolist():
+        end = start + 1
+        while end < start + n and accepted[end - 1]:
+            end += 1
+        spans.append((start, end))
+        start += n
+    return spans
+
+
 def _on_host(out: SamplerOutput) -> SamplerOutput:
     """`out`'s tensors on the CPU, after one wait for the device."""
-    if out.logprobs is None:
-        return SamplerOutput(*to_host(out.sampled_token_ids))
-    assert out.logprob_token_ids is not None and out.sampled_ranks is not None
-    return SamplerOutput(
-        *to_host(out.sampled_token_ids, out.logprob_token_ids, out.logprobs, out.sampled_ranks)
-    )
+    names = ("sampled_token_ids", "logprob_token_ids", "logprobs", "sampled_ranks", "accepted")
+    present = [name for name in names if getattr(out, name) is not None]
+    on_host = to_host(*(getattr(out, name) for name in present))
+    return SamplerOutput(**dict(zip(present, on_host, strict=True)))
 
 
 def _to_token_logprobs(out: SamplerOutput) -> list[TokenLogprobs]:

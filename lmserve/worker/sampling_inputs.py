@@ -20,8 +20,14 @@ def step_generator(seed: int, num_output_tokens: int) -> torch.Generator:
 
 
 def build_sampling_metadata(
-    batch: InputBatch, rows: np.ndarray, vocab_size: int, device: torch.device
+    batch: InputBatch,
+    rows: np.ndarray,
+    vocab_size: int,
+    device: torch.device,
+    offsets: np.ndarray | None = None,
 ) -> SamplingMetadata:
+    """`offsets[i]`: how many tokens past its request's last one row i samples (a speculative
+    step's later positions), for the rules that count output tokens: seeds and min_tokens."""
     temperature = batch.temperature[rows]
     top_k = batch.top_k[rows]
     top_p = batch.top_p[rows]
@@ -36,6 +42,8 @@ def build_sampling_metadata(
         state = batch.state(row)
         params = state.params
         num_out = int(batch.num_tokens[row]) - state.num_prompt_tokens
+        if offsets is not None:
+            num_out += int(offsets[i])
         if params.seed is not None and not params.greedy:
             generators[i] = step_generator(params.seed, num_out)
         if params.logit_bias:

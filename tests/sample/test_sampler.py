@@ -138,3 +138,74 @@ def test_skipping_argmax_and_unit_temperature_changes_no_sample() -> None:
     full = Sampler(torch.Generator().manual_seed(7))(logits, metadata(64)).sampled_token_ids
     quick = Sampler(torch.Generator().manual_seed(7))(logits, fast).sampled_token_ids
     assert torch.equal(full, quick)
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """The p-value of observed `counts` under `probs` (categories with p > 0)."""
+    from scipy.stats import chisquare
+
+    keep = probs > 0
+    expected = probs[keep] / probs[keep].sum() * counts.sum()
+    return float(chisquare(counts[keep].numpy(), expected.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("draft", [0, 2, 4])
+def test_checking_a_guess_keeps_the_distribution(draft: int) -> None:
+    """Rejection sampling against a one-hot guess: the token a row ends with (the guess when
+    accepted, else the replacement) is distributed as the model's own sample, and the guess is
+    accepted with its probability."""
+    rows = 40000
+    sampler = Sampler(torch.Generator().manual_seed(1))
+    logits = PROBS.log().expand(rows, -1).clone()
+    out = sampler(logits, metadata(rows), torch.full((rows,), draft))
+    counts = torch.bincount(out.sampled_token_ids, minlength=len(PROBS)).float()
+    assert chi_square_p(counts, PROBS) > 1e-3
+    assert out.accepted is not None
+    assert abs(out.accepted.float().mean().item() - PROBS[draft].item()) < 0.01
+    assert (out.sampled_token_ids[out.accepted] == draft).all()
+    assert (out.sampled_token_ids[~out.accepted] != draft).all()
+
+
+def test_checking_guesses_under_filters_and_temperature() -> None:
+    """The check applies after temperature and top-k: a guess the filter removed is never
+    accepted; greedy rows keep a guess only where it is the argmax; rows without a guess
+    (-1) sample as usual."""
+    rows = 30000
+    temperature = torch.full((rows,), 0.5)
+    sampler = Sampler(torch.Generator().manual_seed(2))
+    logits = PROBS.log().expand(rows, -1).clone()
+    drafts = torch.tensor([1, 3, -1]).repeat(rows // 3)
+    out = sampler(
+        logits, metadata(rows, temperature=temperature, top_k=torch.full((rows,), 3)), drafts
+    )
+    target = torch.softmax(PROBS.log() / 0.5, -1)
+    target[:2] = 0
+    target /= target.sum()
+    for i in range(3):
+        counts = torch.bincount(out.sampled_token_ids[i::3], minlength=len(PROBS)).float()
+        assert counts[:2].sum() == 0
+        assert chi_square_p(counts, target) > 1e-3
+    assert not out.accepted[0::3].any()  # token 1 is outside the top 3
+    assert not out.accepted[2::3].any()  # no guess
+    greedy = torch.tensor([0.0, 0.0])
+    out = Sampler(torch.Generator().manual_seed(0))(
+        PROBS.log().expand(2, -1).clone(),
+        metadata(2, temperature=greedy, all_greedy=True),
+        torch.tensor([4, 3]),
+    )
+    assert out.accepted.tolist() == [True, False]
+    assert out.sampled_token_ids.tolist() == [4, 4]
+
+
+def test_seeded_rows_draw_their_usual_first_number_when_checking() -> None:
+    """A seeded row with no guess samples what it samples without speculation."""
+    logits = torch.randn(2, 1000)
+
+    def draw(drafts: torch.Tensor | None) -> list[int]:
+        gens = {0: torch.Generator().manual_seed(7), 1: torch.Generator().manual_seed(8)}
+        sampler = Sampler(torch.Generator().manual_seed(torch.seed() % 2**32))
+        return sampler(
+            logits.clone(), metadata(2, generators=gens), drafts
+        ).sampled_token_ids.tolist()
+
+    assert draw(torch.tensor([-1, -1])) == draw(None)

@@ -1,0 +1,74 @@
+"""vLLM's --speculative-config: which proposer guesses the next tokens, and how many."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """N-gram (prompt lookup) speculation: the tokens that followed the latest earlier match of
+    the sequence's last `prompt_lookup_min`..`prompt_lookup_max` tokens are the guess."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 5
+    method: str = "ngram"
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative method must be 'ngram', got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(
+                f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}"
+            )
+        if self.prompt_lookup_min < 1:
+            raise ValueError(f"prompt_lookup_min must be at least 1, got {self.prompt_lookup_min}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+
+def parse_speculative_config(value: dict[str, Any] | str | None) -> SpeculativeConfig | None:
+    """From vLLM's JSON form. As vLLM: `"model": "[ngram]"` names the method too, and a missing
+    lookup bound takes the other's value (both missing: 5)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"speculative_config is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            'speculative_config is a JSON object, e.g. {"method": "ngram", '
+            f'"num_speculative_tokens": 4}}; got {value!r}'
+        )
+    unknown = sorted(set(value) - _KEYS)
+    if unknown:
+        raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(_KEYS)}")
+    model = value.get("model")
+    method = value.get("method") or ("ngram" if model in ("ngram", "[ngram]") else None)
+    if method is None and model is not None:
+        raise ValueError(
+            f"speculative decoding with a draft model ({model!r}) is not supported yet: "
+            'use {"method": "ngram", ...}'
+        )
+    if method in ("[ngram]", None):
+        method = "ngram"
+    if "num_speculative_tokens" not in value:
+        raise ValueError("speculative_config needs num_speculative_tokens")
+    low, high = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+    low, high = low if low is not None else high, high if high is not None else low
+    return SpeculativeConfig(
+        num_speculative_tokens=int(value["num_speculative_tokens"]),
+        prompt_lookup_max=int(high if high is not None else 5),
+        prompt_lookup_min=int(low if low is not None else 5),
+        method=method,
+    )
