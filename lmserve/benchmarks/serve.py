@@ -1,5 +1,7 @@
 """Online serving benchmark, like `vllm bench serve`: stream completions from a running
 OpenAI-compatible server (lmserve or any other) and report latency percentiles and throughput.
+`--peer llama-server` then starts llama.cpp's own server on a GGUF file (the same file lmserve
+serves), sends it the same requests, stops it, and reports both with their ratios.
 
 TTFT is request start to the first streamed text; ITL the gaps between later chunks; TPOT the
 decode time per output token after the first; E2E request start to the last byte.
@@ -10,12 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# where llama.cpp's build leaves llama-server for lmserve's peer benchmarks
+_LLAMA_SERVER = Path("~/.cache/lmserve-peers/llama.cpp/build/bin/llama-server").expanduser()
 
 
 @dataclass
@@ -63,13 +70,103 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="bearer key for the server")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals")
     parser.add_argument("--label", default=None, help="name of the server in the JSON line")
+    parser.add_argument(
+        "--peer",
+        choices=["none", "llama-server"],
+        default="none",
+        help="llama-server: after the server at --base-url, run the same requests on llama.cpp's "
+        "server (started here on --peer-model, one slot per concurrent request) and report both",
+    )
+    parser.add_argument(
+        "--peer-binary",
+        type=Path,
+        default=_LLAMA_SERVER,
+        help="the llama-server executable (llama.cpp's; build it with cmake --target "
+        f"llama-server; default: {_LLAMA_SERVER})",
+    )
+    parser.add_argument(
+        "--peer-model",
+        type=Path,
+        default=None,
+        help="the GGUF file llama-server runs (default: the bundled SmolLM2 Q4_1 file, the one "
+        "`lmserve serve` serves by default)",
+    )
+    parser.add_argument(
+        "--peer-threads", type=int, default=2, help="llama-server's -t and -tb (CPU threads)"
+    )
+    parser.add_argument(
+        "--peer-context", type=int, default=1024, help="llama-server's context per slot"
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _prompts(args)
     result = asyncio.run(_run(args, prompts))
+    if args.peer == "llama-server":
+        peer = _run_llama_server(args, prompts)
+        result = {
+            "lmserve": result,
+            "llama-server": peer,
+            "output_tok_per_s_ratio": _ratio(result["output_tok_per_s"], peer["output_tok_per_s"]),
+            # one stream's decode speed: time per output token after the first
+            "decode_tok_per_s_ratio": _ratio(peer["tpot_ms"]["p50"], result["tpot_ms"]["p50"]),
+            "ttft_p50_ratio": _ratio(result["ttft_ms"]["p50"], peer["ttft_ms"]["p50"]),
+        }
     print(json.dumps(result), flush=True)
     return result
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def _run_llama_server(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    """llama.cpp's server on the same machine, one slot per request in flight, the same
+    prompts; stopped before this returns."""
+    if not args.peer_binary.exists():
+        raise SystemExit(
+            f"no llama-server at {args.peer_binary}: build llama.cpp's server (cmake --build "
+            "build --target llama-server) and pass --peer-binary"
+        )
+    model = args.peer_model
+    if model is None:
+        from lmserve.models.gguf import bundled_smollm2_gguf
+
+        model = bundled_smollm2_gguf()
+    slots = args.max_concurrency or len(prompts)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        str(args.peer_binary), "-m", str(model), "-t", str(args.peer_threads),
+        "-tb", str(args.peer_threads), "-np", str(slots), "-c", str(slots * args.peer_context),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        peer = argparse.Namespace(**{**vars(args), "base_url": f"http://127.0.0.1:{port}"})
+        peer.label, peer.model, peer.api_key = "llama-server", None, None
+        return asyncio.run(_run(peer, prompts))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited with status {proc.returncode} while loading")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"llama-server did not answer {url}/health in {timeout_s:.0f} s")
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,7 +227,11 @@ async def _run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.max_concurrency or len(prompts))
+    # a fresh connection per request: llama-server closes a kept-alive one after a few
+    # requests, which the next request on it would see as a failure
+    limits = httpx.Limits(
+        max_connections=args.max_concurrency or len(prompts), max_keepalive_connections=0
+    )
     async with httpx.AsyncClient(
         base_url=args.base_url, headers=headers, timeout=None, limits=limits
     ) as client:

@@ -112,6 +112,10 @@ class Scheduler:
             num_new = min(num_new + len(request.spec_token_ids), budget)
             num_held = self.kv.num_blocks(request.req_id)
             while not self.kv.allocate_slots(request, num_new):
+                if request.spec_token_ids:  # guesses never cost another request its blocks
+                    num_new -= len(request.spec_token_ids)
+                    request.spec_token_ids = []
+                    continue
                 preempted = True
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -79,9 +79,24 @@ def test_sliding_window_soft_cap_and_sinks(shape, options) -> None:
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_decode_rows_beside_prefill_chunks(shape) -> None:
     # decode, chunk with context, decode, first chunk: the kernel and SDPA fill one output
-    rows = [(1, 9), (5, 3), (1, 2), (6, 0)]
-    metadata = _compare(*make_batch(rows, [[5, 6, 7], [1, 2], [8], [3, 4]], 9, **shape))
+    rows = [(1, 9), (11, 3), (1, 2), (12, 0)]
+    tables = [[5, 6, 7], [1, 2, 9, 10], [8], [3, 4, 11]]
+    metadata = _compare(*make_batch(rows, tables, 12, **shape))
     assert metadata.decode is not None and metadata.prefill is not None
+    assert metadata.decode.seq_lens.tolist() == [10, 3]
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_short_queries_run_as_a_decode_row_per_token(shape) -> None:
+    """A speculative step's few tokens (and any chunk of up to 8): token j of a query sees
+    the keys up to its own position, as SDPA's causal mask has it."""
+    rows = [(5, 9), (1, 4), (8, 0), (3, 13), (9, 2)]
+    tables = [[5, 6, 7, 12], [1, 2], [8, 13], [3, 4, 11, 14], [9, 10, 15]]
+    metadata = _compare(*make_batch(rows, tables, 16, **shape))
+    assert metadata.decode is not None and metadata.prefill is not None  # 9 tokens: SDPA
+    assert metadata.decode.seq_lens.tolist() == [
+        *range(10, 15), 5, *range(1, 9), *range(14, 17)
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
