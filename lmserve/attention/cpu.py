@@ -24,7 +24,6 @@ from lmserve.attention.backend import CommonAttentionMetadata
 from lmserve.attention.torch_ref import SdpaGroup, TorchRefBackend, TorchRefMetadata, attend_group
 from lmserve.kernels import cpu_ops
 
-
 # Queries of at most this many tokens run as decode rows, one per token.
 _MAX_DECODE_QUERY = 8
 
