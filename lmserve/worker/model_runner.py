@@ -498,13 +498,17 @@ class ModelRunner:
             spans = _accepted_spans(num_rows, out.accepted.tolist())
             for row, (start, end) in zip(rows.tolist(), spans, strict=True):
                 self.batch.extend_tokens(row, sampled[start:end])
-        logprobs = _to_token_logprobs(out) if out.logprobs is not None else None
+        if out.logprobs is None:
+            for req_id, (start, end) in zip(req_ids, spans, strict=True):
+                results[req_id] = SampledTokens(sampled[start:end])
+            return
+        logprobs = _to_token_logprobs(out)
         for i, row in enumerate(rows.tolist()):
             start, end = spans[i]
             params = self.batch.state(row).params
             wanted = len(params.logprob_token_ids) if params.logprob_token_ids else params.logprobs
             entries = None
-            if logprobs is not None and wanted is not None:
+            if wanted is not None:
                 entries = [
                     TokenLogprobs(lp.token_ids[: 1 + wanted], lp.logprobs[: 1 + wanted], lp.rank)
                     for lp in logprobs[start:end]
