@@ -143,7 +143,12 @@ def test_a_sliding_window_request_holds_bounded_kv(tiny_model_dirs, hf_models) -
     tokens while holding the blocks of about one window (measured through the block pool)."""
     prompt = random_prompts([20], seed=5)[0]
     expected = hf_greedy(hf_models["mistral"], prompt, 60)
-    llm = LLM(str(tiny_model_dirs["mistral"]), block_size=4, max_num_batched_tokens=8)
+    llm = LLM(
+        str(tiny_model_dirs["mistral"]),
+        block_size=4,
+        max_num_batched_tokens=8,
+        kv_cache_memory_gb=0.01,
+    )
     kv = llm.engine_core.scheduler.kv
     assert kv.sliding_window == 16
     held = []

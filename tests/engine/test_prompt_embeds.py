@@ -47,7 +47,7 @@ def _hf_greedy(hf: torch.nn.Module, embeds: torch.Tensor) -> list[int]:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_greedy_from_embeddings_matches_hf(tiny_model_dirs, hf, scenario: str) -> None:
-    args = {"max_model_len": 100, **SCENARIOS[scenario]}
+    args = {"max_model_len": 100, "kv_cache_memory_gb": 0.02, **SCENARIOS[scenario]}
     llm = LLM(str(tiny_model_dirs["llama"]), enable_prompt_embeds=True, **args)
     counter = PreemptionCounter(llm)
     llm.step_hook = counter
@@ -68,7 +68,12 @@ def test_greedy_from_embeddings_matches_hf(tiny_model_dirs, hf, scenario: str) -
 
 
 def test_embeddings_share_kv_only_with_the_same_embeddings(tiny_model_dirs, hf) -> None:
-    llm = LLM(str(tiny_model_dirs["llama"]), enable_prompt_embeds=True, max_model_len=100)
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        enable_prompt_embeds=True,
+        max_model_len=100,
+        kv_cache_memory_gb=0.05,
+    )
     first, second = _embeddings(hf, [40, 40], seed=6)
     once = llm.generate({"prompt_embeds": first}, GREEDY, use_tqdm=False)[0]
     again = llm.generate({"prompt_embeds": first}, GREEDY, use_tqdm=False)[0]
@@ -91,7 +96,12 @@ def test_embeddings_share_kv_only_with_the_same_embeddings(tiny_model_dirs, hf) 
     ids=["hidden-size", "nan", "integers", "too-long", "garbage", "not-a-tensor"],
 )
 def test_bad_embeddings_are_refused_before_queueing(tiny_model_dirs, value, needle) -> None:
-    llm = LLM(str(tiny_model_dirs["llama"]), enable_prompt_embeds=True, max_model_len=100)
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        enable_prompt_embeds=True,
+        max_model_len=100,
+        kv_cache_memory_gb=0.05,
+    )
     with pytest.raises(ValueError, match=needle):
         llm.generate({"prompt_embeds": value}, GREEDY, use_tqdm=False)
     assert not llm.engine_core.has_unfinished_requests()
@@ -101,7 +111,12 @@ def test_saved_bytes_and_the_switch(tiny_model_dirs, hf) -> None:
     (embeds,) = _embeddings(hf, [9], seed=7)
     buffer = io.BytesIO()
     torch.save(embeds, buffer)
-    llm = LLM(str(tiny_model_dirs["llama"]), enable_prompt_embeds=True, max_model_len=100)
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        enable_prompt_embeds=True,
+        max_model_len=100,
+        kv_cache_memory_gb=0.05,
+    )
     out = llm.generate({"prompt_embeds": buffer.getvalue()}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == _hf_greedy(hf, embeds)
     with pytest.raises(ValueError, match="repetition_penalty"):
@@ -109,6 +124,6 @@ def test_saved_bytes_and_the_switch(tiny_model_dirs, hf) -> None:
                      SamplingParams(max_tokens=2, repetition_penalty=1.2), use_tqdm=False)  # fmt: skip
     with pytest.raises(ValueError, match="not embeddings"):
         llm.beam_search({"prompt_embeds": embeds}, BeamSearchParams(beam_width=2, max_tokens=2))
-    off = LLM(str(tiny_model_dirs["llama"]), max_model_len=100)
+    off = LLM(str(tiny_model_dirs["llama"]), max_model_len=100, kv_cache_memory_gb=0.05)
     with pytest.raises(ValueError, match="--enable-prompt-embeds"):
         off.generate({"prompt_embeds": embeds}, GREEDY, use_tqdm=False)

@@ -91,7 +91,7 @@ def test_greedy_equals_hf(gemma, options: dict) -> None:
     path, hf = gemma
     prompts = _prompts()
     expected = [hf_greedy(hf, p, 20) for p in prompts]
-    llm = LLM(str(path), **options)
+    llm = LLM(str(path), **{"kv_cache_memory_gb": 0.05, **options})
     assert llm.engine_core.scheduler.kv.sliding_window is None  # global layers see every key
     counter = PreemptionCounter(llm)
     llm.step_hook = counter

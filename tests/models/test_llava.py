@@ -82,7 +82,7 @@ def test_batched_images_and_text_equal_hf(tiny_llava_dir: Path, hf, images) -> N
     text = "USER: Tell me a story.\nASSISTANT:"
     expected_text = _hf_tokens(hf, text, None)
     assert len({tuple(e) for e in expected}) == 3  # the image changes the answer
-    llm = LLM(str(tiny_llava_dir))
+    llm = LLM(str(tiny_llava_dir), kv_cache_memory_gb=0.05)
     llm.step_hook = llm.engine_core.check_invariants
     prompts = [*map(_image_prompt, images), text]
     assert _tokens(llm, prompts) == [*expected, expected_text]
@@ -117,7 +117,7 @@ def test_chunked_and_preempted_prompts_encode_each_image_once(
 
 
 def test_prefix_cache_reuses_kv_only_for_the_same_image(tiny_llava_dir: Path, hf, images) -> None:
-    llm = LLM(str(tiny_llava_dir), block_size=4)
+    llm = LLM(str(tiny_llava_dir), block_size=4, kv_cache_memory_gb=0.05)
     system = "SYSTEM: You describe pictures carefully and in detail.\n"
     prompt = f"{system}{PROMPT}"
     first = llm.generate(_image_prompt(images[0], prompt), GREEDY, use_tqdm=False)[0]
@@ -132,12 +132,12 @@ def test_prefix_cache_reuses_kv_only_for_the_same_image(tiny_llava_dir: Path, hf
 
 
 def test_what_image_prompts_refuse(tiny_llava_dir: Path, tiny_chat_dir: Path, images) -> None:
-    llm = LLM(str(tiny_llava_dir), limit_mm_per_prompt={"image": 2})
+    llm = LLM(str(tiny_llava_dir), limit_mm_per_prompt={"image": 2}, kv_cache_memory_gb=0.05)
     with pytest.raises(ValueError, match="1 image placeholders .* for 2 images"):
         llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": images[:2]}}, GREEDY)
     with pytest.raises(ValueError, match="3 images in one prompt, more than the 2 allowed"):
         llm.generate({"prompt": PROMPT * 3, "multi_modal_data": {"image": images}}, GREEDY)
-    text = LLM(str(tiny_chat_dir))
+    text = LLM(str(tiny_chat_dir), kv_cache_memory_gb=0.05)
     with pytest.raises(ValueError, match="takes no images"):
         text.generate(_image_prompt(images[0]), GREEDY)
 
@@ -150,7 +150,7 @@ def test_an_image_in_a_later_turn_through_chat(tiny_llava_dir: Path, hf, images)
     buffer = io.BytesIO()
     images[1].save(buffer, format="PNG")
     data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    llm = LLM(str(tiny_llava_dir))
+    llm = LLM(str(tiny_llava_dir), kv_cache_memory_gb=0.05)
     _, processor = hf
     for image_part in (
         {"type": "image_pil", "image_pil": images[1]},
@@ -168,7 +168,7 @@ def test_aborted_requests_let_go_of_their_images(tiny_llava_dir: Path, images) -
     encoder cache keeps within its budget what nobody holds."""
     from lmserve.engine.messages import EngineCoreRequest
 
-    llm = LLM(str(tiny_llava_dir), max_num_batched_tokens=8)
+    llm = LLM(str(tiny_llava_dir), max_num_batched_tokens=8, kv_cache_memory_gb=0.05)
     core = llm.engine_core
     processor = llm.input_processor
     for round_ in range(5):

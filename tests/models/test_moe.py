@@ -88,7 +88,7 @@ def test_greedy_equals_hf(moe, options: dict) -> None:
     path, hf = moe
     prompts = _prompts()
     expected = [hf_greedy(hf, p, 20) for p in prompts]
-    llm = LLM(str(path), **options)
+    llm = LLM(str(path), **{"kv_cache_memory_gb": 0.05, **options})
     counter = PreemptionCounter(llm)
     llm.step_hook = counter
     assert run_greedy(llm, prompts[:1]) == expected[:1]
@@ -101,7 +101,7 @@ def test_prefix_cached_requests_and_logprobs_equal_hf(moe) -> None:
     path, hf = moe
     shared = _prompts()[4][:32]
     prompts = [shared + tail for tail in ([3, 9], [4, 5, 6, 7, 8, 9, 10], [11])]
-    llm = LLM(str(path), block_size=8)
+    llm = LLM(str(path), block_size=8, kv_cache_memory_gb=0.05)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     llm.generate([{"prompt_token_ids": shared}], params, use_tqdm=False)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -123,7 +123,7 @@ def test_int8_experts_give_each_prompt_its_tokens_alone(moe) -> None:
 
     path, _ = moe
     prompts = _prompts()
-    llm = LLM(str(path), quantization="int8", max_num_batched_tokens=8)
+    llm = LLM(str(path), quantization="int8", max_num_batched_tokens=8, kv_cache_memory_gb=0.05)
     model = llm.engine_core.runner.model
     assert any(isinstance(m, Int8FusedMoE) for m in model.modules())
     alone = [run_greedy(llm, [p])[0] for p in prompts]
@@ -136,4 +136,4 @@ def test_lora_is_refused_clearly(moe) -> None:
     with pytest.raises(
         ValueError, match="LoRA adapters are not supported for .*mixture-of-experts"
     ):
-        LLM(str(path), enable_lora=True)
+        LLM(str(path), enable_lora=True, kv_cache_memory_gb=0.05)

@@ -46,7 +46,7 @@ def test_greedy_equals_hf(phi3, options: dict) -> None:
     # no token 0: HF's generate would take it for padding (pad_token_id 0) and mask it out
     prompts = [[t or 1 for t in p] for p in random_prompts([5, 17, 33, 9], seed=3)]
     expected = [hf_greedy(hf, p, 20) for p in prompts]
-    llm = LLM(str(path), **options)
+    llm = LLM(str(path), **{"kv_cache_memory_gb": 0.05, **options})
     counter = PreemptionCounter(llm)
     llm.step_hook = counter
     assert run_greedy(llm, prompts) == expected

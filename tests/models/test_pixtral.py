@@ -77,7 +77,7 @@ def test_images_of_their_own_sizes_equal_hf(tiny_pixtral_dir: Path, hf, images) 
     assert len({tuple(e) for e in expected}) == 3
     two = "USER: [IMG][IMG]Which is brighter?\nASSISTANT:"
     expected_two = _hf_tokens(hf, two, images[:2])
-    llm = LLM(str(tiny_pixtral_dir))
+    llm = LLM(str(tiny_pixtral_dir), kv_cache_memory_gb=0.05)
     llm.step_hook = llm.engine_core.check_invariants
     prompts = [
         *(_prompt([image]) for image in images),

@@ -83,7 +83,7 @@ def test_images_with_mrope_equal_hf(tiny_qwen2_5_vl_dir: Path, hf, images) -> No
     two = f"USER: {IMAGE}{IMAGE}Which is brighter?\nASSISTANT:"
     expected_two = _hf_tokens(hf, two, images[:2])
     text = "USER: Tell me a story.\nASSISTANT:"
-    llm = LLM(str(tiny_qwen2_5_vl_dir))
+    llm = LLM(str(tiny_qwen2_5_vl_dir), kv_cache_memory_gb=0.05)
     llm.step_hook = llm.engine_core.check_invariants
     prompts = [*(_prompt([image]) for image in images), _prompt(images[:2], two), text]
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
