@@ -69,7 +69,7 @@ def test_beams_equal_hf_generate(eos_model) -> None:
 
 
 def test_beams_share_their_prompts_blocks(tiny_model_dirs) -> None:
-    llm = LLM(str(tiny_model_dirs["llama"]), max_model_len=256)
+    llm = LLM(str(tiny_model_dirs["llama"]), max_model_len=256, kv_cache_memory_gb=0.02)
     prompt = random_prompts([40], seed=3)[0]
     params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
     (result,) = llm.beam_search({"prompt_token_ids": prompt}, params)
@@ -82,7 +82,7 @@ def test_beams_share_their_prompts_blocks(tiny_model_dirs) -> None:
 
 
 def test_more_beams_than_the_logprob_limit_says_what_to_do(tiny_model_dirs) -> None:
-    llm = LLM(str(tiny_model_dirs["llama"]), max_model_len=64)
+    llm = LLM(str(tiny_model_dirs["llama"]), max_model_len=64, kv_cache_memory_gb=0.02)
     with pytest.raises(ValueError, match="--max-logprobs 24"):
         llm.beam_search({"prompt_token_ids": [1, 2]}, BeamSearchParams(beam_width=12, max_tokens=2))
 

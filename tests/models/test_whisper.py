@@ -59,7 +59,7 @@ def _assert_nothing_held(llm: LLM) -> None:
 
 
 def test_real_speech_batched_equals_hf(whisper_dir: Path, windows, hf_tokens) -> None:
-    llm = LLM(str(whisper_dir))
+    llm = LLM(str(whisper_dir), kv_cache_memory_gb=0.25)
     llm.step_hook = llm.engine_core.check_invariants
     text = (
         llm.generate(
@@ -83,7 +83,7 @@ def test_timestamps_follow_hfs_rules(whisper_dir: Path, windows, hf_tokens) -> N
     for tokens in stamped:
         assert tokens[0] == begin and tokens[-1] > begin  # opens and closes with a timestamp
         assert sum(t > begin for t in tokens) >= 2
-    llm = LLM(str(whisper_dir))
+    llm = LLM(str(whisper_dir), kv_cache_memory_gb=0.25)
     llm.step_hook = llm.engine_core.check_invariants
     start_of_transcript = [50257]
     audio = [{"multi_modal_data": {"audio": (w, SAMPLE_RATE)}} for w in windows]
@@ -110,7 +110,7 @@ def test_preempted_requests_reencode_and_match_hf(whisper_dir: Path, windows, hf
 
 
 def test_what_whisper_refuses(whisper_dir: Path, tiny_chat_dir: Path, windows) -> None:
-    llm = LLM(str(whisper_dir))
+    llm = LLM(str(whisper_dir), kv_cache_memory_gb=0.25)
     with pytest.raises(ValueError, match="is a speech model: send audio"):
         llm.generate("Ever tried", GREEDY, use_tqdm=False)
     long_audio = np.zeros(31 * SAMPLE_RATE, dtype=np.float32)
@@ -165,7 +165,7 @@ def test_no_speech_probability_equals_hfs(whisper_dir: Path, windows) -> None:
                 features.input_features, decoder_input_ids=torch.tensor([[50257]])
             )
         expected.append(torch.softmax(logits.logits[0, 0], -1)[50361].item())  # <|nocaptions|>
-    llm = LLM(str(whisper_dir))
+    llm = LLM(str(whisper_dir), kv_cache_memory_gb=0.25)
     prompts = [{"multi_modal_data": {"audio": (a, SAMPLE_RATE)}} for a in audio]
     got = [o.no_speech_prob for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == pytest.approx(expected, abs=1e-5)
@@ -181,7 +181,7 @@ def test_sampled_decoding_keeps_whispers_rules(whisper_dir: Path, windows) -> No
     generation = json.loads((whisper_dir / "generation_config.json").read_text())
     suppressed = set(generation["suppress_tokens"])
     begin = generation["no_timestamps_token_id"] + 1
-    llm = LLM(str(whisper_dir))
+    llm = LLM(str(whisper_dir), kv_cache_memory_gb=0.25)
     audio = {"multi_modal_data": {"audio": (windows[1], SAMPLE_RATE)}}
     prompts = [{**audio, "prompt_token_ids": [50257]}] * 4 + [audio] * 4
     params = [SamplingParams(temperature=1.0, max_tokens=200, seed=i) for i in range(8)]
