@@ -148,6 +148,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_TEMPERATURE
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether presence, frequency or repetition penalties change its logits."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
     def for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of `n` samples: n=1, and a distinct seed derived from ours."""
         from dataclasses import replace

@@ -29,6 +29,16 @@ class CommonAttentionMetadata:
         return np.diff(self.query_start_loc)
 
 
+def ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., n - 1 for each n in `counts`, concatenated: each token's place in its query."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def ranks_from_end(counts: np.ndarray) -> np.ndarray:
+    """n - 1, ..., 1, 0 for each n in `counts`, concatenated: the tokens after each in its query."""
+    return np.repeat(counts, counts) - 1 - ranks(counts)
+
+
 @dataclass(frozen=True)
 class StaticDecodeInputs:
     """Device buffers a captured decode step reads its attention inputs from (CUDA graphs replay

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmserve.attention.backend import CommonAttentionMetadata
+from lmserve.attention.backend import CommonAttentionMetadata, ranks_from_end
 from lmserve.attention.torch_ref import SdpaGroup, TorchRefBackend, TorchRefMetadata, attend_group
 from lmserve.kernels import cpu_ops
 
@@ -58,14 +58,11 @@ class CpuBackend(TorchRefBackend):
         rows = np.flatnonzero(is_decode)
         decode = None
         if len(rows):
+            # one row per token, each seeing its request's keys up to its own position
             lens = query_lens[rows]
-            if (lens == 1).all():
-                row_req, offset = rows, 0
-            else:  # token j of a request's query sees its keys up to position start + j
-                row_req = np.repeat(rows, lens)
-                offset = np.arange(len(row_req)) - np.repeat(np.cumsum(lens) - lens, lens)
-                offset = offset - np.repeat(lens, lens) + 1
-            seq_lens = common.seq_lens[row_req] + offset
+            row_req = np.repeat(rows, lens)
+            after = ranks_from_end(lens)  # the query's tokens after this one
+            seq_lens = common.seq_lens[row_req] - after
             max_blocks = -(-int(seq_lens.max()) // common.block_size)
             decode = _DecodeRows(
                 block_table=torch.from_numpy(
@@ -73,9 +70,7 @@ class CpuBackend(TorchRefBackend):
                 ),
                 seq_lens=torch.from_numpy(seq_lens.astype(np.int32)),
                 token_index=torch.from_numpy(
-                    (common.query_start_loc[row_req] + offset + query_lens[row_req] - 1).astype(
-                        np.int64
-                    )
+                    (common.query_start_loc[row_req + 1] - 1 - after).astype(np.int64)
                 ),
             )
         prefill_rows = np.flatnonzero(~is_decode)

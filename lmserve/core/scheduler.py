@@ -320,12 +320,7 @@ class Scheduler:
         the tokens before each position (penalties, a grammar) decode one token a step."""
         assert self._proposer is not None and self.speculative is not None
         params = request.sampling_params
-        if (
-            params.structured_outputs is not None
-            or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0
-            or params.repetition_penalty != 1.0
-        ):
+        if params.structured_outputs is not None or params.has_penalties:
             return
         # room for every guess plus the model's own token, within both length limits
         k = min(

@@ -201,7 +201,13 @@ def create_engine_config(
         # as vLLM: a step must hold any whole prompt (an encoder's is never split)
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     attention_backend = _resolve_attention_backend(attention_backend, model_config, device)
-    speculative = parse_speculative_config(speculative_config)
+    speculative = parse_speculative_config(
+        _json_object(
+            speculative_config,
+            "speculative_config",
+            '{"method": "ngram", "num_speculative_tokens": 4}',
+        )
+    )
     if speculative is not None and (runner == "pooling" or model_config.num_encoder_tokens):
         what = "a pooling model" if runner == "pooling" else "an encoder-decoder model"
         raise ValueError(
@@ -341,16 +347,22 @@ def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
 
 def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
     """--hf-overrides (vLLM's): config.json keys to replace, as JSON or a dict."""
+    return dict(_json_object(value, "hf_overrides", '{"num_hidden_layers": 4}') or {})
+
+
+def _json_object(
+    value: dict[str, Any] | str | None, name: str, example: str
+) -> dict[str, Any] | None:
+    """A flag given as a JSON object (or, offline, a dict); errors name the flag and show
+    `example`."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"hf_overrides is not JSON: {exc}") from None
+            raise ValueError(f"{name} is not JSON: {exc}") from None
     if value is not None and not isinstance(value, dict):
-        raise ValueError(
-            f'hf_overrides is a JSON object, e.g. {{"num_hidden_layers": 4}}; got {value!r}'
-        )
-    return dict(value or {})
+        raise ValueError(f"{name} is a JSON object, e.g. {example}; got {value!r}")
+    return value
 
 
 def _overridden(hf_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,21 +34,12 @@ class SpeculativeConfig:
             )
 
 
-def parse_speculative_config(value: dict[str, Any] | str | None) -> SpeculativeConfig | None:
-    """From vLLM's JSON form. As vLLM: `"model": "[ngram]"` names the method too, and a missing
-    lookup bound takes the other's value (both missing: 5)."""
+def parse_speculative_config(value: dict[str, Any] | None) -> SpeculativeConfig | None:
+    """From vLLM's JSON object (the engine arguments parse the text). As vLLM: `"model":
+    "[ngram]"` names the method too, and a missing lookup bound takes the other's value (both
+    missing: 5)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"speculative_config is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(
-            'speculative_config is a JSON object, e.g. {"method": "ngram", '
-            f'"num_speculative_tokens": 4}}; got {value!r}'
-        )
     unknown = sorted(set(value) - _KEYS)
     if unknown:
         raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(_KEYS)}")

@@ -11,7 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmserve.attention.backend import AttentionBackend, CommonAttentionMetadata, get_backend
+from lmserve.attention.backend import (
+    AttentionBackend,
+    CommonAttentionMetadata,
+    get_backend,
+    ranks,
+    ranks_from_end,
+)
 from lmserve.config import EngineConfig
 from lmserve.core.request import RequestFailed
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
@@ -209,7 +215,7 @@ class ModelRunner:
         logits = None
         if len(sample_idx):
             ends = inputs.common.query_start_loc[1:][sample_idx]
-            token_idx = np.repeat(ends, num_rows) - _reversed_ranks(num_rows) - 1
+            token_idx = np.repeat(ends, num_rows) - ranks_from_end(num_rows) - 1
             logits = self.model.compute_logits(hidden[to_device(token_idx, self.device)])
             if self._num_encoder_tokens:  # Whisper's suppress and timestamp rules
                 rows = inputs.rows[sample_idx].tolist()
@@ -242,7 +248,7 @@ class ModelRunner:
                 md = build_sampling_metadata(self.batch, rows, self.vocab_size, self.device)
                 out = self.sampler(step.logits, md)
             else:
-                offsets = _ranks(num_rows)
+                offsets = ranks(num_rows)
                 md = build_sampling_metadata(
                     self.batch, rows, self.vocab_size, self.device, offsets
                 )
@@ -607,16 +613,6 @@ def profile_forward(
     finally:
         for layer in layers:
             layer.kv_cache = None
-
-
-def _ranks(counts: np.ndarray) -> np.ndarray:
-    """0, 1, ..., n - 1 for each n in `counts`, concatenated."""
-    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-def _reversed_ranks(counts: np.ndarray) -> np.ndarray:
-    """n - 1, ..., 1, 0 for each n in `counts`, concatenated."""
-    return np.repeat(counts, counts) - 1 - _ranks(counts)
 
 
 def _accepted_spans(num_rows: np.ndarray, accepted: list[bool]) -> list[tuple[int, int]]:

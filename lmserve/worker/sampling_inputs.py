@@ -54,11 +54,7 @@ def build_sampling_metadata(
                 stop_ids.append(state.eos_token_id)
             if stop_ids:
                 banned.append((i, stop_ids))
-        if (
-            params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0
-            or params.repetition_penalty != 1.0
-        ):
+        if params.has_penalties:
             penalty_rows.append(i)
         if params.logprobs is not None:
             max_logprobs = max(max_logprobs or 0, params.logprobs)

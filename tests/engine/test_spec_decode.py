@@ -39,6 +39,11 @@ def greedy(llm: LLM, prompts: list[list[int]], **params) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+def engine(path, spec: dict | None = SPEC, **options) -> LLM:
+    """A small-cache engine on `path`, speculating with `spec` (None: plain decoding)."""
+    return LLM(str(path), **{"kv_cache_memory_gb": 0.02, **options}, speculative_config=spec)
+
+
 def accepted(llm: LLM) -> int:
     return llm.engine_core.scheduler.stats().spec_num_accepted_tokens
 
@@ -57,19 +62,14 @@ SCENARIOS = {
 def plain_outputs(tiny_model_dirs) -> dict[str, list[list[int]]]:
     """Each model's greedy tokens without speculation (batching does not change them)."""
     return {
-        kind: greedy(LLM(str(tiny_model_dirs[kind]), kv_cache_memory_gb=0.02), fifty_prompts())
+        kind: greedy(engine(tiny_model_dirs[kind], None), fifty_prompts())
         for kind in ("llama", "mistral")
     }
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_greedy_tokens_equal_plain_decoding(tiny_model_dirs, plain_outputs, scenario) -> None:
-    llm = LLM(
-        str(tiny_model_dirs["llama"]),
-        kv_cache_memory_gb=0.02,
-        speculative_config=SPEC,
-        **SCENARIOS[scenario],
-    )
+    llm = engine(tiny_model_dirs["llama"], **SCENARIOS[scenario])
     llm.step_hook = hook = PreemptionCounter(llm)
     assert greedy(llm, fifty_prompts()) == plain_outputs["llama"]
     assert accepted(llm) > 50  # guesses were checked and kept, not skipped
@@ -82,12 +82,7 @@ def test_equal_to_hf_and_from_the_prefix_cache(tiny_model_dirs, hf_models_spec) 
     tokens were published, so the hits hold the right KV."""
     prompts = fifty_prompts()[::5]
     expected = [hf_greedy(hf_models_spec, p, NUM_NEW) for p in prompts]
-    llm = LLM(
-        str(tiny_model_dirs["llama"]),
-        kv_cache_memory_gb=0.02,
-        block_size=4,
-        speculative_config=SPEC,
-    )
+    llm = engine(tiny_model_dirs["llama"], block_size=4)
     llm.step_hook = llm.engine_core.check_invariants
     assert greedy(llm, prompts) == expected
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
@@ -118,12 +113,7 @@ def hf_models_spec(tiny_model_dirs):
 
 def test_sliding_window_model(tiny_model_dirs, plain_outputs) -> None:
     """Mistral's 16-token window: blocks leave the window while guesses are checked past it."""
-    llm = LLM(
-        str(tiny_model_dirs["mistral"]),
-        kv_cache_memory_gb=0.02,
-        block_size=4,
-        speculative_config=SPEC,
-    )
+    llm = engine(tiny_model_dirs["mistral"], block_size=4)
     llm.step_hook = llm.engine_core.check_invariants
     assert greedy(llm, fifty_prompts()) == plain_outputs["mistral"]
     assert accepted(llm) > 50
@@ -134,8 +124,7 @@ def test_logprobs_min_tokens_and_stops_as_without_it(tiny_model_dirs) -> None:
     """Each kept token has its own logprobs; min_tokens bans a stop token at each checked
     position by its own count; a stop token among accepted guesses ends the request there."""
     prompts = fifty_prompts()[25:35]
-    plain = LLM(str(tiny_model_dirs["llama"]), kv_cache_memory_gb=0.02)
-    spec = LLM(str(tiny_model_dirs["llama"]), kv_cache_memory_gb=0.02, speculative_config=SPEC)
+    plain, spec = engine(tiny_model_dirs["llama"], None), engine(tiny_model_dirs["llama"])
     stop = greedy(plain, prompts[:1])[0][3]  # a token the first prompt produces early
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, logprobs=3, stop_token_ids=[stop])
     with_min = SamplingParams(
@@ -160,8 +149,7 @@ def test_penalties_and_structured_outputs_decode_without_guesses(
     """Requests whose sampling depends on each position's history are never given guesses;
     beside speculating requests in one batch, each still gets its own plain result."""
     prompts = fifty_prompts()[30:36]
-    plain = LLM(str(tiny_model_dirs["llama"]), kv_cache_memory_gb=0.02)
-    spec = LLM(str(tiny_model_dirs["llama"]), kv_cache_memory_gb=0.02, speculative_config=SPEC)
+    plain, spec = engine(tiny_model_dirs["llama"], None), engine(tiny_model_dirs["llama"])
     mixed = [
         SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, **extra)
         for extra in ({}, {"repetition_penalty": 1.3}, {"frequency_penalty": 0.5}) * 2
@@ -172,7 +160,7 @@ def test_penalties_and_structured_outputs_decode_without_guesses(
     assert got == want
     assert accepted(spec) > 0
 
-    chat = LLM(str(tiny_chat_dir), kv_cache_memory_gb=0.02, speculative_config=SPEC)
+    chat = engine(tiny_chat_dir)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     constrained = SamplingParams(
         temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema)
@@ -196,7 +184,7 @@ def test_lora_requests_speculate_with_their_adapter(tiny_model_dirs, tmp_path) -
     loras = [lora, None] * 3
     outs = []
     for spec in (None, SPEC):
-        llm = LLM(str(base), enable_lora=True, kv_cache_memory_gb=0.02, speculative_config=spec)
+        llm = engine(base, spec, enable_lora=True)
         got = llm.generate(requests, params, use_tqdm=False, lora_request=loras)
         outs.append([o.outputs[0].token_ids for o in got])
         assert_no_blocks_held(llm)
@@ -215,7 +203,7 @@ def test_sampled_tokens_are_distributed_as_the_models(tiny_model_dirs, hf_models
 
     prompt, n, temperature = fifty_prompts()[30], 3000, 0.15
     spec = {**SPEC, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-    llm = LLM(str(tiny_model_dirs["llama"]), kv_cache_memory_gb=0.05, speculative_config=spec)
+    llm = engine(tiny_model_dirs["llama"], spec, kv_cache_memory_gb=0.05)
     params = [
         SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True, seed=i)
         for i in range(n)

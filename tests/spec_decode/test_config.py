@@ -8,10 +8,11 @@ from lmserve.engine.args import create_engine_config
 from lmserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 
 
-def test_json_and_dict_forms() -> None:
+def test_json_and_dict_forms(tiny_model_dirs) -> None:
     text = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}'
     expected = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=2)
-    assert parse_speculative_config(text) == expected
+    config = create_engine_config(str(tiny_model_dirs["llama"]), speculative_config=text)
+    assert config.speculative == expected
     assert (
         parse_speculative_config(
             {
@@ -60,9 +61,9 @@ def test_lookup_bounds_default_as_vllms() -> None:
         ),  # fmt: skip
     ],
 )
-def test_refusals_say_why(value, message: str) -> None:
+def test_refusals_say_why(tiny_model_dirs, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        parse_speculative_config(value)
+        create_engine_config(str(tiny_model_dirs["llama"]), speculative_config=value)
 
 
 def test_engine_config_carries_it(tiny_model_dirs) -> None:
