@@ -24,7 +24,7 @@ _SOURCE = Path(__file__).with_name("cpu") / "ops.cpp"
 # The kernel's register tiles (ops.cpp: kMaxGroup, kMaxVectors x the narrowest SIMD width).
 # what ATen's Vectorized needs for each capability (as torch's inductor compiles its C++)
 _ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 _MAX_GROUP = 16
@@ -198,6 +198,30 @@ def grouped_matmul_int8(
     N, K] with scales [experts, N], optional bias [experts, N] -> float32 [rows, N], each product
     dequantized as `dequantize_` does (the int32 sums are exact, so equal to `torch._int_mm`'s)."""
     return torch.ops.lmserve_cpu.grouped_matmul_int8(x_q, x_scale, w, w_scale, offsets, bias)
+
+
+# GGUF block types the kernels keep quantized, by ggml id: Q4_0, Q4_1, Q8_0
+GGUF_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+
+
+def gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: int, out: torch.Tensor, col: int) -> None:
+    """float32 x [rows, K] times a GGUF-quantized weight w [N, K / 32 blocks] (its raw bytes,
+    uint8) into out[:, col : col + N] (out: contiguous float32 [rows, >= col + N]), the blocks
+    dequantized in registers as gguf-py's dequantize does."""
+    torch.ops.lmserve_cpu.gguf_matmul(x, w, qtype, out, col)
+
+
+def gguf_matmul_q8(
+    x: torch.Tensor, w: torch.Tensor, qtype: int, out: torch.Tensor, col: int
+) -> None:
+    """`gguf_matmul` as llama.cpp computes it: x quantized per 32-value block to int8 (its
+    Q8_0 / Q8_1), integer dot products with the weights' blocks, scaled in float32."""
+    torch.ops.lmserve_cpu.gguf_matmul_q8(x, w, qtype, out, col)
+
+
+def gguf_dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """GGUF-quantized rows w [N, K / 32 blocks] (uint8) -> float32 [N, K]."""
+    return torch.ops.lmserve_cpu.gguf_dequantize(w, qtype, k)
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:

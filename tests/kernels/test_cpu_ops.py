@@ -1,10 +1,16 @@
-"""The C++ CPU kernels' building, and their int8 passes against the torch expressions they
-replace (decode attention is checked through the CPU backend, tests/attention/test_cpu.py)."""
+"""The C++ CPU kernels' building, their int8 passes against the torch expressions they replace,
+and their GGUF blocks against gguf-py (decode attention is checked through the CPU backend,
+tests/attention/test_cpu.py)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from torch.utils import cpp_extension
@@ -173,3 +179,144 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path) -> None:
     old = time.time() - 3600
     os.utime(lock, (old, old))
     assert clear_stale_lock(tmp_path) and not lock.exists()
+
+
+GGUF_TYPES = [
+    gguf.GGMLQuantizationType.Q4_0,
+    gguf.GGMLQuantizationType.Q4_1,
+    gguf.GGMLQuantizationType.Q8_0,
+]
+
+
+def _gguf_weight(qtype, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gguf-py's blocks of a random [n, k] weight, and its own dequantization of them."""
+    rng = np.random.default_rng(seed)
+    blocks = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    dense = gguf.quants.dequantize(blocks, qtype).astype(np.float32)
+    return torch.from_numpy(blocks), torch.from_numpy(dense)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
+def test_gguf_dequantize_is_bit_exact_to_gguf_py(qtype) -> None:
+    blocks, dense = _gguf_weight(qtype, 37, 160, seed=int(qtype))
+    assert torch.equal(cpu_ops.gguf_dequantize(blocks, int(qtype), 160), dense)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
+def test_gguf_matmul_equals_the_dequantized_product(qtype, rows: int) -> None:
+    """Odd shapes (37 outputs, 5 blocks deep), every register-tile remainder, written into
+    columns 3.. of a wider output whose other columns stay untouched."""
+    blocks, dense = _gguf_weight(qtype, 37, 160, seed=rows)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    out = torch.full((rows, 45), 7.0)
+    cpu_ops.gguf_matmul(x, blocks, int(qtype), out, 3)
+    torch.testing.assert_close(out[:, 3:40], x @ dense.t(), rtol=1e-5, atol=1e-5)
+    assert (out[:, :3] == 7.0).all() and (out[:, 40:] == 7.0).all()
+
+
+def _q8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype) -> torch.Tensor:
+    """llama.cpp's product with q8 activations, in numpy: x per 32-value block to int8 (d =
+    amax / 127, round half to even), exact integer dots with the weights' integers, scaled by
+    both d's; Q4_1's m times the block's d * sum(q), Q4_0's nibbles stored +8."""
+    rows, k = x.shape
+    xb = x.numpy().reshape(rows, k // 32, 32)
+    d = np.abs(xb).max(axis=2) / np.float32(127)
+    inverse = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.rint(xb * inverse[..., None]).astype(np.int64)
+    raw = blocks.numpy().reshape(blocks.shape[0], k // 32, -1)
+    scale = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        w = raw[..., 2:].view(np.int8).astype(np.int64)
+    else:
+        nib = raw[..., 2:] if qtype == gguf.GGMLQuantizationType.Q4_0 else raw[..., 4:]
+        w = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.int64)
+        if qtype == gguf.GGMLQuantizationType.Q4_0:
+            w = w - 8
+    dots = np.einsum("rbj,nbj->rnb", q, w).astype(np.float64)
+    out = (dots * (scale[None] * d[:, None, :]).astype(np.float64)).sum(axis=2)
+    if qtype == gguf.GGMLQuantizationType.Q4_1:
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        out += (m[None] * (d * q.sum(axis=2))[:, None, :]).sum(axis=2)
+    return torch.from_numpy(out.astype(np.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])
+def test_gguf_matmul_q8_is_llama_cpps_product(qtype, rows: int) -> None:
+    """q8 activations: the integer-dot product llama.cpp computes (not the float32 one, which
+    it stays near), for every pass width (8 rows a pass, then the rest)."""
+    blocks, dense = _gguf_weight(qtype, 37, 160, seed=rows)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] = 0.0  # an all-zero block: scale 0, no division by it
+    out = torch.full((rows, 40), 7.0)
+    cpu_ops.gguf_matmul_q8(x, blocks, int(qtype), out, 2)
+    torch.testing.assert_close(out[:, 2:39], _q8_reference(x, blocks, qtype), rtol=1e-5, atol=1e-4)
+    assert (out[:, :2] == 7.0).all() and (out[:, 39:] == 7.0).all()
+    exact = x @ dense.t()
+    assert ((out[:, 2:39] - exact).norm() / exact.norm()).item() < 0.02
+
+
+@needs_kernels
+def test_gguf_matmul_rejects_what_it_cannot_read() -> None:
+    blocks, _ = _gguf_weight(GGUF_TYPES[0], 8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="unsupported GGUF type"):
+        cpu_ops.gguf_matmul(torch.randn(1, 64), blocks, 12, torch.empty(1, 8), 0)  # Q4_K
+    with pytest.raises(RuntimeError, match="out"):
+        cpu_ops.gguf_matmul(torch.randn(1, 64), blocks, 2, torch.empty(1, 8), 1)
+
+
+_CAPABILITY_RUN = """
+import sys, torch
+from lmserve.kernels import cpu_ops
+assert torch.backends.cpu.get_cpu_capability() == sys.argv[1]
+assert cpu_ops.available()
+results = {}
+for qtype, (x, blocks) in torch.load(sys.argv[2]).items():
+    out, out_q8 = torch.empty(x.shape[0], blocks.shape[0]), torch.empty(x.shape[0], blocks.shape[0])
+    cpu_ops.gguf_matmul(x, blocks, qtype, out, 0)
+    cpu_ops.gguf_matmul_q8(x, blocks, qtype, out_q8, 0)
+    results[qtype] = (cpu_ops.gguf_dequantize(blocks, qtype, x.shape[1]), out, out_q8)
+torch.save(results, sys.argv[3])
+"""
+
+
+@needs_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_gguf_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
+    """The AVX2 and AVX-512 builds both, whichever this CPU would pick (torch's
+    ATEN_CPU_CAPABILITY forces a narrower one; a fresh cache forces the build), each against
+    gguf-py and the q8 reference."""
+    if capability == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")
+    inputs = {}
+    for qtype in GGUF_TYPES:
+        blocks, _ = _gguf_weight(qtype, 37, 96, seed=int(qtype))
+        inputs[int(qtype)] = (torch.randn(6, 96), blocks)
+    torch.save(inputs, tmp_path / "in.pt")
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": capability.lower(),
+        "LMSERVE_CACHE_DIR": str(tmp_path),
+    }
+    args = [capability, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    done = subprocess.run(
+        [sys.executable, "-c", _CAPABILITY_RUN, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = torch.load(tmp_path / "out.pt")
+    for qtype in GGUF_TYPES:
+        x, blocks = inputs[int(qtype)]
+        dense = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype).astype(np.float32))
+        weights, out, out_q8 = results[int(qtype)]
+        assert torch.equal(weights, dense)
+        torch.testing.assert_close(out, x @ dense.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_q8, _q8_reference(x, blocks, qtype), rtol=1e-5, atol=1e-4)

@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -674,6 +675,413 @@ at::Tensor grouped_matmul_int8(const at::Tensor& x_q, const at::Tensor& x_scale,
   return out;
 }
 
+// ---- GGUF blocks kept quantized (weight-only: float32 activations) -------------------------
+// Types by their ggml ids: Q4_0 = 2, Q4_1 = 3, Q8_0 = 8; 32 weights a block. A weight is what
+// gguf-py's dequantize computes, in the same float32 operations (half scales widened, d * q,
+// + m for Q4_1), so a product differs from the dequantized model's only in summation order.
+constexpr int64_t kGgufBlock = 32;
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return _cvtsh_ss(bits);  // F16C: one instruction, the same value as c10::Half's
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+int64_t gguf_block_bytes(int64_t type) {
+  switch (type) {
+    case 2: return 18;  // Q4_0: half d, 16 bytes of nibbles
+    case 3: return 20;  // Q4_1: half d, half m, 16 bytes of nibbles
+    case 8: return 34;  // Q8_0: half d, 32 int8
+    default: return 0;
+  }
+}
+
+void dequantize_gguf_row(int64_t type, const uint8_t* src, int64_t k_size, float* dst) {
+  for (int64_t b = 0; b < k_size / kGgufBlock; ++b, dst += kGgufBlock) {
+    if (type == 8) {
+      const uint8_t* block = src + b * 34;
+      const float d = half_to_float(block);
+      const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
+      for (int64_t j = 0; j < kGgufBlock; ++j) dst[j] = d * static_cast<float>(q[j]);
+    } else if (type == 2) {
+      const uint8_t* block = src + b * 18;
+      const float d = half_to_float(block);
+      const uint8_t* q = block + 2;
+      for (int64_t j = 0; j < 16; ++j) {
+        dst[j] = d * static_cast<float>(static_cast<int>(q[j] & 0x0F) - 8);
+        dst[j + 16] = d * static_cast<float>(static_cast<int>(q[j] >> 4) - 8);
+      }
+    } else {
+      const uint8_t* block = src + b * 20;
+      const float d = half_to_float(block), m = half_to_float(block + 2);
+      const uint8_t* q = block + 4;
+      for (int64_t j = 0; j < 16; ++j) {
+        dst[j] = d * static_cast<float>(q[j] & 0x0F) + m;
+        dst[j + 16] = d * static_cast<float>(q[j] >> 4) + m;
+      }
+    }
+  }
+}
+
+// One block's 32 weights as float32 vectors, the same values dequantize_gguf_row writes.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kBlockVecs = 2;  // 16 lanes
+using FVec = __m512;
+inline void load_block(int64_t type, const uint8_t* block, FVec* w) {
+  if (type == 8) {
+    const __m512 d = _mm512_set1_ps(half_to_float(block));
+    for (int64_t h = 0; h < 2; ++h) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + 16 * h));
+      w[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    }
+    return;
+  }
+  const int64_t skip = type == 2 ? 2 : 4;
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + skip));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, mask));
+  __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
+  const __m512 d = _mm512_set1_ps(half_to_float(block));
+  if (type == 2) {
+    const __m512i eight = _mm512_set1_epi32(8);
+    w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)));
+    w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)));
+  } else {
+    const __m512 m = _mm512_set1_ps(half_to_float(block + 2));
+    w[0] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m);
+    w[1] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m);
+  }
+}
+inline FVec fzero() { return _mm512_setzero_ps(); }
+inline FVec fload(const float* p) { return _mm512_loadu_ps(p); }
+inline void fstore(float* p, FVec v) { _mm512_storeu_ps(p, v); }
+inline FVec ffma(FVec a, FVec b, FVec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float fsum(FVec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kBlockVecs = 4;  // 8 lanes
+using FVec = __m256;
+inline void load_block(int64_t type, const uint8_t* block, FVec* w) {
+  const __m256 d = _mm256_set1_ps(half_to_float(block));
+  if (type == 8) {
+    for (int64_t h = 0; h < 4; ++h) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + 8 * h));
+      w[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+    return;
+  }
+  const int64_t skip = type == 2 ? 2 : 4;
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + skip));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  const __m256 m = _mm256_set1_ps(type == 3 ? half_to_float(block + 2) : 0.0f);
+  const __m256i eight = _mm256_set1_epi32(8);
+  for (int64_t h = 0; h < 4; ++h) {
+    __m256i v = _mm256_cvtepu8_epi32(parts[h]);
+    if (type == 2) {
+      w[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(v, eight)));
+    } else {
+      w[h] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(v)), m);
+    }
+  }
+}
+inline FVec fzero() { return _mm256_setzero_ps(); }
+inline FVec fload(const float* p) { return _mm256_loadu_ps(p); }
+inline void fstore(float* p, FVec v) { _mm256_storeu_ps(p, v); }
+inline FVec ffma(FVec a, FVec b, FVec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float fsum(FVec v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+#else
+constexpr int64_t kBlockVecs = 32;  // scalar "vectors" of one lane
+using FVec = float;
+inline void load_block(int64_t type, const uint8_t* block, FVec* w) {
+  dequantize_gguf_row(type, block, kGgufBlock, w);
+}
+inline FVec fzero() { return 0.0f; }
+inline FVec fload(const float* p) { return *p; }
+inline void fstore(float* p, FVec v) { *p = v; }
+inline FVec ffma(FVec a, FVec b, FVec c) { return a * b + c; }
+inline float fsum(FVec v) { return v; }
+#endif
+constexpr int64_t kVecLanes = kGgufBlock / kBlockVecs;
+
+// Rows r0 .. r0 + R of x against weight row `w_row`: each block dequantized once into
+// registers, then multiplied into every row's accumulators.
+template <int64_t R>
+void gguf_row_dots(int64_t type, const uint8_t* w_row, int64_t block_bytes, const float* x,
+                   int64_t k_size, float* out, int64_t out_stride) {
+  FVec acc[R][2];
+  for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = fzero();
+  FVec w[kBlockVecs];
+  for (int64_t b = 0; b < k_size / kGgufBlock; ++b) {
+    load_block(type, w_row + b * block_bytes, w);
+    const int64_t k = b * kGgufBlock;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* xr = x + r * k_size + k;
+      for (int64_t v = 0; v < kBlockVecs; ++v) {
+        acc[r][v & 1] = ffma(w[v], fload(xr + v * kVecLanes), acc[r][v & 1]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r * out_stride] = fsum(acc[r][0]) + fsum(acc[r][1]);
+}
+
+// x [rows, K] float32 times GGUF-quantized w [N, K / 32 blocks] (raw bytes, one weight row per
+// tensor row), written into out[:, col : col + N] (a fused layer's parts fill one output):
+// threads split the weight rows, each block is dequantized in registers (as gguf-py does, in
+// float32) and multiplied into up to four activation rows at a time, so the quantized bytes are
+// read once per four rows. For the few rows of a decode step; a prefill's many rows are faster
+// through a dequantized GEMM (layers/gguf_linear.py picks).
+void gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out,
+                 int64_t col) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  TORCH_CHECK(block_bytes > 0, "gguf_matmul: unsupported GGUF type ", type);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "gguf_matmul: contiguous float32 x [rows, K]");
+  const int64_t rows = x.size(0), k_size = x.size(1);
+  TORCH_CHECK(k_size % kGgufBlock == 0, "gguf_matmul: K must be a multiple of 32, got ", k_size);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.size(1) == k_size / kGgufBlock * block_bytes,
+              "gguf_matmul: contiguous uint8 w [N, K / 32 * ", block_bytes, "]");
+  const int64_t n_size = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.size(0) == rows && col >= 0 && col + n_size <= out.size(1),
+              "gguf_matmul: contiguous float32 out [rows, >= col + N]");
+  const int64_t out_stride = out.size(1);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>() + col;
+  at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* w_row = wp + n * row_bytes;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) {
+        gguf_row_dots<4>(type, w_row, block_bytes, xp + r * k_size, k_size,
+                         op + r * out_stride + n, out_stride);
+      }
+      if (r + 2 <= rows) {
+        gguf_row_dots<2>(type, w_row, block_bytes, xp + r * k_size, k_size,
+                         op + r * out_stride + n, out_stride);
+        r += 2;
+      }
+      if (r < rows) {
+        gguf_row_dots<1>(type, w_row, block_bytes, xp + r * k_size, k_size,
+                         op + r * out_stride + n, out_stride);
+      }
+    }
+  });
+}
+
+// ---- GGUF blocks times q8 activations (llama.cpp's dot products) --------------------------
+// Each activation row is quantized per 32-value block as llama.cpp's Q8_0 / Q8_1 do (d = amax /
+// 127, q = x / d rounded to nearest, ties to even as its vector code rounds; float32 scales
+// where it keeps halves), with the block's d * sum(q) for the weights' offsets. A block's product
+// is an exact int32 dot of the two blocks' integers, scaled by both d's: Q4_1 adds m * that sum
+// and Q4_0, whose nibbles are stored +8, subtracts 8 * it.
+void quantize_q8_blocks(const float* x, int64_t k_size, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < k_size / kGgufBlock; ++b) {
+    const float* xb = x + b * kGgufBlock;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < kGgufBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < kGgufBlock; ++j) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(xb[j] * inverse));
+      q[b * kGgufBlock + j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(sum);
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// A block's 32 weights as bytes in x's order (low nibbles are weights 0-15, high 16-31).
+inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+// Unsigned bytes times signed bytes, summed in fours: 8 int32 lanes (15 * 127 * 2 fits int16).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+inline float hsum8(__m256 v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));
+}
+
+template <int64_t TYPE, int64_t R>
+void gguf_q8_dots(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
+                  int64_t k_size, float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = TYPE == 8 ? 34 : TYPE == 2 ? 18 : 20;
+  const int64_t blocks = k_size / kGgufBlock;
+  __m256 acc[R];
+  float offset[R];
+  for (int64_t r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    offset[r] = 0.0f;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = w_row + b * block_bytes;
+    const float dw = half_to_float(block);
+    __m256i w;
+    if constexpr (TYPE == 8) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+    } else {
+      w = nibbles(block + (TYPE == 2 ? 2 : 4));
+    }
+    const __m256i w_abs = TYPE == 8 ? _mm256_abs_epi8(w) : w;
+    float mw = 0.0f;
+    if constexpr (TYPE == 3) mw = half_to_float(block + 2);
+    for (int64_t r = 0; r < R; ++r) {
+      __m256i x = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xq + r * k_size + b * kGgufBlock));
+      if constexpr (TYPE == 8) x = _mm256_sign_epi8(x, w);
+      const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(w_abs, x));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * xd[r * blocks + b]), acc[r]);
+      if constexpr (TYPE == 3) offset[r] += mw * xs[r * blocks + b];
+      if constexpr (TYPE == 2) offset[r] -= 8.0f * dw * xs[r * blocks + b];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]) + offset[r];
+}
+#else
+template <int64_t TYPE, int64_t R>
+void gguf_q8_dots(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
+                  int64_t k_size, float* out, int64_t out_stride) {
+  constexpr int64_t block_bytes = TYPE == 8 ? 34 : TYPE == 2 ? 18 : 20;
+  const int64_t blocks = k_size / kGgufBlock;
+  for (int64_t r = 0; r < R; ++r) {
+    float total = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = w_row + b * block_bytes;
+      const int8_t* x = xq + r * k_size + b * kGgufBlock;
+      const float dw = half_to_float(block);
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kGgufBlock; ++j) {
+        const int32_t wj = TYPE == 8 ? static_cast<int8_t>(block[2 + j])
+                                     : (j < 16 ? block[(TYPE == 2 ? 2 : 4) + j] & 0x0F
+                                               : block[(TYPE == 2 ? 2 : 4) + j - 16] >> 4);
+        dot += wj * x[j];
+      }
+      total += static_cast<float>(dot) * (dw * xd[r * blocks + b]);
+      if (TYPE == 3) total += half_to_float(block + 2) * xs[r * blocks + b];
+      if (TYPE == 2) total -= 8.0f * dw * xs[r * blocks + b];
+    }
+    out[r * out_stride] = total;
+  }
+}
+#endif
+
+// Up to kQ8Rows activation rows per pass over a weight row: its blocks are unpacked once for
+// all of them (a speculative step's 5 rows cost little more than 1).
+constexpr int64_t kQ8Rows = 8;
+
+template <int64_t TYPE, int64_t R>
+void gguf_q8_tail(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
+                  int64_t rows, int64_t k_size, float* out, int64_t out_stride) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      gguf_q8_dots<TYPE, R>(w_row, xq, xd, xs, k_size, out, out_stride);
+    } else {
+      gguf_q8_tail<TYPE, R - 1>(w_row, xq, xd, xs, rows, k_size, out, out_stride);
+    }
+  }
+}
+
+template <int64_t TYPE>
+void gguf_q8_rows(const uint8_t* wp, int64_t n_size, int64_t row_bytes, const int8_t* xq,
+                  const float* xd, const float* xs, int64_t rows, int64_t k_size, float* op,
+                  int64_t out_stride) {
+  const int64_t blocks = k_size / kGgufBlock;
+  at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* w_row = wp + n * row_bytes;
+      for (int64_t r = 0; r < rows; r += kQ8Rows) {
+        gguf_q8_tail<TYPE, kQ8Rows>(w_row, xq + r * k_size, xd + r * blocks, xs + r * blocks,
+                                    std::min(kQ8Rows, rows - r), k_size,
+                                    op + r * out_stride + n, out_stride);
+      }
+    }
+  });
+}
+
+// x [rows, K] float32, quantized here to q8 blocks, times GGUF-quantized w [N, K / 32 blocks]
+// into out[:, col : col + N], as gguf_matmul; not the float32 product: llama.cpp's numerics.
+void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out,
+                    int64_t col) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  TORCH_CHECK(block_bytes > 0, "gguf_matmul_q8: unsupported GGUF type ", type);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "gguf_matmul_q8: contiguous float32 x [rows, K]");
+  const int64_t rows = x.size(0), k_size = x.size(1);
+  TORCH_CHECK(k_size % kGgufBlock == 0, "gguf_matmul_q8: K must be a multiple of 32, got ",
+              k_size);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.size(1) == k_size / kGgufBlock * block_bytes,
+              "gguf_matmul_q8: contiguous uint8 w [N, K / 32 * ", block_bytes, "]");
+  const int64_t n_size = w.size(0), row_bytes = w.size(1), blocks = k_size / kGgufBlock;
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.size(0) == rows && col >= 0 && col + n_size <= out.size(1),
+              "gguf_matmul_q8: contiguous float32 out [rows, >= col + N]");
+  std::vector<int8_t> xq(rows * k_size);
+  std::vector<float> xd(rows * blocks), xs(rows * blocks);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      quantize_q8_blocks(xp + r * k_size, k_size, xq.data() + r * k_size, xd.data() + r * blocks,
+                         xs.data() + r * blocks);
+    }
+  });
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>() + col;
+  const int64_t stride = out.size(1);
+  if (type == 2) {
+    gguf_q8_rows<2>(wp, n_size, row_bytes, xq.data(), xd.data(), xs.data(), rows, k_size, op,
+                    stride);
+  } else if (type == 3) {
+    gguf_q8_rows<3>(wp, n_size, row_bytes, xq.data(), xd.data(), xs.data(), rows, k_size, op,
+                    stride);
+  } else {
+    gguf_q8_rows<8>(wp, n_size, row_bytes, xq.data(), xd.data(), xs.data(), rows, k_size, op,
+                    stride);
+  }
+}
+
+// The float32 weights of GGUF rows [N, K / 32 blocks] -> [N, K] (tests, and layers that need
+// the weights themselves, such as an embedding table tied to the LM head).
+at::Tensor gguf_dequantize(const at::Tensor& w, int64_t type, int64_t k_size) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  TORCH_CHECK(block_bytes > 0, "gguf_dequantize: unsupported GGUF type ", type);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  k_size % kGgufBlock == 0 && w.size(1) == k_size / kGgufBlock * block_bytes,
+              "gguf_dequantize: contiguous uint8 w [N, K / 32 * ", block_bytes, "]");
+  at::Tensor out = at::empty({w.size(0), k_size}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t row_bytes = w.size(1), blocks = k_size / kGgufBlock;
+  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
+    FVec v[kBlockVecs];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        load_block(type, wp + n * row_bytes + b * block_bytes, v);
+        float* dst = op + n * k_size + b * kGgufBlock;
+        for (int64_t i = 0; i < kBlockVecs; ++i) fstore(dst + i * kVecLanes, v[i]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmserve_cpu, m) {
@@ -693,6 +1101,9 @@ TORCH_LIBRARY(lmserve_cpu, m) {
       "grouped_matmul_int8(Tensor x_q, Tensor x_scale, Tensor w, Tensor w_scale, Tensor offsets, "
       "Tensor? bias) -> Tensor");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor signed_sin) -> ()");
+  m.def("gguf_matmul(Tensor x, Tensor w, int type, Tensor(a!) out, int col) -> ()");
+  m.def("gguf_dequantize(Tensor w, int type, int k) -> Tensor");
+  m.def("gguf_matmul_q8(Tensor x, Tensor w, int type, Tensor(a!) out, int col) -> ()");
   m.def(
       "dequantize_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor(a!)");
 }
@@ -708,4 +1119,7 @@ TORCH_LIBRARY_IMPL(lmserve_cpu, CPU, m) {
   m.impl("grouped_matmul", grouped_matmul);
   m.impl("grouped_matmul_int8", grouped_matmul_int8);
   m.impl("rotary_", rotary_);
+  m.impl("gguf_matmul", gguf_matmul);
+  m.impl("gguf_dequantize", gguf_dequantize);
+  m.impl("gguf_matmul_q8", gguf_matmul_q8);
 }
