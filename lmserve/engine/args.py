@@ -50,7 +50,7 @@ MODEL_HELP = (
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("cpu", "torch_ref", "triton")
-_QUANTIZATIONS = ("int8",)
+_QUANTIZATIONS = ("int8", "gguf", "gguf_q8")
 _METRICS_PREFIXES = ("lmserve", "vllm")
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,8 @@ def create_engine_config(
     device = _resolve_device(device)
     if quantization is not None and quantization not in _QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {quantization!r}")
-    if quantization == "int8" and device != "cpu":
-        raise ValueError("quantization='int8' runs on CPU only; leave it unset on CUDA")
+    if quantization in _QUANTIZATIONS and device != "cpu":
+        raise ValueError(f"quantization={quantization!r} runs on CPU only; leave it unset on CUDA")
     if attention_backend != "auto" and attention_backend not in _ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend must be auto or one of {_ATTENTION_BACKENDS}, "
@@ -164,6 +164,8 @@ def create_engine_config(
             f"max_model_len={max_model_len} exceeds the model's limit of {model_max_len} tokens"
         )
     hf_config = _with_longrope_choice(hf_config, max_model_len)
+    if quantization in ("gguf", "gguf_q8"):
+        _check_gguf_blocks(path, dtype, load_format, runner)
     model_config = ModelConfig(
         model=model or DEFAULT_MODEL,
         path=path,
@@ -348,6 +350,30 @@ def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
 def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
     """--hf-overrides (vLLM's): config.json keys to replace, as JSON or a dict."""
     return dict(_json_object(value, "hf_overrides", '{"num_hidden_layers": 4}') or {})
+
+
+def _check_gguf_blocks(path: Path, dtype: str, load_format: str, runner: str) -> None:
+    """quantization='gguf' reads a GGUF file's blocks into float32 kernels: say up front what
+    else it needs."""
+    from lmserve.kernels import cpu_ops
+    from lmserve.models.gguf import gguf_source
+
+    if gguf_source(path) is None or load_format == "dummy":
+        raise ValueError(
+            "quantization='gguf' keeps a .gguf file's weights quantized: give a .gguf model "
+            "(and real weights, not load_format='dummy'), or use quantization='int8'"
+        )
+    if dtype not in ("auto", "float32"):
+        raise ValueError(
+            f"quantization='gguf' computes in float32; leave dtype auto, not {dtype!r}"
+        )
+    if runner != "generate":
+        raise ValueError("quantization='gguf' serves generative models only; leave it unset")
+    if not cpu_ops.available():
+        raise ValueError(
+            "quantization='gguf' needs lmserve's C++ CPU kernels, which did not build here "
+            "(see the warning above: install g++), or use quantization='int8'"
+        )
 
 
 def _json_object(
@@ -535,7 +561,11 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         choices=list(_QUANTIZATIONS),
         help="int8: quantize the linear layers at load time (weights per output channel, "
         "activations per token) for ~2-4x faster CPU decoding and ~1.7x faster embedding; "
-        "close to, not exactly, the unquantized model's outputs",
+        "close to, not exactly, the unquantized model's outputs. gguf (a .gguf model only): "
+        "keep the file's Q4_0/Q4_1/Q8_0 linear weights in their blocks (other types are "
+        "dequantized), a fraction of float32's memory, the float32 model's outputs up to "
+        "summation order. gguf_q8: gguf with decode rows quantized to int8 per 32 values and "
+        "integer dot products, as llama.cpp computes (faster, not the float32 outputs)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument(

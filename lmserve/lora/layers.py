@@ -34,11 +34,14 @@ class LoRALinear(nn.Module):
         self.rank = rank
         out_features = sum(part_sizes)
         parts = len(part_sizes)
-        # beside the base weights, in the activations' dtype (an int8 base takes float32 in)
-        weight = base.weight
-        kw = dict(device=weight.device, dtype=weight.dtype)
-        if not weight.is_floating_point():
-            kw["dtype"] = torch.float32
+        # beside the base weights, in the activations' dtype (an int8 or GGUF base takes
+        # float32 in; a GGUF one keeps its weights as parts, on the CPU)
+        weight = getattr(base, "weight", None)
+        kw = dict(device=torch.device("cpu"), dtype=torch.float32)
+        if weight is not None:
+            kw["device"] = weight.device
+            if weight.is_floating_point():
+                kw["dtype"] = weight.dtype
         self.register_buffer("lora_a", torch.zeros(slots, in_features, parts * rank, **kw))
         self.register_buffer("lora_b", torch.zeros(slots, parts * rank, out_features, **kw))
         self.register_buffer("scaling", torch.zeros(slots, **kw))

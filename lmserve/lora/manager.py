@@ -12,6 +12,7 @@ from collections import OrderedDict
 from torch import nn
 
 from lmserve.config import LoRAConfig, ModelConfig
+from lmserve.layers.gguf_linear import GGUFLinear
 from lmserve.layers.int8_linear import Int8Linear
 from lmserve.layers.linear import Linear
 from lmserve.lora.adapter import Adapter, load_adapter, read_adapter_config
@@ -43,7 +44,7 @@ def wrap_lora_layers(
         for owner in (layer.self_attn, layer.mlp):
             for name, parts in _PARTS.items():
                 base = getattr(owner, name, None)
-                if not isinstance(base, (Linear, Int8Linear)):
+                if not isinstance(base, (Linear, Int8Linear, GGUFLinear)):
                     continue
                 sizes = _part_sizes(owner, name, base.out_features)
                 wrapped = LoRALinear(

@@ -1,8 +1,10 @@
-"""Convert a GGUF checkpoint into a cached HF-style directory.
+"""Convert a GGUF checkpoint into a cached HF-style directory, and read its tensors in place.
 
 Everything downstream reads one HF-style directory (config.json, model.safetensors, tokenizer
 files). A GGUF is dequantized to float32 once; the result is reused until the file or this
-converter changes.
+converter changes. The directory names its source file (`gguf_source.json`), so
+`quantization="gguf"` can load the linear layers' quantized blocks from it instead
+(`iter_gguf_weights`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,25 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from lmserve.layers.gguf_linear import GGUFRows, kept_quantized
 from lmserve.models.conversion_cache import convert_once
 
 logger = logging.getLogger(__name__)
 
 # Part of the cache key: bump it whenever a conversion's output changes, so stale caches rebuild.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
+SOURCE_FILE = "gguf_source.json"  # {"path": the GGUF file a directory was converted from}
 
 _HF_ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
@@ -134,6 +140,60 @@ def _convert(src: Path, out: Path) -> None:
     token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
     _write_json(out / "generation_config.json", {k: config[k] for k in token_ids if k in config})
     _write_tokenizer(src, out, config["max_position_embeddings"])
+    _write_json(out / SOURCE_FILE, {"path": str(src)})
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file `model_dir` was converted from, None for any other directory."""
+    marker = model_dir / SOURCE_FILE
+    if not marker.is_file():
+        return None
+    return Path(json.loads(marker.read_text())["path"])
+
+
+def iter_gguf_weights(
+    path: Path, config: dict[str, Any], tied_head: bool
+) -> Iterator[tuple[str, torch.Tensor | GGUFRows]]:
+    """The file's tensors by HF name, as `_convert` lays them out, except that the linear
+    layers' weights in a type the kernels read stay in their blocks (GGUFRows); with
+    `tied_head`, the embedding's blocks once more as `lm_head.weight`. One tensor at a time,
+    so only the model's own copy of each is held."""
+    reader = GGUFReader(path)
+    arch = _meta(reader, "general.architecture")
+    if arch not in _HF_ARCHITECTURES or _meta(reader, f"{arch}.expert_count"):
+        raise ValueError(
+            f"quantization='gguf' does not load {arch!r} models"
+            + (" with experts" if arch in _HF_ARCHITECTURES else "")
+            + " yet: leave it unset (float32) or use quantization='int8'"
+        )
+    for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
+        if tensor.name == _ROPE_FREQS:
+            continue
+        name = _hf_name(tensor.name, arch)
+        linear = len(tensor.shape) == 2 and name != "model.embed_tokens.weight"
+        keep = kept_quantized(int(tensor.tensor_type))
+        if linear and keep:
+            yield name, _rows(tensor, arch, config)
+        else:
+            yield name, _writable(_dequantize(tensor, arch, config))
+        if tied_head and name == "model.embed_tokens.weight":
+            if keep:
+                yield "lm_head.weight", _rows(tensor, arch, config)
+            else:
+                yield "lm_head.weight", _writable(_dequantize(tensor, arch, config))
+
+
+def _rows(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> GGUFRows:
+    """A 2-D tensor's raw blocks, one row of bytes per output row, in HF's row order."""
+    rows = int(tensor.shape[1])
+    data = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
+    data = _hf_layout(tensor.name, data, arch, config)
+    return GGUFRows(_writable(data), int(tensor.tensor_type), int(tensor.shape[0]))
+
+
+def _writable(array: np.ndarray) -> torch.Tensor:
+    """A tensor of its own (the reader's arrays are read-only views of the mapped file)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
@@ -312,20 +372,26 @@ def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _dequantize(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> np.ndarray:
-    """Float32 in numpy dim order (GGUF lists dims innermost-first), RoPE row order restored."""
+    """Float32 in numpy dim order (GGUF lists dims innermost-first), in HF's layout."""
     weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     weights = weights.reshape([int(d) for d in reversed(tensor.shape)])
     if arch == "gemma3" and tensor.name.endswith("norm.weight"):
         return weights - np.float32(_GEMMA_NORM_SHIFT)
     if tensor.name.endswith(".ffn_gate_inp_shexp.weight"):  # a vector in GGUF, [1, hidden] in HF
         return weights.reshape(1, -1)
-    if arch != "llama":  # llama.cpp only permutes q/k for the llama architecture
-        return weights
-    if ".attn_q." in tensor.name:
-        return _unpermute_rope_rows(weights, config["num_attention_heads"])
-    if ".attn_k." in tensor.name:
-        return _unpermute_rope_rows(weights, config["num_key_value_heads"])
-    return weights
+    return _hf_layout(tensor.name, weights, arch, config)
+
+
+def _hf_layout(name: str, rows: np.ndarray, arch: str, config: dict[str, Any]) -> np.ndarray:
+    """HF's row order for a tensor's rows (float32 weights, or a row's quantized blocks):
+    llama.cpp permutes q/k rows for the llama architecture only."""
+    if arch != "llama":
+        return rows
+    if ".attn_q." in name:
+        return _unpermute_rope_rows(rows, config["num_attention_heads"])
+    if ".attn_k." in name:
+        return _unpermute_rope_rows(rows, config["num_key_value_heads"])
+    return rows
 
 
 def _unpermute_rope_rows(weights: np.ndarray, n_head: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from torch import nn
 from lmserve.forward_context import set_forward_context
 from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.attention import Attention
+from lmserve.layers.gguf_linear import GGUFLinear
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.packed_attention import PackedLayout
@@ -194,7 +195,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; returns the parameters loaded."""
-        tied = self.tie_word_embeddings
+        # tied, the head is filled from the embedding, unless it keeps a GGUF file's blocks
+        # (layers/gguf_linear.py), which come as lm_head.weight
+        tied = self.tie_word_embeddings and isinstance(self.lm_head, Linear)
         loaded = _load_fused(
             self, ((n, t) for n, t in weights if not (tied and n == "lm_head.weight"))
         )
@@ -205,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Refresh the LM head's transposed copy of the embedding (tied models only)."""
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and isinstance(self.lm_head, Linear):
             with torch.no_grad():
                 self.lm_head.weight.copy_(self.model.embed_tokens.weight.t())
 
@@ -268,7 +271,7 @@ def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
         else:
             start, size = 0, tensor.shape[0]
         module = modules.get(module_name)
-        if isinstance(module, Linear):
+        if isinstance(module, (Linear, GGUFLinear)):
             module.load_rows(kind, tensor, start, size)
             loaded.add(f"{module_name}.{kind}")
         elif name in params:

@@ -35,7 +35,9 @@ def load_model(config: ModelConfig, device: torch.device, pooling: bool = False)
             model = cls(config.hf_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    if config.load_format == "dummy":
+    if config.quantization in ("gguf", "gguf_q8"):
+        _load_gguf_blocks(model, config)
+    elif config.load_format == "dummy":
         _init_dummy(model, config.seed)
         model.tie_weights()
     else:
@@ -66,6 +68,27 @@ def _load_safetensors(model: nn.Module, path: Path) -> None:
     missing = {name for name, _ in model.named_parameters()} - loaded
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights: {sorted(missing)[:5]}")
+
+
+def _load_gguf_blocks(model: nn.Module, config: ModelConfig) -> None:
+    """The linear layers from the GGUF file's blocks (layers/gguf_linear.py), everything else
+    dequantized from it: the float32 linear weights the model was built with are swapped out
+    before anything is written to them, so their memory is never touched."""
+    from lmserve.layers.gguf_linear import replace_linears
+    from lmserve.layers.linear import Linear
+    from lmserve.models.gguf import gguf_source, iter_gguf_weights
+
+    source = gguf_source(config.path)
+    if source is None:
+        raise ValueError(f"quantization='gguf' needs a .gguf model; {config.path} is not one")
+    layers = replace_linears(model, Linear, q8_activations=config.quantization == "gguf_q8")
+    tied = bool(getattr(model, "tie_word_embeddings", False))
+    loaded = model.load_weights(iter_gguf_weights(source, config.hf_config, tied))
+    for layer in layers:
+        layer.finish_loading()
+    missing = {name for name, _ in model.named_parameters()} - loaded
+    if missing:
+        raise ValueError(f"{source} lacks weights: {sorted(missing)[:5]}")
 
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

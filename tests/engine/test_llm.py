@@ -272,11 +272,19 @@ def test_int8_chat_answers_paris() -> None:
     [
         (dict(quantization="int4"), "quantization must be one of"),
         (dict(quantization="int8", device="cuda"), "int8.*CPU only"),
+        (dict(quantization="gguf", device="cuda"), "gguf.*CPU only"),
+        (dict(quantization="gguf", dtype="bfloat16"), "gguf.*computes in float32"),
+        (dict(quantization="gguf", load_format="dummy"), "give a .gguf model"),
     ],
 )
 def test_bad_quantization_is_a_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LLM(**kwargs)
+
+
+def test_gguf_quantization_needs_a_gguf_model(tiny_model_dirs) -> None:
+    with pytest.raises(ValueError, match="give a .gguf model"):
+        LLM(str(tiny_model_dirs["llama"]), quantization="gguf")
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

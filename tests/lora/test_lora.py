@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from lmserve import LLM, SamplingParams
+from lmserve.kernels import cpu_ops
 from lmserve.lora.request import LoRARequest
 from tests.engine.test_llm import assert_no_blocks_held, hf_greedy, random_prompts
 
@@ -230,3 +231,27 @@ def test_gpu_adapters_mixed_with_cuda_graphs_match_peft(tiny_model_dirs, adapter
         assert out.outputs[0].token_ids == hf_greedy(model.eval(), prompt, p.max_tokens)
     assert replayed_with_adapter and not any(replayed_with_adapter)
     assert_no_blocks_held(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
+def test_adapter_on_gguf_blocks_matches_the_dequantized_base(smollm2_dir, tmp_path) -> None:
+    """A LoRA adapter beside `-q gguf`'s quantized layers gives the float32 model's tokens with
+    the same adapter (SmolLM2's Q4_1 file, every projection adapted)."""
+    adapter = make_adapter(smollm2_dir, tmp_path / "smollm2", 4, 8, ALL_TARGETS)
+    lora = LoRARequest("smollm2", 1, str(adapter))
+    prompts = random_prompts([5, 23, 40])
+    tokens = {}
+    for quantization in (None, "gguf"):
+        llm = LLM(
+            None,
+            quantization=quantization,
+            enable_lora=True,
+            kv_cache_memory_gb=0.05,
+            max_model_len=512,
+        )
+        tokens[quantization] = (generate(llm, prompts, lora), generate(llm, prompts, None))
+        assert_no_blocks_held(llm)
+        del llm
+    assert tokens["gguf"] == tokens[None]
+    assert tokens[None][0] != tokens[None][1]  # the adapter does something

@@ -1,6 +1,7 @@
 """Gemma-3-270m from its Q4_K_M GGUF, served by `lmserve serve` under its Hub name: greedy
 completions through the official client equal HF transformers loading the same file, for a
-prompt past the 512-token sliding window too."""
+prompt past the 512-token sliding window too, dequantized and with `-q gguf` (its Q8_0 tensors
+kept in their blocks, its Q5_0 / Q4_K / Q6_K ones dequantized beside them)."""
 
 from __future__ import annotations
 
@@ -40,22 +41,31 @@ def _hf_tokens(gemma3_gguf: Path, gemma3_dir: Path) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def served(gemma3_gguf: Path, gemma3_dir: Path) -> Iterator[tuple[Server, list[list[int]]]]:
-    """The server, and HF's tokens computed while it loads (HF reads the GGUF's 262k-token
-    vocabulary twice: half a minute)."""
-    server = launch_server(GEMMA3_MODEL, "--max-model-len", "2048", "--kv-cache-memory-gb", "0.2")
+def served(
+    gemma3_gguf: Path, gemma3_dir: Path
+) -> Iterator[tuple[dict[str, Server], list[list[int]]]]:
+    """The servers (float32, -q gguf), and HF's tokens computed while they load (HF reads the
+    GGUF's 262k-token vocabulary twice: half a minute)."""
+    args = ("--max-model-len", "2048", "--kv-cache-memory-gb", "0.2")
+    servers = {
+        "float32": launch_server(GEMMA3_MODEL, *args),
+        "gguf": launch_server(GEMMA3_MODEL, *args, "-q", "gguf"),
+    }
     try:
         tokens = _hf_tokens(gemma3_gguf, gemma3_dir)
-        yield wait_until_healthy(server), tokens
+        yield {k: wait_until_healthy(s) for k, s in servers.items()}, tokens
     finally:
-        stop_server(server)
+        for server in servers.values():
+            stop_server(server)
 
 
-def test_served_completions_equal_hf_on_the_same_gguf(served, gemma3_dir) -> None:
+@pytest.mark.parametrize("weights", ["float32", "gguf"])
+def test_served_completions_equal_hf_on_the_same_gguf(served, gemma3_dir, weights: str) -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    server, hf_tokens = served
+    servers, hf_tokens = served
+    server = servers[weights]
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [GEMMA3_MODEL]

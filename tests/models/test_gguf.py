@@ -16,7 +16,24 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from lmserve.models.gguf import _llama3_rope_scaling, bundled_smollm2_gguf, gguf_to_hf_dir
+from lmserve import LLM, SamplingParams
+from lmserve.kernels import cpu_ops
+from lmserve.layers.gguf_linear import GGUFLinear, GGUFRows
+from lmserve.models.gguf import (
+    _llama3_rope_scaling,
+    bundled_smollm2_gguf,
+    gguf_source,
+    gguf_to_hf_dir,
+    iter_gguf_weights,
+)
+from tests.engine.test_llm import (
+    NUM_NEW,
+    SCENARIOS,
+    PreemptionCounter,
+    assert_no_blocks_held,
+    random_prompts,
+    run_greedy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +166,105 @@ def test_second_call_reuses_cache(gguf_file: Path, cache_root: Path, converted: 
     assert again == converted
     assert weights.stat().st_mtime_ns == mtime
     assert list(cache_root.iterdir()) == [converted]  # no temp dirs left behind
+
+
+def test_the_converted_dir_names_its_source(gguf_file: Path, converted: Path) -> None:
+    assert gguf_source(converted) == gguf_file.resolve()
+    assert gguf_source(converted.parent) is None
+
+
+needs_kernels = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
+
+
+@needs_kernels
+def test_blocks_kept_quantized_are_the_converted_weights(gguf_file: Path, converted: Path) -> None:
+    """Every tensor `quantization="gguf"` loads equals the converted checkpoint's bitwise: the
+    Q4_1 linears' blocks once dequantized (q/k rows in HF's order), and the tied head is the
+    Q8_0 embedding's blocks."""
+    ours = load_file(converted / "model.safetensors")
+    config = json.loads((converted / "config.json").read_text())
+    kept = set()
+    for name, tensor in iter_gguf_weights(gguf_file, config, tied_head=True):
+        expected = ours["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+        if isinstance(tensor, GGUFRows):
+            kept.add(name)
+            tensor = cpu_ops.gguf_dequantize(tensor.data, tensor.qtype, tensor.in_features)
+        np.testing.assert_array_equal(tensor.numpy(), expected, err_msg=name)
+    linears = {n for n in ours if n.endswith("_proj.weight")}
+    assert kept == linears | {"lm_head.weight"}
+
+
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "List three colors: red,",
+    "Once upon a time, in a small village,",
+    "<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n",
+    "Translate to French: good morning",
+    "import numpy as np\nx = np.arange(10)\nprint(x",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+]
+
+
+@needs_kernels
+def test_blocks_kept_quantized_generate_the_dequantized_models_tokens(
+    gguf_file: Path, cache_root: Path
+) -> None:
+    """SmolLM2's Q4_1 file, weight-only: the float32 model's greedy tokens, the prompts
+    batched (prefill through the dequantized GEMM, decode through the block kernel)."""
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    kwargs = dict(kv_cache_memory_gb=0.1, max_model_len=1024, cache_dir=str(cache_root))
+    tokens = {}
+    for quantization in (None, "gguf"):
+        llm = LLM(str(gguf_file), quantization=quantization, **kwargs)
+        outputs = llm.generate(GREEDY_PROMPTS, params, use_tqdm=False)
+        tokens[quantization] = [o.outputs[0].token_ids for o in outputs]
+        del llm
+    assert tokens["gguf"] == tokens[None]
+
+
+PARAGRAPH = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It "
+    "is named after the engineer Gustave Eiffel, whose company designed and built the tower from "
+    "1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the centerpiece of the "
+    "1889 World's Fair, and to crown the centennial anniversary of the French Revolution."
+)
+
+
+def _nll(llm: LLM) -> float:
+    """Mean negative log-likelihood of PARAGRAPH's tokens (teacher-forced, prompt logprobs)."""
+    out = llm.generate([PARAGRAPH], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    ids, logprobs = out[0].prompt_token_ids[1:], out[0].prompt_logprobs[1:]
+    return -sum(lp[t].logprob for t, lp in zip(ids, logprobs, strict=True)) / len(ids)
+
+
+@needs_kernels
+def test_q8_activations_stay_near_the_float32_model(gguf_file: Path, cache_root: Path) -> None:
+    """gguf_q8 is llama.cpp's arithmetic, not float32's: its layers hold the file's blocks, its
+    likelihood of a paragraph stays within 0.02 nats a token of the float32 model's (measured:
+    2.049 against 2.046; int8 2.103), and batching with chunked prefill and preemption leaks no
+    blocks. (Its greedy tokens may change with batching, as llama.cpp's do: rounding activations
+    to int8 magnifies the float32 differences between attention paths; each layer's rows are
+    independent, tests/layers/test_gguf_linear.py.)"""
+    kwargs = dict(cache_dir=str(cache_root), kv_cache_memory_gb=0.05, max_model_len=512)
+    reference = _nll(LLM(str(gguf_file), **kwargs))
+    llm = LLM(str(gguf_file), quantization="gguf_q8", **kwargs)
+    model = llm.engine_core.runner.model
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, GGUFLinear)
+    assert abs(_nll(llm) - reference) < 0.02
+    del llm
+    llm = LLM(
+        str(gguf_file),
+        quantization="gguf_q8",
+        cache_dir=str(cache_root),
+        **SCENARIOS["preemption_chunked"],
+    )
+    hook = PreemptionCounter(llm)
+    llm.step_hook = hook
+    outputs = run_greedy(llm, random_prompts([5, 17, 33, 64, 3, 1]))
+    assert [len(o) for o in outputs] == [NUM_NEW] * 6
+    assert hook.preempted
+    assert_no_blocks_held(llm)
 
 
 def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
