@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from lmserve.forward_context import get_attn_metadata
+from lmserve.layers.direct_call import DirectCall
 from lmserve.layers.packed_attention import PackedLayout, packed_attention
 
 
-class Attention(nn.Module):
+class Attention(DirectCall, nn.Module):
     def __init__(
         self,
         num_heads: int,

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmserve.kernels import cpu_ops
+from lmserve.layers.direct_call import DirectCall
 
 # Rows from which dequantizing a part and one float32 GEMM beat the register kernel (measured,
 # SmolLM2's Q4_1 576 x 1536 MLP on a 2-core EPYC: 310 vs 400 us at 16 rows, 610 vs 550 at 32)
@@ -54,7 +55,7 @@ class _Part:
     qtype: int | None  # None: float32 weights [in, size]
 
 
-class GGUFLinear(nn.Module):
+class GGUFLinear(DirectCall, nn.Module):
     """Our Linear's interface (in, out, load_rows) over GGUF parts; float32 in and out."""
 
     def __init__(

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from lmserve.kernels import cpu_ops
+from lmserve.layers.direct_call import DirectCall
 from lmserve.layers.linear import Linear
 from lmserve.layers.moe import ExpertGroups, FusedMoE, each_expert, run_grouped
 
 _QMAX = 127.0
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(DirectCall, nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """`weight` is HF's [out, in] in floating point; it is quantized here."""
         super().__init__()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmserve.layers.direct_call import DirectCall
 
-class Linear(nn.Module):
+
+class Linear(DirectCall, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels import cpu_ops, cuda_ops
+from lmserve.layers.direct_call import DirectCall
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(DirectCall, nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))

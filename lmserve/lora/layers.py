@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmserve.forward_context import get_lora_mapping
+from lmserve.layers.direct_call import DirectCall
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class LoRAMapping:
     groups: tuple[tuple[int, torch.Tensor | None], ...]
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(DirectCall, nn.Module):
     def __init__(
         self, base: nn.Module, in_features: int, part_sizes: list[int], slots: int, rank: int
     ) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from lmserve.layers.activation import activation
 from lmserve.layers.attention import Attention
+from lmserve.layers.direct_call import DirectCall
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import GemmaRMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
@@ -53,7 +54,7 @@ def rope_params(cfg: dict[str, Any], kind: str) -> tuple[float, dict[str, Any] |
     return theta, scaling or None
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(DirectCall, nn.Module):
     def __init__(self, cfg: dict[str, Any], kind: str) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
@@ -94,7 +95,7 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 
-class GemmaMLP(nn.Module):
+class GemmaMLP(DirectCall, nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.intermediate_size = cfg["intermediate_size"]
@@ -108,7 +109,7 @@ class GemmaMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class GemmaDecoderLayer(nn.Module):
+class GemmaDecoderLayer(DirectCall, nn.Module):
     def __init__(self, cfg: dict[str, Any], kind: str) -> None:
         super().__init__()
         hidden, eps = cfg["hidden_size"], cfg["rms_norm_eps"]

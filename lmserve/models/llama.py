@@ -18,6 +18,7 @@ from torch import nn
 from lmserve.forward_context import set_forward_context
 from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.attention import Attention
+from lmserve.layers.direct_call import DirectCall
 from lmserve.layers.gguf_linear import GGUFLinear
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
@@ -35,7 +36,7 @@ _FUSED = {
 }
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(DirectCall, nn.Module):
     def __init__(self, cfg: dict[str, Any], window: int | None = None) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
@@ -80,7 +81,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(DirectCall, nn.Module):
     def __init__(self, cfg: dict[str, Any], intermediate_size: int | None = None) -> None:
         super().__init__()
         bias = bool(cfg.get("mlp_bias", False))
@@ -92,7 +93,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DirectCall, nn.Module):
     def __init__(
         self, cfg: dict[str, Any], window: int | None = None, mlp: nn.Module | None = None
     ) -> None:
