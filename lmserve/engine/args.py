@@ -165,7 +165,7 @@ def create_engine_config(
         )
     hf_config = _with_longrope_choice(hf_config, max_model_len)
     if quantization in ("gguf", "gguf_q8"):
-        _check_gguf_blocks(path, dtype, load_format, runner)
+        _check_gguf_blocks(quantization, path, dtype, load_format, runner)
     model_config = ModelConfig(
         model=model or DEFAULT_MODEL,
         path=path,
@@ -352,27 +352,28 @@ def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
     return dict(_json_object(value, "hf_overrides", '{"num_hidden_layers": 4}') or {})
 
 
-def _check_gguf_blocks(path: Path, dtype: str, load_format: str, runner: str) -> None:
-    """quantization='gguf' reads a GGUF file's blocks into float32 kernels: say up front what
-    else it needs."""
+def _check_gguf_blocks(
+    quantization: str, path: Path, dtype: str, load_format: str, runner: str
+) -> None:
+    """quantization='gguf' / 'gguf_q8' read a GGUF file's blocks into float32 CPU kernels: say
+    up front what else they need."""
     from lmserve.kernels import cpu_ops
     from lmserve.models.gguf import gguf_source
 
+    name = f"quantization={quantization!r}"
     if gguf_source(path) is None or load_format == "dummy":
         raise ValueError(
-            "quantization='gguf' keeps a .gguf file's weights quantized: give a .gguf model "
-            "(and real weights, not load_format='dummy'), or use quantization='int8'"
+            f"{name} keeps a .gguf file's weights quantized: give a .gguf model (and real "
+            "weights, not load_format='dummy'), or use quantization='int8'"
         )
     if dtype not in ("auto", "float32"):
-        raise ValueError(
-            f"quantization='gguf' computes in float32; leave dtype auto, not {dtype!r}"
-        )
+        raise ValueError(f"{name} computes in float32; leave dtype auto, not {dtype!r}")
     if runner != "generate":
-        raise ValueError("quantization='gguf' serves generative models only; leave it unset")
+        raise ValueError(f"{name} serves generative models only; leave it unset")
     if not cpu_ops.available():
         raise ValueError(
-            "quantization='gguf' needs lmserve's C++ CPU kernels, which did not build here "
-            "(see the warning above: install g++), or use quantization='int8'"
+            f"{name} needs lmserve's C++ CPU kernels, which did not build here (see the "
+            "warning above: install g++), or use quantization='int8'"
         )
 
 
