@@ -35,7 +35,7 @@ class ModelConfig:
     seed: int = 0
     max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for
     # "int8": dynamic W8A8 linears (CPU), quantized at load; "gguf" / "gguf_q8": a GGUF file's
-    # linear weights kept in their blocks (layers/gguf_linear.py)
+    # linear weights kept in their blocks (layers/gguf_layers.py)
     quantization: str | None = None
     enable_prompt_embeds: bool = False  # prompts may come as embeddings instead of token ids
     # most items of each modality in one prompt ({"image": 4}); DEFAULT_MM_LIMIT where unset

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from torch import nn
 
 from lmserve.config import LoRAConfig, ModelConfig
-from lmserve.layers.gguf_linear import GGUFLinear
+from lmserve.layers.gguf_layers import GGUFLinear
 from lmserve.layers.int8_linear import Int8Linear
 from lmserve.layers.linear import Linear
 from lmserve.lora.adapter import Adapter, load_adapter, read_adapter_config

@@ -18,6 +18,7 @@ from torch import nn
 from lmserve.layers.activation import activation
 from lmserve.layers.attention import Attention
 from lmserve.layers.direct_call import DirectCall
+from lmserve.layers.embedding import uninitialized_embedding
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import GemmaRMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
@@ -143,7 +144,7 @@ class GemmaModel(nn.Module):
                 "does not run Gemma yet"
             )
         hidden = cfg["hidden_size"]
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], hidden)
+        self.embed_tokens = uninitialized_embedding(cfg["vocab_size"], hidden)
         self.embed_scale = hidden**0.5  # rounded to the activation dtype, as HF does
         self.layer_types = layer_types(cfg)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, kind) for kind in self.layer_types)

@@ -25,7 +25,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from lmserve.layers.gguf_linear import GGUFRows, kept_quantized
+from lmserve.layers.gguf_layers import GGUFRows, kept_quantized
 from lmserve.models.conversion_cache import convert_once
 
 logger = logging.getLogger(__name__)
@@ -154,10 +154,10 @@ def gguf_source(model_dir: Path) -> Path | None:
 def iter_gguf_weights(
     path: Path, config: dict[str, Any], tied_head: bool
 ) -> Iterator[tuple[str, torch.Tensor | GGUFRows]]:
-    """The file's tensors by HF name, as `_convert` lays them out, except that the linear
-    layers' weights in a type the kernels read stay in their blocks (GGUFRows); with
-    `tied_head`, the embedding's blocks once more as `lm_head.weight`. One tensor at a time,
-    so only the model's own copy of each is held."""
+    """The file's tensors by HF name, as `_convert` lays them out, except that matrices (the
+    linear layers' and the embedding's) in a type the kernels read stay in their blocks
+    (GGUFRows); with `tied_head`, the embedding's once more as `lm_head.weight`. One tensor at
+    a time, so only the model's own copy of each is held."""
     reader = GGUFReader(path)
     arch = _meta(reader, "general.architecture")
     if arch not in _HF_ARCHITECTURES or _meta(reader, f"{arch}.expert_count"):
@@ -170,17 +170,13 @@ def iter_gguf_weights(
         if tensor.name == _ROPE_FREQS:
             continue
         name = _hf_name(tensor.name, arch)
-        linear = len(tensor.shape) == 2 and name != "model.embed_tokens.weight"
-        keep = kept_quantized(int(tensor.tensor_type))
-        if linear and keep:
-            yield name, _rows(tensor, arch, config)
+        if len(tensor.shape) == 2 and kept_quantized(int(tensor.tensor_type)):
+            weights: torch.Tensor | GGUFRows = _rows(tensor, arch, config)
         else:
-            yield name, _writable(_dequantize(tensor, arch, config))
+            weights = _writable(_dequantize(tensor, arch, config))
+        yield name, weights
         if tied_head and name == "model.embed_tokens.weight":
-            if keep:
-                yield "lm_head.weight", _rows(tensor, arch, config)
-            else:
-                yield "lm_head.weight", _writable(_dequantize(tensor, arch, config))
+            yield "lm_head.weight", weights  # the same blocks, not a copy
 
 
 def _rows(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> GGUFRows:

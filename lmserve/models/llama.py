@@ -19,7 +19,8 @@ from lmserve.forward_context import set_forward_context
 from lmserve.layers.activation import silu_and_mul
 from lmserve.layers.attention import Attention
 from lmserve.layers.direct_call import DirectCall
-from lmserve.layers.gguf_linear import GGUFLinear
+from lmserve.layers.embedding import uninitialized_embedding
+from lmserve.layers.gguf_layers import GGUFEmbedding, GGUFLinear
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.packed_attention import PackedLayout
@@ -122,7 +123,7 @@ class LlamaModel(nn.Module):
     ) -> None:
         """`mlp(i)`: layer i's MLP where it is not LlamaMLP (a mixture of experts), else None."""
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.embed_tokens = uninitialized_embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, window, mlp(i) if mlp else None)
             for i, window in enumerate(sliding_windows(cfg))
@@ -197,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; returns the parameters loaded."""
         # tied, the head is filled from the embedding, unless it keeps a GGUF file's blocks
-        # (layers/gguf_linear.py), which come as lm_head.weight
+        # (layers/gguf_layers.py), which come as lm_head.weight
         tied = self.tie_word_embeddings and isinstance(self.lm_head, Linear)
         loaded = _load_fused(
             self, ((n, t) for n, t in weights if not (tied and n == "lm_head.weight"))
@@ -272,7 +273,7 @@ def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
         else:
             start, size = 0, tensor.shape[0]
         module = modules.get(module_name)
-        if isinstance(module, (Linear, GGUFLinear)):
+        if isinstance(module, (Linear, GGUFLinear, GGUFEmbedding)):
             module.load_rows(kind, tensor, start, size)
             loaded.add(f"{module_name}.{kind}")
         elif name in params:

@@ -71,10 +71,11 @@ def _load_safetensors(model: nn.Module, path: Path) -> None:
 
 
 def _load_gguf_blocks(model: nn.Module, config: ModelConfig) -> None:
-    """The linear layers from the GGUF file's blocks (layers/gguf_linear.py), everything else
-    dequantized from it: the float32 linear weights the model was built with are swapped out
-    before anything is written to them, so their memory is never touched."""
-    from lmserve.layers.gguf_linear import replace_linears
+    """The linear layers and the token embedding from the GGUF file's blocks
+    (layers/gguf_layers.py), everything else dequantized from it: the float32 weights the model
+    was built with are swapped out before anything is written to them, so their memory is never
+    touched."""
+    from lmserve.layers.gguf_layers import replace_embeddings, replace_linears
     from lmserve.layers.linear import Linear
     from lmserve.models.gguf import gguf_source, iter_gguf_weights
 
@@ -82,6 +83,7 @@ def _load_gguf_blocks(model: nn.Module, config: ModelConfig) -> None:
     if source is None:
         raise ValueError(f"quantization='gguf' needs a .gguf model; {config.path} is not one")
     layers = replace_linears(model, Linear, q8_activations=config.quantization == "gguf_q8")
+    replace_embeddings(model)
     tied = bool(getattr(model, "tie_word_embeddings", False))
     loaded = model.load_weights(iter_gguf_weights(source, config.hf_config, tied))
     for layer in layers:

@@ -18,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lmserve import LLM, SamplingParams
 from lmserve.kernels import cpu_ops
-from lmserve.layers.gguf_linear import GGUFLinear, GGUFRows
+from lmserve.layers.gguf_layers import GGUFLinear, GGUFRows
 from lmserve.models.gguf import (
     _llama3_rope_scaling,
     bundled_smollm2_gguf,
@@ -179,8 +179,8 @@ needs_kernels = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compi
 @needs_kernels
 def test_blocks_kept_quantized_are_the_converted_weights(gguf_file: Path, converted: Path) -> None:
     """Every tensor `quantization="gguf"` loads equals the converted checkpoint's bitwise: the
-    Q4_1 linears' blocks once dequantized (q/k rows in HF's order), and the tied head is the
-    Q8_0 embedding's blocks."""
+    Q4_1 linears' blocks once dequantized (q/k rows in HF's order), the Q8_0 embedding's, and
+    the tied head is the embedding's blocks."""
     ours = load_file(converted / "model.safetensors")
     config = json.loads((converted / "config.json").read_text())
     kept = set()
@@ -191,7 +191,7 @@ def test_blocks_kept_quantized_are_the_converted_weights(gguf_file: Path, conver
             tensor = cpu_ops.gguf_dequantize(tensor.data, tensor.qtype, tensor.in_features)
         np.testing.assert_array_equal(tensor.numpy(), expected, err_msg=name)
     linears = {n for n in ours if n.endswith("_proj.weight")}
-    assert kept == linears | {"lm_head.weight"}
+    assert kept == linears | {"lm_head.weight", "model.embed_tokens.weight"}
 
 
 GREEDY_PROMPTS = [
@@ -245,7 +245,7 @@ def test_q8_activations_stay_near_the_float32_model(gguf_file: Path, cache_root:
     2.049 against 2.046; int8 2.103), and batching with chunked prefill and preemption leaks no
     blocks. (Its greedy tokens may change with batching, as llama.cpp's do: rounding activations
     to int8 magnifies the float32 differences between attention paths; each layer's rows are
-    independent, tests/layers/test_gguf_linear.py.)"""
+    independent, tests/layers/test_gguf_layers.py.)"""
     kwargs = dict(cache_dir=str(cache_root), kv_cache_memory_gb=0.05, max_model_len=512)
     reference = _nll(LLM(str(gguf_file), **kwargs))
     llm = LLM(str(gguf_file), quantization="gguf_q8", **kwargs)

@@ -838,7 +838,7 @@ void gguf_row_dots(int64_t type, const uint8_t* w_row, int64_t block_bytes, cons
 // threads split the weight rows, each block is dequantized in registers (as gguf-py does, in
 // float32) and multiplied into up to four activation rows at a time, so the quantized bytes are
 // read once per four rows. For the few rows of a decode step; a prefill's many rows are faster
-// through a dequantized GEMM (layers/gguf_linear.py picks).
+// through a dequantized GEMM (layers/gguf_layers.py picks).
 void gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out,
                  int64_t col) {
   const int64_t block_bytes = gguf_block_bytes(type);

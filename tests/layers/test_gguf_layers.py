@@ -1,4 +1,5 @@
-"""GGUFLinear: a fused layer's parts in GGUF blocks or float32, against the dequantized product."""
+"""GGUFLinear (a fused layer's parts in GGUF blocks or float32) against the dequantized product,
+and GGUFEmbedding against the dequantized table."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import pytest
 import torch
 
 from lmserve.kernels import cpu_ops
-from lmserve.layers.gguf_linear import GGUFLinear, GGUFRows, kept_quantized, replace_linears
+from lmserve.layers.gguf_layers import (
+    GGUFEmbedding,
+    GGUFLinear,
+    GGUFRows,
+    kept_quantized,
+    replace_embeddings,
+    replace_linears,
+)
 from lmserve.layers.linear import Linear
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
@@ -97,3 +105,32 @@ def test_replace_linears_swaps_every_linear_for_an_empty_twin() -> None:
     assert layers == [model[0], model[2]]
     assert (model[0].in_features, model[0].out_features, model[0].bias.shape) == (8, 4, (4,))
     assert model[2].bias is None
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, None], ids=["Q8_0", "Q4_0", "float32"])
+def test_embedding_lookups_are_the_dequantized_rows(qtype) -> None:
+    """Rows looked up in any shape (a batch's ids, repeats) are the table's rows exactly."""
+    if qtype is None:
+        dense = torch.randn(50, 64)
+        table: torch.Tensor | GGUFRows = dense
+    else:
+        table, dense = _rows(qtype, 50, 64, 7)
+    embedding = GGUFEmbedding(50, 64)
+    embedding.load_rows("weight", table, 0, 50)
+    ids = torch.tensor([[3, 49, 3], [0, 17, 8]])
+    assert torch.equal(embedding(ids), dense[ids])
+
+
+def test_an_embedding_loads_whole() -> None:
+    embedding = GGUFEmbedding(50, 64)
+    with pytest.raises(ValueError, match="loads whole"):
+        embedding.load_rows("weight", torch.randn(10, 64), 0, 10)
+    with pytest.raises(ValueError, match="shape"):
+        embedding.load_rows("weight", torch.randn(50, 32), 0, 50)
+
+
+def test_replace_embeddings_swaps_every_table() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), Linear(4, 2))
+    replace_embeddings(model)
+    assert isinstance(model[0], GGUFEmbedding) and isinstance(model[1], Linear)
+    assert (model[0].num_embeddings, model[0].embedding_dim) == (10, 4)
