@@ -170,11 +170,11 @@ def test_autoscaling_up_under_a_burst_and_back_when_idle(app_url: str, tiny_mode
                         "model_source": str(tiny_model_dirs["llama"]),
                     },
                     "engine_kwargs": SMALL_ENGINE,
-                    # few requests per replica, so the burst queues and lasts while a second
-                    # replica loads its engine
+                    # two requests per replica, so the burst queues and lasts while a second
+                    # replica loads its engine (with 4 a burst on the tiny model could end first)
                     "deployment_config": {
                         "autoscaling_config": scaling,
-                        "max_ongoing_requests": 4,
+                        "max_ongoing_requests": 2,
                         **HALF_CPU,
                     },
                 }
