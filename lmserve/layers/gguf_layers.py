@@ -178,9 +178,7 @@ def replace_embeddings(model: nn.Module) -> None:
     """Swap every nn.Embedding in `model` for an empty GGUFEmbedding, before loading."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Embedding):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, GGUFEmbedding(module.num_embeddings, module.embedding_dim))
+            model.set_submodule(name, GGUFEmbedding(module.num_embeddings, module.embedding_dim))
 
 
 def replace_linears(
@@ -191,9 +189,7 @@ def replace_linears(
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, linear_type)]
     layers = []
     for name, module in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layer = GGUFLinear.like(module, q8_activations)
-        setattr(parent, leaf, layer)
+        model.set_submodule(name, layer)
         layers.append(layer)
     return layers

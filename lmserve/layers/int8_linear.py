@@ -134,10 +134,8 @@ def quantize_linears(model: nn.Module) -> int:
         if isinstance(module, (Linear, nn.Linear, FusedMoE))
     ]
     for name, module in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, FusedMoE):
-            setattr(parent, leaf, Int8FusedMoE(module))
+            model.set_submodule(name, Int8FusedMoE(module))
         else:
-            setattr(parent, leaf, Int8Linear.from_linear(module))
+            model.set_submodule(name, Int8Linear.from_linear(module))
     return len(targets)

@@ -64,10 +64,14 @@ def _load_safetensors(model: nn.Module, path: Path) -> None:
         raise FileNotFoundError(
             f"no *.safetensors weights in {path}; use load_format='dummy' for random weights"
         )
-    loaded = model.load_weights(_iter_tensors(files))
+    _check_complete(model, model.load_weights(_iter_tensors(files)), f"checkpoint in {path}")
+
+
+def _check_complete(model: nn.Module, loaded: set[str], source: str) -> None:
+    """Every parameter of `model` was loaded, or an error naming the first missing ones."""
     missing = {name for name, _ in model.named_parameters()} - loaded
     if missing:
-        raise ValueError(f"checkpoint in {path} lacks weights: {sorted(missing)[:5]}")
+        raise ValueError(f"{source} lacks weights: {sorted(missing)[:5]}")
 
 
 def _load_gguf_blocks(model: nn.Module, config: ModelConfig) -> None:
@@ -88,9 +92,7 @@ def _load_gguf_blocks(model: nn.Module, config: ModelConfig) -> None:
     loaded = model.load_weights(iter_gguf_weights(source, config.hf_config, tied))
     for layer in layers:
         layer.finish_loading()
-    missing = {name for name, _ in model.named_parameters()} - loaded
-    if missing:
-        raise ValueError(f"{source} lacks weights: {sorted(missing)[:5]}")
+    _check_complete(model, loaded, str(source))
 
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
