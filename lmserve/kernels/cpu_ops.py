@@ -200,14 +200,24 @@ def grouped_matmul_int8(
     return torch.ops.lmserve_cpu.grouped_matmul_int8(x_q, x_scale, w, w_scale, offsets, bias)
 
 
-# GGUF block types the kernels keep quantized, by ggml id: Q4_0, Q4_1, Q8_0
-GGUF_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+# GGUF block types the kernels keep quantized, by ggml id
+GGUF_TYPES = {
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+}
 
 
 def gguf_matmul(x: torch.Tensor, w: torch.Tensor, qtype: int, out: torch.Tensor, col: int) -> None:
-    """float32 x [rows, K] times a GGUF-quantized weight w [N, K / 32 blocks] (its raw bytes,
-    uint8) into out[:, col : col + N] (out: contiguous float32 [rows, >= col + N]), the blocks
-    dequantized in registers as gguf-py's dequantize does."""
+    """float32 x [rows, K] times a GGUF-quantized weight w [N, row bytes] (each row's raw
+    blocks, uint8: 32 weights a block, 256 for the K-quants) into out[:, col : col + N] (out:
+    contiguous float32 [rows, >= col + N]), the blocks dequantized in registers as gguf-py's
+    dequantize does."""
     torch.ops.lmserve_cpu.gguf_matmul(x, w, qtype, out, col)
 
 
@@ -220,7 +230,7 @@ def gguf_matmul_q8(
 
 
 def gguf_dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """GGUF-quantized rows w [N, K / 32 blocks] (uint8) -> float32 [N, K]."""
+    """GGUF-quantized rows w [N, row bytes] (uint8) -> float32 [N, K]."""
     return torch.ops.lmserve_cpu.gguf_dequantize(w, qtype, k)
 
 

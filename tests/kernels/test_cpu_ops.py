@@ -181,17 +181,40 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path) -> None:
     assert clear_stale_lock(tmp_path) and not lock.exists()
 
 
-GGUF_TYPES = [
-    gguf.GGMLQuantizationType.Q4_0,
-    gguf.GGMLQuantizationType.Q4_1,
-    gguf.GGMLQuantizationType.Q8_0,
-]
+GGUF_TYPES = [gguf.GGMLQuantizationType[name] for name in cpu_ops.GGUF_TYPES.values()]
+_K_QUANTS = {
+    gguf.GGMLQuantizationType.Q4_K: (0, 2),  # where their half scales sit in a super-block
+    gguf.GGMLQuantizationType.Q5_K: (0, 2),
+    gguf.GGMLQuantizationType.Q6_K: (208,),
+}
+
+
+def _assert_sum_close(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    """out is x @ dense.T summed in another order: within float32's rounding of the sum of
+    absolute products (a result near zero from large terms is not relatively close)."""
+    bound = 1e-5 * (x.abs() @ dense.abs().t()) + 1e-6
+    assert ((out - x @ dense.t()).abs() <= bound).all()
+
+
+def _depth(qtype) -> int:
+    """A K (inputs) of a few blocks: 5 of 32, or 2 super-blocks of 256 for the K-quants."""
+    return 512 if qtype in _K_QUANTS else 160
 
 
 def _gguf_weight(qtype, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """gguf-py's blocks of a random [n, k] weight, and its own dequantization of them."""
+    """Blocks of a random [n, k] weight (gguf-py's quantization, or for the K-quants, which
+    gguf-py only dequantizes, random bytes under sane half scales), and gguf-py's own
+    dequantization of them."""
     rng = np.random.default_rng(seed)
-    blocks = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    if qtype in _K_QUANTS:
+        block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = rng.integers(0, 256, (n, k // block_size, block_bytes), dtype=np.uint8)
+        for at in _K_QUANTS[qtype]:
+            scales = rng.uniform(0.002, 0.02, (n, k // block_size)).astype(np.float16)
+            blocks[..., at : at + 2] = scales[..., None].view(np.uint8)
+        blocks = blocks.reshape(n, -1)
+    else:
+        blocks = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
     dense = gguf.quants.dequantize(blocks, qtype).astype(np.float32)
     return torch.from_numpy(blocks), torch.from_numpy(dense)
 
@@ -199,48 +222,38 @@ def _gguf_weight(qtype, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.
 @needs_kernels
 @pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
 def test_gguf_dequantize_is_bit_exact_to_gguf_py(qtype) -> None:
-    blocks, dense = _gguf_weight(qtype, 37, 160, seed=int(qtype))
-    assert torch.equal(cpu_ops.gguf_dequantize(blocks, int(qtype), 160), dense)
+    k = _depth(qtype)
+    blocks, dense = _gguf_weight(qtype, 37, k, seed=int(qtype))
+    assert torch.equal(cpu_ops.gguf_dequantize(blocks, int(qtype), k), dense)
 
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
 def test_gguf_matmul_equals_the_dequantized_product(qtype, rows: int) -> None:
-    """Odd shapes (37 outputs, 5 blocks deep), every register-tile remainder, written into
+    """Odd shapes (37 outputs, a few blocks deep), every register-tile remainder, written into
     columns 3.. of a wider output whose other columns stay untouched."""
-    blocks, dense = _gguf_weight(qtype, 37, 160, seed=rows)
-    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    k = _depth(qtype)
+    blocks, dense = _gguf_weight(qtype, 37, k, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     out = torch.full((rows, 45), 7.0)
     cpu_ops.gguf_matmul(x, blocks, int(qtype), out, 3)
-    torch.testing.assert_close(out[:, 3:40], x @ dense.t(), rtol=1e-5, atol=1e-5)
+    _assert_sum_close(out[:, 3:40], x, dense)
     assert (out[:, :3] == 7.0).all() and (out[:, 40:] == 7.0).all()
 
 
-def _q8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype) -> torch.Tensor:
-    """llama.cpp's product with q8 activations, in numpy: x per 32-value block to int8 (d =
-    amax / 127, round half to even), exact integer dots with the weights' integers, scaled by
-    both d's; Q4_1's m times the block's d * sum(q), Q4_0's nibbles stored +8."""
+def _q8_reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's product with q8 activations, in float64: x per 32-value block to int8 (d =
+    amax / 127, round half to even) and back, times the weights as gguf-py dequantizes them.
+    (The kernel's exact integer dots, scaled by both d's, plus the offsets through the
+    activation blocks' sums, are the same sum in another order.)"""
     rows, k = x.shape
     xb = x.numpy().reshape(rows, k // 32, 32)
     d = np.abs(xb).max(axis=2) / np.float32(127)
     inverse = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
-    q = np.rint(xb * inverse[..., None]).astype(np.int64)
-    raw = blocks.numpy().reshape(blocks.shape[0], k // 32, -1)
-    scale = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if qtype == gguf.GGMLQuantizationType.Q8_0:
-        w = raw[..., 2:].view(np.int8).astype(np.int64)
-    else:
-        nib = raw[..., 2:] if qtype == gguf.GGMLQuantizationType.Q4_0 else raw[..., 4:]
-        w = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.int64)
-        if qtype == gguf.GGMLQuantizationType.Q4_0:
-            w = w - 8
-    dots = np.einsum("rbj,nbj->rnb", q, w).astype(np.float64)
-    out = (dots * (scale[None] * d[:, None, :]).astype(np.float64)).sum(axis=2)
-    if qtype == gguf.GGMLQuantizationType.Q4_1:
-        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-        out += (m[None] * (d * q.sum(axis=2))[:, None, :]).sum(axis=2)
-    return torch.from_numpy(out.astype(np.float32))
+    q = np.rint(xb * inverse[..., None])
+    x8 = (q * d[..., None].astype(np.float64)).reshape(rows, k)
+    return torch.from_numpy((x8 @ dense.numpy().astype(np.float64).T).astype(np.float32))
 
 
 @needs_kernels
@@ -249,12 +262,13 @@ def _q8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype) -> torch.Tensor:
 def test_gguf_matmul_q8_is_llama_cpps_product(qtype, rows: int) -> None:
     """q8 activations: the integer-dot product llama.cpp computes (not the float32 one, which
     it stays near), for every pass width (8 rows a pass, then the rest)."""
-    blocks, dense = _gguf_weight(qtype, 37, 160, seed=rows)
-    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    k = _depth(qtype)
+    blocks, dense = _gguf_weight(qtype, 37, k, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0.0  # an all-zero block: scale 0, no division by it
     out = torch.full((rows, 40), 7.0)
     cpu_ops.gguf_matmul_q8(x, blocks, int(qtype), out, 2)
-    torch.testing.assert_close(out[:, 2:39], _q8_reference(x, blocks, qtype), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out[:, 2:39], _q8_reference(x, dense), rtol=1e-5, atol=1e-4)
     assert (out[:, :2] == 7.0).all() and (out[:, 39:] == 7.0).all()
     exact = x @ dense.t()
     assert ((out[:, 2:39] - exact).norm() / exact.norm()).item() < 0.02
@@ -264,9 +278,11 @@ def test_gguf_matmul_q8_is_llama_cpps_product(qtype, rows: int) -> None:
 def test_gguf_matmul_rejects_what_it_cannot_read() -> None:
     blocks, _ = _gguf_weight(GGUF_TYPES[0], 8, 64, seed=0)
     with pytest.raises(RuntimeError, match="unsupported GGUF type"):
-        cpu_ops.gguf_matmul(torch.randn(1, 64), blocks, 12, torch.empty(1, 8), 0)  # Q4_K
+        cpu_ops.gguf_matmul(torch.randn(1, 64), blocks, 10, torch.empty(1, 8), 0)  # Q2_K
     with pytest.raises(RuntimeError, match="out"):
         cpu_ops.gguf_matmul(torch.randn(1, 64), blocks, 2, torch.empty(1, 8), 1)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 256"):
+        cpu_ops.gguf_matmul_q8(torch.randn(1, 64), blocks, 12, torch.empty(1, 8), 0)  # Q4_K
 
 
 _CAPABILITY_RUN = """
@@ -286,17 +302,17 @@ torch.save(results, sys.argv[3])
 
 @needs_kernels
 @pytest.mark.slow
-@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
 def test_gguf_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
-    """The AVX2 and AVX-512 builds both, whichever this CPU would pick (torch's
+    """The scalar, AVX2 and AVX-512 builds all, whichever this CPU would pick (torch's
     ATEN_CPU_CAPABILITY forces a narrower one, built once into its own cache directory), each
     against gguf-py and the q8 reference."""
     if capability == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("this CPU has no AVX-512")
     inputs = {}
     for qtype in GGUF_TYPES:
-        blocks, _ = _gguf_weight(qtype, 37, 96, seed=int(qtype))
-        inputs[int(qtype)] = (torch.randn(6, 96), blocks)
+        blocks, _ = _gguf_weight(qtype, 37, _depth(qtype), seed=int(qtype))
+        inputs[int(qtype)] = (torch.randn(6, _depth(qtype)), blocks)
     torch.save(inputs, tmp_path / "in.pt")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
     args = [capability, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
@@ -314,5 +330,5 @@ def test_gguf_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
         dense = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), qtype).astype(np.float32))
         weights, out, out_q8 = results[int(qtype)]
         assert torch.equal(weights, dense)
-        torch.testing.assert_close(out, x @ dense.t(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out_q8, _q8_reference(x, blocks, qtype), rtol=1e-5, atol=1e-4)
+        _assert_sum_close(out, x, dense)
+        torch.testing.assert_close(out_q8, _q8_reference(x, dense), rtol=1e-5, atol=1e-4)

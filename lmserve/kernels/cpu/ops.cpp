@@ -28,6 +28,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -675,11 +676,15 @@ at::Tensor grouped_matmul_int8(const at::Tensor& x_q, const at::Tensor& x_scale,
   return out;
 }
 
-// ---- GGUF blocks kept quantized (weight-only: float32 activations) -------------------------
-// Types by their ggml ids: Q4_0 = 2, Q4_1 = 3, Q8_0 = 8; 32 weights a block. A weight is what
-// gguf-py's dequantize computes, in the same float32 operations (half scales widened, d * q,
-// + m for Q4_1), so a product differs from the dequantized model's only in summation order.
-constexpr int64_t kGgufBlock = 32;
+// ---- GGUF blocks kept quantized ------------------------------------------------------------
+// Types by their ggml ids: Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 (blocks of 32
+// weights) and the K-quants Q4_K = 12, Q5_K = 13, Q6_K = 14 (super-blocks of 256). Every kernel
+// walks a row in units of 32 weights: a block, or an eighth of a super-block. A unit is 32
+// integers q, a scale per half (Q6_K scales each 16 weights) and, for the types that store one,
+// an offset m (Q4_K/Q5_K's -dmin * min): weight = s * (q - bias) + m, in the float32 operations
+// gguf-py's dequantize performs (half scales widened, K-quant scales d * sc first), so products
+// differ from the dequantized model's only in summation order.
+constexpr int64_t kGgufUnit = 32;
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t bits;
@@ -691,69 +696,206 @@ inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-int64_t gguf_block_bytes(int64_t type) {
+struct GgufGeometry {
+  int64_t values;  // weights per block (0: a type the kernels do not read)
+  int64_t bytes;   // bytes per block
+};
+
+constexpr GgufGeometry gguf_geometry(int64_t type) {
   switch (type) {
-    case 2: return 18;  // Q4_0: half d, 16 bytes of nibbles
-    case 3: return 20;  // Q4_1: half d, half m, 16 bytes of nibbles
-    case 8: return 34;  // Q8_0: half d, 32 int8
-    default: return 0;
+    case 2: return {32, 18};     // Q4_0: half d, 16 bytes of nibbles
+    case 3: return {32, 20};     // Q4_1: half d, half m, nibbles
+    case 6: return {32, 22};     // Q5_0: half d, 32 fifth bits, nibbles
+    case 7: return {32, 24};     // Q5_1: half d, half m, fifth bits, nibbles
+    case 8: return {32, 34};     // Q8_0: half d, 32 int8
+    case 12: return {256, 144};  // Q4_K: half d, half dmin, 12 bytes of 6-bit scales, nibbles
+    case 13: return {256, 176};  // Q5_K: Q4_K's fields and 32 bytes of fifth bits
+    case 14: return {256, 210};  // Q6_K: low nibbles, 2 high bits, 16 int8 scales, half d
+    default: return {0, 0};
   }
 }
 
-void dequantize_gguf_row(int64_t type, const uint8_t* src, int64_t k_size, float* dst) {
-  for (int64_t b = 0; b < k_size / kGgufBlock; ++b, dst += kGgufBlock) {
-    if (type == 8) {
-      const uint8_t* block = src + b * 34;
-      const float d = half_to_float(block);
-      const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-      for (int64_t j = 0; j < kGgufBlock; ++j) dst[j] = d * static_cast<float>(q[j]);
-    } else if (type == 2) {
-      const uint8_t* block = src + b * 18;
-      const float d = half_to_float(block);
-      const uint8_t* q = block + 2;
-      for (int64_t j = 0; j < 16; ++j) {
-        dst[j] = d * static_cast<float>(static_cast<int>(q[j] & 0x0F) - 8);
-        dst[j + 16] = d * static_cast<float>(static_cast<int>(q[j] >> 4) - 8);
-      }
-    } else {
-      const uint8_t* block = src + b * 20;
-      const float d = half_to_float(block), m = half_to_float(block + 2);
-      const uint8_t* q = block + 4;
-      for (int64_t j = 0; j < 16; ++j) {
-        dst[j] = d * static_cast<float>(q[j] & 0x0F) + m;
-        dst[j + 16] = d * static_cast<float>(q[j] >> 4) + m;
-      }
-    }
+// Calls f(std::integral_constant<int64_t, type>) so that each type's loops are compiled apart.
+template <typename F>
+void with_gguf_type(int64_t type, F&& f) {
+  switch (type) {
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    case 6: f(std::integral_constant<int64_t, 6>{}); break;
+    case 7: f(std::integral_constant<int64_t, 7>{}); break;
+    case 8: f(std::integral_constant<int64_t, 8>{}); break;
+    case 12: f(std::integral_constant<int64_t, 12>{}); break;
+    case 13: f(std::integral_constant<int64_t, 13>{}); break;
+    case 14: f(std::integral_constant<int64_t, 14>{}); break;
+    default: TORCH_CHECK(false, "unsupported GGUF type ", type);
   }
 }
 
-// One block's 32 weights as float32 vectors, the same values dequantize_gguf_row writes.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kBlockVecs = 2;  // 16 lanes
-using FVec = __m512;
-inline void load_block(int64_t type, const uint8_t* block, FVec* w) {
-  if (type == 8) {
-    const __m512 d = _mm512_set1_ps(half_to_float(block));
-    for (int64_t h = 0; h < 2; ++h) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + 16 * h));
-      w[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-    }
-    return;
-  }
-  const int64_t skip = type == 2 ? 2 : 4;
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + skip));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, mask));
-  __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
-  const __m512 d = _mm512_set1_ps(half_to_float(block));
-  if (type == 2) {
-    const __m512i eight = _mm512_set1_epi32(8);
-    w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)));
-    w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)));
+// Per type: the integers' bias (Q4_0 and Q5_0 store q + 8 and q + 16), whether the unit's
+// integers are signed (Q8_0, and Q6_K's once its bias is taken off), whether it has an offset.
+template <int64_t T> constexpr int kBias = T == 2 ? 8 : T == 6 ? 16 : 0;
+template <int64_t T> constexpr bool kSigned = T == 8 || T == 14;
+template <int64_t T> constexpr bool kHasOffset = T == 3 || T == 7 || T == 12 || T == 13;
+
+struct UnitScales {
+  float s0, s1;  // scales of weights 0-15 and 16-31
+  float m;       // offset (kHasOffset)
+};
+
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block j, packed in 12 bytes.
+inline void k_scale_min(const uint8_t* s, int64_t j, int& scale, int& min) {
+  if (j < 4) {
+    scale = s[j] & 63;
+    min = s[j + 4] & 63;
   } else {
-    const __m512 m = _mm512_set1_ps(half_to_float(block + 2));
-    w[0] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m);
-    w[1] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m);
+    scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+template <int64_t T> constexpr int64_t kUnitsPerBlock = gguf_geometry(T).values / kGgufUnit;
+
+// The scales of a block's units (a super-block's are unpacked once for its eight).
+template <int64_t T>
+inline void block_scales(const uint8_t* block, UnitScales* s) {
+  if constexpr (T == 12 || T == 13) {
+    const float d = half_to_float(block), dmin = half_to_float(block + 2);
+    for (int64_t u = 0; u < 8; ++u) {
+      int scale, min;
+      k_scale_min(block + 4, u, scale, min);
+      const float su = d * static_cast<float>(scale);
+      s[u] = {su, su, -(dmin * static_cast<float>(min))};
+    }
+  } else if constexpr (T == 14) {
+    const float d = half_to_float(block + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
+    for (int64_t u = 0; u < 8; ++u) {
+      s[u] = {d * static_cast<float>(scales[2 * u]), d * static_cast<float>(scales[2 * u + 1]),
+              0.0f};
+    }
+  } else {
+    const float d = half_to_float(block);
+    s[0] = {d, d, kHasOffset<T> ? half_to_float(block + 2) : 0.0f};
+  }
+}
+
+// Unit b's 32 integers as stored, less Q6_K's bias (Q4_0's and Q5_0's stay in: the q8 product
+// takes them off through the activations' block sums).
+template <int64_t T>
+inline void unit_ints_scalar(const uint8_t* block, int64_t u, int32_t* q) {
+  if constexpr (T == 8) {
+    for (int64_t j = 0; j < 32; ++j) q[j] = reinterpret_cast<const int8_t*>(block + 2)[j];
+  } else if constexpr (T == 2 || T == 3 || T == 6 || T == 7) {
+    constexpr int64_t high_at = T == 6 ? 2 : 4, nibbles_at = T == 2 ? 2 : T == 3 ? 4 : T == 6 ? 6 : 8;
+    uint32_t high = 0;
+    if constexpr (T == 6 || T == 7) std::memcpy(&high, block + high_at, sizeof(high));
+    for (int64_t j = 0; j < 16; ++j) {
+      q[j] = (block[nibbles_at + j] & 0x0F) | (((high >> j) & 1) << 4);
+      q[j + 16] = (block[nibbles_at + j] >> 4) | (((high >> (j + 16)) & 1) << 4);
+    }
+  } else if constexpr (T == 12 || T == 13) {
+    const uint8_t* qs = block + (T == 12 ? 16 : 48) + 32 * (u >> 1);
+    for (int64_t j = 0; j < 32; ++j) {
+      q[j] = (u & 1) ? qs[j] >> 4 : qs[j] & 0x0F;
+      if constexpr (T == 13) q[j] |= ((block[16 + j] >> u) & 1) << 4;
+    }
+  } else {
+    const int64_t h = u >> 2, t = u & 3;
+    const uint8_t* ql = block + 64 * h + 32 * (t & 1);
+    const uint8_t* qh = block + 128 + 32 * h;
+    for (int64_t j = 0; j < 32; ++j) {
+      const int32_t low = (t >> 1) ? ql[j] >> 4 : ql[j] & 0x0F;
+      q[j] = (low | (((qh[j] >> (2 * t)) & 3) << 4)) - 32;
+    }
+  }
+}
+
+// gguf-py's float32 weights of one unit.
+template <int64_t T>
+inline void dequantize_unit(const uint8_t* block, int64_t u, const UnitScales& s, float* w) {
+  int32_t q[kGgufUnit];
+  unit_ints_scalar<T>(block, u, q);
+  for (int64_t j = 0; j < kGgufUnit; ++j) {
+    w[j] = (j < 16 ? s.s0 : s.s1) * static_cast<float>(q[j] - kBias<T>);
+    if constexpr (kHasOffset<T>) w[j] += s.m;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// 16 bytes of nibbles as 32 bytes in weight order (low nibbles are weights 0-15, high 16-31).
+inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+// Q5_0 / Q5_1's 32 fifth bits (little-endian) as 0x10 in the bytes whose bit is set.
+inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const __m256i index = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                          0x0101010101010101, 0x0000000000000000);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), index);
+  const __m256i select = _mm256_set1_epi64x(0x8040201008040201);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+// The 32 bytes unit_ints_scalar computes, in registers.
+template <int64_t T>
+inline __m256i unit_ints(const uint8_t* block, int64_t u) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (T == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+  } else if constexpr (T == 2 || T == 3) {
+    return nibbles(block + (T == 2 ? 2 : 4));
+  } else if constexpr (T == 6 || T == 7) {
+    return _mm256_or_si256(nibbles(block + (T == 6 ? 6 : 8)), fifth_bits(block + (T == 6 ? 2 : 4)));
+  } else if constexpr (T == 12 || T == 13) {
+    const __m256i qs = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(block + (T == 12 ? 16 : 48) + 32 * (u >> 1)));
+    __m256i q = _mm256_and_si256((u & 1) ? _mm256_srli_epi16(qs, 4) : qs, low4);
+    if constexpr (T == 13) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi64_si128(u)),
+                                           _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    return q;
+  } else {
+    const int64_t h = u >> 2, t = u & 3;
+    const __m256i ql = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(block + 64 * h + 32 * (t & 1)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256((t >> 1) ? _mm256_srli_epi16(ql, 4) : ql, low4);
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi64_si128(2 * t)),
+                                          _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)),
+                           _mm256_set1_epi8(32));
+  }
+}
+
+template <int64_t T>
+inline __m256i widen_ints(__m128i bytes) {  // 8 of them, to int32, less the type's bias
+  __m256i v = kSigned<T> ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+  if constexpr (kBias<T> != 0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(kBias<T>));
+  return v;
+}
+#endif
+
+// One unit's 32 weights as float32 vectors, the values dequantize_unit writes.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kUnitVecs = 2;  // 16 lanes
+using FVec = __m512;
+template <int64_t T>
+inline void load_unit(const uint8_t* block, int64_t u, const UnitScales& s, FVec* w) {
+  const __m256i q = unit_ints<T>(block, u);
+  for (int64_t h = 0; h < 2; ++h) {
+    const __m128i part = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+    __m512i v = kSigned<T> ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part);
+    if constexpr (kBias<T> != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(kBias<T>));
+    w[h] = _mm512_mul_ps(_mm512_set1_ps(h ? s.s1 : s.s0), _mm512_cvtepi32_ps(v));
+    if constexpr (kHasOffset<T>) w[h] = _mm512_add_ps(w[h], _mm512_set1_ps(s.m));
   }
 }
 inline FVec fzero() { return _mm512_setzero_ps(); }
@@ -762,31 +904,17 @@ inline void fstore(float* p, FVec v) { _mm512_storeu_ps(p, v); }
 inline FVec ffma(FVec a, FVec b, FVec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float fsum(FVec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(CPU_CAPABILITY_AVX2)
-constexpr int64_t kBlockVecs = 4;  // 8 lanes
+constexpr int64_t kUnitVecs = 4;  // 8 lanes
 using FVec = __m256;
-inline void load_block(int64_t type, const uint8_t* block, FVec* w) {
-  const __m256 d = _mm256_set1_ps(half_to_float(block));
-  if (type == 8) {
-    for (int64_t h = 0; h < 4; ++h) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + 8 * h));
-      w[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-    }
-    return;
-  }
-  const int64_t skip = type == 2 ? 2 : 4;
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + skip));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+template <int64_t T>
+inline void load_unit(const uint8_t* block, int64_t u, const UnitScales& s, FVec* w) {
+  const __m256i q = unit_ints<T>(block, u);
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  const __m256 m = _mm256_set1_ps(type == 3 ? half_to_float(block + 2) : 0.0f);
-  const __m256i eight = _mm256_set1_epi32(8);
   for (int64_t h = 0; h < 4; ++h) {
-    __m256i v = _mm256_cvtepu8_epi32(parts[h]);
-    if (type == 2) {
-      w[h] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(v, eight)));
-    } else {
-      w[h] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(v)), m);
-    }
+    w[h] = _mm256_mul_ps(_mm256_set1_ps(h < 2 ? s.s0 : s.s1),
+                         _mm256_cvtepi32_ps(widen_ints<T>(parts[h])));
+    if constexpr (kHasOffset<T>) w[h] = _mm256_add_ps(w[h], _mm256_set1_ps(s.m));
   }
 }
 inline FVec fzero() { return _mm256_setzero_ps(); }
@@ -799,10 +927,11 @@ inline float fsum(FVec v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 #else
-constexpr int64_t kBlockVecs = 32;  // scalar "vectors" of one lane
+constexpr int64_t kUnitVecs = 32;  // scalar "vectors" of one lane
 using FVec = float;
-inline void load_block(int64_t type, const uint8_t* block, FVec* w) {
-  dequantize_gguf_row(type, block, kGgufBlock, w);
+template <int64_t T>
+inline void load_unit(const uint8_t* block, int64_t u, const UnitScales& s, FVec* w) {
+  dequantize_unit<T>(block, u, s, w);
 }
 inline FVec fzero() { return 0.0f; }
 inline FVec fload(const float* p) { return *p; }
@@ -810,91 +939,111 @@ inline void fstore(float* p, FVec v) { *p = v; }
 inline FVec ffma(FVec a, FVec b, FVec c) { return a * b + c; }
 inline float fsum(FVec v) { return v; }
 #endif
-constexpr int64_t kVecLanes = kGgufBlock / kBlockVecs;
+constexpr int64_t kVecLanes = kGgufUnit / kUnitVecs;
 
-// Rows r0 .. r0 + R of x against weight row `w_row`: each block dequantized once into
+// Rows r0 .. r0 + R of x against weight row `w_row`: each unit dequantized once into
 // registers, then multiplied into every row's accumulators.
-template <int64_t R>
-void gguf_row_dots(int64_t type, const uint8_t* w_row, int64_t block_bytes, const float* x,
-                   int64_t k_size, float* out, int64_t out_stride) {
+template <int64_t T, int64_t R>
+void gguf_row_dots(const uint8_t* w_row, const float* x, int64_t k_size, float* out,
+                   int64_t out_stride) {
   FVec acc[R][2];
   for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = fzero();
-  FVec w[kBlockVecs];
-  for (int64_t b = 0; b < k_size / kGgufBlock; ++b) {
-    load_block(type, w_row + b * block_bytes, w);
-    const int64_t k = b * kGgufBlock;
-    for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + r * k_size + k;
-      for (int64_t v = 0; v < kBlockVecs; ++v) {
-        acc[r][v & 1] = ffma(w[v], fload(xr + v * kVecLanes), acc[r][v & 1]);
+  FVec w[kUnitVecs];
+  UnitScales scales[kUnitsPerBlock<T>];
+  constexpr GgufGeometry g = gguf_geometry(T);
+  for (int64_t blk = 0; blk < k_size / g.values; ++blk) {
+    const uint8_t* block = w_row + blk * g.bytes;
+    block_scales<T>(block, scales);
+    for (int64_t u = 0; u < kUnitsPerBlock<T>; ++u) {
+      load_unit<T>(block, u, scales[u], w);
+      const int64_t k = blk * g.values + u * kGgufUnit;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* xr = x + r * k_size + k;
+        for (int64_t v = 0; v < kUnitVecs; ++v) {
+          acc[r][v & 1] = ffma(w[v], fload(xr + v * kVecLanes), acc[r][v & 1]);
+        }
       }
     }
   }
   for (int64_t r = 0; r < R; ++r) out[r * out_stride] = fsum(acc[r][0]) + fsum(acc[r][1]);
 }
 
-// x [rows, K] float32 times GGUF-quantized w [N, K / 32 blocks] (raw bytes, one weight row per
-// tensor row), written into out[:, col : col + N] (a fused layer's parts fill one output):
-// threads split the weight rows, each block is dequantized in registers (as gguf-py does, in
+// The checks every GGUF op makes: w holds rows of whole blocks of `type` for K inputs.
+void check_gguf_rows(const char* op, const at::Tensor& w, int64_t type, int64_t k_size) {
+  const GgufGeometry g = gguf_geometry(type);
+  TORCH_CHECK(g.values > 0, op, ": unsupported GGUF type ", type);
+  TORCH_CHECK(k_size % g.values == 0, op, ": K must be a multiple of ", g.values, ", got ",
+              k_size);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.size(1) == k_size / g.values * g.bytes,
+              op, ": contiguous uint8 w [N, K / ", g.values, " * ", g.bytes, "]");
+}
+
+void check_gguf_operands(const char* op, const at::Tensor& x, const at::Tensor& w,
+                         int64_t type, const at::Tensor& out, int64_t col) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
+              ": contiguous float32 x [rows, K]");
+  check_gguf_rows(op, w, type, x.size(1));
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.size(0) == x.size(0) && col >= 0 && col + w.size(0) <= out.size(1),
+              op, ": contiguous float32 out [rows, >= col + N]");
+}
+
+// x [rows, K] float32 times GGUF-quantized w [N, K / values blocks] (raw bytes, one weight row
+// per tensor row), written into out[:, col : col + N] (a fused layer's parts fill one output):
+// threads split the weight rows, each unit is dequantized in registers (as gguf-py does, in
 // float32) and multiplied into up to four activation rows at a time, so the quantized bytes are
 // read once per four rows. For the few rows of a decode step; a prefill's many rows are faster
 // through a dequantized GEMM (layers/gguf_layers.py picks).
 void gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out,
                  int64_t col) {
-  const int64_t block_bytes = gguf_block_bytes(type);
-  TORCH_CHECK(block_bytes > 0, "gguf_matmul: unsupported GGUF type ", type);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "gguf_matmul: contiguous float32 x [rows, K]");
-  const int64_t rows = x.size(0), k_size = x.size(1);
-  TORCH_CHECK(k_size % kGgufBlock == 0, "gguf_matmul: K must be a multiple of 32, got ", k_size);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  w.size(1) == k_size / kGgufBlock * block_bytes,
-              "gguf_matmul: contiguous uint8 w [N, K / 32 * ", block_bytes, "]");
-  const int64_t n_size = w.size(0), row_bytes = w.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                  out.size(0) == rows && col >= 0 && col + n_size <= out.size(1),
-              "gguf_matmul: contiguous float32 out [rows, >= col + N]");
+  check_gguf_operands("gguf_matmul", x, w, type, out, col);
+  const int64_t rows = x.size(0), k_size = x.size(1), n_size = w.size(0), row_bytes = w.size(1);
   const int64_t out_stride = out.size(1);
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>() + col;
-  at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* w_row = wp + n * row_bytes;
-      int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) {
-        gguf_row_dots<4>(type, w_row, block_bytes, xp + r * k_size, k_size,
-                         op + r * out_stride + n, out_stride);
+  with_gguf_type(type, [&](auto t) {
+    constexpr int64_t T = decltype(t)::value;
+    at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const uint8_t* w_row = wp + n * row_bytes;
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+          gguf_row_dots<T, 4>(w_row, xp + r * k_size, k_size, op + r * out_stride + n,
+                              out_stride);
+        }
+        if (r + 2 <= rows) {
+          gguf_row_dots<T, 2>(w_row, xp + r * k_size, k_size, op + r * out_stride + n,
+                              out_stride);
+          r += 2;
+        }
+        if (r < rows) {
+          gguf_row_dots<T, 1>(w_row, xp + r * k_size, k_size, op + r * out_stride + n,
+                              out_stride);
+        }
       }
-      if (r + 2 <= rows) {
-        gguf_row_dots<2>(type, w_row, block_bytes, xp + r * k_size, k_size,
-                         op + r * out_stride + n, out_stride);
-        r += 2;
-      }
-      if (r < rows) {
-        gguf_row_dots<1>(type, w_row, block_bytes, xp + r * k_size, k_size,
-                         op + r * out_stride + n, out_stride);
-      }
-    }
+    });
   });
 }
 
 // ---- GGUF blocks times q8 activations (llama.cpp's dot products) --------------------------
 // Each activation row is quantized per 32-value block as llama.cpp's Q8_0 / Q8_1 do (d = amax /
 // 127, q = x / d rounded to nearest, ties to even as its vector code rounds; float32 scales
-// where it keeps halves), with the block's d * sum(q) for the weights' offsets. A block's product
-// is an exact int32 dot of the two blocks' integers, scaled by both d's: Q4_1 adds m * that sum
-// and Q4_0, whose nibbles are stored +8, subtracts 8 * it.
+// where it keeps halves), with the block's d * sum(q) for the weights' offsets. A unit's product
+// is an exact int32 dot of the two units' integers (per half where Q6_K's scales differ),
+// scaled by both d's; the weight's offset m adds m * that sum, and a bias (Q4_0's nibbles are
+// stored +8, Q5_0's +16) subtracts bias * d * it.
 void quantize_q8_blocks(const float* x, int64_t k_size, int8_t* q, float* d, float* s) {
-  for (int64_t b = 0; b < k_size / kGgufBlock; ++b) {
-    const float* xb = x + b * kGgufBlock;
+  for (int64_t b = 0; b < k_size / kGgufUnit; ++b) {
+    const float* xb = x + b * kGgufUnit;
     float amax = 0.0f;
-    for (int64_t j = 0; j < kGgufBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    for (int64_t j = 0; j < kGgufUnit; ++j) amax = std::max(amax, std::fabs(xb[j]));
     const float scale = amax / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
     int32_t sum = 0;
-    for (int64_t j = 0; j < kGgufBlock; ++j) {
+    for (int64_t j = 0; j < kGgufUnit; ++j) {
       const int32_t v = static_cast<int32_t>(std::nearbyint(xb[j] * inverse));
-      q[b * kGgufBlock + j] = static_cast<int8_t>(v);
+      q[b * kGgufUnit + j] = static_cast<int8_t>(v);
       sum += v;
     }
     d[b] = scale;
@@ -903,13 +1052,8 @@ void quantize_q8_blocks(const float* x, int64_t k_size, int8_t* q, float* d, flo
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// A block's 32 weights as bytes in x's order (low nibbles are weights 0-15, high 16-31).
-inline __m256i nibbles(const uint8_t* qs) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
-}
-// Unsigned bytes times signed bytes, summed in fours: 8 int32 lanes (15 * 127 * 2 fits int16).
+// Unsigned bytes times signed bytes, summed in fours: 8 int32 lanes, lanes 0-3 from bytes 0-15
+// (2 * 128 * 127 fits int16).
 inline __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
@@ -919,165 +1063,144 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));
 }
 
-template <int64_t TYPE, int64_t R>
+template <int64_t T, int64_t R>
 void gguf_q8_dots(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
                   int64_t k_size, float* out, int64_t out_stride) {
-  constexpr int64_t block_bytes = TYPE == 8 ? 34 : TYPE == 2 ? 18 : 20;
-  const int64_t blocks = k_size / kGgufBlock;
+  const int64_t units = k_size / kGgufUnit;
   __m256 acc[R];
   float offset[R];
   for (int64_t r = 0; r < R; ++r) {
     acc[r] = _mm256_setzero_ps();
     offset[r] = 0.0f;
   }
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = w_row + b * block_bytes;
-    const float dw = half_to_float(block);
-    __m256i w;
-    if constexpr (TYPE == 8) {
-      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
-    } else {
-      w = nibbles(block + (TYPE == 2 ? 2 : 4));
-    }
-    const __m256i w_abs = TYPE == 8 ? _mm256_abs_epi8(w) : w;
-    float mw = 0.0f;
-    if constexpr (TYPE == 3) mw = half_to_float(block + 2);
+  UnitScales scales[kUnitsPerBlock<T>];
+  for (int64_t b = 0; b < units; ++b) {
+    const int64_t u = b % kUnitsPerBlock<T>;
+    const uint8_t* block = w_row + b / kUnitsPerBlock<T> * gguf_geometry(T).bytes;
+    if (u == 0) block_scales<T>(block, scales);
+    const __m256i w = unit_ints<T>(block, u);
+    const UnitScales& s = scales[u];
+    // signed weights: |w| times x with w's sign, so maddubs sees unsigned * signed
+    const __m256i w_abs = kSigned<T> ? _mm256_abs_epi8(w) : w;
     for (int64_t r = 0; r < R; ++r) {
       __m256i x = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xq + r * k_size + b * kGgufBlock));
-      if constexpr (TYPE == 8) x = _mm256_sign_epi8(x, w);
+          reinterpret_cast<const __m256i*>(xq + r * k_size + b * kGgufUnit));
+      if constexpr (kSigned<T>) x = _mm256_sign_epi8(x, w);
       const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(w_abs, x));
-      acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * xd[r * blocks + b]), acc[r]);
-      if constexpr (TYPE == 3) offset[r] += mw * xs[r * blocks + b];
-      if constexpr (TYPE == 2) offset[r] -= 8.0f * dw * xs[r * blocks + b];
+      const float d = xd[r * units + b];
+      const __m256 scale = T == 14 ? _mm256_set_m128(_mm_set1_ps(s.s1 * d), _mm_set1_ps(s.s0 * d))
+                                   : _mm256_set1_ps(s.s0 * d);
+      acc[r] = _mm256_fmadd_ps(dot, scale, acc[r]);
+      if constexpr (kHasOffset<T>) offset[r] += s.m * xs[r * units + b];
+      if constexpr (kBias<T> != 0) {
+        offset[r] -= static_cast<float>(kBias<T>) * s.s0 * xs[r * units + b];
+      }
     }
   }
   for (int64_t r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]) + offset[r];
 }
 #else
-template <int64_t TYPE, int64_t R>
+template <int64_t T, int64_t R>
 void gguf_q8_dots(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
                   int64_t k_size, float* out, int64_t out_stride) {
-  constexpr int64_t block_bytes = TYPE == 8 ? 34 : TYPE == 2 ? 18 : 20;
-  const int64_t blocks = k_size / kGgufBlock;
+  const int64_t units = k_size / kGgufUnit;
+  int32_t q[kGgufUnit];
+  UnitScales scales[kUnitsPerBlock<T>];
   for (int64_t r = 0; r < R; ++r) {
     float total = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* block = w_row + b * block_bytes;
-      const int8_t* x = xq + r * k_size + b * kGgufBlock;
-      const float dw = half_to_float(block);
-      int32_t dot = 0;
-      for (int64_t j = 0; j < kGgufBlock; ++j) {
-        const int32_t wj = TYPE == 8 ? static_cast<int8_t>(block[2 + j])
-                                     : (j < 16 ? block[(TYPE == 2 ? 2 : 4) + j] & 0x0F
-                                               : block[(TYPE == 2 ? 2 : 4) + j - 16] >> 4);
-        dot += wj * x[j];
-      }
-      total += static_cast<float>(dot) * (dw * xd[r * blocks + b]);
-      if (TYPE == 3) total += half_to_float(block + 2) * xs[r * blocks + b];
-      if (TYPE == 2) total -= 8.0f * dw * xs[r * blocks + b];
+    for (int64_t b = 0; b < units; ++b) {
+      const int64_t u = b % kUnitsPerBlock<T>;
+      const uint8_t* block = w_row + b / kUnitsPerBlock<T> * gguf_geometry(T).bytes;
+      if (u == 0) block_scales<T>(block, scales);
+      unit_ints_scalar<T>(block, u, q);
+      const UnitScales& s = scales[u];
+      const int8_t* x = xq + r * k_size + b * kGgufUnit;
+      int32_t dots[2] = {0, 0};
+      for (int64_t j = 0; j < kGgufUnit; ++j) dots[j >= 16] += (q[j] - kBias<T>) * x[j];
+      const float d = xd[r * units + b];
+      total += static_cast<float>(dots[0]) * (s.s0 * d) + static_cast<float>(dots[1]) * (s.s1 * d);
+      if (kHasOffset<T>) total += s.m * xs[r * units + b];
     }
     out[r * out_stride] = total;
   }
 }
 #endif
 
-// Up to kQ8Rows activation rows per pass over a weight row: its blocks are unpacked once for
+// Up to kQ8Rows activation rows per pass over a weight row: its units are unpacked once for
 // all of them (a speculative step's 5 rows cost little more than 1).
 constexpr int64_t kQ8Rows = 8;
 
-template <int64_t TYPE, int64_t R>
+template <int64_t T, int64_t R>
 void gguf_q8_tail(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
                   int64_t rows, int64_t k_size, float* out, int64_t out_stride) {
   if constexpr (R > 0) {
     if (rows == R) {
-      gguf_q8_dots<TYPE, R>(w_row, xq, xd, xs, k_size, out, out_stride);
+      gguf_q8_dots<T, R>(w_row, xq, xd, xs, k_size, out, out_stride);
     } else {
-      gguf_q8_tail<TYPE, R - 1>(w_row, xq, xd, xs, rows, k_size, out, out_stride);
+      gguf_q8_tail<T, R - 1>(w_row, xq, xd, xs, rows, k_size, out, out_stride);
     }
   }
 }
 
-template <int64_t TYPE>
-void gguf_q8_rows(const uint8_t* wp, int64_t n_size, int64_t row_bytes, const int8_t* xq,
-                  const float* xd, const float* xs, int64_t rows, int64_t k_size, float* op,
-                  int64_t out_stride) {
-  const int64_t blocks = k_size / kGgufBlock;
-  at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* w_row = wp + n * row_bytes;
-      for (int64_t r = 0; r < rows; r += kQ8Rows) {
-        gguf_q8_tail<TYPE, kQ8Rows>(w_row, xq + r * k_size, xd + r * blocks, xs + r * blocks,
-                                    std::min(kQ8Rows, rows - r), k_size,
-                                    op + r * out_stride + n, out_stride);
-      }
-    }
-  });
-}
-
-// x [rows, K] float32, quantized here to q8 blocks, times GGUF-quantized w [N, K / 32 blocks]
-// into out[:, col : col + N], as gguf_matmul; not the float32 product: llama.cpp's numerics.
+// x [rows, K] float32, quantized here to q8 blocks, times GGUF-quantized w [N, K / values
+// blocks] into out[:, col : col + N], as gguf_matmul; not the float32 product: llama.cpp's
+// numerics.
 void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out,
                     int64_t col) {
-  const int64_t block_bytes = gguf_block_bytes(type);
-  TORCH_CHECK(block_bytes > 0, "gguf_matmul_q8: unsupported GGUF type ", type);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "gguf_matmul_q8: contiguous float32 x [rows, K]");
-  const int64_t rows = x.size(0), k_size = x.size(1);
-  TORCH_CHECK(k_size % kGgufBlock == 0, "gguf_matmul_q8: K must be a multiple of 32, got ",
-              k_size);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  w.size(1) == k_size / kGgufBlock * block_bytes,
-              "gguf_matmul_q8: contiguous uint8 w [N, K / 32 * ", block_bytes, "]");
-  const int64_t n_size = w.size(0), row_bytes = w.size(1), blocks = k_size / kGgufBlock;
-  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                  out.size(0) == rows && col >= 0 && col + n_size <= out.size(1),
-              "gguf_matmul_q8: contiguous float32 out [rows, >= col + N]");
+  check_gguf_operands("gguf_matmul_q8", x, w, type, out, col);
+  const int64_t rows = x.size(0), k_size = x.size(1), n_size = w.size(0), row_bytes = w.size(1);
+  const int64_t units = k_size / kGgufUnit;
   std::vector<int8_t> xq(rows * k_size);
-  std::vector<float> xd(rows * blocks), xs(rows * blocks);
+  std::vector<float> xd(rows * units), xs(rows * units);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      quantize_q8_blocks(xp + r * k_size, k_size, xq.data() + r * k_size, xd.data() + r * blocks,
-                         xs.data() + r * blocks);
+      quantize_q8_blocks(xp + r * k_size, k_size, xq.data() + r * k_size, xd.data() + r * units,
+                         xs.data() + r * units);
     }
   });
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>() + col;
   const int64_t stride = out.size(1);
-  if (type == 2) {
-    gguf_q8_rows<2>(wp, n_size, row_bytes, xq.data(), xd.data(), xs.data(), rows, k_size, op,
-                    stride);
-  } else if (type == 3) {
-    gguf_q8_rows<3>(wp, n_size, row_bytes, xq.data(), xd.data(), xs.data(), rows, k_size, op,
-                    stride);
-  } else {
-    gguf_q8_rows<8>(wp, n_size, row_bytes, xq.data(), xd.data(), xs.data(), rows, k_size, op,
-                    stride);
-  }
+  with_gguf_type(type, [&](auto t) {
+    constexpr int64_t T = decltype(t)::value;
+    at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t r = 0; r < rows; r += kQ8Rows) {
+          gguf_q8_tail<T, kQ8Rows>(wp + n * row_bytes, xq.data() + r * k_size,
+                                   xd.data() + r * units, xs.data() + r * units,
+                                   std::min(kQ8Rows, rows - r), k_size, op + r * stride + n,
+                                   stride);
+        }
+      }
+    });
+  });
 }
 
-// The float32 weights of GGUF rows [N, K / 32 blocks] -> [N, K] (tests, and layers that need
-// the weights themselves, such as an embedding table tied to the LM head).
+// The float32 weights of GGUF rows [N, K / values blocks] -> [N, K] (tests, and layers that
+// need the weights themselves: an embedding's looked-up rows, a prefill's GEMM).
 at::Tensor gguf_dequantize(const at::Tensor& w, int64_t type, int64_t k_size) {
-  const int64_t block_bytes = gguf_block_bytes(type);
-  TORCH_CHECK(block_bytes > 0, "gguf_dequantize: unsupported GGUF type ", type);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  k_size % kGgufBlock == 0 && w.size(1) == k_size / kGgufBlock * block_bytes,
-              "gguf_dequantize: contiguous uint8 w [N, K / 32 * ", block_bytes, "]");
+  check_gguf_rows("gguf_dequantize", w, type, k_size);
   at::Tensor out = at::empty({w.size(0), k_size}, w.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  const int64_t row_bytes = w.size(1), blocks = k_size / kGgufBlock;
-  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
-    FVec v[kBlockVecs];
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        load_block(type, wp + n * row_bytes + b * block_bytes, v);
-        float* dst = op + n * k_size + b * kGgufBlock;
-        for (int64_t i = 0; i < kBlockVecs; ++i) fstore(dst + i * kVecLanes, v[i]);
+  const int64_t row_bytes = w.size(1), units = k_size / kGgufUnit;
+  with_gguf_type(type, [&](auto t) {
+    constexpr int64_t T = decltype(t)::value;
+    at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
+      FVec v[kUnitVecs];
+      UnitScales scales[kUnitsPerBlock<T>];
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t b = 0; b < units; ++b) {
+          const int64_t u = b % kUnitsPerBlock<T>;
+          const uint8_t* block = wp + n * row_bytes + b / kUnitsPerBlock<T> * gguf_geometry(T).bytes;
+          if (u == 0) block_scales<T>(block, scales);
+          load_unit<T>(block, u, scales[u], v);
+          float* dst = op + n * k_size + b * kGgufUnit;
+          for (int64_t i = 0; i < kUnitVecs; ++i) fstore(dst + i * kVecLanes, v[i]);
+        }
       }
-    }
+    });
   });
   return out;
 }
