@@ -94,8 +94,9 @@ def test_a_tensor_of_the_wrong_shape_is_an_error() -> None:
 
 
 def test_which_types_stay_quantized() -> None:
-    assert all(kept_quantized(int(t)) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0))
-    assert not any(kept_quantized(int(t)) for t in (Q.F32, Q.F16, Q.Q4_K, Q.Q6_K))
+    kept = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    assert all(kept_quantized(int(t)) for t in kept)
+    assert not any(kept_quantized(int(t)) for t in (Q.F32, Q.F16, Q.BF16, Q.Q2_K, Q.IQ4_NL))
 
 
 def test_replace_linears_swaps_every_linear_for_an_empty_twin() -> None:
@@ -107,7 +108,9 @@ def test_replace_linears_swaps_every_linear_for_an_empty_twin() -> None:
     assert model[2].bias is None
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, None], ids=["Q8_0", "Q4_0", "float32"])
+@pytest.mark.parametrize(
+    "qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_1, None], ids=["Q8_0", "Q4_0", "Q5_1", "float32"]
+)
 def test_embedding_lookups_are_the_dequantized_rows(qtype) -> None:
     """Rows looked up in any shape (a batch's ids, repeats) are the table's rows exactly."""
     if qtype is None:

@@ -1,7 +1,7 @@
 """Gemma-3-270m from its Q4_K_M GGUF, served by `lmserve serve` under its Hub name: greedy
 completions through the official client equal HF transformers loading the same file, for a
-prompt past the 512-token sliding window too, dequantized and with `-q gguf` (its Q8_0 tensors
-kept in their blocks, its Q5_0 / Q4_K / Q6_K ones dequantized beside them)."""
+prompt past the 512-token sliding window too, dequantized and with `-q gguf` (every tensor,
+Q5_0 / Q8_0 / Q4_K / Q6_K, kept in its blocks)."""
 
 from __future__ import annotations
 
