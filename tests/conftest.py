@@ -92,11 +92,15 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The bundled model converted to an HF directory (cached across runs in the user cache)."""
+    """The bundled model converted to an HF directory with its float32 weights, which
+    transformers loads as the reference (cached across runs in the user cache)."""
     from lmserve.config import default_cache_dir
+    from lmserve.models.gguf import ensure_hf_weights
     from lmserve.models.source import resolve_model_dir
 
-    return resolve_model_dir(None, default_cache_dir())
+    path = resolve_model_dir(None, default_cache_dir())
+    ensure_hf_weights(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from lmserve.benchmarks.shapes import resolve_model, shape_names
 from lmserve.config import EngineConfig
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
+from lmserve.models.gguf import ensure_hf_weights, gguf_source
 from lmserve.models.loader import torch_dtype
 from lmserve.sampling_params import SamplingParams
 
@@ -286,6 +287,8 @@ def _time_hf(
         with torch.device(device):  # random init where the model runs: seconds, not minutes
             model = auto.from_config(hf_config, dtype=dtype)
     else:
+        if gguf_source(model_config.path) is not None:
+            ensure_hf_weights(model_config.path)
         model = auto.from_pretrained(model_config.path, dtype=dtype)
     model.to(device).eval()
     pad_token_id = _pad_token_id(model.generation_config)

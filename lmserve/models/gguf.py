@@ -1,10 +1,11 @@
 """Convert a GGUF checkpoint into a cached HF-style directory, and read its tensors in place.
 
-Everything downstream reads one HF-style directory (config.json, model.safetensors, tokenizer
-files). A GGUF is dequantized to float32 once; the result is reused until the file or this
-converter changes. The directory names its source file (`gguf_source.json`), so
-`quantization="gguf"` can load the linear layers' quantized blocks from it instead
-(`iter_gguf_weights`).
+Everything downstream reads one HF-style directory (config.json, tokenizer files and, for the
+float32 model and transformers, model.safetensors). The conversion writes the config and the
+tokenizer once; the float32 weights are dequantized into the directory the first time they are
+needed (`ensure_hf_weights`), one tensor at a time. The directory names its source file
+(`gguf_source.json`), so `quantization="gguf"` loads the quantized blocks from the file itself
+(`iter_gguf_weights`) and never writes the float32 copy, four to seven times the file's size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,17 @@ import numpy as np
 import torch
 from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from lmserve.layers.gguf_layers import GGUFRows, kept_quantized
 from lmserve.models.conversion_cache import convert_once
+from lmserve.models.gguf_index import IndexedTensor, read_gguf_index
+from lmserve.models.safetensors_stream import save_streamed
 
 logger = logging.getLogger(__name__)
 
 # Part of the cache key: bump it whenever a conversion's output changes, so stale caches rebuild.
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 SOURCE_FILE = "gguf_source.json"  # {"path": the GGUF file a directory was converted from}
 
 _HF_ARCHITECTURES = {
@@ -131,16 +133,36 @@ def _convert(src: Path, out: Path) -> None:
             f"supported: {', '.join(sorted(_HF_ARCHITECTURES))}"
         )
     config = _config(reader, arch)
-    tensors = {}
-    for tensor in tqdm(reader.tensors, desc=f"Dequantizing {src.name}", unit="tensor"):
+    for tensor in reader.tensors:  # a tensor with no HF name fails here, before any loading
         if tensor.name != _ROPE_FREQS:
-            tensors[_hf_name(tensor.name, arch)] = _dequantize(tensor, arch, config)
-    save_file(_stack_experts(tensors), out / "model.safetensors", metadata={"format": "pt"})
+            _hf_name(tensor.name, arch)
     _write_json(out / "config.json", config)
     token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
     _write_json(out / "generation_config.json", {k: config[k] for k in token_ids if k in config})
     _write_tokenizer(src, out, config["max_position_embeddings"])
     _write_json(out / SOURCE_FILE, {"path": str(src)})
+
+
+def ensure_hf_weights(model_dir: Path) -> Path:
+    """A converted directory's `model.safetensors`: its GGUF dequantized to float32 the first
+    time it is asked for, one tensor at a time (peak memory one tensor, not the model)."""
+    weights = model_dir / "model.safetensors"
+    if weights.is_file():
+        return weights
+    source = gguf_source(model_dir)
+    if source is None:
+        raise FileNotFoundError(f"{model_dir} holds no model.safetensors and no GGUF source")
+    config = json.loads((model_dir / "config.json").read_text())
+    index = read_gguf_index(source)
+    arch = index.get("general.architecture")
+    logger.info("Dequantizing %s to float32 at %s (once)", source.name, weights)
+    tensors = (
+        (_hf_name(tensor.name, arch), _dequantize(tensor, arch, config))
+        for tensor in tqdm(index.tensors, desc=f"Dequantizing {source.name}", unit="tensor")
+        if tensor.name != _ROPE_FREQS
+    )
+    save_streamed(_stack_experts(tensors), weights, metadata={"format": "pt"})
+    return weights
 
 
 def gguf_source(model_dir: Path) -> Path | None:
@@ -158,15 +180,15 @@ def iter_gguf_weights(
     linear layers' and the embedding's) in a type the kernels read stay in their blocks
     (GGUFRows); with `tied_head`, the embedding's once more as `lm_head.weight`. One tensor at
     a time, so only the model's own copy of each is held."""
-    reader = GGUFReader(path)
-    arch = _meta(reader, "general.architecture")
-    if arch not in _HF_ARCHITECTURES or _meta(reader, f"{arch}.expert_count"):
+    index = read_gguf_index(path)
+    arch = index.get("general.architecture")
+    if arch not in _HF_ARCHITECTURES or index.get(f"{arch}.expert_count"):
         raise ValueError(
             f"quantization='gguf' does not load {arch!r} models"
             + (" with experts" if arch in _HF_ARCHITECTURES else "")
             + " yet: leave it unset (float32) or use quantization='int8'"
         )
-    for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
+    for tensor in tqdm(index.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
         if tensor.name == _ROPE_FREQS:
             continue
         name = _hf_name(tensor.name, arch)
@@ -179,7 +201,7 @@ def iter_gguf_weights(
             yield "lm_head.weight", weights  # the same blocks, not a copy
 
 
-def _rows(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> GGUFRows:
+def _rows(tensor: IndexedTensor, arch: str, config: dict[str, Any]) -> GGUFRows:
     """A 2-D tensor's raw blocks, one row of bytes per output row, in HF's row order."""
     rows = int(tensor.shape[1])
     data = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
@@ -350,24 +372,32 @@ def _hf_name(name: str, arch: str) -> str:
     return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{match[3]}"
 
 
-def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _stack_experts(
+    tensors: Iterable[tuple[str, np.ndarray]],
+) -> Iterator[tuple[str, np.ndarray]]:
     """Each layer's expert tensors as transformers 5 names them: gate and up joined into
     `experts.gate_up_proj` [experts, 2 * inter, hidden], `experts.down_proj` [experts, hidden,
-    inter]."""
-    out: dict[str, np.ndarray] = {}
-    for name, weights in tensors.items():
+    inter]; a gate or up tensor is held only until its partner comes."""
+    pending: dict[str, np.ndarray] = {}
+    for name, weights in tensors:
         match = _STACKED_EXPERTS.fullmatch(name)
         if match is None:
-            out[name] = weights
+            yield name, weights
         elif match[2] == "down_proj":
-            out[f"{match[1]}.down_proj"] = weights
-        elif match[2] == "gate_proj":
-            up = tensors[f"{match[1]}.up_proj.weight"]
-            out[f"{match[1]}.gate_up_proj"] = np.concatenate([weights, up], axis=1)
-    return out
+            yield f"{match[1]}.down_proj", weights
+        else:
+            pending[name] = weights
+            gate, up = f"{match[1]}.gate_proj.weight", f"{match[1]}.up_proj.weight"
+            if gate in pending and up in pending:
+                joined = np.concatenate([pending.pop(gate), pending.pop(up)], axis=1)
+                yield f"{match[1]}.gate_up_proj", joined
+    if pending:
+        raise ValueError(f"expert tensors without their gate/up partner: {sorted(pending)}")
 
 
-def _dequantize(tensor: ReaderTensor, arch: str, config: dict[str, Any]) -> np.ndarray:
+def _dequantize(
+    tensor: ReaderTensor | IndexedTensor, arch: str, config: dict[str, Any]
+) -> np.ndarray:
     """Float32 in numpy dim order (GGUF lists dims innermost-first), in HF's layout."""
     weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     weights = weights.reshape([int(d) for d in reversed(tensor.shape)])

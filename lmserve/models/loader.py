@@ -59,6 +59,10 @@ def load_model(config: ModelConfig, device: torch.device, pooling: bool = False)
 
 
 def _load_safetensors(model: nn.Module, path: Path) -> None:
+    from lmserve.models.gguf import ensure_hf_weights, gguf_source
+
+    if gguf_source(path) is not None:  # a converted GGUF: its float32 weights, written once
+        ensure_hf_weights(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(

@@ -22,6 +22,7 @@ from lmserve.layers.gguf_layers import GGUFLinear, GGUFRows
 from lmserve.models.gguf import (
     _llama3_rope_scaling,
     bundled_smollm2_gguf,
+    ensure_hf_weights,
     gguf_source,
     gguf_to_hf_dir,
     iter_gguf_weights,
@@ -92,7 +93,7 @@ def our_tokenizer(converted: Path):
 
 
 def test_weights_match_transformers(converted: Path, hf_model: torch.nn.Module) -> None:
-    ours = load_file(converted / "model.safetensors")
+    ours = load_file(ensure_hf_weights(converted))
     theirs = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
@@ -118,6 +119,7 @@ def test_converted_dir_generates_like_transformers(
     converted: Path, hf_model: torch.nn.Module, our_tokenizer
 ) -> None:
     """End to end, and independent of transformers' permutation: the model must still know facts."""
+    ensure_hf_weights(converted)
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = our_tokenizer.apply_chat_template(
@@ -158,14 +160,31 @@ def test_special_tokens_follow_metadata(converted: Path, our_tokenizer) -> None:
 
 
 def test_second_call_reuses_cache(gguf_file: Path, cache_root: Path, converted: Path) -> None:
-    weights = converted / "model.safetensors"
-    mtime = weights.stat().st_mtime_ns
+    weights = ensure_hf_weights(converted)
+    mtimes = [p.stat().st_mtime_ns for p in (converted / "config.json", weights)]
     start = time.perf_counter()
     again = gguf_to_hf_dir(str(gguf_file), cache_root)
+    assert ensure_hf_weights(again) == weights
     assert time.perf_counter() - start < 1.0
     assert again == converted
-    assert weights.stat().st_mtime_ns == mtime
+    assert [p.stat().st_mtime_ns for p in (converted / "config.json", weights)] == mtimes
     assert list(cache_root.iterdir()) == [converted]  # no temp dirs left behind
+    assert not [p for p in converted.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_float32_weights_are_written_only_when_needed(gguf_file: Path, tmp_path: Path) -> None:
+    """Converting writes no float32 copy; `quantization="gguf"` never needs one; the float32
+    model writes it on its first load."""
+    cache = tmp_path / "cache"
+    kwargs = dict(kv_cache_memory_gb=0.05, max_model_len=256, cache_dir=str(cache))
+    converted = gguf_to_hf_dir(gguf_file, cache / "gguf")  # where LLM looks
+    weights = converted / "model.safetensors"
+    assert not weights.exists()
+    if cpu_ops.available():
+        LLM(str(gguf_file), quantization="gguf", **kwargs)
+        assert not weights.exists()
+    LLM(str(gguf_file), **kwargs)
+    assert weights.is_file()
 
 
 def test_the_converted_dir_names_its_source(gguf_file: Path, converted: Path) -> None:
@@ -181,7 +200,7 @@ def test_blocks_kept_quantized_are_the_converted_weights(gguf_file: Path, conver
     """Every tensor `quantization="gguf"` loads equals the converted checkpoint's bitwise: the
     Q4_1 linears' blocks once dequantized (q/k rows in HF's order), the Q8_0 embedding's, and
     the tied head is the embedding's blocks."""
-    ours = load_file(converted / "model.safetensors")
+    ours = load_file(ensure_hf_weights(converted))
     config = json.loads((converted / "config.json").read_text())
     kept = set()
     for name, tensor in iter_gguf_weights(gguf_file, config, tied_head=True):

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from lmserve import LLM
-from lmserve.models.gguf import bundled_smollm2_gguf, gguf_to_hf_dir
+from lmserve.models.gguf import bundled_smollm2_gguf, ensure_hf_weights, gguf_to_hf_dir
 from tests.conftest import _COMMON, _randomize
 from tests.engine.test_llm import hf_greedy, random_prompts, run_greedy
 
@@ -184,7 +184,7 @@ def written(request, files) -> tuple[str, Path, torch.nn.Module]:
 def test_conversion_equals_transformers_reading_the_file(written) -> None:
     kind, path, _ = written
     converted = gguf_to_hf_dir(path, path.parent / "cache" / "gguf")  # where LLM looks
-    ours = load_file(converted / "model.safetensors")
+    ours = load_file(ensure_hf_weights(converted))
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
