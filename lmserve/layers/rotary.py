@@ -143,6 +143,14 @@ class RotaryEmbedding(nn.Module):
         # [-sin, sin]: x * cos + roll(x, half) * signed_sin == x * cos + rotate_half(x) * sin
         self.register_buffer("signed_sin_cache", torch.cat((-sin, sin), -1), persistent=False)
 
+    def keep_positions(self, count: int) -> None:
+        """Drop the tables' rows from `count` on: a model served with a shorter max_model_len
+        never reads them (Gemma-3's 32k positions x 256 x 4 tables: 128 MB, half its Q4_K
+        weights)."""
+        if count < self.cos_cache.shape[0]:
+            self.cos_cache = self.cos_cache[:count].clone()
+            self.signed_sin_cache = self.signed_sin_cache[:count].clone()
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(cos, signed_sin), each [num_tokens, 1, head_dim], to broadcast over heads.
         `positions` is [num_tokens], or [3, num_tokens] (t, h, w) for M-RoPE."""

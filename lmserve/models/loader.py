@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmserve.config import ModelConfig
+from lmserve.layers.rotary import RotaryEmbedding
 from lmserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def load_model(config: ModelConfig, device: torch.device, pooling: bool = False)
             model = cls(config.hf_config)
     finally:
         torch.set_default_dtype(default_dtype)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.keep_positions(config.max_model_len)
     if config.quantization in ("gguf", "gguf_q8"):
         _load_gguf_blocks(model, config)
     elif config.load_format == "dummy":

@@ -88,3 +88,18 @@ def test_tables_equal_hfs_cos_and_sin(scaling) -> None:
 def test_an_unknown_scaling_names_the_supported_ones() -> None:
     with pytest.raises(ValueError, match="supported: linear, llama3, yarn, longrope"):
         RotaryEmbedding(HEAD_DIM, 16, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_keeping_fewer_positions_keeps_their_values() -> None:
+    """A model served with a shorter max_model_len drops the rows past it, not their numbers
+    (yarn's attention factor still comes from the model's own max_position)."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    rope = RotaryEmbedding(64, 1024, 10000.0, scaling)
+    positions = torch.tensor([0, 5, 99, 127, 3])
+    before = rope(positions, torch.float32)
+    rope.keep_positions(128)
+    assert rope.cos_cache.shape == rope.signed_sin_cache.shape == (128, 64)
+    for ours, theirs in zip(rope(positions, torch.float32), before, strict=True):
+        assert torch.equal(ours, theirs)
+    rope.keep_positions(4096)  # more than it has: unchanged
+    assert rope.cos_cache.shape[0] == 128
