@@ -93,10 +93,14 @@ class GGUFLinear(DirectCall, nn.Module):
             self._loading[start] = (_Part(start, size, tensor.qtype), tensor.data.contiguous())
         else:
             self._loading[start] = (_Part(start, size, None), tensor.float().t().contiguous())
+        if sum(part.size for part, _ in self._loading.values()) == self.out_features:
+            self.finish_loading()  # now, so that only one layer's parts are held twice
 
     def finish_loading(self) -> None:
         """Join neighbouring parts of one type (one kernel call each) and check that the parts
-        cover every output row."""
+        cover every output row; a layer already finished stays as it is."""
+        if self._parts and not self._loading:
+            return
         groups: list[tuple[_Part, list[torch.Tensor]]] = []
         end = 0
         for start in sorted(self._loading):

@@ -42,7 +42,19 @@ class IndexedTensor:
     name: str
     shape: tuple[int, ...]  # GGUF's order: innermost dimension first
     tensor_type: GGMLQuantizationType
-    data: np.ndarray  # uint8 [outer dims..., bytes per innermost row], a view of the mapped file
+    path: Path
+    offset: int  # of its first byte in the file
+    nbytes: int
+
+    @property
+    def data(self) -> np.ndarray:
+        """uint8 [outer dims..., bytes per innermost row], read into memory of its own on each
+        access. Not a view of the mapped file: mapped pages count in the process's memory
+        beside every copy made of them (a fused layer's joined parts), up to twice the file."""
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            data = np.fromfile(file, dtype=np.uint8, count=self.nbytes)
+        return data.reshape(*reversed(self.shape[1:]), -1)
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,8 @@ class _Cursor:
 
 
 def read_gguf_index(path: Path) -> GGUFIndex:
-    """The file's scalar metadata and its tensors as views of the memory-mapped file."""
-    buffer = np.memmap(path, mode="c")
+    """The file's scalar metadata and where each tensor lies in it."""
+    buffer = np.memmap(path, mode="r")
     if bytes(buffer[:4]) != _MAGIC:
         raise ValueError(f"{path.name} is not a GGUF file (no GGUF magic)")
     cursor = _Cursor(buffer, path)
@@ -124,6 +136,5 @@ def read_gguf_index(path: Path) -> GGUFIndex:
         begin = start + offset
         if begin + rows * row_bytes > len(buffer):
             raise ValueError(f"{path.name} is truncated: tensor {name} runs past its end")
-        data = buffer[begin : begin + rows * row_bytes].reshape(*reversed(dims[1:]), row_bytes)
-        tensors.append(IndexedTensor(name, dims, qtype, data))
+        tensors.append(IndexedTensor(name, dims, qtype, path, begin, rows * row_bytes))
     return GGUFIndex(metadata, tensors)

@@ -80,6 +80,18 @@ def test_q8_activations_are_row_by_row(rows: int) -> None:
     assert 0 < ((batched - exact).norm() / exact.norm()).item() < 0.02
 
 
+def test_a_layer_joins_its_parts_once_all_are_loaded() -> None:
+    """Without waiting for finish_loading: only one layer's parts are ever held twice."""
+    layer = GGUFLinear(64, 32, bias=False)
+    layer.load_rows("weight", _rows(Q.Q8_0, 16, 64, 0)[0], 16, 16)
+    assert not [n for n, _ in layer.named_buffers() if n.startswith("part")]
+    layer.load_rows("weight", _rows(Q.Q8_0, 16, 64, 1)[0], 0, 16)
+    assert [n for n, _ in layer.named_buffers() if n.startswith("part")] == ["part0"]
+    layer.finish_loading()  # the loader still calls it: nothing changes
+    assert [n for n, _ in layer.named_buffers() if n.startswith("part")] == ["part0"]
+    assert layer(torch.randn(2, 64)).shape == (2, 32)
+
+
 def test_rows_left_unset_are_an_error() -> None:
     layer = GGUFLinear(64, 32, bias=False)
     layer.load_rows("weight", _rows(Q.Q8_0, 16, 64, 0)[0], 0, 16)
