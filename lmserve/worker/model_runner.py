@@ -32,6 +32,7 @@ from lmserve.structured_output.apply import apply_grammar_bitmask
 from lmserve.transfer import float32_tensor, to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
+from lmserve.worker.host_memory import check_fits
 from lmserve.worker.image_rows import ImageRows
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import (
@@ -116,6 +117,7 @@ class ModelRunner:
         """Load the model, size the KV cache from the budget, allocate it."""
         device = torch.device(config.device)
         if device.type == "cpu":
+            check_fits(config)
             keep_freed_memory_mapped()
         torch.manual_seed(config.model.seed)
         model = load_model(config.model, device)
