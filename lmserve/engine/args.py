@@ -50,7 +50,7 @@ MODEL_HELP = (
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION_BACKENDS = ("cpu", "torch_ref", "triton")
-_QUANTIZATIONS = ("int8", "gguf", "gguf_q8")
+_QUANTIZATIONS = ("int8", "int4", "gguf", "gguf_q8")
 _METRICS_PREFIXES = ("lmserve", "vllm")
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ def create_engine_config(
     hf_config = _with_longrope_choice(hf_config, max_model_len)
     if quantization in ("gguf", "gguf_q8"):
         _check_gguf_blocks(quantization, path, dtype, load_format, runner)
+    if quantization == "int4":
+        _check_block_kernels(quantization, dtype, runner)
     model_config = ModelConfig(
         model=model or DEFAULT_MODEL,
         path=path,
@@ -357,7 +359,6 @@ def _check_gguf_blocks(
 ) -> None:
     """quantization='gguf' / 'gguf_q8' read a GGUF file's blocks into float32 CPU kernels: say
     up front what else they need."""
-    from lmserve.kernels import cpu_ops
     from lmserve.models.gguf import gguf_source
 
     name = f"quantization={quantization!r}"
@@ -366,6 +367,14 @@ def _check_gguf_blocks(
             f"{name} keeps a .gguf file's weights quantized: give a .gguf model (and real "
             "weights, not load_format='dummy'), or use quantization='int8'"
         )
+    _check_block_kernels(quantization, dtype, runner)
+
+
+def _check_block_kernels(quantization: str, dtype: str, runner: str) -> None:
+    """What every path through the C++ block kernels (gguf, gguf_q8, int4) needs."""
+    from lmserve.kernels import cpu_ops
+
+    name = f"quantization={quantization!r}"
     if dtype not in ("auto", "float32"):
         raise ValueError(f"{name} computes in float32; leave dtype auto, not {dtype!r}")
     if runner != "generate":
@@ -562,10 +571,12 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         choices=list(_QUANTIZATIONS),
         help="int8: quantize the linear layers at load time (weights per output channel, "
         "activations per token) for ~2-4x faster CPU decoding and ~1.7x faster embedding; "
-        "close to, not exactly, the unquantized model's outputs. gguf (a .gguf model only): "
-        "keep the file's Q4_0/Q4_1/Q8_0 linear weights in their blocks (other types are "
-        "dequantized), a fraction of float32's memory, the float32 model's outputs up to "
-        "summation order. gguf_q8: gguf with decode rows quantized to int8 per 32 values and "
+        "close to, not exactly, the unquantized model's outputs. int4: weight-only, groups of "
+        "32 weights with a scale and a minimum (GGUF's Q4_1; the LM head Q8_0), float32 "
+        "activations, any model; a sixth of float32's weight memory. gguf (a .gguf model only): "
+        "keep the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights in their blocks (other "
+        "types are dequantized), a fraction of float32's memory, the float32 model's outputs "
+        "up to summation order. gguf_q8: gguf with decode rows quantized to int8 per 32 values and "
         "integer dot products, as llama.cpp computes (faster, not the float32 outputs)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")

@@ -198,3 +198,33 @@ def replace_linears(
         model.set_submodule(name, layer)
         layers.append(layer)
     return layers
+
+
+# quantization="int4": GGUF's Q4_1 (groups of 32 weights with a scale and a minimum: 5 bits a
+# weight), and Q8_0 for the LM head, whose rounding every token's logits see (llama.cpp's 4-bit
+# mixes keep their output layer wider too)
+_INT4, _INT4_HEAD = 3, 8
+
+
+def quantize_linears_int4(model: nn.Module, linear_type: type[nn.Module]) -> int:
+    """Re-store every loaded `linear_type` layer as blocks for the GGUF kernels (gguf-py's
+    quantizer, one layer at a time); a layer whose input is not a multiple of 32 wide stays
+    float. Returns how many were replaced."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, linear_type)]
+    replaced = 0
+    for name, module in targets:
+        if module.in_features % 32:
+            continue
+        qtype = _INT4_HEAD if name == "lm_head" else _INT4
+        weight = module.weight.detach().t().contiguous().numpy()  # our Linear keeps [in, out]
+        blocks = torch.from_numpy(quantize(weight, GGMLQuantizationType(qtype)))
+        layer = GGUFLinear.like(module)
+        if module.bias is not None:
+            layer.load_rows("bias", module.bias.detach(), 0, module.out_features)
+        layer.load_rows("weight", GGUFRows(blocks, qtype, module.in_features), 0, blocks.shape[0])
+        model.set_submodule(name, layer)
+        replaced += 1
+    return replaced

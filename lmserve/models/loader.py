@@ -51,6 +51,11 @@ def load_model(config: ModelConfig, device: torch.device, pooling: bool = False)
         from lmserve.layers.int8_linear import quantize_linears
 
         quantize_linears(model)
+    elif config.quantization == "int4":
+        from lmserve.layers.gguf_layers import quantize_linears_int4
+        from lmserve.layers.linear import Linear
+
+        quantize_linears_int4(model, Linear)
     logger.info(
         "loaded %s (%s, %s%s) in %.1f s",
         config.model,

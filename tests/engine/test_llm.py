@@ -270,7 +270,9 @@ def test_int8_chat_answers_paris() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(quantization="int4"), "quantization must be one of"),
+        (dict(quantization="int3"), "quantization must be one of"),
+        (dict(quantization="int4", device="cuda"), "int4.*CPU only"),
+        (dict(quantization="int4", dtype="bfloat16"), "int4.*computes in float32"),
         (dict(quantization="int8", device="cuda"), "int8.*CPU only"),
         (dict(quantization="gguf", device="cuda"), "gguf.*CPU only"),
         (dict(quantization="gguf", dtype="bfloat16"), "gguf.*computes in float32"),

@@ -14,6 +14,7 @@ from lmserve.layers.gguf_layers import (
     GGUFLinear,
     GGUFRows,
     kept_quantized,
+    quantize_linears_int4,
     replace_embeddings,
     replace_linears,
 )
@@ -149,3 +150,31 @@ def test_replace_embeddings_swaps_every_table() -> None:
     replace_embeddings(model)
     assert isinstance(model[0], GGUFEmbedding) and isinstance(model[1], Linear)
     assert (model[0].num_embeddings, model[0].embedding_dim) == (10, 4)
+
+
+def test_int4_restores_each_linear_as_gguf_py_blocks() -> None:
+    """quantization="int4": Q4_1 blocks (Q8_0 for the LM head) exactly as gguf-py quantizes the
+    layer's weight, the product that of the dequantized weight; a layer whose input is not a
+    multiple of 32 wide stays float."""
+    model = torch.nn.Module()
+    model.body = Linear(64, 96, bias=True)
+    model.odd = Linear(40, 8)
+    model.lm_head = Linear(64, 50)
+    for layer in (model.body, model.odd, model.lm_head):
+        torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(model.body.bias)
+    weights = {n: getattr(model, n).weight.detach().t().clone() for n in ("body", "lm_head")}
+    bias = model.body.bias.detach().clone()
+    assert quantize_linears_int4(model, Linear) == 2
+    assert isinstance(model.odd, Linear)
+    x = torch.randn(3, 64)
+    for name, qtype in (("body", Q.Q4_1), ("lm_head", Q.Q8_0)):
+        layer = getattr(model, name)
+        assert isinstance(layer, GGUFLinear)
+        blocks = gguf.quants.quantize(weights[name].numpy(), qtype)
+        assert torch.equal(layer.part0, torch.from_numpy(blocks))
+        dense = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).astype(np.float32))
+        expected = x @ dense.t() + (bias if name == "body" else 0)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=2e-5)
+        exact = x @ weights[name].t() + (bias if name == "body" else 0)
+        assert (layer(x) - exact).abs().max() > 1e-3  # the weights really were rounded
