@@ -2,8 +2,9 @@
 
 gguf-py's GGUFReader builds a numpy view for every element of every metadata array: Gemma-3's
 262k-token vocabulary is 786k of them, 9 s and ~800 MB at peak, spent on each load of weights
-that need none of it. Loading weights (`quantization="gguf"`) reads the file through this
-index; the one-time conversion (tokenizer, config) still reads it with GGUFReader.
+that need none of it. Loading the blocks (`quantization="gguf"`), writing the float32 copy and
+sizing a model before it loads read the file through this index; the one-time conversion
+(tokenizer, config) still reads it with GGUFReader.
 """
 
 from __future__ import annotations
