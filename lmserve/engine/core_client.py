@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -204,14 +205,17 @@ class AsyncMPCoreClient:
         """The next message from the core; CoreFailed if its process is gone, TimeoutError if
         it went quiet for longer than `timeout_s`."""
         assert self._from_core is not None, "start() the client first"
-        waited = 0.0
-        while not await self._from_core.poll(timeout=1000):
-            waited += 1.0
+        # checks the core's process once a second, and the deadline to the millisecond: polls
+        # of a whole second let a core that was ready within the first one beat any timeout
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait_s = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            if await self._from_core.poll(timeout=int(wait_s * 1000)):
+                return self._decoder.decode(await self._from_core.recv())
             if not self.is_alive:
                 return CoreFailed(f"the engine core process exited (code {self._exit_code()})")
-            if timeout_s is not None and waited >= timeout_s:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"the engine core did not answer within {timeout_s:g} s")
-        return self._decoder.decode(await self._from_core.recv())
 
     def _exit_code(self) -> int | None:
         return None if self._proc is None else self._proc.exitcode
