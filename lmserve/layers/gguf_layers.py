@@ -3,8 +3,9 @@
 
 The kernels read Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K: 4.5 to 8.5 bits a weight
 where float32 takes 32 and int8 8, so the model fits where its dequantized copy would not, and
-decoding, which streams every weight once a step, reads fewer bytes. The C++ kernels (kernels/cpu/ops.cpp) dequantize each block in registers exactly as
-gguf-py does, so products differ from the dequantized float32 model's only in summation order.
+decoding, which streams every weight once a step, reads fewer bytes. The C++ kernels
+(kernels/cpu/ops.cpp) dequantize each block in registers exactly as gguf-py does, so products
+differ from the dequantized float32 model's only in summation order.
 
 A fused layer (q/k/v, gate/up) is filled from several checkpoint tensors, which one file may
 quantize differently (a Q4_K_M file mixes types): each output slice is a part of its own, and

@@ -100,6 +100,10 @@ class _Cursor:
         kind, count = self.unpack("I"), self.unpack("Q")
         if kind in _SCALARS:
             self.offset += count * struct.calcsize(_SCALARS[kind])
+        elif kind == _STRING:  # by their lengths alone: a vocabulary's 262k, never decoded
+            for _ in range(count):
+                size = self.unpack("Q")  # (moves the offset past itself first)
+                self.offset += size
         else:
             for _ in range(count):
                 self.value(kind)
