@@ -257,6 +257,17 @@ def _nll(llm: LLM) -> float:
     return -sum(lp[t].logprob for t, lp in zip(ids, logprobs, strict=True)) / len(ids)
 
 
+def _assert_batch_finishes_and_frees(llm: LLM) -> None:
+    """Six prompts through a small cache with chunked prefill: every request preempted or not
+    runs to its last token, and no KV block is held after."""
+    hook = PreemptionCounter(llm)
+    llm.step_hook = hook
+    outputs = run_greedy(llm, random_prompts([5, 17, 33, 64, 3, 1]))
+    assert [len(o) for o in outputs] == [NUM_NEW] * 6
+    assert hook.preempted
+    assert_no_blocks_held(llm)
+
+
 @needs_kernels
 def test_q8_activations_stay_near_the_float32_model(gguf_file: Path, cache_root: Path) -> None:
     """gguf_q8 is llama.cpp's arithmetic, not float32's: its layers hold the file's blocks, its
@@ -278,12 +289,7 @@ def test_q8_activations_stay_near_the_float32_model(gguf_file: Path, cache_root:
         cache_dir=str(cache_root),
         **SCENARIOS["preemption_chunked"],
     )
-    hook = PreemptionCounter(llm)
-    llm.step_hook = hook
-    outputs = run_greedy(llm, random_prompts([5, 17, 33, 64, 3, 1]))
-    assert [len(o) for o in outputs] == [NUM_NEW] * 6
-    assert hook.preempted
-    assert_no_blocks_held(llm)
+    _assert_batch_finishes_and_frees(llm)
 
 
 def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
@@ -334,14 +340,9 @@ def test_int4_on_the_converted_checkpoint(converted: Path, cache_root: Path) -> 
     llm = LLM(str(converted), quantization="int4", **kwargs)
     model = llm.engine_core.runner.model
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
-    assert len(layers) == 1 + 2 * len(model.model.layers) * 2  # head; qkv, o, gate_up, down
+    assert len(layers) == 1 + 4 * len(model.model.layers)  # head; qkv, o, gate_up, down
     assert model.lm_head.part0.shape[1] == 576 // 32 * 34  # Q8_0 rows
     assert abs(_nll(llm) - reference) < 0.005
     del llm
     llm = LLM(str(converted), quantization="int4", **SCENARIOS["preemption_chunked"])
-    hook = PreemptionCounter(llm)
-    llm.step_hook = hook
-    outputs = run_greedy(llm, random_prompts([5, 17, 33, 64, 3, 1]))
-    assert [len(o) for o in outputs] == [NUM_NEW] * 6
-    assert hook.preempted
-    assert_no_blocks_held(llm)
+    _assert_batch_finishes_and_frees(llm)
