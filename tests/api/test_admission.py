@@ -54,6 +54,19 @@ async def _timed_post(port: int, path: str, body: dict[str, Any]) -> tuple[float
     return elapsed, int(head[0].split()[1]), headers, payload
 
 
+async def _until_gauge(http: httpx.AsyncClient, name: str, value: int) -> None:
+    """Wait (up to 10 s) until the server's /metrics shows the gauge at this value: the engine
+    has taken the requests, however slow the box, where a fixed sleep would race them."""
+    pattern = re.compile(rf"^lmserve:{name}{{[^}}]*}} (\S+)$", re.MULTILINE)
+    deadline = time.monotonic() + 10
+    while True:
+        found = pattern.search((await http.get("/metrics")).text)
+        if found and float(found.group(1)) == value:
+            return
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        await asyncio.sleep(0.01)
+
+
 def test_a_burst_gets_200s_and_fast_503s_then_the_server_serves(server: Server) -> None:
     port = int(server.url.rsplit(":", 1)[1])
 
@@ -92,10 +105,11 @@ def test_a_prefill_backlog_past_the_token_limit_turns_requests_away(server: Serv
                 asyncio.ensure_future(http.post("/v1/completions", json=LONG))
                 for _ in range(MAX_NUM_SEQS)
             ]
-            await asyncio.sleep(0.2)  # both running and past their prefill
+            await _until_gauge(http, "num_requests_running", MAX_NUM_SEQS)
             big = {"prompt": list(range(1, 121)), "max_tokens": 2}
             waiting = asyncio.ensure_future(http.post("/v1/completions", json=big))
-            await asyncio.sleep(0.05)  # taken, waiting for a slot: 120 tokens of backlog
+            # taken, waiting for a slot: 120 tokens of backlog
+            await _until_gauge(http, "num_requests_waiting", 1)
             turned_away = await http.post("/v1/completions", json={**LONG, "max_tokens": 2})
             return turned_away, await asyncio.gather(*running, waiting)
 
@@ -129,7 +143,7 @@ def test_idle_streams_get_keep_alive_comments_the_client_skips(server: Server) -
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             running = [client.post("/v1/completions", json=LONG) for _ in range(MAX_NUM_SEQS)]
             tasks = [asyncio.ensure_future(r) for r in running]
-            await asyncio.sleep(0.05)  # both running: the next one waits for a slot
+            await _until_gauge(client, "num_requests_running", MAX_NUM_SEQS)  # the next waits
             result = await stream()
             await asyncio.gather(*tasks)
             return result
@@ -172,7 +186,7 @@ def test_a_request_waiting_past_max_waiting_time_gets_a_503(tiny_model_dirs) -> 
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
                 four = {**LONG, "n": 4}  # one after another on the one slot: seconds of work
                 long = asyncio.ensure_future(client.post("/v1/completions", json=four))
-                await asyncio.sleep(0.1)  # running: the slot is taken
+                await _until_gauge(client, "num_requests_running", 1)  # the slot is taken
                 started = time.monotonic()
                 waited = await client.post("/v1/completions", json={**LONG, "max_tokens": 2})
                 elapsed = time.monotonic() - started
