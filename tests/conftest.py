@@ -289,7 +289,7 @@ def hf_smollm2():
 def smollm2_llm(smollm2_dir: Path):
     from lmserve import LLM
 
-    llm = LLM(max_model_len=2048, kv_cache_memory_gb=0.25)
+    llm = LLM(max_model_len=2048, kv_cache_memory_gb=0.25, dtype="float32")  # HF's numbers
     llm.step_hook = llm.engine_core.check_invariants
     return llm
 

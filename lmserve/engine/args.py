@@ -164,6 +164,8 @@ def create_engine_config(
             f"max_model_len={max_model_len} exceeds the model's limit of {model_max_len} tokens"
         )
     hf_config = _with_longrope_choice(hf_config, max_model_len)
+    if quantization is None:
+        quantization = _default_quantization(path, dtype, device, runner, load_format)
     if quantization in ("gguf", "gguf_q8"):
         _check_gguf_blocks(quantization, path, dtype, load_format, runner)
     if quantization == "int4":
@@ -354,19 +356,42 @@ def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
     return dict(_json_object(value, "hf_overrides", '{"num_hidden_layers": 4}') or {})
 
 
+def _default_quantization(
+    path: Path, dtype: str, device: str, runner: str, load_format: str
+) -> str | None:
+    """As vLLM: a .gguf model keeps its quantized blocks (`gguf`), here on CPU for generation,
+    unless a dtype is asked for: `--dtype float32` is the dequantized model, the exact oracle."""
+    from lmserve.models.gguf import blocks_unsupported, gguf_source
+
+    if dtype != "auto" or device != "cpu" or runner != "generate" or load_format == "dummy":
+        return None
+    source = gguf_source(path)
+    if source is None or blocks_unsupported(source) or not cpu_ops.available():
+        return None
+    logger.info(
+        "a GGUF model on CPU: its weights stay in their quantized blocks (--quantization gguf); "
+        "--dtype float32 loads them dequantized instead"
+    )
+    return "gguf"
+
+
 def _check_gguf_blocks(
     quantization: str, path: Path, dtype: str, load_format: str, runner: str
 ) -> None:
     """quantization='gguf' / 'gguf_q8' read a GGUF file's blocks into float32 CPU kernels: say
     up front what else they need."""
-    from lmserve.models.gguf import gguf_source
+    from lmserve.models.gguf import blocks_unsupported, gguf_source
 
     name = f"quantization={quantization!r}"
-    if gguf_source(path) is None or load_format == "dummy":
+    source = gguf_source(path)
+    if source is None or load_format == "dummy":
         raise ValueError(
             f"{name} keeps a .gguf file's weights quantized: give a .gguf model (and real "
             "weights, not load_format='dummy'), or use quantization='int8'"
         )
+    unsupported = blocks_unsupported(source)
+    if unsupported:
+        raise ValueError(f"{unsupported.replace('gguf', quantization, 1)}: use quantization='int8'")
     _check_block_kernels(quantization, dtype, runner)
 
 
@@ -477,7 +502,9 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
-        help="weights and activations dtype; auto = float32 on CPU, the config's dtype on CUDA",
+        help="weights and activations dtype; auto = float32 on CPU (a .gguf model's weights "
+        "kept in their blocks: --quantization gguf), the config's dtype on CUDA; float32 on a "
+        ".gguf model dequantizes its weights (the exact reference, 4-8x the memory)",
     )
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
@@ -576,7 +603,7 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "activations, any model; a sixth of float32's weight memory. gguf (a .gguf model only): "
         "keep the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights in their blocks (other "
         "types are dequantized), a fraction of float32's memory, the float32 model's outputs "
-        "up to summation order. gguf_q8: gguf with decode rows quantized to int8 per 32 values and "
+        "up to summation order; the default for a .gguf model on CPU with dtype auto. gguf_q8: gguf with decode rows quantized to int8 per 32 values and "
         "integer dot products, as llama.cpp computes (faster, not the float32 outputs)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")

@@ -173,6 +173,19 @@ def gguf_source(model_dir: Path) -> Path | None:
     return Path(json.loads(marker.read_text())["path"])
 
 
+def blocks_unsupported(path: Path) -> str | None:
+    """Why the GGUF file at `path` cannot keep its blocks (`quantization="gguf"`), or None
+    when it can: an architecture the loader does not map, or experts (stacked in the file, not
+    yet in block kernels)."""
+    index = read_gguf_index(path)
+    arch = index.get("general.architecture")
+    if arch not in _HF_ARCHITECTURES:
+        return f"quantization='gguf' does not load {arch!r} models yet"
+    if index.get(f"{arch}.expert_count"):
+        return f"quantization='gguf' does not load {arch!r} models with experts yet"
+    return None
+
+
 def iter_gguf_weights(
     path: Path, config: dict[str, Any], tied_head: bool
 ) -> Iterator[tuple[str, torch.Tensor | GGUFRows]]:
@@ -180,14 +193,11 @@ def iter_gguf_weights(
     linear layers' and the embedding's) in a type the kernels read stay in their blocks
     (GGUFRows); with `tied_head`, the embedding's once more as `lm_head.weight`. One tensor at
     a time, so only the model's own copy of each is held."""
+    unsupported = blocks_unsupported(path)
+    if unsupported:
+        raise ValueError(f"{unsupported}: use dtype='float32' or quantization='int8'")
     index = read_gguf_index(path)
     arch = index.get("general.architecture")
-    if arch not in _HF_ARCHITECTURES or index.get(f"{arch}.expert_count"):
-        raise ValueError(
-            f"quantization='gguf' does not load {arch!r} models"
-            + (" with experts" if arch in _HF_ARCHITECTURES else "")
-            + " yet: leave it unset (float32) or use quantization='int8'"
-        )
     for tensor in tqdm(index.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
         if tensor.name == _ROPE_FREQS:
             continue

@@ -58,7 +58,8 @@ def check_fits(config: EngineConfig) -> None:
             kept = weight_bytes(dataclasses.replace(model, quantization="gguf")) or 0
             hint = (
                 f"keep its weights quantized with --quantization gguf (about "
-                f"{(kept + kv) / _GB:.1f} GB with this KV cache), or {hint}"
+                f"{(kept + kv) / _GB:.1f} GB with this KV cache; the default on CPU without "
+                f"--dtype), or {hint}"
             )
     raise ValueError(
         f"{model.model} needs about {(weights + kv) / _GB:.1f} GB of memory "

@@ -236,22 +236,22 @@ def test_gpu_adapters_mixed_with_cuda_graphs_match_peft(tiny_model_dirs, adapter
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
 def test_adapter_on_gguf_blocks_matches_the_dequantized_base(smollm2_dir, tmp_path) -> None:
-    """A LoRA adapter beside `-q gguf`'s quantized layers gives the float32 model's tokens with
-    the same adapter (SmolLM2's Q4_1 file, every projection adapted)."""
+    """A LoRA adapter beside `-q gguf`'s quantized layers (the default) gives the float32
+    model's tokens with the same adapter (SmolLM2's Q4_1 file, every projection adapted)."""
     adapter = make_adapter(smollm2_dir, tmp_path / "smollm2", 4, 8, ALL_TARGETS)
     lora = LoRARequest("smollm2", 1, str(adapter))
     prompts = random_prompts([5, 23, 40])
     tokens = {}
-    for quantization in (None, "gguf"):
+    for dtype in ("float32", "auto"):
         llm = LLM(
             None,
-            quantization=quantization,
+            dtype=dtype,
             enable_lora=True,
             kv_cache_memory_gb=0.05,
             max_model_len=512,
         )
-        tokens[quantization] = (generate(llm, prompts, lora), generate(llm, prompts, None))
+        tokens[dtype] = (generate(llm, prompts, lora), generate(llm, prompts, None))
         assert_no_blocks_held(llm)
         del llm
-    assert tokens["gguf"] == tokens[None]
-    assert tokens[None][0] != tokens[None][1]  # the adapter does something
+    assert tokens["auto"] == tokens["float32"]
+    assert tokens["float32"][0] != tokens["float32"][1]  # the adapter does something

@@ -1,7 +1,7 @@
 """Gemma-3-270m from its Q4_K_M GGUF, served by `lmserve serve` under its Hub name: greedy
 completions through the official client equal HF transformers loading the same file, for a
-prompt past the 512-token sliding window too, dequantized and with `-q gguf` (every tensor,
-Q5_0 / Q8_0 / Q4_K / Q6_K, kept in its blocks)."""
+prompt past the 512-token sliding window too, dequantized (`--dtype float32`) and as it loads
+by default, `-q gguf` (every tensor, Q5_0 / Q8_0 / Q4_K / Q6_K, kept in its blocks)."""
 
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ def _hf_tokens(gemma3_gguf: Path, gemma3_dir: Path) -> list[list[int]]:
 def served(
     gemma3_gguf: Path, gemma3_dir: Path
 ) -> Iterator[tuple[dict[str, Server], list[list[int]]]]:
-    """The servers (float32, -q gguf), and HF's tokens computed while they load (HF reads the
+    """The servers (float32, the default: -q gguf), and HF's tokens computed while they load (HF reads the
     GGUF's 262k-token vocabulary twice: half a minute)."""
     args = ("--max-model-len", "2048", "--kv-cache-memory-gb", "0.2")
     servers = {
-        "float32": launch_server(GEMMA3_MODEL, *args),
-        "gguf": launch_server(GEMMA3_MODEL, *args, "-q", "gguf"),
+        "float32": launch_server(GEMMA3_MODEL, *args, "--dtype", "float32"),
+        "gguf": launch_server(GEMMA3_MODEL, *args),
     }
     try:
         tokens = _hf_tokens(gemma3_gguf, gemma3_dir)

@@ -173,17 +173,17 @@ def test_second_call_reuses_cache(gguf_file: Path, cache_root: Path, converted: 
 
 
 def test_the_float32_weights_are_written_only_when_needed(gguf_file: Path, tmp_path: Path) -> None:
-    """Converting writes no float32 copy; `quantization="gguf"` never needs one; the float32
-    model writes it on its first load."""
+    """Converting writes no float32 copy; `quantization="gguf"` (the default) never needs one;
+    the float32 model writes it on its first load."""
     cache = tmp_path / "cache"
     kwargs = dict(kv_cache_memory_gb=0.05, max_model_len=256, cache_dir=str(cache))
     converted = gguf_to_hf_dir(gguf_file, cache / "gguf")  # where LLM looks
     weights = converted / "model.safetensors"
     assert not weights.exists()
     if cpu_ops.available():
-        LLM(str(gguf_file), quantization="gguf", **kwargs)
+        LLM(str(gguf_file), **kwargs)
         assert not weights.exists()
-    LLM(str(gguf_file), **kwargs)
+    LLM(str(gguf_file), dtype="float32", **kwargs)
     assert weights.is_file()
 
 
@@ -229,17 +229,22 @@ GREEDY_PROMPTS = [
 def test_blocks_kept_quantized_generate_the_dequantized_models_tokens(
     gguf_file: Path, cache_root: Path
 ) -> None:
-    """SmolLM2's Q4_1 file, weight-only: the float32 model's greedy tokens, the prompts
-    batched (prefill through the dequantized GEMM, decode through the block kernel)."""
+    """SmolLM2's Q4_1 file, weight-only, as it loads by default: the float32 model's
+    (`dtype="float32"`) greedy tokens, the prompts batched (prefill through the dequantized GEMM,
+    decode through the block kernel)."""
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     kwargs = dict(kv_cache_memory_gb=0.1, max_model_len=1024, cache_dir=str(cache_root))
     tokens = {}
-    for quantization in (None, "gguf"):
-        llm = LLM(str(gguf_file), quantization=quantization, **kwargs)
+    for dtype in ("float32", "auto"):
+        llm = LLM(str(gguf_file), dtype=dtype, **kwargs)
+        kept = isinstance(llm.engine_core.runner.model.model.layers[0].mlp.down_proj, GGUFLinear)
+        assert (llm.config.model.quantization, kept) == (
+            ("gguf", True) if dtype == "auto" else (None, False)
+        )
         outputs = llm.generate(GREEDY_PROMPTS, params, use_tqdm=False)
-        tokens[quantization] = [o.outputs[0].token_ids for o in outputs]
+        tokens[dtype] = [o.outputs[0].token_ids for o in outputs]
         del llm
-    assert tokens["gguf"] == tokens[None]
+    assert tokens["auto"] == tokens["float32"]
 
 
 PARAGRAPH = (
@@ -277,7 +282,7 @@ def test_q8_activations_stay_near_the_float32_model(gguf_file: Path, cache_root:
     to int8 magnifies the float32 differences between attention paths; each layer's rows are
     independent, tests/layers/test_gguf_layers.py.)"""
     kwargs = dict(cache_dir=str(cache_root), kv_cache_memory_gb=0.05, max_model_len=512)
-    reference = _nll(LLM(str(gguf_file), **kwargs))
+    reference = _nll(LLM(str(gguf_file), dtype="float32", **kwargs))
     llm = LLM(str(gguf_file), quantization="gguf_q8", **kwargs)
     model = llm.engine_core.runner.model
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, GGUFLinear)

@@ -107,10 +107,12 @@ def test_weight_bytes_reads_the_checkpoint(llama_1b, smollm2_dir: Path) -> None:
         + h
         + LLAMA_1B["layers"] * (2 * h * h + 2 * kv * h + 3 * h * f + 2 * h)
     )
-    assert weight_bytes(create_engine_config(str(path), **params).model) == 4 * count
+    assert weight_bytes(create_engine_config(str(path), dtype="float32", **params).model) == (
+        4 * count
+    )
     bf16 = create_engine_config(str(path), dtype="bfloat16", **params).model
     assert weight_bytes(bf16) == 2 * count
-    smollm2 = create_engine_config(str(smollm2_dir), **params).model
+    smollm2 = create_engine_config(str(smollm2_dir), dtype="float32", **params).model
     shard = (smollm2_dir / "model.safetensors").read_bytes()[:8]  # then the header, then data
     data = (smollm2_dir / "model.safetensors").stat().st_size - 8 - int.from_bytes(shard, "little")
     assert weight_bytes(smollm2) == data  # its tensors are float32, as the model

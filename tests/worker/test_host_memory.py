@@ -39,7 +39,10 @@ def llama_7b(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_a_7b_gguf_as_float32_is_refused_up_front(llama_7b) -> None:
     path, cache = llama_7b
-    params = {"max_model_len": 512, "kv_cache_memory_gb": 0.5, "cache_dir": str(cache)}
+    params = {
+        "max_model_len": 512, "kv_cache_memory_gb": 0.5, "cache_dir": str(cache),
+        "dtype": "float32",
+    }  # fmt: skip
     float32 = weight_bytes(create_engine_config(str(path), **params).model)
     assert float32 is not None
     available = available_bytes()
