@@ -4,6 +4,12 @@ The unquantized engine answers a fixed set of chat prompts (sampled, seeded): th
 both engines then score, teacher-forced through `prompt_logprobs`. Printed: top-1 agreement (the
 two engines' most likely next token is the same), each engine's perplexity on the text, the mean
 absolute difference of the text's token logprobs, and how many greedy answers come out identical.
+
+`--peer llama-perplexity` adds llama.cpp's own perplexity tool on the model's GGUF file, beside
+both engines scored the same way on the same tokens: the answers' text as llama.cpp tokenizes it
+(its tokenizer can split text unlike HF's: SmolLM2's "\n\n" is one token there, two in HF's),
+cut into chunks of `--peer-context` tokens (the first made BOS where the vocabulary adds one),
+each chunk's second half scored.
 """
 
 from __future__ import annotations
@@ -12,12 +18,21 @@ import argparse
 import gc
 import json
 import math
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
+
+# where llama.cpp's build leaves its tools for lmserve's peer benchmarks
+_LLAMA_PERPLEXITY = Path("~/.cache/lmserve-peers/llama.cpp/build/bin/llama-perplexity").expanduser()
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -44,12 +59,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_cli_args(parser)
     parser.set_defaults(quantization="int8")
     parser.add_argument("--max-tokens", type=int, default=128, help="answer length scored")
+    parser.add_argument(
+        "--peer",
+        choices=["none", "llama-perplexity"],
+        default="none",
+        help="llama-perplexity: also run llama.cpp's perplexity tool on the model's .gguf file "
+        "and report its number beside both engines' on the same chunks",
+    )
+    parser.add_argument(
+        "--peer-binary",
+        type=Path,
+        default=_LLAMA_PERPLEXITY,
+        help="the llama-perplexity executable (llama.cpp's; in its build directory: cmake "
+        f"--build build --target llama-perplexity; default: {_LLAMA_PERPLEXITY})",
+    )
+    parser.add_argument(
+        "--peer-context",
+        type=int,
+        default=128,
+        help="tokens per perplexity chunk (llama-perplexity's -c); the second half is scored",
+    )
+    parser.add_argument(
+        "--peer-threads", type=int, default=2, help="llama-perplexity's -t (CPU threads)"
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = engine_kwargs_from_cli(args)
-    candidate = kwargs["quantization"]
-    reference_llm = LLM(args.model, **{**kwargs, "quantization": None})
+    # the oracle: float32, a .gguf model's weights dequantized
+    reference_llm = LLM(args.model, **{**kwargs, "quantization": None, "dtype": "float32"})
+    source = _peer_source(args, reference_llm)
     messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
     sampled = reference_llm.chat(
         messages,
@@ -61,14 +100,110 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     texts = [out.prompt_token_ids + out.outputs[0].token_ids for out in sampled]
     starts = [len(out.prompt_token_ids) for out in sampled]
+    plain = "\n\n".join(out.outputs[0].text for out in sampled)
+    peer, chunks = _llama_perplexity(args, source, plain) if source else (None, [])
+    chunks = _with_bos(reference_llm, chunks)
     reference = _score(reference_llm, texts, starts, messages, args.max_tokens)
+    reference_chunked = _chunked_perplexity(reference_llm, chunks)
     del reference_llm
     gc.collect()
-    quantized = _score(LLM(args.model, **kwargs), texts, starts, messages, args.max_tokens)
+    candidate = LLM(args.model, **kwargs)
+    quantized = _score(candidate, texts, starts, messages, args.max_tokens)
     result = _compare(reference, quantized)
-    result.update(quantization=candidate, num_texts=len(texts), max_tokens=args.max_tokens)
+    result.update(
+        quantization=candidate.config.model.quantization,
+        num_texts=len(texts),
+        max_tokens=args.max_tokens,
+    )
+    if source is not None:
+        result["chunked_perplexity"] = {
+            "context": args.peer_context,
+            "chunks": len(chunks),
+            "reference": reference_chunked,
+            "quantized": _chunked_perplexity(candidate, chunks),
+            "llama-perplexity": peer,
+        }
     print(json.dumps(result), flush=True)
     return result
+
+
+def _peer_source(args: argparse.Namespace, llm: LLM) -> Path | None:
+    """The .gguf file llama-perplexity reads, with `--peer llama-perplexity`; checked before
+    any scoring."""
+    if args.peer == "none":
+        return None
+    from lmserve.models.gguf import gguf_source
+
+    source = gguf_source(llm.config.model.path)
+    if source is None:
+        raise SystemExit("--peer llama-perplexity needs a .gguf model (llama.cpp reads only those)")
+    if not args.peer_binary.exists():
+        raise SystemExit(
+            f"no llama-perplexity at {args.peer_binary}: build it in llama.cpp's directory "
+            "(cmake --build build --target llama-perplexity) and pass --peer-binary"
+        )
+    if args.peer_context < 4 or args.peer_context % 2:
+        raise SystemExit(f"--peer-context must be even and at least 4, got {args.peer_context}")
+    return source
+
+
+def _with_bos(llm: LLM, chunks: list[list[int]]) -> list[list[int]]:
+    """Each chunk's first token made BOS where the tokenizer adds one, as llama.cpp scores it."""
+    tokenizer = llm.get_tokenizer()
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a")["input_ids"][:1] != [bos]:
+        return chunks
+    return [[bos, *chunk[1:]] for chunk in chunks]
+
+
+def _chunked_perplexity(llm: LLM, chunks: list[list[int]]) -> float | None:
+    """Perplexity of each chunk's second half given all before it in the chunk (the token after
+    the midpoint on), over all chunks: llama-perplexity's measure."""
+    if not chunks:
+        return None
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": c} for c in chunks], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for out in outputs:
+        assert out.prompt_logprobs is not None
+        first = len(out.prompt_token_ids) // 2
+        for token, entry in zip(
+            out.prompt_token_ids[first + 1 :], out.prompt_logprobs[first + 1 :], strict=True
+        ):
+            assert entry is not None
+            nll -= entry[token].logprob
+            count += 1
+    return round(math.exp(nll / count), 4)
+
+
+def _llama_perplexity(
+    args: argparse.Namespace, source: Path, text: str
+) -> tuple[float, list[list[int]]]:
+    """llama.cpp's `Final estimate: PPL` on the text, file and chunk size, and the chunks of
+    tokens it scored (read back from the logits file it writes with --kl-divergence-base:
+    "_logits_", n_ctx, n_vocab, n_chunk, then the tokens, int32)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "text.txt").write_text(text)
+        command = [
+            str(args.peer_binary), "-m", str(source), "-f", str(Path(tmp) / "text.txt"),
+            "-c", str(args.peer_context), "-b", str(args.peer_context),
+            "-t", str(args.peer_threads), "-tb", str(args.peer_threads),
+            "--kl-divergence-base", str(Path(tmp) / "base.bin"),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        found = re.search(r"Final estimate: PPL = ([\d.]+)", done.stdout + done.stderr)
+        if done.returncode != 0 or found is None:
+            tail = (done.stdout + done.stderr)[-2000:]
+            raise SystemExit(
+                f"llama-perplexity failed (status {done.returncode}); it needs at least two "
+                f"chunks of --peer-context tokens (raise --max-tokens):\n{tail}"
+            )
+        with open(Path(tmp) / "base.bin", "rb") as file:
+            magic, context = file.read(8), int(np.fromfile(file, np.int32, 1)[0])
+            _, count = np.fromfile(file, np.int32, 2).tolist()
+            tokens = np.fromfile(file, np.int32, count * context)
+    assert magic == b"_logits_" and context == args.peer_context and len(tokens) == count * context
+    return float(found.group(1)), tokens.reshape(count, context).tolist()
 
 
 def _score(
