@@ -1,9 +1,10 @@
 """How far a quantized engine strays from the unquantized one on the same weights.
 
-The unquantized engine answers a fixed set of chat prompts (sampled, seeded): that text is what
-both engines then score, teacher-forced through `prompt_logprobs`. Printed: top-1 agreement (the
-two engines' most likely next token is the same), each engine's perplexity on the text, the mean
-absolute difference of the text's token logprobs, and how many greedy answers come out identical.
+The unquantized engine answers a fixed set of questions (sampled, seeded; as chats, or as
+completions for a model without a chat template): that text is what both engines then score,
+teacher-forced through `prompt_logprobs`. Printed: top-1 agreement (the two engines' most likely
+next token is the same), each engine's perplexity on the text, the mean absolute difference of
+the text's token logprobs, and how many greedy answers come out identical.
 
 `--peer llama-perplexity` adds llama.cpp's own perplexity tool on the model's GGUF file, beside
 both engines scored the same way on the same tokens: the answers' text as llama.cpp tokenizes it
@@ -89,26 +90,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # the oracle: float32, a .gguf model's weights dequantized
     reference_llm = LLM(args.model, **{**kwargs, "quantization": None, "dtype": "float32"})
     source = _peer_source(args, reference_llm)
-    messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    sampled = reference_llm.chat(
-        messages,
-        [
-            SamplingParams(temperature=0.8, max_tokens=args.max_tokens, seed=args.seed + i)
-            for i in range(len(messages))
-        ],
-        use_tqdm=False,
-    )
+    params = [
+        SamplingParams(temperature=0.8, max_tokens=args.max_tokens, seed=args.seed + i)
+        for i in range(len(QUESTIONS))
+    ]
+    sampled = _answer(reference_llm, params)
     texts = [out.prompt_token_ids + out.outputs[0].token_ids for out in sampled]
     starts = [len(out.prompt_token_ids) for out in sampled]
     plain = "\n\n".join(out.outputs[0].text for out in sampled)
     peer, chunks = _llama_perplexity(args, source, plain) if source else (None, [])
     chunks = _with_bos(reference_llm, chunks)
-    reference = _score(reference_llm, texts, starts, messages, args.max_tokens)
+    reference = _score(reference_llm, texts, starts, args.max_tokens)
     reference_chunked = _chunked_perplexity(reference_llm, chunks)
     del reference_llm
     gc.collect()
     candidate = LLM(args.model, **kwargs)
-    quantized = _score(candidate, texts, starts, messages, args.max_tokens)
+    quantized = _score(candidate, texts, starts, args.max_tokens)
     result = _compare(reference, quantized)
     result.update(
         quantization=candidate.config.model.quantization,
@@ -206,20 +203,22 @@ def _llama_perplexity(
     return float(found.group(1)), tokens.reshape(count, context).tolist()
 
 
-def _score(
-    llm: LLM,
-    texts: list[list[int]],
-    starts: list[int],
-    messages: list[list[dict[str, str]]],
-    max_tokens: int,
-) -> dict[str, Any]:
+def _answer(llm: LLM, params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    """The answers to QUESTIONS: as chats, or for a model without a chat template (a base
+    model, as Gemma-3-270m's GGUF) as "Question: ...\nAnswer:" completions."""
+    if llm.get_tokenizer().chat_template:
+        messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        return llm.chat(messages, params, use_tqdm=False)
+    prompts = [f"Question: {q}\nAnswer:" for q in QUESTIONS]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def _score(llm: LLM, texts: list[list[int]], starts: list[int], max_tokens: int) -> dict[str, Any]:
     """Per answer token: (the text token's logprob, the engine's top-1 token); greedy answers."""
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
     outputs = llm.generate([{"prompt_token_ids": t} for t in texts], params, use_tqdm=False)
     positions = [_positions(out, start) for out, start in zip(outputs, starts, strict=True)]
-    greedy = llm.chat(
-        messages, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False
-    )
+    greedy = _answer(llm, SamplingParams(temperature=0, max_tokens=max_tokens))
     return {"positions": positions, "greedy": [g.outputs[0].token_ids for g in greedy]}
 
 

@@ -39,6 +39,23 @@ def test_unquantized_agrees_with_itself(capsys: pytest.CaptureFixture[str]) -> N
     assert len(QUESTIONS) * 4 < result["num_tokens"] <= len(QUESTIONS) * 16
 
 
+def test_a_model_without_a_chat_template_answers_completions(smollm2_dir, tmp_path) -> None:
+    """A base model (Gemma-3-270m's GGUF has no chat template) is asked its questions as plain
+    completions; against itself it agrees exactly. (SmolLM2's weights and tokenizer, its
+    template left out.)"""
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        (base / name).symlink_to(smollm2_dir / name)
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    result = _run("--model", str(base), "--dtype", "float32", quantization=None, max_tokens=8)
+    assert len(QUESTIONS) <= result["num_tokens"] <= len(QUESTIONS) * 8
+    assert result["top1_agreement"] == 1.0
+    assert result["identical_greedy_answers"] == f"{len(QUESTIONS)}/{len(QUESTIONS)}"
+
+
 def test_int8_stays_close() -> None:
     result = _run(quantization="int8")
     assert result["quantization"] == "int8"
