@@ -28,9 +28,12 @@ from torch.nn import functional as F
 from lmserve.kernels import cpu_ops
 from lmserve.layers.direct_call import DirectCall
 
-# Rows from which dequantizing a part and one float32 GEMM beat the register kernel (measured,
-# SmolLM2's Q4_1 576 x 1536 MLP on a 2-core EPYC: 310 vs 400 us at 16 rows, 610 vs 550 at 32)
-_GEMM_ROWS = 24
+# Rows from which dequantizing a part and one float32 GEMM beat the register kernel, by build
+# (measured on a 2-core EPYC, float32 rows): the AVX-512 kernel (8 rows a pass, its weight rows
+# tiled) wins at every count tried, to 512 rows (SmolLM2's Q4_1 576 x 3072 at 128 rows 2.0 vs
+# 2.6 ms, at 512 8.4 vs 9.4 ms; a 2048 x 2048 Q4_0 18.4 vs 23.2 ms); the AVX2 one (4 rows a
+# pass) loses from 24-64 rows on, by shape (SmolLM2's from 24-32).
+_GEMM_ROWS = {"AVX512": 1 << 62}.get(torch.backends.cpu.get_cpu_capability(), 24)
 
 
 def kept_quantized(qtype: int) -> bool:
@@ -70,7 +73,8 @@ class GGUFLinear(DirectCall, nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._matmul = cpu_ops.gguf_matmul_q8 if q8_activations else cpu_ops.gguf_matmul
         # q8 rows run through the kernel however many there are, so that a request's numbers
-        # do not depend on what else is batched with it; float32 ones switch to a GEMM
+        # do not depend on what else is batched with it; float32 ones switch to a GEMM where
+        # that is faster
         self._kernel_rows = 1 << 62 if q8_activations else _GEMM_ROWS
         # (part, its weights) in output order; the weights are also this module's buffers
         self._parts: list[tuple[_Part, torch.Tensor]] = []

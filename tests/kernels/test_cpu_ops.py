@@ -229,7 +229,7 @@ def test_gguf_dequantize_is_bit_exact_to_gguf_py(qtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 15])
 def test_gguf_matmul_equals_the_dequantized_product(qtype, rows: int) -> None:
     """Odd shapes (37 outputs, a few blocks deep), every register-tile remainder, written into
     columns 3.. of a wider output whose other columns stay untouched."""
@@ -240,6 +240,22 @@ def test_gguf_matmul_equals_the_dequantized_product(qtype, rows: int) -> None:
     cpu_ops.gguf_matmul(x, blocks, int(qtype), out, 3)
     _assert_sum_close(out[:, 3:40], x, dense)
     assert (out[:, :3] == 7.0).all() and (out[:, 40:] == 7.0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", GGUF_TYPES, ids=lambda t: t.name)
+def test_gguf_matmul_rows_do_not_depend_on_their_batch(qtype) -> None:
+    """A row's product is bitwise the same computed alone or among 15 (every register tile),
+    so a request's numbers do not depend on what is batched with it."""
+    k = _depth(qtype)
+    blocks, _ = _gguf_weight(qtype, 37, k, seed=3)
+    x = torch.randn(15, k, generator=torch.Generator().manual_seed(5))
+    batched = torch.empty(15, 37)
+    cpu_ops.gguf_matmul(x, blocks, int(qtype), batched, 0)
+    for r in range(15):
+        alone = torch.empty(1, 37)
+        cpu_ops.gguf_matmul(x[r : r + 1].clone(), blocks, int(qtype), alone, 0)
+        assert torch.equal(alone[0], batched[r])
 
 
 def _q8_reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -320,7 +336,7 @@ def test_gguf_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
     inputs = {}
     for qtype in GGUF_TYPES:
         blocks, _ = _gguf_weight(qtype, 37, _depth(qtype), seed=int(qtype))
-        inputs[int(qtype)] = (torch.randn(6, _depth(qtype)), blocks)
+        inputs[int(qtype)] = (torch.randn(15, _depth(qtype)), blocks)  # 8 + 4 + 2 + 1 rows
     torch.save(inputs, tmp_path / "in.pt")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
     args = [capability, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmserve.kernels import cpu_ops
+from lmserve.layers import gguf_layers
 from lmserve.layers.gguf_layers import (
     GGUFEmbedding,
     GGUFLinear,
@@ -58,8 +59,13 @@ def _fused(
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # 40: past the kernel's rows, one float32 GEMM
-def test_mixed_parts_equal_the_dequantized_layer(rows: int, bias: bool) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+@pytest.mark.parametrize("gemm_rows", [None, 24])  # 24: the AVX2 build's switch to one GEMM
+def test_mixed_parts_equal_the_dequantized_layer(
+    rows: int, bias: bool, gemm_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if gemm_rows is not None:
+        monkeypatch.setattr(gguf_layers, "_GEMM_ROWS", gemm_rows)
     layer, dense, bias_values = _fused(bias)
     assert len([n for n, _ in layer.named_buffers() if n.startswith("part")]) == 4
     x = torch.randn(2, rows, 96)

@@ -989,12 +989,23 @@ void check_gguf_operands(const char* op, const at::Tensor& x, const at::Tensor& 
               op, ": contiguous float32 out [rows, >= col + N]");
 }
 
+// Activation rows per pass over a weight row: as many as the accumulators fit in registers
+// (AVX-512: 8 rows x 2 of 32 zmm; AVX2: 4 x 2 of 16 ymm, with the unit's 4). The rows go
+// through kWeightTile weight rows at a time, so a tile of rows stays in L1 across them (all
+// rows against each weight row in turn fell off L1 past ~20 rows of 576: 2x the time).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kRowDots = 8;
+#else
+constexpr int64_t kRowDots = 4;
+#endif
+constexpr int64_t kWeightTile = 32;
+
 // x [rows, K] float32 times GGUF-quantized w [N, K / values blocks] (raw bytes, one weight row
 // per tensor row), written into out[:, col : col + N] (a fused layer's parts fill one output):
 // threads split the weight rows, each unit is dequantized in registers (as gguf-py does, in
-// float32) and multiplied into up to four activation rows at a time, so the quantized bytes are
-// read once per four rows. For the few rows of a decode step; a prefill's many rows are faster
-// through a dequantized GEMM (layers/gguf_layers.py picks).
+// float32) and multiplied into up to kRowDots activation rows at a time, so the quantized bytes
+// are unpacked once per kRowDots rows. Each row's sums are the same however many rows come. The
+// AVX2 build's prefill is faster through a dequantized GEMM (layers/gguf_layers.py picks).
 void gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out,
                  int64_t col) {
   check_gguf_operands("gguf_matmul", x, w, type, out, col);
@@ -1006,22 +1017,29 @@ void gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Ten
   with_gguf_type(type, [&](auto t) {
     constexpr int64_t T = decltype(t)::value;
     at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const uint8_t* w_row = wp + n * row_bytes;
+      for (int64_t n0 = begin; n0 < end; n0 += kWeightTile) {
+        const int64_t n1 = std::min(end, n0 + kWeightTile);
+        // one tile of R rows against the weight tile's rows
+        auto tile = [&](auto rows_now, int64_t r) {
+          constexpr int64_t R = decltype(rows_now)::value;
+          for (int64_t n = n0; n < n1; ++n) {
+            gguf_row_dots<T, R>(wp + n * row_bytes, xp + r * k_size, k_size,
+                                op + r * out_stride + n, out_stride);
+          }
+        };
         int64_t r = 0;
-        for (; r + 4 <= rows; r += 4) {
-          gguf_row_dots<T, 4>(w_row, xp + r * k_size, k_size, op + r * out_stride + n,
-                              out_stride);
+        for (; r + kRowDots <= rows; r += kRowDots) {
+          tile(std::integral_constant<int64_t, kRowDots>{}, r);
+        }
+        if (kRowDots > 4 && r + 4 <= rows) {
+          tile(std::integral_constant<int64_t, 4>{}, r);
+          r += 4;
         }
         if (r + 2 <= rows) {
-          gguf_row_dots<T, 2>(w_row, xp + r * k_size, k_size, op + r * out_stride + n,
-                              out_stride);
+          tile(std::integral_constant<int64_t, 2>{}, r);
           r += 2;
         }
-        if (r < rows) {
-          gguf_row_dots<T, 1>(w_row, xp + r * k_size, k_size, op + r * out_stride + n,
-                              out_stride);
-        }
+        if (r < rows) tile(std::integral_constant<int64_t, 1>{}, r);
       }
     });
   });
