@@ -1000,6 +1000,19 @@ constexpr int64_t kRowDots = 4;
 #endif
 constexpr int64_t kWeightTile = 32;
 
+// Calls f(std::integral_constant<int64_t, rows>) for 1 <= rows <= R: a remainder of rows in one
+// pass (a speculative step's 5 rows unpack the weights once, not for 4 and then 1).
+template <int64_t R, typename F>
+void with_rows(int64_t rows, F&& f) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      f(std::integral_constant<int64_t, R>{});
+    } else {
+      with_rows<R - 1>(rows, f);
+    }
+  }
+}
+
 // x [rows, K] float32 times GGUF-quantized w [N, K / values blocks] (raw bytes, one weight row
 // per tensor row), written into out[:, col : col + N] (a fused layer's parts fill one output):
 // threads split the weight rows, each unit is dequantized in registers (as gguf-py does, in
@@ -1031,15 +1044,7 @@ void gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Ten
         for (; r + kRowDots <= rows; r += kRowDots) {
           tile(std::integral_constant<int64_t, kRowDots>{}, r);
         }
-        if (kRowDots > 4 && r + 4 <= rows) {
-          tile(std::integral_constant<int64_t, 4>{}, r);
-          r += 4;
-        }
-        if (r + 2 <= rows) {
-          tile(std::integral_constant<int64_t, 2>{}, r);
-          r += 2;
-        }
-        if (r < rows) tile(std::integral_constant<int64_t, 1>{}, r);
+        if (r < rows) with_rows<kRowDots - 1>(rows - r, [&](auto rest) { tile(rest, r); });
       }
     });
   });
