@@ -391,7 +391,7 @@ def _check_gguf_blocks(
         )
     unsupported = blocks_unsupported(source)
     if unsupported:
-        raise ValueError(f"{unsupported.replace('gguf', quantization, 1)}: use quantization='int8'")
+        raise ValueError(f"{name} does not load {unsupported} yet: use quantization='int8'")
     _check_block_kernels(quantization, dtype, runner)
 
 
@@ -603,8 +603,9 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "activations, any model; a sixth of float32's weight memory. gguf (a .gguf model only): "
         "keep the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights in their blocks (other "
         "types are dequantized), a fraction of float32's memory, the float32 model's outputs "
-        "up to summation order; the default for a .gguf model on CPU with dtype auto. gguf_q8: gguf with decode rows quantized to int8 per 32 values and "
-        "integer dot products, as llama.cpp computes (faster, not the float32 outputs)",
+        "up to summation order; the default for a .gguf model on CPU with dtype auto. gguf_q8: "
+        "gguf with decode rows quantized to int8 per 32 values and integer dot products, as "
+        "llama.cpp computes (not the float32 outputs)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
     parser.add_argument(

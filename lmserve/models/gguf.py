@@ -174,15 +174,15 @@ def gguf_source(model_dir: Path) -> Path | None:
 
 
 def blocks_unsupported(path: Path) -> str | None:
-    """Why the GGUF file at `path` cannot keep its blocks (`quantization="gguf"`), or None
-    when it can: an architecture the loader does not map, or experts (stacked in the file, not
-    yet in block kernels)."""
+    """The models whose kind the GGUF file at `path` is, when they cannot keep their blocks
+    (`quantization="gguf"`), or None when it can: an architecture the loader does not map, or
+    experts (stacked in the file, not yet in block kernels)."""
     index = read_gguf_index(path)
     arch = index.get("general.architecture")
     if arch not in _HF_ARCHITECTURES:
-        return f"quantization='gguf' does not load {arch!r} models yet"
+        return f"{arch!r} models"
     if index.get(f"{arch}.expert_count"):
-        return f"quantization='gguf' does not load {arch!r} models with experts yet"
+        return f"{arch!r} models with experts"
     return None
 
 
@@ -195,7 +195,10 @@ def iter_gguf_weights(
     a time, so only the model's own copy of each is held."""
     unsupported = blocks_unsupported(path)
     if unsupported:
-        raise ValueError(f"{unsupported}: use dtype='float32' or quantization='int8'")
+        raise ValueError(
+            f"quantization='gguf' does not load {unsupported} yet: use dtype='float32' or "
+            "quantization='int8'"
+        )
     index = read_gguf_index(path)
     arch = index.get("general.architecture")
     for tensor in tqdm(index.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
