@@ -65,8 +65,15 @@ class GGUFLinear(DirectCall, nn.Module):
     """Our Linear's interface (in, out, load_rows) over GGUF parts; float32 in and out."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, q8_activations: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        q8_activations: bool = False,
+        requantize: int | None = None,
     ) -> None:
+        """`requantize`: float weight rows given to load_rows are stored as blocks of this type
+        (quantization="int4"), so the layer's float32 weights are never held whole."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -76,6 +83,7 @@ class GGUFLinear(DirectCall, nn.Module):
         # do not depend on what else is batched with it; float32 ones switch to a GEMM where
         # that is faster
         self._kernel_rows = 1 << 62 if q8_activations else _GEMM_ROWS
+        self._requantize = requantize
         # (part, its weights) in output order; the weights are also this module's buffers
         self._parts: list[tuple[_Part, torch.Tensor]] = []
         self._loading: dict[int, tuple[_Part, torch.Tensor]] = {}
@@ -94,6 +102,8 @@ class GGUFLinear(DirectCall, nn.Module):
             return
         if tensor.shape != (size, self.in_features):
             raise ValueError(f"weight rows of shape {tuple(tensor.shape)}, expected {size} rows")
+        if self._requantize is not None and not isinstance(tensor, GGUFRows):
+            tensor = _quantized_rows(tensor, self._requantize)
         if isinstance(tensor, GGUFRows):
             self._loading[start] = (_Part(start, size, tensor.qtype), tensor.data.contiguous())
         else:
@@ -211,25 +221,50 @@ def replace_linears(
 _INT4, _INT4_HEAD = 3, 8
 
 
-def quantize_linears_int4(model: nn.Module, linear_type: type[nn.Module]) -> int:
-    """Re-store every loaded `linear_type` layer as blocks for the GGUF kernels (gguf-py's
-    quantizer, one layer at a time); a layer whose input is not a multiple of 32 wide stays
-    float. Returns how many were replaced."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
+def replace_linears_int4(model: nn.Module, linear_type: type[nn.Module]) -> list[GGUFLinear]:
+    """Swap every `linear_type` layer in `model` whose input is a multiple of 32 wide for an
+    empty GGUFLinear that stores the float rows it is loaded with as Q4_1 blocks (the LM head's
+    as Q8_0), before loading: the float32 weights are never held whole (a narrower layer stays
+    float). Returns the new layers."""
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, linear_type)]
-    replaced = 0
+    layers = []
     for name, module in targets:
         if module.in_features % 32:
             continue
         qtype = _INT4_HEAD if name == "lm_head" else _INT4
-        weight = module.weight.detach().t().contiguous().numpy()  # our Linear keeps [in, out]
-        blocks = torch.from_numpy(quantize(weight, GGMLQuantizationType(qtype)))
-        layer = GGUFLinear.like(module)
-        if module.bias is not None:
-            layer.load_rows("bias", module.bias.detach(), 0, module.out_features)
-        layer.load_rows("weight", GGUFRows(blocks, qtype, module.in_features), 0, blocks.shape[0])
+        layer = GGUFLinear(
+            module.in_features, module.out_features, module.bias is not None, requantize=qtype
+        )
         model.set_submodule(name, layer)
-        replaced += 1
-    return replaced
+        layers.append(layer)
+    return layers
+
+
+def quantize_linears_int4(model: nn.Module, linear_type: type[nn.Module]) -> int:
+    """Re-store every loaded `linear_type` layer as replace_linears_int4's blocks (random
+    weights, drawn in float32 first), one layer at a time. Returns how many were replaced."""
+    loaded = [(n, m) for n, m in model.named_modules() if isinstance(m, linear_type)]
+    layers = replace_linears_int4(model, linear_type)
+    for name, module in loaded:
+        layer = model.get_submodule(name)
+        if isinstance(layer, GGUFLinear):
+            if module.bias is not None:
+                layer.load_rows("bias", module.bias.detach(), 0, module.out_features)
+            weight = module.weight.detach().t()  # our Linear keeps [in, out]
+            layer.load_rows("weight", weight, 0, module.out_features)
+    return len(layers)
+
+
+def _quantized_rows(rows: torch.Tensor, qtype: int, chunk: int = 4096) -> GGUFRows:
+    """Float weight rows [out, in] as gguf-py quantizes them to `qtype` blocks, `chunk` rows
+    at a time (its temporaries are several copies of what it is given: a 262k-token head's
+    would be gigabytes)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    kind = GGMLQuantizationType(qtype)
+    parts = [
+        torch.from_numpy(quantize(rows[i : i + chunk].detach().float().contiguous().numpy(), kind))
+        for i in range(0, rows.shape[0], chunk)
+    ]
+    return GGUFRows(torch.cat(parts) if len(parts) > 1 else parts[0], qtype, rows.shape[1])

@@ -41,6 +41,8 @@ def load_model(config: ModelConfig, device: torch.device, pooling: bool = False)
             module.keep_positions(config.max_model_len)
     if config.quantization in ("gguf", "gguf_q8"):
         _load_gguf_blocks(model, config)
+    elif config.quantization == "int4" and config.load_format != "dummy":
+        _load_int4(model, config.path)
     elif config.load_format == "dummy":
         _init_dummy(model, config.seed)
         model.tie_weights()
@@ -51,7 +53,7 @@ def load_model(config: ModelConfig, device: torch.device, pooling: bool = False)
         from lmserve.layers.int8_linear import quantize_linears
 
         quantize_linears(model)
-    elif config.quantization == "int4":
+    elif config.quantization == "int4" and config.load_format == "dummy":
         from lmserve.layers.gguf_layers import quantize_linears_int4
         from lmserve.layers.linear import Linear
 
@@ -108,13 +110,36 @@ def _load_gguf_blocks(model: nn.Module, config: ModelConfig) -> None:
     _check_complete(model, loaded, str(source))
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def _load_int4(model: nn.Module, path: Path) -> None:
+    """quantization="int4" from safetensors: the linear layers are swapped for empty block
+    layers before loading and store each checkpoint tensor as blocks as it comes, so the float32
+    linears are never all in memory; a tied LM head is quantized from the loaded embedding."""
+    from lmserve.layers.gguf_layers import replace_linears_int4
+    from lmserve.layers.linear import Linear
 
-    handles = [safe_open(f, framework="pt") for f in files]
-    names = [(h, name) for h in handles for name in h.keys()]  # noqa: SIM118 - not a dict
-    for handle, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
-        yield name, handle.get_tensor(name)
+    layers = replace_linears_int4(model, Linear)
+    _load_safetensors(model, path)
+    head = getattr(model, "lm_head", None)
+    if getattr(model, "tie_word_embeddings", False) and any(head is layer for layer in layers):
+        table = model.model.embed_tokens.weight
+        head.load_rows("weight", table, 0, table.shape[0])
+    for layer in layers:
+        layer.finish_loading()
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from lmserve.models.safetensors_stream import iter_streamed, read_header
+
+    count = 0
+    for file in files:
+        with open(file, "rb") as handle:
+            count += len(read_header(handle)[0])
+    progress = tqdm(total=count, desc="Loading weights", unit="tensor", leave=False)
+    with progress:
+        for file in files:
+            for item in iter_streamed(file):
+                yield item
+                progress.update()
 
 
 def _init_dummy(model: nn.Module, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""save_streamed against safetensors' own reader."""
+"""save_streamed and iter_streamed against safetensors' own reader and writer."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from safetensors.torch import save_file
 
-from lmserve.models.safetensors_stream import save_streamed
+from lmserve.models.safetensors_stream import iter_streamed, read_header, save_streamed
 
 
 def test_tensors_round_trip_through_safetensors(tmp_path: Path) -> None:
@@ -47,3 +49,34 @@ def test_an_unwritable_dtype_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="bool"):
         save_streamed([("flags", np.ones(2, dtype=bool))], tmp_path / "x.safetensors", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_iter_streamed_reads_what_safetensors_wrote(tmp_path: Path) -> None:
+    """Every dtype a checkpoint holds, odd sizes and an empty tensor, bitwise as safetensors
+    reads them, in the file's order; a file cut short is an error naming the tensor."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.bf16": torch.randn(3, 5, generator=generator).bfloat16(),
+        "w.f32": torch.randn(4, 7, generator=generator),
+        "w.f16": torch.randn(2, 3, 1, generator=generator).half(),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "blocks": torch.randint(0, 255, (3, 17), dtype=torch.uint8, generator=generator),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    read = list(iter_streamed(path))
+    with open(path, "rb") as file:
+        header, _ = read_header(file)
+    offsets = [header[name]["data_offsets"][0] for name, _ in read]
+    assert sorted(header) == sorted(tensors) and offsets == sorted(offsets)
+    with safe_open(path, framework="pt") as handle:
+        for name, tensor in read:
+            expected = handle.get_tensor(name)
+            assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, name
+            assert torch.equal(tensor, expected), name
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="ends inside tensor"):
+        list(iter_streamed(path))
