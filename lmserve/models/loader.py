@@ -119,10 +119,11 @@ def _load_int4(model: nn.Module, path: Path) -> None:
 
     layers = replace_linears_int4(model, Linear)
     _load_safetensors(model, path)
-    head = getattr(model, "lm_head", None)
-    if getattr(model, "tie_word_embeddings", False) and any(head is layer for layer in layers):
-        table = model.model.embed_tokens.weight
-        head.load_rows("weight", table, 0, table.shape[0])
+    for module in model.modules():  # the model, or the language model inside a VLM
+        head = getattr(module, "lm_head", None)
+        if getattr(module, "tie_word_embeddings", False) and any(head is x for x in layers):
+            table = module.model.embed_tokens.weight
+            head.load_rows("weight", table, 0, table.shape[0])
     for layer in layers:
         layer.finish_loading()
 
