@@ -22,7 +22,7 @@ import torch
 
 from lmserve.benchmarks.roofline import ModelCost, measure_hardware, roofline_seconds
 from lmserve.benchmarks.shapes import resolve_model, shape_names
-from lmserve.config import EngineConfig
+from lmserve.config import EngineConfig, ModelConfig
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.models.gguf import ensure_hf_weights, gguf_source
@@ -346,11 +346,26 @@ def _time_hf(
     return elapsed, num_output_tokens
 
 
+def _bytes_per_weight(model: ModelConfig, element: int) -> float:
+    """What a step reads per weight: int8's byte, int4's Q4_1 blocks (20 bytes per 32), a
+    GGUF's blocks as stored (the file's average over its weights), else the dtype's size."""
+    from lmserve.models.memory import weight_bytes
+
+    if model.quantization == "int8":
+        return 1.0
+    if model.quantization == "int4":
+        return 20 / 32
+    stored = weight_bytes(model) if model.quantization in ("gguf", "gguf_q8") else None
+    if stored:
+        return stored / ModelCost.from_config(model, 1.0, element).weight_bytes
+    return float(element)
+
+
 def _roofline(config: EngineConfig, workload: Workload, record: dict[str, Any]) -> dict[str, Any]:
     dtype = torch_dtype(config.model.dtype)
     element = torch.empty((), dtype=dtype).element_size()
     int8 = config.model.quantization == "int8"
-    cost = ModelCost.from_config(config.model, 1 if int8 else element, element)
+    cost = ModelCost.from_config(config.model, _bytes_per_weight(config.model, element), element)
     hardware = measure_hardware(torch.device(config.device), dtype, int8)
     seconds = roofline_seconds(
         cost,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmserve.benchmarks.throughput import add_arguments, main
+from lmserve.benchmarks.throughput import _bytes_per_weight, add_arguments, main
+from lmserve.engine.args import create_engine_config
 
 FIELDS = {
     "engine", "model", "num_prompts", "input_len", "output_len", "elapsed_s", "requests_per_s",
@@ -92,3 +93,16 @@ def test_qwen2_5_vl_images_with_hf_peer(tiny_qwen2_5_vl_dir: Path) -> None:
         assert results[engine]["num_output_tokens"] == 3 * 4
         assert results[engine]["input_len"] == 8 + 1 + 4 + 1
     assert results["lmserve"]["image_encoder_s"] > 0
+
+
+def test_the_roofline_counts_the_bytes_a_step_reads_per_weight(smollm2_dir: Path) -> None:
+    """float32 4 bytes, int8 1, int4 Q4_1's 20 per 32; SmolLM2's GGUF blocks as stored:
+    Q4_1 layers (0.625) and its Q8_0 embedding, which is also the head (1.0625)."""
+    sizes = {}
+    for quantization in (None, "int8", "int4", "gguf"):
+        model = create_engine_config(
+            str(smollm2_dir), quantization=quantization, dtype="float32", kv_cache_memory_gb=0.01
+        ).model
+        sizes[quantization] = _bytes_per_weight(model, 4)
+    assert (sizes[None], sizes["int8"], sizes["int4"]) == (4.0, 1.0, 0.625)
+    assert 0.625 < sizes["gguf"] < 1.0625
