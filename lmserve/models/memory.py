@@ -13,8 +13,9 @@ from lmserve.models.loader import torch_dtype
 def weight_bytes(config: ModelConfig) -> int | None:
     """Bytes of the loaded weights: a GGUF's blocks as stored where `quantization="gguf"` keeps
     them, every other tensor at `config.dtype`; None where the checkpoint says nothing (dummy
-    weights). `int8` counts as float: it quantizes the loaded float model; so does `int4`, an
-    upper bound now that it quantizes each tensor as it loads (its blocks take ~a sixth)."""
+    weights). `int8` counts as float: it quantizes the loaded float model. `int4` counts its
+    blocks for a safetensors checkpoint (it quantizes each tensor as it loads); from a GGUF file
+    it counts as float, an upper bound."""
     from lmserve.layers.gguf_layers import kept_quantized
     from lmserve.models.gguf import gguf_source
     from lmserve.models.gguf_index import read_gguf_index
@@ -37,9 +38,28 @@ def weight_bytes(config: ModelConfig) -> int | None:
         return None
     from safetensors import safe_open
 
-    total = 0
+    total, has_head = 0, False
+    int4 = config.quantization == "int4"
     for path in files:
         with safe_open(path, framework="np") as handle:
             for name in handle.keys():  # noqa: SIM118 - not a dict
-                total += math.prod(handle.get_slice(name).get_shape()) * element
+                shape = handle.get_slice(name).get_shape()
+                has_head |= name.endswith("lm_head.weight")
+                blocks = _int4_bytes(name, shape) if int4 else 0
+                total += blocks or math.prod(shape) * element
+    if int4 and not has_head and config.hf_config.get("tie_word_embeddings"):  # blocks of its own
+        total += math.ceil(_Q8_0 * config.vocab_size * int(config.hf_config["hidden_size"]))
     return total
+
+
+# bytes per weight of int4's blocks: Q4_1 (20 bytes per 32) and the LM head's Q8_0 (34 per 32)
+_Q4_1, _Q8_0 = 20 / 32, 34 / 32
+
+
+def _int4_bytes(name: str, shape: list[int]) -> int:
+    """A checkpoint tensor's bytes as `int4` keeps it: a linear layer's weight [out, in] with
+    `in` a multiple of 32 as blocks; 0 for what stays float (embeddings, norms, biases, convs,
+    stacked experts)."""
+    if len(shape) != 2 or not name.endswith(".weight") or "embed" in name or shape[1] % 32:
+        return 0
+    return math.ceil(math.prod(shape) * (_Q8_0 if name.endswith("lm_head.weight") else _Q4_1))

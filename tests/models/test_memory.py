@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -118,6 +119,32 @@ def test_weight_bytes_reads_the_checkpoint(llama_1b, smollm2_dir: Path) -> None:
     assert weight_bytes(smollm2) == data  # its tensors are float32, as the model
     dummy = create_engine_config(str(smollm2_dir), load_format="dummy", **params).model
     assert weight_bytes(dummy) is None
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("kind", ["llama", "smollm2"])
+def test_int4_counts_the_blocks_it_keeps(kind: str, tiny_model_dirs, smollm2_dir, tmp_path) -> None:
+    """From safetensors, -q int4's estimate is the loaded model's bytes exactly: Q4_1 linears,
+    a Q8_0 head (SmolLM2's tied one a copy of its own), float embeddings and norms."""
+    from lmserve import LLM
+
+    path = tiny_model_dirs["llama"]  # an untied head
+    if kind == "smollm2":  # the converted GGUF's safetensors, as a plain checkpoint
+        path = tmp_path / "smollm2"
+        path.mkdir()
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            (path / name).symlink_to(smollm2_dir / name)
+    llm = LLM(str(path), quantization="int4", kv_cache_memory_gb=0.01, max_model_len=64)
+    tensors = {
+        t.data_ptr(): t.numel() * t.element_size()
+        for name, t in [*llm.engine_core.runner.model.named_parameters(),
+                        *llm.engine_core.runner.model.named_buffers()]
+        if "rotary" not in name
+    }  # fmt: skip
+    estimate = weight_bytes(llm.config.model)
+    assert estimate == sum(tensors.values())
+    float32 = weight_bytes(dataclasses.replace(llm.config.model, quantization=None))
+    assert float32 > 2 * estimate  # float32 embeddings are much of what is left
 
 
 _MEASURE = """
