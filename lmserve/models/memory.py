@@ -59,7 +59,9 @@ _Q4_1, _Q8_0 = 20 / 32, 34 / 32
 def _int4_bytes(name: str, shape: list[int]) -> int:
     """A checkpoint tensor's bytes as `int4` keeps it: a linear layer's weight [out, in] with
     `in` a multiple of 32 as blocks; 0 for what stays float (embeddings, norms, biases, convs,
-    stacked experts)."""
-    if len(shape) != 2 or not name.endswith(".weight") or "embed" in name or shape[1] % 32:
+    experts, which the loader stacks into float tensors, stored stacked or one by one)."""
+    if len(shape) != 2 or not name.endswith(".weight") or shape[1] % 32:
+        return 0
+    if "embed" in name or ".experts." in name:
         return 0
     return math.ceil(math.prod(shape) * (_Q8_0 if name.endswith("lm_head.weight") else _Q4_1))
