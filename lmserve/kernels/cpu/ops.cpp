@@ -1001,7 +1001,8 @@ constexpr int64_t kRowDots = 4;
 constexpr int64_t kWeightTile = 32;
 
 // Calls f(std::integral_constant<int64_t, rows>) for 1 <= rows <= R: a remainder of rows in one
-// pass (a speculative step's 5 rows unpack the weights once, not for 4 and then 1).
+// pass (a speculative step's 5 rows unpack the weights once, not for 4 and then 1); both GGUF
+// kernels dispatch their row counts through it.
 template <int64_t R, typename F>
 void with_rows(int64_t rows, F&& f) {
   if constexpr (R > 0) {
@@ -1153,18 +1154,6 @@ void gguf_q8_dots(const uint8_t* w_row, const int8_t* xq, const float* xd, const
 // all of them (a speculative step's 5 rows cost little more than 1).
 constexpr int64_t kQ8Rows = 8;
 
-template <int64_t T, int64_t R>
-void gguf_q8_tail(const uint8_t* w_row, const int8_t* xq, const float* xd, const float* xs,
-                  int64_t rows, int64_t k_size, float* out, int64_t out_stride) {
-  if constexpr (R > 0) {
-    if (rows == R) {
-      gguf_q8_dots<T, R>(w_row, xq, xd, xs, k_size, out, out_stride);
-    } else {
-      gguf_q8_tail<T, R - 1>(w_row, xq, xd, xs, rows, k_size, out, out_stride);
-    }
-  }
-}
-
 // x [rows, K] float32, quantized here to q8 blocks, times GGUF-quantized w [N, K / values
 // blocks] into out[:, col : col + N], as gguf_matmul; not the float32 product: llama.cpp's
 // numerics.
@@ -1190,10 +1179,11 @@ void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t type, at::
     at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t r = 0; r < rows; r += kQ8Rows) {
-          gguf_q8_tail<T, kQ8Rows>(wp + n * row_bytes, xq.data() + r * k_size,
-                                   xd.data() + r * units, xs.data() + r * units,
-                                   std::min(kQ8Rows, rows - r), k_size, op + r * stride + n,
-                                   stride);
+          with_rows<kQ8Rows>(std::min(kQ8Rows, rows - r), [&](auto count) {
+            constexpr int64_t R = decltype(count)::value;
+            gguf_q8_dots<T, R>(wp + n * row_bytes, xq.data() + r * k_size, xd.data() + r * units,
+                               xs.data() + r * units, k_size, op + r * stride + n, stride);
+          });
         }
       }
     });
