@@ -164,9 +164,9 @@ def create_engine_config(
             f"max_model_len={max_model_len} exceeds the model's limit of {model_max_len} tokens"
         )
     hf_config = _with_longrope_choice(hf_config, max_model_len)
-    if quantization is None:
+    if quantization is None:  # picked only where _check_gguf_blocks holds: not checked twice
         quantization = _default_quantization(path, dtype, device, runner, load_format)
-    if quantization in ("gguf", "gguf_q8"):
+    elif quantization in ("gguf", "gguf_q8"):
         _check_gguf_blocks(quantization, path, dtype, load_format, runner)
     if quantization == "int4":
         _check_block_kernels(quantization, dtype, runner)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from lmserve.layers.gguf_layers import GGUFRows, kept_quantized
 from lmserve.models.conversion_cache import convert_once
-from lmserve.models.gguf_index import IndexedTensor, read_gguf_index
+from lmserve.models.gguf_index import GGUFIndex, IndexedTensor, read_gguf_index
 from lmserve.models.safetensors_stream import save_streamed
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,10 @@ def blocks_unsupported(path: Path) -> str | None:
     """The models whose kind the GGUF file at `path` is, when they cannot keep their blocks
     (`quantization="gguf"`), or None when it can: an architecture the loader does not map, or
     experts (stacked in the file, not yet in block kernels)."""
-    index = read_gguf_index(path)
+    return _unsupported(read_gguf_index(path))
+
+
+def _unsupported(index: GGUFIndex) -> str | None:
     arch = index.get("general.architecture")
     if arch not in _HF_ARCHITECTURES:
         return f"{arch!r} models"
@@ -193,13 +196,13 @@ def iter_gguf_weights(
     linear layers' and the embedding's) in a type the kernels read stay in their blocks
     (GGUFRows); with `tied_head`, the embedding's once more as `lm_head.weight`. One tensor at
     a time, so only the model's own copy of each is held."""
-    unsupported = blocks_unsupported(path)
+    index = read_gguf_index(path)
+    unsupported = _unsupported(index)
     if unsupported:
         raise ValueError(
             f"quantization='gguf' does not load {unsupported} yet: use dtype='float32' or "
             "quantization='int8'"
         )
-    index = read_gguf_index(path)
     arch = index.get("general.architecture")
     for tensor in tqdm(index.tensors, desc=f"Loading {path.name}", unit="tensor", leave=False):
         if tensor.name == _ROPE_FREQS:
