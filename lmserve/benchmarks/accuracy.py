@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from lmserve.benchmarks.serve import LLAMA_CPP_BIN
 from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
 
-# where llama.cpp's build leaves its tools for lmserve's peer benchmarks
-_LLAMA_PERPLEXITY = Path("~/.cache/lmserve-peers/llama.cpp/build/bin/llama-perplexity").expanduser()
+_LLAMA_PERPLEXITY = LLAMA_CPP_BIN / "llama-perplexity"
 
 QUESTIONS = (
     "What is the capital of France?",

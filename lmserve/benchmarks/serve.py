@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-# where llama.cpp's build leaves llama-server for lmserve's peer benchmarks
-_LLAMA_SERVER = Path("~/.cache/lmserve-peers/llama.cpp/build/bin/llama-server").expanduser()
+# where llama.cpp's build (../shared/tools/build-llama-server.sh) leaves the peers' binaries
+LLAMA_CPP_BIN = Path("~/.cache/lmserve-peers/llama.cpp/build/bin").expanduser()
+_LLAMA_SERVER = LLAMA_CPP_BIN / "llama-server"
 
 
 @dataclass
