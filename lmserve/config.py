@@ -195,6 +195,15 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class DraftConfig:
+    """Speculative decoding's draft model: loaded beside the target, with its own KV cache
+    under the target's block tables (the same block ids), on its own attention backend."""
+
+    model: ModelConfig
+    attention_backend: str
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -209,3 +218,4 @@ class EngineConfig:
     runner: str = "generate"  # "generate", or "pooling": prompts in, embeddings out
     pooler: PoolerConfig | None = None  # the pooling runner's pooler
     speculative: SpeculativeConfig | None = None  # None: one token per request per step
+    draft: DraftConfig | None = None  # the speculative draft model, when one guesses

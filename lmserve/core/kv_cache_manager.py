@@ -76,9 +76,14 @@ class KVCacheManager:
         return hits
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+        num_lookahead: int = 0,
     ) -> bool:
-        """Hold enough blocks for the request's computed tokens, its hits and `num_new_tokens`.
+        """Hold enough blocks for the request's computed tokens, its hits and `num_new_tokens`,
+        and `num_lookahead` slots past them (where a draft model writes its guesses' KV).
 
         Returns False and changes nothing when the pool is short; the caller preempts or waits.
         Blocks that will be full after this step are published to the prefix cache right away, so
@@ -95,7 +100,9 @@ class KVCacheManager:
         # a speculative step also writes its guesses' KV: blocks are held for them, but only
         # known tokens are published (num_tokens counts no guesses)
         num_known = min(num_tokens, request.num_tokens)
-        num_new_blocks = cdiv(num_tokens, self.block_size) - len(held) - len(new_computed_blocks)
+        num_new_blocks = (
+            cdiv(num_tokens + num_lookahead, self.block_size) - len(held) - len(new_computed_blocks)
+        )
         num_cross = 0
         if request.num_encoder_tokens and request.req_id not in self._cross_blocks:
             num_cross = cdiv(request.num_encoder_tokens, self.block_size)

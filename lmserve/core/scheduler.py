@@ -63,7 +63,7 @@ class Scheduler:
         self.speculative = speculative
         self._proposer = (
             NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max)
-            if speculative
+            if speculative and not speculative.uses_draft_model
             else None
         )
         self.spec_num_drafts = 0  # steps that checked a request's guesses
@@ -111,7 +111,11 @@ class Scheduler:
             request.spec_token_ids = request.spec_token_ids[: max(budget - num_new, 0)]
             num_new = min(num_new + len(request.spec_token_ids), budget)
             num_held = self.kv.num_blocks(request.req_id)
-            while not self.kv.allocate_slots(request, num_new):
+            lookahead = self._lookahead(request, request.num_computed_tokens, num_new)
+            while not self.kv.allocate_slots(request, num_new, num_lookahead=lookahead):
+                if lookahead:  # nor do a draft model's guesses
+                    lookahead = 0
+                    continue
                 if request.spec_token_ids:  # guesses never cost another request its blocks
                     num_new -= len(request.spec_token_ids)
                     request.spec_token_ids = []
@@ -148,7 +152,10 @@ class Scheduler:
                 continue
             hits = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - len(hits) * self.kv.block_size, budget)
-            if not self.kv.allocate_slots(request, num_new, hits):
+            lookahead = self._lookahead(request, len(hits) * self.kv.block_size, num_new)
+            if not (
+                lookahead and self.kv.allocate_slots(request, num_new, hits, lookahead)
+            ) and not self.kv.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
             new_reqs.append(self._start(request, len(hits) * self.kv.block_size))
@@ -160,6 +167,15 @@ class Scheduler:
             if not num_scheduled and self.waiting:
                 self.grammars.wait_for_compile(_GRAMMAR_WAIT_S)
         return self._output(new_reqs, cached_reqs, num_scheduled)
+
+    def _lookahead(self, request: Request, num_computed: int, num_new: int) -> int:
+        """Slots past a sampling request's scheduled tokens for the KV of the guesses a draft
+        model makes after the step (none for n-gram guesses, which run no model)."""
+        spec = self.speculative
+        if spec is None or not spec.uses_draft_model or num_computed + num_new < request.num_tokens:
+            return 0
+        room = self.config.max_model_len - num_computed - num_new
+        return max(0, min(spec.num_speculative_tokens, room))
 
     def _schedule_suspect(self) -> SchedulerOutput:
         """After a batch failed for a reason nothing could pin on one request, its requests run
@@ -298,8 +314,8 @@ class Scheduler:
                         no_speech_prob=result.no_speech_prob if result else None,
                     )
                 )
-            if new_tokens and self._proposer is not None and not request.status.finished:
-                self._propose(request)
+            if new_tokens and self.speculative is not None and not request.status.finished:
+                self._propose(request, result)
         return updates
 
     def _take_back_rejected(
@@ -315,10 +331,11 @@ class Scheduler:
         for pos in range(num_accepted):
             self.spec_accepted_per_pos[pos] += 1
 
-    def _propose(self, request: Request) -> None:
-        """Guess the request's next tokens for its next step. Requests whose sampling depends on
-        the tokens before each position (penalties, a grammar) decode one token a step."""
-        assert self._proposer is not None and self.speculative is not None
+    def _propose(self, request: Request, result: SampledTokens | None) -> None:
+        """Guess the request's next tokens for its next step (a draft model's guesses came
+        with its sampled tokens). Requests whose sampling depends on the tokens before each
+        position (penalties, a grammar) decode one token a step."""
+        assert self.speculative is not None
         params = request.sampling_params
         if params.structured_outputs is not None or params.has_penalties:
             return
@@ -329,7 +346,10 @@ class Scheduler:
         )
         if params.max_tokens is not None:
             k = min(k, params.max_tokens - request.num_output_tokens - 1)
-        request.spec_token_ids = self._proposer.propose(request.all_token_ids, k)
+        if self._proposer is not None:
+            request.spec_token_ids = self._proposer.propose(request.all_token_ids, k)
+        elif result is not None and result.draft_token_ids and k > 0:
+            request.spec_token_ids = result.draft_token_ids[:k]
 
     def _append_tokens(self, request: Request, result: SampledTokens | None) -> list[int]:
         """Apply one request's sampled tokens until a stop; the tokens kept."""

@@ -77,3 +77,5 @@ class SampledTokens:
     # Prompt logprobs for this chunk's positions (each predicting the next prompt token).
     prompt_logprobs: list[TokenLogprobs] | None = None
     no_speech_prob: float | None = None  # Whisper: computed in the step holding its prompt's SOT
+    # a draft model's guesses of the tokens after these, for the request's next step
+    draft_token_ids: list[int] | None = None

@@ -17,6 +17,7 @@ from lmserve.config import (
     REASONING_MARKERS,
     STRUCTURED_OUTPUT_BACKENDS,
     CacheConfig,
+    DraftConfig,
     EngineConfig,
     LoRAConfig,
     ModelConfig,
@@ -41,7 +42,7 @@ from lmserve.pooling.config import (
     resolve_pooler,
     resolve_runner,
 )
-from lmserve.spec_decode.config import parse_speculative_config
+from lmserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 
 MODEL_HELP = (
     "HF model directory, .gguf file, or HF id in the local cache "
@@ -206,6 +207,7 @@ def create_engine_config(
     if not enable_chunked_prefill or runner == "pooling":
         # as vLLM: a step must hold any whole prompt (an encoder's is never split)
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    requested_backend = attention_backend
     attention_backend = _resolve_attention_backend(attention_backend, model_config, device)
     speculative = parse_speculative_config(
         _json_object(
@@ -219,6 +221,15 @@ def create_engine_config(
         raise ValueError(
             f"speculative decoding is for decoder-only generation, not {what}: "
             "leave out speculative_config"
+        )
+    draft = None
+    if speculative is not None and speculative.uses_draft_model:
+        draft = _draft_config(
+            speculative,
+            model_config,
+            Path(cache_dir) if cache_dir else default_cache_dir(),
+            device,
+            requested_backend,
         )
     return EngineConfig(
         model=model_config,
@@ -245,7 +256,57 @@ def create_engine_config(
         runner=runner,
         pooler=pooler,
         speculative=speculative,
+        draft=draft,
     )
+
+
+def _draft_config(
+    speculative: SpeculativeConfig,
+    target: ModelConfig,
+    cache_dir: Path,
+    device: str,
+    attention_backend: str,
+) -> DraftConfig:
+    """The draft model of `speculative`, read as the target is (a .gguf keeps its blocks on CPU
+    unless its quantization says otherwise), checked to speak the target's vocabulary and to
+    reach its max_model_len."""
+    assert speculative.model is not None
+    path = resolve_model_dir(speculative.model, cache_dir)
+    hf_config = _with_text_config(json.loads((path / "config.json").read_text()))
+    vocab = int(hf_config.get("vocab_size") or 0)
+    if vocab != target.vocab_size:
+        raise ValueError(
+            f"the draft model {speculative.model} has a vocabulary of {vocab} tokens, the "
+            f"target {target.vocab_size}: a draft must share the target's tokenizer"
+        )
+    if _model_max_len(hf_config) < target.max_model_len:
+        raise ValueError(
+            f"the draft model {speculative.model} reaches {_model_max_len(hf_config)} tokens, "
+            f"less than max_model_len={target.max_model_len}: lower --max-model-len"
+        )
+    quantization = speculative.quantization
+    if quantization is None:
+        quantization = _default_quantization(path, "auto", device, "generate", target.load_format)
+    elif quantization not in _QUANTIZATIONS or device != "cpu":
+        raise ValueError(
+            f"the draft's quantization must be one of {_QUANTIZATIONS}, on CPU; "
+            f"got {quantization!r}"
+        )
+    elif quantization in ("gguf", "gguf_q8"):
+        _check_gguf_blocks(quantization, path, "auto", target.load_format, "generate")
+    elif quantization == "int4":
+        _check_block_kernels(quantization, "auto", "generate")
+    model = ModelConfig(
+        model=speculative.model,
+        path=path,
+        hf_config=hf_config,
+        dtype=_resolve_dtype("auto", hf_config, device),
+        load_format=target.load_format,
+        max_model_len=target.max_model_len,
+        seed=target.seed,
+        quantization=quantization,
+    )
+    return DraftConfig(model, _resolve_attention_backend(attention_backend, model, device))
 
 
 def _resolve_attention_backend(name: str, model: ModelConfig, device: str) -> str:
@@ -634,8 +695,11 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
         "guesses the next tokens from earlier text that ended like the last few tokens and "
         "checks the guesses in one forward pass: faster when outputs repeat their context "
-        "(code edits, summaries, extraction), the same greedy tokens always. Requests with "
-        "penalties or structured outputs decode without it",
+        "(code edits, summaries, extraction), the same greedy tokens always. "
+        '\'{"model": DRAFT, "num_speculative_tokens": 4}\' has a smaller model of the same '
+        "vocabulary guess greedily instead (a .gguf draft keeps its quantized blocks; "
+        '"quantization" picks another); sampled outputs keep the model\'s distribution. '
+        "Requests with penalties or structured outputs decode without it",
     )
     parser.add_argument(
         "--tensor-parallel-size",

@@ -43,6 +43,9 @@ def check_fits(config: EngineConfig) -> None:
     budget are more than this host can still give; a GGUF loaded as float32 is told what
     `quantization="gguf"` would need."""
     weights = weight_bytes(config.model)
+    if config.draft is not None and weights is not None:  # speculation's draft loads beside it
+        draft = weight_bytes(config.draft.model)
+        weights = None if draft is None else weights + draft
     available = available_bytes()
     if weights is None or available is None:
         return

@@ -19,10 +19,15 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 def num_blocks_from_budget(
-    model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, budget_bytes: int
+    model: ModelConfig,
+    cache: CacheConfig,
+    dtype: torch.dtype,
+    budget_bytes: int,
+    extra_per_block: int = 0,
 ) -> int:
-    """Blocks that fit in `budget_bytes`, never more than the longest possible demand needs."""
-    per_block = bytes_per_block(model, cache.block_size, dtype)
+    """Blocks that fit in `budget_bytes`; `extra_per_block`: what a block costs besides the
+    model's own KV (a draft model's KV for the same tokens)."""
+    per_block = bytes_per_block(model, cache.block_size, dtype) + extra_per_block
     num_blocks = budget_bytes // per_block
     if num_blocks < 2:
         raise ValueError(

@@ -32,6 +32,7 @@ from lmserve.structured_output.apply import apply_grammar_bitmask
 from lmserve.transfer import float32_tensor, to_device, to_host
 from lmserve.worker.cpu_allocator import keep_freed_memory_mapped, release_free_memory
 from lmserve.worker.cuda_graph import DecodeGraphs
+from lmserve.worker.draft_runner import DraftRunner
 from lmserve.worker.host_memory import check_fits
 from lmserve.worker.image_rows import ImageRows
 from lmserve.worker.input_batch import InputBatch
@@ -83,6 +84,7 @@ class ModelRunner:
         *,
         graphs: DecodeGraphs | None = None,
         lora: LoRAManager | None = None,
+        draft: DraftRunner | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -108,6 +110,7 @@ class ModelRunner:
         # vision-language models: the images requests need, encoded once
         self.images = ImageRows(model, config, device) if hasattr(model, "embed_images") else None
         self.lora = lora
+        self.draft = draft  # speculative decoding's draft model, guessing after each step
         self.graphs = graphs
         if graphs is not None:
             graphs.capture()
@@ -121,6 +124,7 @@ class ModelRunner:
             keep_freed_memory_mapped()
         torch.manual_seed(config.model.seed)
         model = load_model(config.model, device)
+        draft_model = DraftRunner.load_model(config, device) if config.draft else None
         lora = LoRAManager(model, config.model, config.lora) if config.lora else None
         dtype = torch_dtype(config.model.dtype)
         backend = get_backend(config.attention_backend, device)
@@ -138,13 +142,17 @@ class ModelRunner:
                 budget = cuda_kv_budget_bytes(config.cache, device)
             else:
                 budget = config.cache.kv_cache_bytes
-            num_blocks = num_blocks_from_budget(config.model, config.cache, dtype, budget)
+            extra = DraftRunner.bytes_per_block(config) if config.draft else 0
+            num_blocks = num_blocks_from_budget(config.model, config.cache, dtype, budget, extra)
         shape = backend.kv_cache_shape(
             num_blocks, config.cache.block_size, config.model.num_kv_heads, config.model.head_dim
         )
         caches = allocate_kv_caches(config.model, shape, config.cache.block_size, dtype, device)
         graphs = _decode_graphs(config, model, backend, device)
-        return cls(config, model, caches, backend, device, graphs=graphs, lora=lora)
+        draft = None
+        if draft_model is not None:
+            draft = DraftRunner(config, draft_model, num_blocks, device)
+        return cls(config, model, caches, backend, device, graphs=graphs, lora=lora, draft=draft)
 
     # ---- sleep mode -------------------------------------------------------------------------
     def sleep(self, level: int) -> None:
@@ -158,6 +166,8 @@ class ModelRunner:
             self.model.to("meta")  # frees every weight; wake_up builds the model again
         elif self.device.type == "cuda":
             self.model.to("cpu")
+        if self.draft is not None:
+            self.draft.sleep(level)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         else:
@@ -177,6 +187,8 @@ class ModelRunner:
             self.config.model, self._kv_shape, self.block_size, self._kv_dtype, self.device
         )
         self._bind_kv_caches()
+        if self.draft is not None:
+            self.draft.wake_up()
         self.graphs = _decode_graphs(self.config, self.model, self.backend, self.device)
         if self.graphs is not None:
             self.graphs.capture()
@@ -191,9 +203,13 @@ class ModelRunner:
         return None if not windows or None in windows else max(windows)
 
     def check_invariants(self) -> None:
-        """Only requests the runner holds hold images."""
+        """Only requests the runner holds hold images; the draft's KV covers no more than the
+        tokens each request has."""
         if self.images is not None:
             self.images.check_invariants(set(self.batch.row_of))
+        if self.draft is not None:
+            rows = self.batch.rows_of(list(self.batch.row_of))
+            assert (self.draft.num_valid[rows] <= self.batch.num_tokens[rows]).all()
 
     def _bind_kv_caches(self) -> None:
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
@@ -260,7 +276,24 @@ class ModelRunner:
         for req_id, prob in step.no_speech.items():
             prev = results.get(req_id, SampledTokens([]))
             results[req_id] = dataclasses.replace(prev, no_speech_prob=prob)
+        if self.draft is not None:
+            self._guess(inputs, results)
         return results
+
+    def _guess(self, inputs: StepInputs, results: dict[str, SampledTokens]) -> None:
+        """The draft model's guesses for each sampling request's next step, beside its sampled
+        tokens (none for those whose sampling depends on each position's history)."""
+        assert self.draft is not None
+        states = [self.batch.state(r).params for r in inputs.rows.tolist()]
+        wants = np.fromiter(
+            (p.structured_outputs is None and not p.has_penalties for p in states),
+            bool,
+            len(states),
+        )
+        guesses = self.draft.propose(self.batch, inputs.rows, inputs.sample_mask, wants)
+        for req_id, row in zip(inputs.req_ids, inputs.rows.tolist(), strict=True):
+            if row in guesses and req_id in results:
+                results[req_id] = dataclasses.replace(results[req_id], draft_token_ids=guesses[row])
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         common = inputs.common
@@ -375,6 +408,8 @@ class ModelRunner:
                 self.images.remove(req_id)
         for new in so.new_reqs:
             batch.add(new)
+            if self.draft is not None:
+                self.draft.add(batch.row_of[new.req_id], new.num_computed_tokens)
             if new.images:
                 assert self.images is not None  # the input processor checked the model
                 self.images.add(new)

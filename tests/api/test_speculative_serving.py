@@ -1,6 +1,7 @@
 """`lmserve serve --speculative-config` on the bundled SmolLM2: the same greedy text as the
 engine without speculation, through the official client, and vLLM's spec_decode counters on
-/metrics and in the stats log."""
+/metrics and in the stats log; n-gram guesses, and the quantized GGUF drafting for the exact
+float32 model."""
 
 from __future__ import annotations
 
@@ -86,3 +87,41 @@ def test_sampling_and_streaming_with_speculation(server: Server) -> None:
         return [c.message.content for c in reply.choices]
 
     assert sample() == sample()
+
+
+@pytest.fixture(scope="module")
+def draft_server(smollm2_dir):
+    """The float32 model (the exact one), its guesses made by the same GGUF kept in its Q4_1
+    blocks: a draft that agrees with it on nearly every token, at a fraction of the reads."""
+    draft = '{"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "num_speculative_tokens": 4}'
+    server = start_server(
+        "--max-model-len", "1024", "--kv-cache-memory-gb", "0.25", "--dtype", "float32",
+        "--speculative-config", draft,
+    )  # fmt: skip
+    yield server
+    stop_server(server)
+
+
+def test_a_quantized_draft_model_keeps_the_exact_models_text(
+    draft_server: Server, smollm2_llm
+) -> None:
+    client = openai.OpenAI(base_url=f"{draft_server.url}/v1", api_key="none")
+    question = [{"role": "user", "content": "Name three uses of a paperclip."}]
+    for messages in (EDIT, question):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=64, temperature=0
+        )
+        plain = smollm2_llm.chat(
+            messages, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False
+        )
+        assert reply.choices[0].message.content == plain[0].outputs[0].text
+    text = httpx.get(f"{draft_server.url}/metrics").text
+    drafts = counter(text, "spec_decode_num_draft_tokens")
+    accepted = counter(text, "spec_decode_num_accepted_tokens")
+    assert 0.7 * drafts < accepted <= drafts  # the Q4_1 model mostly agrees with float32
+    stream = client.chat.completions.create(
+        model=MODEL, messages=question, max_tokens=64, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
+        plain[0].outputs[0].text
+    )

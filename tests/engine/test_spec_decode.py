@@ -1,6 +1,7 @@
-"""N-gram speculative decoding end to end through `LLM`: greedy tokens identical to decoding
-without it in every engine scenario (and to HF), sampled tokens distributed as without it,
-guesses actually accepted, and the block pool consistent every step."""
+"""Speculative decoding end to end through `LLM`, with n-gram guesses and with a draft model:
+greedy tokens identical to decoding without it in every engine scenario (and to HF), sampled
+tokens distributed as without it, guesses actually accepted, and the block pool consistent
+every step."""
 
 from __future__ import annotations
 
@@ -143,13 +144,19 @@ def test_logprobs_min_tokens_and_stops_as_without_it(tiny_model_dirs) -> None:
     assert_no_blocks_held(spec)
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
 def test_penalties_and_structured_outputs_decode_without_guesses(
-    tiny_chat_dir, tiny_model_dirs
+    tiny_chat_dir, tiny_model_dirs, proposer
 ) -> None:
     """Requests whose sampling depends on each position's history are never given guesses;
     beside speculating requests in one batch, each still gets its own plain result."""
     prompts = fifty_prompts()[30:36]
-    plain, spec = engine(tiny_model_dirs["llama"], None), engine(tiny_model_dirs["llama"])
+
+    def spec_for(path) -> dict:
+        return SPEC if proposer == "ngram" else {"model": str(path), "num_speculative_tokens": 3}
+
+    plain = engine(tiny_model_dirs["llama"], None)
+    spec = engine(tiny_model_dirs["llama"], spec_for(tiny_model_dirs["llama"]))
     mixed = [
         SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, **extra)
         for extra in ({}, {"repetition_penalty": 1.3}, {"frequency_penalty": 0.5}) * 2
@@ -160,7 +167,7 @@ def test_penalties_and_structured_outputs_decode_without_guesses(
     assert got == want
     assert accepted(spec) > 0
 
-    chat = engine(tiny_chat_dir)
+    chat = engine(tiny_chat_dir, spec_for(tiny_chat_dir))
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     constrained = SamplingParams(
         temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema)
@@ -183,16 +190,19 @@ def test_lora_requests_speculate_with_their_adapter(tiny_model_dirs, tmp_path) -
     requests = [{"prompt_token_ids": p} for p in prompts]
     loras = [lora, None] * 3
     outs = []
-    for spec in (None, SPEC):
+    for spec in (None, SPEC, draft(tiny_model_dirs, "llama")):
         llm = engine(base, spec, enable_lora=True)
         got = llm.generate(requests, params, use_tqdm=False, lora_request=loras)
         outs.append([o.outputs[0].token_ids for o in got])
         assert_no_blocks_held(llm)
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]  # the draft guesses without the adapter
     assert accepted(llm) > 0
 
 
-def test_sampled_tokens_are_distributed_as_the_models(tiny_model_dirs, hf_models_spec) -> None:
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
+def test_sampled_tokens_are_distributed_as_the_models(
+    tiny_model_dirs, hf_models_spec, proposer
+) -> None:
     """3,000 seeded samples of 8 tokens at temperature 0.15 (where this tiny model's next token
     is likely but not certain, so guesses are accepted and rejected often). Each token's
     randomized probability integral transform under HF's distribution for its prefix,
@@ -203,6 +213,8 @@ def test_sampled_tokens_are_distributed_as_the_models(tiny_model_dirs, hf_models
 
     prompt, n, temperature = fifty_prompts()[30], 3000, 0.15
     spec = {**SPEC, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    if proposer == "draft_model":  # the model's own greedy guesses: right where it is likely
+        spec = draft(tiny_model_dirs, "llama", 4)
     llm = engine(tiny_model_dirs["llama"], spec, kv_cache_memory_gb=0.05)
     params = [
         SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True, seed=i)
@@ -222,3 +234,59 @@ def test_sampled_tokens_are_distributed_as_the_models(tiny_model_dirs, hf_models
     chosen = probs.gather(-1, tokens[..., None]).squeeze(-1)
     jitter = torch.rand(chosen.shape, generator=torch.Generator().manual_seed(0))
     assert kstest((below + jitter * chosen).flatten().numpy(), "uniform").pvalue > 1e-3
+
+
+def draft(dirs, kind: str, k: int = 3) -> dict:
+    """A draft-model spec: the tiny `kind` model guessing `k` tokens."""
+    return {"model": str(dirs[kind]), "num_speculative_tokens": k}
+
+
+def acceptance(llm: LLM) -> tuple[int, int]:
+    stats = llm.engine_core.scheduler.stats()
+    return stats.spec_num_accepted_tokens, stats.spec_num_draft_tokens
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_draft_model_greedy_tokens_equal_plain_decoding(
+    tiny_model_dirs, plain_outputs, scenario
+) -> None:
+    """The target as its own draft guesses the target's tokens: nearly every guess comes true
+    only where the draft's KV (caught up each step, written into the lookahead slots, kept
+    across prefix hits, rebuilt after preemption) holds the right tokens. Another model's
+    guesses nearly all fail. Both give the plain tokens."""
+    for kind in ("llama", "mistral"):
+        llm = engine(tiny_model_dirs["llama"], draft(tiny_model_dirs, kind), **SCENARIOS[scenario])
+        llm.step_hook = hook = PreemptionCounter(llm)
+        assert greedy(llm, fifty_prompts()) == plain_outputs["llama"]
+        kept, guessed = acceptance(llm)
+        if kind == "llama":
+            assert kept >= 0.95 * guessed and guessed > 300
+        else:
+            assert kept < 0.1 * guessed
+        assert hook.preempted == (scenario == "preemption")
+        assert_no_blocks_held(llm)
+
+
+def test_draft_model_keeps_its_kv_for_prefix_hits_and_across_sleep(tiny_model_dirs) -> None:
+    """Blocks the prefix cache hands a later request hold the draft's KV too (the self-draft
+    still guesses right from them), and sleep/wake-up frees and restores the draft with the
+    target."""
+    prompts = fifty_prompts()[::5]
+    llm = engine(tiny_model_dirs["llama"], draft(tiny_model_dirs, "llama"), block_size=4,
+                 enable_sleep_mode=True)  # fmt: skip
+    llm.step_hook = llm.engine_core.check_invariants
+    expected = greedy(llm, prompts)
+    longer = [p + e for p, e in zip(prompts, expected, strict=True)]
+    first = acceptance(llm)
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": p} for p in longer], params, use_tqdm=False)
+    assert [o.num_cached_tokens for o in out] == [(len(p) - 1) // 4 * 4 for p in longer]
+    kept, guessed = (b - a for a, b in zip(first, acceptance(llm), strict=True))
+    assert kept >= 0.95 * guessed and guessed > 100
+    runner = llm.engine_core.runner
+    llm.sleep(level=2)
+    assert all(p.is_meta for p in runner.draft.model.parameters())
+    assert all(layer.kv_cache is None for layer in runner.draft.model.attention_layers())
+    llm.wake_up()
+    assert greedy(llm, prompts) == expected
+    assert_no_blocks_held(llm)

@@ -47,8 +47,9 @@ def test_lookup_bounds_default_as_vllms() -> None:
         ("[1, 2]", "JSON object"),
         ({"method": "ngram"}, "needs num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "at least 1"),
-        ({"method": "eagle", "num_speculative_tokens": 2}, "'ngram'"),
-        ({"model": "Qwen/Qwen3-0.6B", "num_speculative_tokens": 2}, "draft model"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "'ngram', 'draft_model'"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "named by speculative_config"),
+        ({"model": "/no/such/draft", "num_speculative_tokens": 2}, "/no/such/draft"),
         ({"method": "ngram", "num_speculative_tokens": 2, "temperature": 1}, "unknown keys"),
         (
             {
@@ -82,3 +83,45 @@ def test_pooling_and_encoder_decoder_models_refuse_it(tiny_pooling_dirs, whisper
         )
     with pytest.raises(ValueError, match="not an encoder-decoder model"):
         create_engine_config(str(whisper_dir), speculative_config=spec)
+
+
+def test_a_draft_model_is_read_as_the_target_is(tiny_model_dirs) -> None:
+    """vLLM's form: a model that is not "[ngram]" is a draft model, loaded beside the target
+    at its max_model_len and seed, on an attention backend of its own."""
+    draft = tiny_model_dirs["mistral"]
+    config = create_engine_config(
+        str(tiny_model_dirs["llama"]),
+        max_model_len=256,
+        seed=7,
+        speculative_config={"model": str(draft), "num_speculative_tokens": 3},
+    )
+    assert config.speculative.method == "draft_model"
+    assert config.draft is not None
+    assert config.draft.model.path == draft
+    assert (config.draft.model.max_model_len, config.draft.model.seed) == (256, 7)
+    assert config.draft.model.quantization is None
+    assert config.draft.attention_backend == config.attention_backend
+
+
+def test_a_draft_must_share_the_vocabulary_and_reach_max_model_len(
+    tiny_model_dirs, tmp_path
+) -> None:
+    import json
+    import shutil
+
+    other = tmp_path / "other_vocab"
+    shutil.copytree(tiny_model_dirs["mistral"], other)
+    hf = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**hf, "vocab_size": hf["vocab_size"] + 1}))
+    spec = {"model": str(other), "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        create_engine_config(str(tiny_model_dirs["llama"]), speculative_config=spec)
+    (other / "config.json").write_text(json.dumps({**hf, "max_position_embeddings": 64}))
+    with pytest.raises(ValueError, match="lower --max-model-len"):
+        create_engine_config(str(tiny_model_dirs["llama"]), speculative_config=spec)
+    with pytest.raises(ValueError, match="draft's quantization"):
+        create_engine_config(
+            str(tiny_model_dirs["llama"]),
+            speculative_config={**spec, "model": str(tiny_model_dirs["mistral"]),
+                                "quantization": "fp8"},
+        )  # fmt: skip
