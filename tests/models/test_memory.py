@@ -122,13 +122,16 @@ def test_weight_bytes_reads_the_checkpoint(llama_1b, smollm2_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler")
-@pytest.mark.parametrize("kind", ["llama", "smollm2"])
+@pytest.mark.parametrize("kind", ["llama", "smollm2", "smollm2_gguf"])
 def test_int4_counts_the_blocks_it_keeps(kind: str, tiny_model_dirs, smollm2_dir, tmp_path) -> None:
-    """From safetensors, -q int4's estimate is the loaded model's bytes exactly: Q4_1 linears,
-    a Q8_0 head (SmolLM2's tied one a copy of its own), float embeddings and norms."""
+    """From safetensors or read from the GGUF's index, -q int4's estimate is the loaded model's
+    bytes exactly: Q4_1 linears, a Q8_0 head (SmolLM2's tied one a copy of its own), float
+    embeddings and norms."""
     from lmserve import LLM
 
     path = tiny_model_dirs["llama"]  # an untied head
+    if kind == "smollm2_gguf":
+        path = smollm2_dir
     if kind == "smollm2":  # the converted GGUF's safetensors, as a plain checkpoint
         path = tmp_path / "smollm2"
         path.mkdir()
