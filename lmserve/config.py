@@ -219,3 +219,7 @@ class EngineConfig:
     pooler: PoolerConfig | None = None  # the pooling runner's pooler
     speculative: SpeculativeConfig | None = None  # None: one token per request per step
     draft: DraftConfig | None = None  # the speculative draft model, when one guesses
+    # data parallel: engine cores behind one API server, each with its own KV cache; this
+    # core's index among them (the API server's config keeps 0)
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0

@@ -97,6 +97,7 @@ def create_engine_config(
     allowed_local_media_path: str | os.PathLike | None = None,
     allowed_media_domains: list[str] | None = None,
     tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
     trust_remote_code: bool = False,
     hf_overrides: dict[str, Any] | str | None = None,
     speculative_config: dict[str, Any] | str | None = None,
@@ -110,6 +111,8 @@ def create_engine_config(
             f"tensor_parallel_size={tensor_parallel_size}: one engine runs on one device for "
             "now; leave it at 1"
         )
+    if data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
     if metrics_prefix not in _METRICS_PREFIXES:
         raise ValueError(
             f"metrics_prefix must be one of {_METRICS_PREFIXES}, got {metrics_prefix!r}"
@@ -257,6 +260,7 @@ def create_engine_config(
         pooler=pooler,
         speculative=speculative,
         draft=draft,
+        data_parallel_size=data_parallel_size,
     )
 
 
@@ -709,6 +713,15 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         help="devices one engine spans; only 1 for now",
     )
     parser.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="engine cores behind this one server, each a process with its own copy of the "
+        "model and its own KV cache (on CPU, each takes an equal share of the cores): requests "
+        "go to the least busy, or to the one whose prefix cache holds their prompt's start",
+    )
+    parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="accepted for vLLM compatibility: lmserve runs only its own model code, never "
@@ -846,6 +859,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
         tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         trust_remote_code=args.trust_remote_code,
         hf_overrides=args.hf_overrides,
         speculative_config=args.speculative_config,

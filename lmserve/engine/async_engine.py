@@ -18,6 +18,7 @@ from typing import Any
 from lmserve.config import EngineConfig
 from lmserve.engine.args import create_engine_config
 from lmserve.engine.core_client import AsyncMPCoreClient
+from lmserve.engine.dp_client import DataParallelCoreClient
 from lmserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from lmserve.engine.messages import (
     Abort,
@@ -33,6 +34,7 @@ from lmserve.engine.messages import (
     Sleep,
     Stats,
     WakeUp,
+    merge_stats,
 )
 from lmserve.engine.metrics import EngineMetrics
 from lmserve.engine.output_processor import OutputProcessor
@@ -52,7 +54,12 @@ logger = logging.getLogger(__name__)
 
 
 class AsyncEngine(EngineClient):
-    def __init__(self, config: EngineConfig, tokenizer: Any | None, client: AsyncMPCoreClient):
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Any | None,
+        client: AsyncMPCoreClient | DataParallelCoreClient,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.input_processor = InputProcessor(
@@ -71,6 +78,7 @@ class AsyncEngine(EngineClient):
             observability.served_model_name or config.model.model,
             observability.metrics_prefix,
             speculative=config.speculative is not None,
+            num_engines=config.data_parallel_size,
         )
         self._output_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
@@ -94,7 +102,11 @@ class AsyncEngine(EngineClient):
         work."""
         config = create_engine_config(model, **engine_args)
         tokenizer = load_tokenizer(config.model.path) if config.model.has_tokenizer else None
-        client = AsyncMPCoreClient(config)
+        client = (
+            DataParallelCoreClient(config)
+            if config.data_parallel_size > 1
+            else AsyncMPCoreClient(config)
+        )
         ready = await client.start(start_timeout_s)
         engine = cls(config, tokenizer, client)
         cache = config.cache
@@ -153,7 +165,6 @@ class AsyncEngine(EngineClient):
         )
         # Counted now, not when the stream is first read, so a burst of streams sees itself;
         # a stream dropped unread gives its count back when it is collected.
-        self.metrics.record_params(sampling_params.n, sampling_params.max_tokens)
         for child in children:
             self._prefill[child.req_id] = len(child.prompt_token_ids)
             self._num_prefill_tokens += len(child.prompt_token_ids)
@@ -189,7 +200,8 @@ class AsyncEngine(EngineClient):
         request = self.input_processor.make_pooling_request(request_id, processed, pooling_params)
         done: asyncio.Future[EngineCoreOutput] = asyncio.get_running_loop().create_future()
         self._pooling[request_id] = done
-        self.metrics.record_arrival(request_id, len(request.prompt_token_ids))
+        engine = self.client.route(request)
+        self.metrics.record_arrival(request_id, len(request.prompt_token_ids), engine)
         try:
             await self.client.send(request)
             out = await done
@@ -235,8 +247,13 @@ class AsyncEngine(EngineClient):
         )
         finished = False
         try:
-            for child in children:
-                self.metrics.record_arrival(child.req_id, len(child.prompt_token_ids))
+            for i, child in enumerate(children):
+                engine = self.client.route(child)
+                if i == 0:
+                    self.metrics.record_params(
+                        sampling_params.n, sampling_params.max_tokens, engine
+                    )
+                self.metrics.record_arrival(child.req_id, len(child.prompt_token_ids), engine)
                 await self.client.send(child)
             while not finished:
                 item = await queue.get()
@@ -283,23 +300,28 @@ class AsyncEngine(EngineClient):
     async def _call_core(self, message: Sleep | WakeUp) -> None:
         """Send a control message and wait for the core's answer (a level-2 wake-up loads the
         weights again, so it may take as long as the start did)."""
+        num_engines = self.client.num_engines
         await self.client.send(message)
-        error = await asyncio.wait_for(self._done.get(), timeout=600)
+        errors = [await asyncio.wait_for(self._done.get(), timeout=600) for _ in range(num_engines)]
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        if error:
-            raise ValueError(error)
+        if any(errors):
+            raise ValueError(next(e for e in errors if e))
 
     async def get_stats(self) -> SchedulerStats:
-        """The core's counters: running/waiting requests, free blocks, preemptions."""
+        """The core's counters: running/waiting requests, free blocks, preemptions (every
+        core's together, with data parallel)."""
+        num_engines = self.client.num_engines
         await self.client.send(GetStats())
-        return await asyncio.wait_for(self._stats.get(), timeout=30)
+        return merge_stats(
+            [await asyncio.wait_for(self._stats.get(), timeout=30) for _ in range(num_engines)]
+        )
 
     async def _output_loop(self) -> None:
         while True:
             match await self.client.receive():
-                case Outputs(outputs=core_outputs, stats=stats):
-                    self.metrics.record_step(core_outputs, stats)
+                case Outputs(outputs=core_outputs, stats=stats, engine=engine):
+                    self.metrics.record_step(core_outputs, stats, engine)
                     if self._pooling:
                         for out in core_outputs:
                             pooled = self._pooling.pop(out.req_id, None)
@@ -317,8 +339,8 @@ class AsyncEngine(EngineClient):
                         queue = self._queues.get(output.request_id)
                         if queue is not None:
                             queue.put_nowait(output)
-                case Stats(stats=stats):
-                    self.metrics.record_stats(stats)
+                case Stats(stats=stats, engine=engine):
+                    self.metrics.record_stats(stats, engine)
                     self._stats.put_nowait(stats)
                 case ControlDone(error=error):
                     self._done.put_nowait(error)

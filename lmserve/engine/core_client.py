@@ -67,10 +67,12 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     try:
         from lmserve.engine.core import build_engine_core
 
+        if config.data_parallel_size > 1 and config.device == "cpu":
+            _take_share_of_cores(config.data_parallel_size)
         core = build_engine_core(config)
         outbox.send(encoder.encode(Ready(core.stats())))
         try:
-            _serve(core, inbox, outbox, encoder, decoder)
+            _serve(core, inbox, outbox, encoder, decoder, config.data_parallel_rank)
         finally:
             core.shutdown()
     except Exception:  # noqa: BLE001 - whatever kills the core is reported, then it exits
@@ -81,12 +83,21 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         ctx.term()
 
 
+def _take_share_of_cores(num_engines: int) -> None:
+    """One of `num_engines` data-parallel cores on this CPU: an equal share of its cores as
+    torch threads, so the engines do not oversubscribe it."""
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // num_engines))
+
+
 def _serve(
     core: EngineCore | PoolingEngineCore,
     inbox: zmq.Socket,
     outbox: zmq.Socket,
     encoder: msgspec.msgpack.Encoder,
     decoder: msgspec.msgpack.Decoder[ToCore],
+    engine: int = 0,
 ) -> None:
     parent = os.getppid()
     while True:
@@ -97,7 +108,7 @@ def _serve(
             message = decoder.decode(inbox.recv())
             if isinstance(message, Shutdown):
                 return
-            reply = _handle(core, message)
+            reply = _handle(core, message, engine)
             if reply is not None:
                 outbox.send(encoder.encode(reply))
             timeout = 0
@@ -106,10 +117,12 @@ def _serve(
             return
         outputs = core.step()
         if outputs:
-            outbox.send(encoder.encode(Outputs(outputs, core.stats())))
+            outbox.send(encoder.encode(Outputs(outputs, core.stats(), engine)))
 
 
-def _handle(core: EngineCore | PoolingEngineCore, message: ToCore) -> FromCore | None:
+def _handle(
+    core: EngineCore | PoolingEngineCore, message: ToCore, engine: int = 0
+) -> FromCore | None:
     """Apply one message to the core; the reply to send back, if any."""
     match message:
         case EngineCoreRequest():
@@ -117,15 +130,15 @@ def _handle(core: EngineCore | PoolingEngineCore, message: ToCore) -> FromCore |
                 core.add_request(message)
             except ValueError:  # sent while the engine went to sleep: it ends aborted
                 aborted = EngineCoreOutput(message.req_id, [], FinishReason.ABORT)
-                return Outputs([aborted], core.stats())
+                return Outputs([aborted], core.stats(), engine)
             except Exception:  # noqa: BLE001 - one request that cannot be queued fails alone
                 logger.exception("request %s could not be queued", message.req_id)
                 failed = EngineCoreOutput(message.req_id, [], FinishReason.ERROR)
-                return Outputs([failed], core.stats())
+                return Outputs([failed], core.stats(), engine)
         case Abort(req_ids=req_ids):
             core.abort_requests(req_ids)
         case GetStats():
-            return Stats(core.stats())
+            return Stats(core.stats(), engine)
         case Sleep(level=level):
             return _control(lambda: core.sleep(level))
         case WakeUp():
@@ -143,6 +156,8 @@ def _control(call: Callable[[], None]) -> ControlDone:
 
 class AsyncMPCoreClient:
     """The API process's end: starts the core process and exchanges messages with it."""
+
+    num_engines = 1  # the cores a GetStats, Sleep or WakeUp gets an answer from
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -189,6 +204,14 @@ class AsyncMPCoreClient:
     @property
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
+
+    def route(self, request: EngineCoreRequest) -> int:
+        """The core a request goes to (its metrics' engine label): the one."""
+        return 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     async def send(self, message: ToCore) -> None:
         """Queue a message for the core; EngineDeadError when there is no core to take it (a

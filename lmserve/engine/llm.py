@@ -50,6 +50,11 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.config = create_engine_config(model, **engine_args)
+        if self.config.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size runs engine cores behind `lmserve serve` (or AsyncEngine); "
+                "LLM runs one core in this process: leave it at 1"
+            )
         self.tokenizer = (
             load_tokenizer(self.config.model.path) if self.config.model.has_tokenizer else None
         )

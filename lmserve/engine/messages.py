@@ -161,12 +161,14 @@ class Outputs(msgspec.Struct, frozen=True, tag="outputs"):
 
     outputs: list[EngineCoreOutput]
     stats: SchedulerStats
+    engine: int = 0  # which core (data parallel rank) ran the step
 
 
 class Stats(msgspec.Struct, frozen=True, tag="stats"):
     """The answer to GetStats."""
 
     stats: SchedulerStats
+    engine: int = 0
 
 
 class ControlDone(msgspec.Struct, frozen=True, tag="done"):
@@ -182,3 +184,33 @@ class CoreFailed(msgspec.Struct, frozen=True, tag="error"):
 
 
 FromCore = Ready | Outputs | Stats | ControlDone | CoreFailed
+
+
+def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
+    """Several engine cores' snapshots as one: counts and counters summed, the KV usage of all
+    their blocks together (data parallel)."""
+    if len(stats) == 1:
+        return stats[0]
+    usable = sum(s.num_usable_blocks for s in stats)
+    free = sum(s.num_free_blocks for s in stats)
+    per_pos = [0] * max((len(s.spec_accepted_per_pos) for s in stats), default=0)
+    for s in stats:
+        for pos, count in enumerate(s.spec_accepted_per_pos):
+            per_pos[pos] += count
+    return SchedulerStats(
+        num_running=sum(s.num_running for s in stats),
+        num_waiting=sum(s.num_waiting for s in stats),
+        kv_cache_usage=1.0 - free / usable if usable else 0.0,
+        num_free_blocks=free,
+        num_usable_blocks=usable,
+        num_preemptions=sum(s.num_preemptions for s in stats),
+        prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+        prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
+        num_step_tokens=sum(s.num_step_tokens for s in stats),
+        mm_cache_queries=sum(s.mm_cache_queries for s in stats),
+        mm_cache_hits=sum(s.mm_cache_hits for s in stats),
+        spec_num_drafts=sum(s.spec_num_drafts for s in stats),
+        spec_num_draft_tokens=sum(s.spec_num_draft_tokens for s in stats),
+        spec_num_accepted_tokens=sum(s.spec_num_accepted_tokens for s in stats),
+        spec_accepted_per_pos=per_pos,
+    )

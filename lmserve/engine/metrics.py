@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats
+from lmserve.engine.messages import EngineCoreOutput, FinishReason, SchedulerStats, merge_stats
 from lmserve.outputs import RequestMetrics
 
 logger = logging.getLogger("lmserve.stats")
@@ -28,6 +28,7 @@ _SLEEP_STATES = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}  # vLLM's
 class _Timing:
     arrival: float
     num_prompt_tokens: int
+    engine: int  # the core (data parallel rank) the request went to
     scheduled: float | None = None  # wall clock of its first scheduling
     first_token: float | None = None
     last_token: float | None = None
@@ -51,13 +52,20 @@ class _Interval:
 class EngineMetrics:
     """`prefix` names the series: `lmserve` (ours) or `vllm`, so dashboards and autoscalers
     written for vLLM's `vllm:*` series read an lmserve server unchanged; `model_name` labels
-    them with the served name, as vLLM does. With `speculative`, the spec_decode_* counters
-    too (vLLM registers them only when speculating)."""
+    them with the served name and `engine` with the core's data parallel rank, as vLLM does.
+    With `speculative`, the spec_decode_* counters too (vLLM registers them only when
+    speculating)."""
 
-    def __init__(self, model_name: str, prefix: str = "lmserve", speculative: bool = False) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        prefix: str = "lmserve",
+        speculative: bool = False,
+        num_engines: int = 1,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._prefix = prefix
-        labels = ["model_name"]
+        labels = ["model_name", "engine"]
         r = self.registry
 
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
@@ -143,19 +151,24 @@ class EngineMetrics:
             "request_max_num_generation_tokens", "Most tokens a request may generate",
             _TOKEN_BUCKETS,
         )  # fmt: skip
-        self._label = {"model_name": model_name}
+        self._model_name = model_name
+        self._num_engines = num_engines
         self.record_sleep(0)
         self._timings: dict[str, _Timing] = {}
         self._finished: dict[str, _Timing] = {}  # finished in the last step, for request_metrics
-        self._last_stats: SchedulerStats | None = None
+        self._last_stats: dict[int, SchedulerStats] = {}  # each core's, as of its last report
         self._interval = _Interval()
 
-    def record_params(self, n: int, max_tokens: int | None) -> None:
+    def _label(self, engine: int) -> dict[str, str]:
+        return {"model_name": self._model_name, "engine": str(engine)}
+
+    def record_params(self, n: int, max_tokens: int | None, engine: int = 0) -> None:
         """A request's sampling parameters, once per request (not per sample)."""
-        self._params_n.labels(**self._label).observe(n)
+        label = self._label(engine)
+        self._params_n.labels(**label).observe(n)
         if max_tokens is not None:
-            self._params_max_tokens.labels(**self._label).observe(max_tokens)
-            self._max_generation.labels(**self._label).observe(max_tokens)
+            self._params_max_tokens.labels(**label).observe(max_tokens)
+            self._max_generation.labels(**label).observe(max_tokens)
 
     def record_cache_config(self, info: dict[str, str]) -> None:
         """vLLM's cache_config_info: the KV cache's settings as labels of a gauge set to 1."""
@@ -164,11 +177,14 @@ class EngineMetrics:
         gauge.labels(**info).set(1)
 
     def record_sleep(self, level: int) -> None:
-        for state, value in _SLEEP_STATES.items():
-            self._sleep.labels(**self._label, sleep_state=state).set(int(level == value))
+        for engine in range(self._num_engines):  # every core sleeps and wakes together
+            for state, value in _SLEEP_STATES.items():
+                self._sleep.labels(**self._label(engine), sleep_state=state).set(
+                    int(level == value)
+                )
 
-    def record_arrival(self, req_id: str, num_prompt_tokens: int) -> None:
-        self._timings[req_id] = _Timing(time.time(), num_prompt_tokens)
+    def record_arrival(self, req_id: str, num_prompt_tokens: int, engine: int = 0) -> None:
+        self._timings[req_id] = _Timing(time.time(), num_prompt_tokens, engine)
 
     def record_abort(self, req_id: str) -> None:
         self._timings.pop(req_id, None)
@@ -176,18 +192,23 @@ class EngineMetrics:
     def load_report(self) -> dict[str, float]:
         """The engine's load as of its last step, in the named metrics of vLLM's ORCA
         `endpoint-load-metrics` header."""
-        stats = self._last_stats
+        stats = self._merged_stats()
         return {
             "kv_cache_usage_perc": float(stats.kv_cache_usage if stats else 0.0),
             "num_requests_waiting": float(stats.num_waiting if stats else 0),
         }
+
+    def _merged_stats(self) -> SchedulerStats | None:
+        return merge_stats(list(self._last_stats.values())) if self._last_stats else None
 
     def request_metrics(self, req_id: str) -> RequestMetrics | None:
         """A request's timeline so far, or as it finished in the last step."""
         timing = self._timings.get(req_id) or self._finished.get(req_id)
         return None if timing is None else timing.snapshot()
 
-    def record_step(self, outputs: list[EngineCoreOutput], stats: SchedulerStats) -> None:
+    def record_step(
+        self, outputs: list[EngineCoreOutput], stats: SchedulerStats, engine: int = 0
+    ) -> None:
         now = time.time()
         self._finished.clear()
         for out in outputs:
@@ -201,100 +222,93 @@ class EngineMetrics:
             if out.finish_reason is not None:  # with no token too: aborted or failed
                 self._finish(out.req_id, out.finish_reason, now)
         if stats.num_step_tokens:
-            self._iteration.labels(**self._label).observe(stats.num_step_tokens)
-        self.record_stats(stats)
+            self._iteration.labels(**self._label(engine)).observe(stats.num_step_tokens)
+        self.record_stats(stats, engine)
 
     def _record_tokens(self, timing: _Timing, out: EngineCoreOutput, now: float) -> None:
         num_new = len(out.new_token_ids)
+        label = self._label(timing.engine)
         if timing.last_token is None:
             timing.first_token = now
-            self._ttft.labels(**self._label).observe(now - timing.arrival)
+            self._ttft.labels(**label).observe(now - timing.arrival)
             if out.first_scheduled_time is not None:
                 timing.scheduled = max(out.first_scheduled_time, timing.arrival)
-                self._queue.labels(**self._label).observe(timing.scheduled - timing.arrival)
-                self._prefill.labels(**self._label).observe(now - timing.scheduled)
+                self._queue.labels(**label).observe(timing.scheduled - timing.arrival)
+                self._prefill.labels(**label).observe(now - timing.scheduled)
             computed = timing.num_prompt_tokens - out.num_cached_tokens
-            self._prompt_tokens.labels(**self._label).inc(computed)
-            self._prompt_cached.labels(**self._label).inc(out.num_cached_tokens)
+            self._prompt_tokens.labels(**label).inc(computed)
+            self._prompt_cached.labels(**label).inc(out.num_cached_tokens)
             self._interval.prompt_tokens += computed
         else:
-            self._itl.labels(**self._label).observe((now - timing.last_token) / num_new)
+            self._itl.labels(**label).observe((now - timing.last_token) / num_new)
         timing.last_token = now
         timing.num_generated += num_new
-        self._generation_tokens.labels(**self._label).inc(num_new)
+        self._generation_tokens.labels(**label).inc(num_new)
         self._interval.generation_tokens += num_new
 
     def _record_pooled(self, timing: _Timing, out: EngineCoreOutput, now: float) -> None:
         """A pooling request, done in one step: its prompt tokens, queue and prefill times (it
         has no first token, so no TTFT)."""
+        label = self._label(timing.engine)
         if out.first_scheduled_time is not None:
             timing.scheduled = max(out.first_scheduled_time, timing.arrival)
-            self._queue.labels(**self._label).observe(timing.scheduled - timing.arrival)
-            self._prefill.labels(**self._label).observe(now - timing.scheduled)
-        self._prompt_tokens.labels(**self._label).inc(timing.num_prompt_tokens)
+            self._queue.labels(**label).observe(timing.scheduled - timing.arrival)
+            self._prefill.labels(**label).observe(now - timing.scheduled)
+        self._prompt_tokens.labels(**label).inc(timing.num_prompt_tokens)
         self._interval.prompt_tokens += timing.num_prompt_tokens
 
     def _finish(self, req_id: str, reason: FinishReason, now: float) -> None:
         timing = self._finished[req_id] = self._timings.pop(req_id)
-        self._success.labels(**self._label, finished_reason=reason.value).inc()
-        self._e2e.labels(**self._label).observe(now - timing.arrival)
-        self._req_prompt.labels(**self._label).observe(timing.num_prompt_tokens)
-        self._req_generation.labels(**self._label).observe(timing.num_generated)
+        label = self._label(timing.engine)
+        self._success.labels(**label, finished_reason=reason.value).inc()
+        self._e2e.labels(**label).observe(now - timing.arrival)
+        self._req_prompt.labels(**label).observe(timing.num_prompt_tokens)
+        self._req_generation.labels(**label).observe(timing.num_generated)
         if timing.first_token is not None and timing.last_token is not None:
-            self._decode.labels(**self._label).observe(timing.last_token - timing.first_token)
+            self._decode.labels(**label).observe(timing.last_token - timing.first_token)
             if timing.num_generated > 1:
                 per_token = (timing.last_token - timing.first_token) / (timing.num_generated - 1)
-                self._tpot.labels(**self._label).observe(per_token)
+                self._tpot.labels(**label).observe(per_token)
         if timing.scheduled is not None:
-            self._inference.labels(**self._label).observe(now - timing.scheduled)
+            self._inference.labels(**label).observe(now - timing.scheduled)
 
-    def record_stats(self, stats: SchedulerStats) -> None:
-        self._running.labels(**self._label).set(stats.num_running)
-        self._waiting.labels(**self._label).set(stats.num_waiting)
-        self._kv_usage.labels(**self._label).set(stats.kv_cache_usage)
+    def record_stats(self, stats: SchedulerStats, engine: int = 0) -> None:
+        """A core's snapshot: its gauges as they are, its counters by what they rose since its
+        last (a core that died reports zeros: its gauges drop, its counters stay)."""
+        label = self._label(engine)
+        self._running.labels(**label).set(stats.num_running)
+        self._waiting.labels(**label).set(stats.num_waiting)
+        self._kv_usage.labels(**label).set(stats.kv_cache_usage)
         if self._gpu_cache_usage is not None:
-            self._gpu_cache_usage.labels(**self._label).set(stats.kv_cache_usage)
-        last = self._last_stats
-        self._cache_queries.labels(**self._label).inc(
-            stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0)
-        )
-        self._cache_hits.labels(**self._label).inc(
-            stats.prefix_cache_hits - (last.prefix_cache_hits if last else 0)
-        )
-        self._preemptions.labels(**self._label).inc(
-            stats.num_preemptions - (last.num_preemptions if last else 0)
-        )
-        self._mm_queries.labels(**self._label).inc(
-            stats.mm_cache_queries - (last.mm_cache_queries if last else 0)
-        )
-        self._mm_hits.labels(**self._label).inc(
-            stats.mm_cache_hits - (last.mm_cache_hits if last else 0)
-        )
+            self._gpu_cache_usage.labels(**label).set(stats.kv_cache_usage)
+        last = self._last_stats.get(engine)
+        counters = [
+            (self._cache_queries, "prefix_cache_queries"),
+            (self._cache_hits, "prefix_cache_hits"),
+            (self._preemptions, "num_preemptions"),
+            (self._mm_queries, "mm_cache_queries"),
+            (self._mm_hits, "mm_cache_hits"),
+        ]
         if self._spec is not None:
-            self._record_spec(stats, last)
-        self._last_stats = stats
-
-    def _record_spec(self, stats: SchedulerStats, last: SchedulerStats | None) -> None:
-        assert self._spec is not None
-        drafts, draft_tokens, accepted, per_pos = self._spec
-        drafts.labels(**self._label).inc(
-            stats.spec_num_drafts - (last.spec_num_drafts if last else 0)
-        )
-        draft_tokens.labels(**self._label).inc(
-            stats.spec_num_draft_tokens - (last.spec_num_draft_tokens if last else 0)
-        )
-        accepted.labels(**self._label).inc(
-            stats.spec_num_accepted_tokens - (last.spec_num_accepted_tokens if last else 0)
-        )
-        before = last.spec_accepted_per_pos if last else []
-        for pos, count in enumerate(stats.spec_accepted_per_pos):
-            done = before[pos] if pos < len(before) else 0
-            per_pos.labels(**self._label, position=str(pos)).inc(count - done)
+            drafts, draft_tokens, accepted, per_pos = self._spec
+            counters += [
+                (drafts, "spec_num_drafts"),
+                (draft_tokens, "spec_num_draft_tokens"),
+                (accepted, "spec_num_accepted_tokens"),
+            ]
+            before = last.spec_accepted_per_pos if last else []
+            for pos, count in enumerate(stats.spec_accepted_per_pos):
+                done = before[pos] if pos < len(before) else 0
+                per_pos.labels(**label, position=str(pos)).inc(max(count - done, 0))
+        for counter, name in counters:
+            rise = getattr(stats, name) - (getattr(last, name) if last else 0)
+            counter.labels(**label).inc(max(rise, 0))
+        self._last_stats[engine] = stats
 
     def log_interval(self) -> None:
         """One line of throughput and cache state, when anything happened since the last."""
         interval, self._interval = self._interval, _Interval()
-        stats = self._last_stats
+        stats = self._merged_stats()
         busy = stats is not None and (stats.num_running or stats.num_waiting)
         if not busy and not interval.generation_tokens:
             return

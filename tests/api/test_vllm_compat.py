@@ -196,10 +196,12 @@ def test_metrics_prefix_vllm_gives_vllms_series_under_the_served_name(server: Se
     series = {line.split("{")[0] for line in text.splitlines() if line.startswith("vllm:")}
     missing = [name for name in VLLM_SERIES + DASHBOARD_SERIES if f"vllm:{name}" not in series]
     assert not missing, missing
-    # each dashboard query selects its series by the served name
-    assert 'vllm:request_max_num_generation_tokens_sum{model_name="tiny"}' in text
-    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"}' in text
-    assert 'vllm:engine_sleep_state{model_name="tiny",sleep_state="awake"} 1.0' in text
+    # each dashboard query selects its series by the served name; vLLM's engine label too
+    assert 'vllm:request_max_num_generation_tokens_sum{engine="0",model_name="tiny"}' in text
+    assert (
+        'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny"}' in text
+    )
+    assert 'vllm:engine_sleep_state{engine="0",model_name="tiny",sleep_state="awake"} 1.0' in text
     assert 'enable_prefix_caching="True"' in text and 'block_size="16"' in text
     assert not [line for line in text.splitlines() if line.startswith("lmserve:num_requests")]
 
