@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmserve.kv_events.config import KVEventsConfig
 from lmserve.pooling.config import PoolerConfig
 from lmserve.spec_decode.config import SpeculativeConfig
 
@@ -223,3 +224,4 @@ class EngineConfig:
     # core's index among them (the API server's config keeps 0)
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    kv_events: KVEventsConfig | None = None  # None: KV-cache events are not published

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmserve.kv_events.events import AllBlocksCleared, BlockRemoved, KVCacheEvent
+
 # The hash of the (empty) prefix before a request's first block.
 ROOT_HASH = b"lmserve-prefix-root"
 
@@ -50,6 +52,9 @@ class BlockPool:
             (b.block_id, b) for b in self.blocks[1:]
         )
         self._cached: dict[bytes, KVBlock] = {}
+        # KV events, when a publisher wants them: changes to the cache since the last take
+        self.events: list[KVCacheEvent] | None = None
+        self.medium: str | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -90,14 +95,16 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
-        """Publish a full block under its prefix hash (first writer wins on duplicates)."""
+    def cache_block(self, block: KVBlock, block_hash: bytes) -> bool:
+        """Publish a full block under its prefix hash (first writer wins on duplicates);
+        whether it was."""
         if not self.enable_caching or block.block_hash is not None:
-            return
+            return False
         if block_hash in self._cached:
-            return
+            return False
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        return True
 
     def uncache(self, blocks: Iterable[KVBlock]) -> None:
         """Take blocks out of the prefix cache (their contents cannot be trusted)."""
@@ -108,11 +115,15 @@ class BlockPool:
         for block in self._cached.values():
             block.block_hash = None
         self._cached.clear()
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) is block:
                 del self._cached[block.block_hash]
+                if self.events is not None:
+                    self.events.append(BlockRemoved([block.block_hash], self.medium))
             block.block_hash = None
 
     def check_invariants(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from lmserve.core.block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block
 from lmserve.core.request import Request
+from lmserve.kv_events.events import BlockStored, KVCacheEvent
 
 
 def cdiv(a: int, b: int) -> int:
@@ -156,6 +157,18 @@ class KVCacheManager:
         self._num_dropped[request.req_id] = num_out
         self.pool.release(out)
 
+    def enable_events(self, medium: str) -> None:
+        """Record the cache's changes as KV events (`medium`: where the blocks live)."""
+        self.pool.events, self.pool.medium = [], medium
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The events since the last take (none unless enabled)."""
+        events = self.pool.events
+        if not events:
+            return []
+        self.pool.events = []
+        return events
+
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
         self._num_published = dict.fromkeys(self._num_published, 0)
@@ -169,9 +182,38 @@ class KVCacheManager:
             return
         self._update_block_hashes(request, num_full)
         blocks = self._req_blocks[request.req_id]
-        for i in range(max(start, self._num_dropped.get(request.req_id, 0)), num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        first = max(start, self._num_dropped.get(request.req_id, 0))
+        stored = [
+            i
+            for i in range(first, num_full)
+            if self.pool.cache_block(blocks[i], request.block_hashes[i])
+        ]
         self._num_published[request.req_id] = num_full
+        if stored and self.pool.events is not None:
+            self._record_stored(request, stored)
+
+    def _record_stored(self, request: Request, stored: list[int]) -> None:
+        """One BlockStored per run of consecutive blocks this request just published."""
+        size, hashes = self.block_size, request.block_hashes
+        lora = request.lora_request.lora_int_id if request.lora_request else None
+        runs: list[list[int]] = []
+        for i in stored:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        assert self.pool.events is not None
+        for run in runs:
+            self.pool.events.append(
+                BlockStored(
+                    block_hashes=[hashes[i] for i in run],
+                    parent_block_hash=hashes[run[0] - 1] if run[0] else None,
+                    token_ids=request.all_token_ids[run[0] * size : (run[-1] + 1) * size],
+                    block_size=size,
+                    lora_id=lora,
+                    medium=self.pool.medium,
+                )
+            )
 
     def _update_block_hashes(self, request: Request, num_blocks: int) -> None:
         """Extend the request's hash chain to `num_blocks` full blocks (salted at the root, and

@@ -27,6 +27,7 @@ from lmserve.config import (
     default_cache_dir,
 )
 from lmserve.kernels import cpu_ops
+from lmserve.kv_events.config import parse_kv_events_config
 from lmserve.layers.rotary import LONGROPE_KINDS, scaling_kind
 from lmserve.models.source import (
     DEFAULT_MODEL,
@@ -101,6 +102,7 @@ def create_engine_config(
     trust_remote_code: bool = False,
     hf_overrides: dict[str, Any] | str | None = None,
     speculative_config: dict[str, Any] | str | None = None,
+    kv_events_config: dict[str, Any] | str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
@@ -225,6 +227,15 @@ def create_engine_config(
             f"speculative decoding is for decoder-only generation, not {what}: "
             "leave out speculative_config"
         )
+    kv_events = parse_kv_events_config(
+        _json_object(
+            kv_events_config,
+            "kv_events_config",
+            '{"enable_kv_cache_events": true, "publisher": "zmq", "topic": "kv-events"}',
+        )
+    )
+    if kv_events is not None and runner == "pooling":
+        raise ValueError("a pooling model keeps no prefix cache: leave out kv_events_config")
     draft = None
     if speculative is not None and speculative.uses_draft_model:
         draft = _draft_config(
@@ -261,6 +272,7 @@ def create_engine_config(
         speculative=speculative,
         draft=draft,
         data_parallel_size=data_parallel_size,
+        kv_events=kv_events,
     )
 
 
@@ -713,6 +725,15 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         help="devices one engine spans; only 1 for now",
     )
     parser.add_argument(
+        "--kv-events-config",
+        default=None,
+        help='publish KV-cache events, as JSON: \'{"enable_kv_cache_events": true, '
+        '"publisher": "zmq", "topic": "kv-events"}\' sends BlockStored / BlockRemoved / '
+        "AllBlocksCleared batches in vLLM's format on a ZMQ PUB socket (endpoint, default "
+        'tcp://*:5557; "replay_endpoint" for a ROUTER that resends missed batches), for '
+        "cache-aware routers",
+    )
+    parser.add_argument(
         "--data-parallel-size",
         "-dp",
         type=int,
@@ -863,4 +884,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         trust_remote_code=args.trust_remote_code,
         hf_overrides=args.hf_overrides,
         speculative_config=args.speculative_config,
+        kv_events_config=args.kv_events_config,
     )

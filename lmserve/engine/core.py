@@ -6,6 +6,7 @@ It sees token ids only; tokenization, stop strings and output assembly belong to
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -15,6 +16,8 @@ from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request, RequestFailed
 from lmserve.core.scheduler import Scheduler
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from lmserve.kv_events.events import KVEventBatch
+from lmserve.kv_events.publisher import ZmqEventPublisher
 from lmserve.structured_output.manager import StructuredOutputManager
 from lmserve.worker.model_runner import ModelRunner
 
@@ -37,6 +40,11 @@ class EngineCore:
         self.runner = runner
         self.structured_output = structured_output
         self.sleep_level = 0  # 0: awake
+        self.kv_events: ZmqEventPublisher | None = None
+        if config.kv_events is not None:
+            medium = "GPU" if config.device.startswith("cuda") else "CPU"
+            scheduler.kv.enable_events(medium)
+            self.kv_events = ZmqEventPublisher(config.kv_events.for_rank(config.data_parallel_rank))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> EngineCore:
@@ -110,9 +118,21 @@ class EngineCore:
         )
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule, run the model, mask by the grammars, sample, and apply the tokens."""
+        """Schedule, run the model, mask by the grammars, sample, and apply the tokens; then
+        publish what the step changed in the prefix cache."""
         if not self.has_unfinished_requests():
             return []
+        outputs = self._step()
+        self._publish_kv_events()
+        return outputs
+
+    def _publish_kv_events(self) -> None:
+        if self.kv_events is not None:
+            events = self.scheduler.kv.take_events()
+            if events:
+                self.kv_events.publish(KVEventBatch(time.time(), events))
+
+    def _step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         try:
             self.runner.execute(scheduler_output)
@@ -131,6 +151,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.structured_output.shutdown()
+        if self.kv_events is not None:
+            self.kv_events.shutdown()
 
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode: level 1 frees the KV cache (on CUDA the weights go to host memory),
@@ -146,6 +168,7 @@ class EngineCore:
         if self.sleep_level:
             return
         self.scheduler.kv.reset_prefix_cache()  # the cached blocks' contents go with the cache
+        self._publish_kv_events()
         self.runner.sleep(level)
         self.sleep_level = level
 
@@ -156,6 +179,7 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.reset_prefix_cache()
+        self._publish_kv_events()
 
     def check_invariants(self) -> None:
         self.scheduler.kv.check_invariants()
