@@ -23,6 +23,15 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def otlp_traces_protocol() -> str:
+    """The OTLP protocol OpenTelemetry's own variables name (grpc unless told otherwise)."""
+    return (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model to run: its local directory, parsed config.json and numerics."""
@@ -193,6 +202,9 @@ class ObservabilityConfig:
 
     served_model_name: str | None = None
     metrics_prefix: str = "lmserve"
+    # OpenTelemetry: where request spans go (None: not traced), and over which OTLP protocol
+    otlp_traces_endpoint: str | None = None
+    otlp_traces_protocol: str = "grpc"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from lmserve.api.errors import APIError, error_reply
 from lmserve.api.http_metrics import HTTPMetrics
 from lmserve.api.json_response import json_response
 from lmserve.api.replies import Reply, Whole
+from lmserve.tracing.context import trace_context
 
 Answer = Callable[[Endpoint, Any], Awaitable[Reply]]
 
@@ -109,7 +110,8 @@ def _route(
                 parsed = await body.parse_form(raw.headers.get("content-type", ""), data)
             else:
                 parsed = body.parse(data)
-            reply = await _unless_disconnected(raw, answer(endpoint, parsed))
+            with trace_context(raw.headers):  # a client's traceparent, for the engine's span
+                reply = await _unless_disconnected(raw, answer(endpoint, parsed))
         except Exception as exc:
             reply = failed(exc, raw)
         if reply is None:

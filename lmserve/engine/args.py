@@ -25,6 +25,7 @@ from lmserve.config import (
     SchedulerConfig,
     StructuredOutputConfig,
     default_cache_dir,
+    otlp_traces_protocol,
 )
 from lmserve.kernels import cpu_ops
 from lmserve.kv_events.config import parse_kv_events_config
@@ -103,6 +104,7 @@ def create_engine_config(
     hf_overrides: dict[str, Any] | str | None = None,
     speculative_config: dict[str, Any] | str | None = None,
     kv_events_config: dict[str, Any] | str | None = None,
+    otlp_traces_endpoint: str | None = None,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
@@ -266,7 +268,12 @@ def create_engine_config(
         enforce_eager=enforce_eager,
         enable_sleep_mode=enable_sleep_mode,
         lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
-        observability=ObservabilityConfig(served_model_name, metrics_prefix),
+        observability=ObservabilityConfig(
+            served_model_name,
+            metrics_prefix,
+            otlp_traces_endpoint,
+            otlp_traces_protocol(),
+        ),
         runner=runner,
         pooler=pooler,
         speculative=speculative,
@@ -725,6 +732,14 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         help="devices one engine spans; only 1 for now",
     )
     parser.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send one OpenTelemetry span per request (`llm_request`, with queue, prefill, "
+        "decode, time-to-first-token and token-count attributes as vLLM's) to this OTLP "
+        "collector, e.g. http://localhost:4317; a client's W3C traceparent header parents "
+        "it. gRPC unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf",
+    )
+    parser.add_argument(
         "--kv-events-config",
         default=None,
         help='publish KV-cache events, as JSON: \'{"enable_kv_cache_events": true, '
@@ -885,4 +900,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         hf_overrides=args.hf_overrides,
         speculative_config=args.speculative_config,
         kv_events_config=args.kv_events_config,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )

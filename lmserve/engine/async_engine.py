@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,6 +50,7 @@ from lmserve.lora.request import LoRARequest
 from lmserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
+from lmserve.tracing.context import current_trace_headers
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,14 @@ class AsyncEngine(EngineClient):
         self._counter = itertools.count()
         self._prefill: dict[str, int] = {}  # child request id -> its prompt tokens, until output
         self._num_prefill_tokens = 0
+        self._tracer = None
+        self._traced: dict[str, tuple[list[str], SamplingParams, dict[str, str] | None]] = {}
+        if observability.otlp_traces_endpoint is not None:
+            from lmserve.tracing.otel import RequestTracer
+
+            self._tracer = RequestTracer(
+                observability.otlp_traces_endpoint, observability.otlp_traces_protocol
+            )
 
     @classmethod
     async def start(
@@ -168,6 +178,12 @@ class AsyncEngine(EngineClient):
         for child in children:
             self._prefill[child.req_id] = len(child.prompt_token_ids)
             self._num_prefill_tokens += len(child.prompt_token_ids)
+        if self._tracer is not None:
+            self._traced[request_id] = (
+                [c.req_id for c in children],
+                sampling_params,
+                current_trace_headers(),
+            )
         stream = self._run(request_id, processed, sampling_params, children)
         weakref.finalize(stream, self._prefilled, [c.req_id for c in children])
         return stream
@@ -268,6 +284,7 @@ class AsyncEngine(EngineClient):
                 yield item
         finally:
             self._queues.pop(request_id, None)
+            self._traced.pop(request_id, None)
             if not finished:
                 await self.abort(request_id)
 
@@ -336,6 +353,8 @@ class AsyncEngine(EngineClient):
                     for output in outputs:
                         if output.finished and len(output.outputs) == 1:  # one child: itself
                             output.metrics = self.metrics.request_metrics(output.request_id)
+                        if output.finished and self._tracer is not None:
+                            self._trace(output)
                         queue = self._queues.get(output.request_id)
                         if queue is not None:
                             queue.put_nowait(output)
@@ -349,6 +368,35 @@ class AsyncEngine(EngineClient):
                     return
                 case Ready():
                     pass  # only ever the first message, which start() consumed
+
+    def _trace(self, output: RequestOutput) -> None:
+        """A finished request's span (none for one that was not traced, or has no timeline)."""
+        from lmserve.tracing.otel import TracedRequest
+
+        assert self._tracer is not None
+        traced = self._traced.pop(output.request_id, None)
+        # the timeline of a child that finished in this step (the one that finished the request)
+        timelines = [self.metrics.request_metrics(c) for c in traced[0]] if traced else []
+        timeline = next((t for t in timelines if t is not None), None)
+        if traced is None or timeline is None:
+            return
+        _, params, headers = traced
+        self._tracer.record(
+            TracedRequest(
+                request_id=output.request_id,
+                model=self.config.observability.served_model_name or self.config.model.model,
+                headers=headers,
+                timeline=timeline,
+                finished=time.time(),
+                num_prompt_tokens=len(output.prompt_token_ids or []),
+                num_completion_tokens=sum(len(o.token_ids) for o in output.outputs),
+                num_sequences=len(output.outputs),
+                n=params.n,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+            )
+        )
 
     async def _log_loop(self, interval_s: float) -> None:
         while True:
@@ -385,3 +433,5 @@ class AsyncEngine(EngineClient):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.shutdown()
+        if self._tracer is not None:
+            await asyncio.to_thread(self._tracer.shutdown)  # sends the spans still queued

@@ -29,6 +29,7 @@ from lmserve.api.schemas.models import ModelCard, ModelList
 from lmserve.api.serving.common import ServingConfig
 from lmserve.serve.config import LLMConfig
 from lmserve.serve.server import StreamStart
+from lmserve.tracing.context import current_trace_headers
 
 # It only forwards: many requests in flight, and no CPU of its own, so a machine's CPUs go to
 # the models (two models on 2 cores fit; with one CPU for the router they never would).
@@ -109,7 +110,12 @@ class LLMRouter:
     async def _answer(self, endpoint: Endpoint, body: Any) -> Reply:
         self._in_flight += 1
         try:
-            stream = self._handle(body).options(stream=True).answer.remote(endpoint.name, body)
+            # the client's trace context travels with the body to the replica's engine
+            stream = (
+                self._handle(body)
+                .options(stream=True)
+                .answer.remote(endpoint.name, body, current_trace_headers())
+            )
             try:
                 first = await stream.__anext__()
             except BackPressureError as exc:  # the deployment's max_queued_requests are waiting

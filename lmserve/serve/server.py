@@ -23,6 +23,7 @@ from lmserve.engine.async_engine import AsyncEngine
 from lmserve.lora.request import LoRARequest
 from lmserve.serve.config import LLMConfig
 from lmserve.serve.engine_metrics import RayMetricsMirror
+from lmserve.tracing.context import trace_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +93,11 @@ class LLMServer:
         """This model's /v1/models entry, as `lmserve serve` lists it."""
         return model_card(self.engine, self._llm_config.model_id)
 
-    async def answer(self, endpoint_name: str, body: Any) -> AsyncIterator[ReplyItem]:
-        """The endpoint's reply to a JSON body: a `Whole`, or a `StreamStart` and the events."""
+    async def answer(
+        self, endpoint_name: str, body: Any, trace_headers: dict[str, str] | None = None
+    ) -> AsyncIterator[ReplyItem]:
+        """The endpoint's reply to a JSON body: a `Whole`, or a `StreamStart` and the events
+        (`trace_headers`: the client's W3C trace context, which the router saw)."""
         endpoint = ENDPOINTS_BY_NAME[endpoint_name]
         try:
             await self._load_requested_adapter()
@@ -103,7 +107,8 @@ class LLMServer:
                 raise
             yield error
             return
-        reply = await self._servings.answer(endpoint, body)
+        with trace_context(trace_headers or {}):
+            reply = await self._servings.answer(endpoint, body)
         if isinstance(reply, Whole):
             yield reply
             return

@@ -25,6 +25,7 @@ from ray import serve  # noqa: E402
 from lmserve.api.replies import Event  # noqa: E402
 from lmserve.serve import LLMConfig, build_llm_deployment, build_openai_app  # noqa: E402
 from tests.api.conftest import Server, free_port, start_server, stop_server  # noqa: E402
+from tests.tracing.test_otel import PARENT_ID, TRACE_ID, Collector  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMALL_ENGINE = {"max_model_len": 512, "kv_cache_memory_gb": 0.05}
@@ -34,7 +35,22 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def app_url(smollm2_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
+def traces() -> Iterator[tuple[int, Collector]]:
+    """An OTLP collector the tiny model's replica sends its request spans to."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    port, service = free_port(), Collector()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(service, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield port, service
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def app_url(smollm2_dir: Path, tiny_model_dirs: dict[str, Path], traces) -> Iterator[str]:
     port = free_port()
     # Serve pushes autoscaling metrics every 10 s by default: too slow for a test's burst.
     for name in ("REPLICA", "HANDLE"):
@@ -54,7 +70,10 @@ def app_url(smollm2_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iterator[str
                         "model_id": "tiny",
                         "model_source": str(tiny_model_dirs["llama"]),
                     },
-                    "engine_kwargs": SMALL_ENGINE,
+                    "engine_kwargs": {
+                        **SMALL_ENGINE,
+                        "otlp_traces_endpoint": f"http://127.0.0.1:{traces[0]}",
+                    },
                     "deployment_config": HALF_CPU,
                 },
             ]
@@ -624,3 +643,19 @@ def _stream_behind_two_running(url: str, body: dict) -> list[str]:
             return lines
 
     return asyncio.run(run())
+
+
+def test_a_replicas_span_is_parented_on_the_clients_trace(client: openai.OpenAI, traces) -> None:
+    """The router passes the client's traceparent to the replica, whose engine exports the
+    request's span to the collector under that trace."""
+    _, service = traces
+    client.completions.create(
+        model="tiny", prompt=[3, 4, 5], max_tokens=3,
+        extra_headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 20  # the batch processor sends every 5 s
+    while not any(s.trace_id.hex() == TRACE_ID for s in service.spans):
+        assert time.monotonic() < deadline, service.spans
+        time.sleep(0.2)
+    span = next(s for s in service.spans if s.trace_id.hex() == TRACE_ID)
+    assert span.name == "llm_request" and span.parent_span_id.hex() == PARENT_ID
