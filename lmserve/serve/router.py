@@ -21,7 +21,7 @@ from lmserve.api import edge
 from lmserve.api.admission import overloaded
 from lmserve.api.auth import install_auth, keys_from_env
 from lmserve.api.edge import EdgeOptions
-from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, responses
+from lmserve.api.endpoints import ENDPOINTS, Endpoint, health, playground, responses
 from lmserve.api.errors import APIError, install_error_handlers
 from lmserve.api.json_response import json_response
 from lmserve.api.replies import Event, Reply, Stream, Whole
@@ -81,6 +81,8 @@ class LLMRouter:
         edge.mount(app, ENDPOINTS, self._answer, self._edge)
         app.include_router(responses.routes())
         app.include_router(health.version_routes())
+        # the chat page over every model here (metrics go to Ray's Prometheus: no dashboard)
+        app.include_router(playground.routes(dashboard=False))
 
         @app.get("/v1/models")
         async def list_models() -> Response:

@@ -659,3 +659,11 @@ def test_a_replicas_span_is_parented_on_the_clients_trace(client: openai.OpenAI,
         time.sleep(0.2)
     span = next(s for s in service.spans if s.trace_id.hex() == TRACE_ID)
     assert span.name == "llm_request" and span.parent_span_id.hex() == PARENT_ID
+
+
+def test_the_router_serves_the_playground(app_url: str, client: openai.OpenAI) -> None:
+    """The chat page at / over the router's models (its requests are the API's, as on
+    `lmserve serve`); no dashboard, as the router has no engine /metrics."""
+    page = httpx.get(f"{app_url}/")
+    assert page.status_code == 200 and "<title>lmserve playground</title>" in page.text
+    assert httpx.get(f"{app_url}/dashboard").status_code == 404

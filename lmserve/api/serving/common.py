@@ -46,6 +46,7 @@ class ServingConfig:
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info
     server_dev_mode: bool = False  # vLLM's dev-only routes: /sleep, /wake_up, /is_sleeping
+    enable_playground: bool = True  # the chat page at / and the metrics page at /dashboard
     max_num_queued_reqs: int | None = None  # sequences in flight; beyond it a 503
     max_num_queued_tokens: int | None = None  # prompt tokens waiting for prefill; at it a 503
     sse_keep_alive_interval: float | None = None  # seconds an idle stream waits for a ping
