@@ -31,6 +31,7 @@ from lmserve.engine.messages import (
     GetStats,
     Outputs,
     Ready,
+    ResetPrefixCache,
     SchedulerStats,
     Sleep,
     Stats,
@@ -310,11 +311,15 @@ class AsyncEngine(EngineClient):
             self._sleep_level = 0
             self.metrics.record_sleep(0)
 
+    async def reset_prefix_cache(self) -> None:
+        async with self._control:
+            await self._call_core(ResetPrefixCache())
+
     @property
     def is_sleeping(self) -> bool:
         return self._sleep_level > 0
 
-    async def _call_core(self, message: Sleep | WakeUp) -> None:
+    async def _call_core(self, message: Sleep | WakeUp | ResetPrefixCache) -> None:
         """Send a control message and wait for the core's answer (a level-2 wake-up loads the
         weights again, so it may take as long as the start did)."""
         num_engines = self.client.num_engines

@@ -37,6 +37,7 @@ from lmserve.engine.messages import (
     GetStats,
     Outputs,
     Ready,
+    ResetPrefixCache,
     SchedulerStats,
     Shutdown,
     Sleep,
@@ -143,6 +144,8 @@ def _handle(
             return _control(lambda: core.sleep(level))
         case WakeUp():
             return _control(core.wake_up)
+        case ResetPrefixCache():
+            return _control(core.reset_prefix_cache)
     return None
 
 

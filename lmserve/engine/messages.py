@@ -142,11 +142,15 @@ class WakeUp(msgspec.Struct, frozen=True, tag="wake_up"):
     pass
 
 
+class ResetPrefixCache(msgspec.Struct, frozen=True, tag="reset_prefix_cache"):
+    """Forget every cached prefix (answered with ControlDone)."""
+
+
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
-ToCore = EngineCoreRequest | Abort | GetStats | Sleep | WakeUp | Shutdown
+ToCore = EngineCoreRequest | Abort | GetStats | Sleep | WakeUp | ResetPrefixCache | Shutdown
 
 
 # ---- from the core -------------------------------------------------------------------------------

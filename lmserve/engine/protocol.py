@@ -87,6 +87,10 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def wake_up(self) -> None: ...
 
+    @abc.abstractmethod
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's reset_prefix_cache), on every engine core."""
+
     @property
     @abc.abstractmethod
     def is_sleeping(self) -> bool: ...

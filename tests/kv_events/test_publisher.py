@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import zmq
@@ -163,7 +164,9 @@ def test_a_served_requests_blocks_reach_the_subscriber(tiny_model_dirs, ports) -
         f'"endpoint": "tcp://127.0.0.1:{port}"}}'
     )
     server = start_server(str(tiny_model_dirs["llama"]), "--served-model-name", "tiny",
-                          "--kv-cache-memory-gb", "0.02", "--kv-events-config", config)  # fmt: skip
+                          "--kv-cache-memory-gb", "0.02", "--kv-events-config", config,
+                          "--enable-prompt-tokens-details",
+                          env={"VLLM_SERVER_DEV_MODE": "1"})  # fmt: skip
     subscriber = Subscriber(port)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
@@ -171,6 +174,16 @@ def test_a_served_requests_blocks_reach_the_subscriber(tiny_model_dirs, ports) -
         client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
         events = subscriber.events(lambda e: len(stored_chain(e)[0]) >= 3)
         assert stored_chain(events)[1][:48] == prompt[:48]
+
+        def cached() -> int:
+            reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+            return reply.usage.prompt_tokens_details.cached_tokens
+
+        assert cached() == 48  # the blocks the events named are hits
+        # vLLM's dev route: the whole cache goes, in one event, and nothing hits after it
+        assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 200
+        subscriber.events(lambda e: any(isinstance(x, AllBlocksCleared) for x in e))
+        assert cached() == 0
     finally:
         subscriber.close()
         stop_server(server)

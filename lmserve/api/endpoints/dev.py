@@ -1,5 +1,5 @@
-"""Sleep mode's routes, served in dev mode only (VLLM_SERVER_DEV_MODE=1) as in vLLM: POST /sleep,
-/wake_up, GET /is_sleeping."""
+"""vLLM's dev-only routes, served with VLLM_SERVER_DEV_MODE=1 as in vLLM: sleep mode's POST
+/sleep, /wake_up, GET /is_sleeping, and POST /reset_prefix_cache."""
 
 from __future__ import annotations
 
@@ -34,5 +34,10 @@ def routes(engine: EngineClient) -> APIRouter:
     @router.get("/is_sleeping")
     async def is_sleeping() -> dict[str, bool]:
         return {"is_sleeping": engine.is_sleeping}
+
+    @router.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        await engine.reset_prefix_cache()
+        return Response(status_code=200)
 
     return router
