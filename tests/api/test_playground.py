@@ -160,3 +160,32 @@ def test_disable_playground_leaves_the_pages_out(tiny_model_dirs) -> None:
         assert httpx.get(server.url + "/dashboard").status_code == 404
     finally:
         stop_server(server)
+
+
+def test_an_attached_image_reaches_a_vision_model(browser, tiny_llava_dir, tmp_path) -> None:
+    """The page sends a chosen image as an image_url part: the engine encodes one image (its
+    mm_cache_queries counter rises by one) and the answer streams in."""
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(image)
+    server = start_server(str(tiny_llava_dir), "--served-model-name", "llava")
+
+    def images_seen() -> float:
+        text = httpx.get(server.url + "/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("lmserve:mm_cache_queries_total"))
+        return float(line.rsplit(" ", 1)[1])
+
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        page.fill("#max-tokens", "8")
+        page.set_input_files("#file", str(image))
+        before = images_seen()
+        ask(page, "What color is this?")
+        assert not page.locator(".error").count()
+        assert images_seen() == before + 1
+        page.close()
+    finally:
+        stop_server(server)
