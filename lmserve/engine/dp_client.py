@@ -120,7 +120,8 @@ class DataParallelCoreClient:
         match message:
             case EngineCoreRequest(req_id=req_id):
                 rank = self._engine_of.get(req_id)
-                if rank is None:
+                if rank is None or not self._alive[rank]:  # its core died since it was routed
+                    self._forget(req_id)
                     rank = self.route(message)
                 await self._cores[rank].send(message)
             case Abort(req_ids=req_ids):
