@@ -102,6 +102,30 @@ def test_chat_streams_and_answers(browser, server: Server) -> None:
     page.close()
 
 
+def test_tools_give_calls_shown_with_their_arguments(browser, server: Server) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]},
+        },
+    }  # fmt: skip
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "64")
+    page.fill("#tools", json.dumps([weather]))
+    page.select_option("#tool-choice", "required")
+    ask(page, "What is the weather in Paris?")
+    shown = page.locator(".assistant .tools").first.inner_text()
+    name, arguments = shown.split("(", 1)
+    assert name == "get_weather"
+    assert isinstance(json.loads(arguments.rsplit(")", 1)[0])["city"], str)
+    page.close()
+
+
 def test_the_page_asks_for_the_key_and_shows_a_wrong_ones_401(browser, keyed_server) -> None:
     page = browser.new_page()
     page.goto(keyed_server.url + "/")  # the page itself needs no key
