@@ -179,13 +179,10 @@ class AsyncEngine(EngineClient):
         for child in children:
             self._prefill[child.req_id] = len(child.prompt_token_ids)
             self._num_prefill_tokens += len(child.prompt_token_ids)
-        if self._tracer is not None:
-            self._traced[request_id] = (
-                [c.req_id for c in children],
-                sampling_params,
-                current_trace_headers(),
-            )
-        stream = self._run(request_id, processed, sampling_params, children)
+        # read now: the caller's context (an HTTP request's trace) is this call's, not the
+        # stream's, which may be read after the handler returned
+        trace_headers = current_trace_headers() if self._tracer is not None else None
+        stream = self._run(request_id, processed, sampling_params, children, trace_headers)
         weakref.finalize(stream, self._prefilled, [c.req_id for c in children])
         return stream
 
@@ -249,6 +246,7 @@ class AsyncEngine(EngineClient):
         processed: ProcessedPrompt,
         sampling_params: SamplingParams,
         children: list[EngineCoreRequest],
+        trace_headers: dict[str, str] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -264,6 +262,9 @@ class AsyncEngine(EngineClient):
         )
         finished = False
         try:
+            if self._tracer is not None:  # its span is recorded when it finishes
+                child_ids = [c.req_id for c in children]
+                self._traced[request_id] = (child_ids, sampling_params, trace_headers)
             for i, child in enumerate(children):
                 engine = self.client.route(child)
                 if i == 0:
