@@ -8,7 +8,7 @@ import logging
 import sys
 
 from lmserve.api.tool_parsers import TOOL_PARSERS
-from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.cli_args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 
 
 def _chat(args: argparse.Namespace) -> int:

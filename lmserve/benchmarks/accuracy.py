@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lmserve.benchmarks.serve import LLAMA_CPP_BIN
-from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.cli_args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.cli_args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.cli_args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.sampling_params import SamplingParams, StructuredOutputsParams
 from lmserve.structured_output.backend import backend_class

@@ -23,7 +23,7 @@ import torch
 from lmserve.benchmarks.roofline import ModelCost, measure_hardware, roofline_seconds
 from lmserve.benchmarks.shapes import resolve_model, shape_names
 from lmserve.config import EngineConfig, ModelConfig
-from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.cli_args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.models.gguf import ensure_hf_weights, gguf_source
 from lmserve.models.loader import torch_dtype

@@ -27,7 +27,7 @@ import torch
 
 from lmserve.audio.decode import SAMPLE_RATE, decode_audio
 from lmserve.audio.windows import split_windows
-from lmserve.engine.args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
+from lmserve.engine.cli_args import MODEL_HELP, add_engine_cli_args, engine_kwargs_from_cli
 from lmserve.engine.llm import LLM
 from lmserve.sampling_params import SamplingParams
 

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from lmserve.engine.args import add_engine_cli_args, create_engine_config, engine_kwargs_from_cli
+from lmserve.engine.args import create_engine_config
+from lmserve.engine.cli_args import add_engine_cli_args, engine_kwargs_from_cli
 
 
 def test_without_chunked_prefill_a_step_holds_a_whole_prompt(tiny_chat_dir) -> None:
