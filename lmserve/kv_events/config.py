@@ -3,6 +3,7 @@ events."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +36,11 @@ class KVEventsConfig:
         """A data-parallel core's own ports: tcp ports moved up by its rank, as vLLM does."""
         if rank == 0:
             return self
-        return KVEventsConfig(
-            _offset(self.endpoint, rank),
-            None if self.replay_endpoint is None else _offset(self.replay_endpoint, rank),
-            self.buffer_steps,
-            self.hwm,
-            self.max_queue_size,
-            self.topic,
+        replay = self.replay_endpoint
+        return dataclasses.replace(
+            self,
+            endpoint=_offset(self.endpoint, rank),
+            replay_endpoint=None if replay is None else _offset(replay, rank),
         )
 
 
