@@ -21,6 +21,7 @@ from lmserve.models.loader import load_model, torch_dtype
 from lmserve.transfer import to_device, to_host
 from lmserve.worker.input_batch import InputBatch
 from lmserve.worker.kv_cache import allocate_kv_caches, bytes_per_block
+from lmserve.worker.sleep_mode import put_to_sleep, wake_weights
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +71,11 @@ class DraftRunner:
 
     def sleep(self, level: int) -> None:
         """As the target's runner: the KV cache goes; level 2 frees the weights too."""
-        for layer in self.model.attention_layers():
-            layer.kv_cache = None
+        put_to_sleep(self.model, level, self.device)
         self.kv_caches = []
-        if level == 2:
-            self.model.to("meta")
-        elif self.device.type == "cuda":
-            self.model.to("cpu")
 
     def wake_up(self) -> None:
-        if next(self.model.parameters()).is_meta:
-            torch.manual_seed(self.config.seed)
-            self.model = load_model(self.config, self.device)
-        elif self.device.type == "cuda":
-            self.model.to(self.device)
+        self.model = wake_weights(self.model, self.config, self.device)
         self._allocate()
 
     def add(self, row: int, num_computed_tokens: int) -> None:

@@ -42,6 +42,7 @@ from lmserve.worker.kv_cache import (
     num_blocks_from_budget,
 )
 from lmserve.worker.sampling_inputs import build_sampling_metadata
+from lmserve.worker.sleep_mode import put_to_sleep, wake_weights
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +160,8 @@ class ModelRunner:
         """Free the KV cache and, on CUDA, move the weights to host memory (level 1); or free
         the weights too (level 2). The engine must be idle: the cache's contents are lost."""
         self.graphs = None  # captured against the tensors freed here
-        for layer in self.model.attention_layers():
-            layer.kv_cache = None
+        put_to_sleep(self.model, level, self.device)  # level 2: wake_up builds the model again
         self.kv_caches = []
-        if level == 2:
-            self.model.to("meta")  # frees every weight; wake_up builds the model again
-        elif self.device.type == "cuda":
-            self.model.to("cpu")
         if self.draft is not None:
             self.draft.sleep(level)
         if self.device.type == "cuda":
@@ -176,13 +172,10 @@ class ModelRunner:
     def wake_up(self) -> None:
         """Undo sleep(): the weights back (loaded again after level 2, adapters reloading on
         their next request), a fresh KV cache of the same size, decode graphs captured anew."""
-        if next(self.model.parameters()).is_meta:
-            torch.manual_seed(self.config.model.seed)
-            self.model = load_model(self.config.model, self.device)
-            if self.config.lora:
-                self.lora = LoRAManager(self.model, self.config.model, self.config.lora)
-        elif self.device.type == "cuda":
-            self.model.to(self.device)
+        model = wake_weights(self.model, self.config.model, self.device)
+        if model is not self.model and self.config.lora:  # loaded again: adapters too
+            self.lora = LoRAManager(model, self.config.model, self.config.lora)
+        self.model = model
         self.kv_caches = allocate_kv_caches(
             self.config.model, self._kv_shape, self.block_size, self._kv_dtype, self.device
         )
