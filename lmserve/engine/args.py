@@ -125,10 +125,7 @@ def create_engine_config(
     start, end = REASONING_MARKERS.get(reasoning_parser or "", (None, None))
     structured_output = StructuredOutputConfig(structured_outputs_backend, start, end)
     device = _resolve_device(device)
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization in QUANTIZATIONS and device != "cpu":
-        raise ValueError(f"quantization={quantization!r} runs on CPU only; leave it unset on CUDA")
+    _check_quantization_name(quantization, device)
     if attention_backend != "auto" and attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend must be auto or one of {ATTENTION_BACKENDS}, "
@@ -163,12 +160,7 @@ def create_engine_config(
             f"max_model_len={max_model_len} exceeds the model's limit of {model_max_len} tokens"
         )
     hf_config = _with_longrope_choice(hf_config, max_model_len)
-    if quantization is None:  # picked only where _check_gguf_blocks holds: not checked twice
-        quantization = _default_quantization(path, dtype, device, runner, load_format)
-    elif quantization in ("gguf", "gguf_q8"):
-        _check_gguf_blocks(quantization, path, dtype, load_format, runner)
-    if quantization == "int4":
-        _check_block_kernels(quantization, dtype, runner)
+    quantization = _checked_quantization(quantization, path, dtype, device, runner, load_format)
     model_config = ModelConfig(
         model=model or DEFAULT_MODEL,
         path=path,
@@ -285,6 +277,7 @@ def _draft_config(
     unless its quantization says otherwise), checked to speak the target's vocabulary and to
     reach its max_model_len."""
     assert speculative.model is not None
+    _check_quantization_name(speculative.quantization, device, "the draft's quantization")
     path = resolve_model_dir(speculative.model, cache_dir)
     hf_config = _with_text_config(json.loads((path / "config.json").read_text()))
     vocab = int(hf_config.get("vocab_size") or 0)
@@ -298,17 +291,9 @@ def _draft_config(
             f"the draft model {speculative.model} reaches {_model_max_len(hf_config)} tokens, "
             f"less than max_model_len={target.max_model_len}: lower --max-model-len"
         )
-    quantization = speculative.quantization
-    if quantization is None:
-        quantization = _default_quantization(path, "auto", device, "generate", target.load_format)
-    elif quantization not in QUANTIZATIONS or device != "cpu":
-        raise ValueError(
-            f"the draft's quantization must be one of {QUANTIZATIONS}, on CPU; got {quantization!r}"
-        )
-    elif quantization in ("gguf", "gguf_q8"):
-        _check_gguf_blocks(quantization, path, "auto", target.load_format, "generate")
-    elif quantization == "int4":
-        _check_block_kernels(quantization, "auto", "generate")
+    quantization = _checked_quantization(
+        speculative.quantization, path, "auto", device, "generate", target.load_format
+    )
     model = ModelConfig(
         model=speculative.model,
         path=path,
@@ -428,6 +413,33 @@ def _mm_limits(value: dict[str, int] | str | None) -> dict[str, int]:
 def _hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any]:
     """--hf-overrides (vLLM's): config.json keys to replace, as JSON or a dict."""
     return dict(_json_object(value, "hf_overrides", '{"num_hidden_layers": 4}') or {})
+
+
+def _check_quantization_name(
+    quantization: str | None, device: str, what: str = "quantization"
+) -> None:
+    """A quantization lmserve has, asked for on CPU: checked before the model is read."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"{what} must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if device != "cpu":
+        raise ValueError(f"{what}={quantization!r} runs on CPU only; leave it unset on CUDA")
+
+
+def _checked_quantization(
+    quantization: str | None, path: Path, dtype: str, device: str, runner: str, load_format: str
+) -> str | None:
+    """The quantization a model loads with: the default where none is asked for (picked only
+    where _check_gguf_blocks holds: not checked twice), else checked against what its kernels
+    need."""
+    if quantization is None:
+        return _default_quantization(path, dtype, device, runner, load_format)
+    if quantization in ("gguf", "gguf_q8"):
+        _check_gguf_blocks(quantization, path, dtype, load_format, runner)
+    elif quantization == "int4":
+        _check_block_kernels(quantization, dtype, runner)
+    return quantization
 
 
 def _default_quantization(
