@@ -236,4 +236,7 @@ class EngineConfig:
     # core's index among them (the API server's config keeps 0)
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    # tensor parallel: ranks that each hold a slice of every layer (worker processes beside
+    # the core's, which is rank 0)
+    tensor_parallel_size: int = 1
     kv_events: KVEventsConfig | None = None  # None: KV-cache events are not published

@@ -28,6 +28,8 @@ from lmserve.config import (
 from lmserve.kernels import cpu_ops
 from lmserve.kv_events.config import parse_kv_events_config
 from lmserve.layers.rotary import LONGROPE_KINDS, scaling_kind
+from lmserve.layers.tensor_parallel import check_divisible
+from lmserve.models.registry import tensor_parallel_architectures
 from lmserve.models.source import (
     DEFAULT_MODEL,
     DEFAULT_POOLING_MODEL,
@@ -101,11 +103,8 @@ def create_engine_config(
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
     `trust_remote_code` is vLLM's too: lmserve runs only its own model code, never a
     checkpoint's, so it changes nothing.)"""
-    if tensor_parallel_size != 1:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size}: one engine runs on one device for "
-            "now; leave it at 1"
-        )
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
     if data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
     if metrics_prefix not in METRICS_PREFIXES:
@@ -221,6 +220,21 @@ def create_engine_config(
     )
     if kv_events is not None and runner == "pooling":
         raise ValueError("a pooling model keeps no prefix cache: leave out kv_events_config")
+    if tensor_parallel_size > 1:
+        _check_tensor_parallel(
+            tensor_parallel_size,
+            model_config,
+            device,
+            runner=runner,
+            unsupported={
+                "enable_lora": enable_lora,
+                "enable_sleep_mode": enable_sleep_mode,
+                "a draft model (speculative_config's model)": bool(
+                    speculative is not None and speculative.uses_draft_model
+                ),
+                "data_parallel_size > 1": data_parallel_size > 1,
+            },
+        )
     draft = None
     if speculative is not None and speculative.uses_draft_model:
         draft = _draft_config(
@@ -262,8 +276,33 @@ def create_engine_config(
         speculative=speculative,
         draft=draft,
         data_parallel_size=data_parallel_size,
+        tensor_parallel_size=tensor_parallel_size,
         kv_events=kv_events,
     )
+
+
+def _check_tensor_parallel(
+    size: int, model: ModelConfig, device: str, runner: str, unsupported: dict[str, bool]
+) -> None:
+    """Raise, saying what to change, where `size` ranks cannot run this engine (yet)."""
+    if device != "cpu":
+        raise ValueError(
+            "tensor_parallel_size > 1 runs on CPU (gloo) for now; on CUDA leave it at 1"
+        )
+    if runner != "generate" or model.architecture not in tensor_parallel_architectures():
+        raise ValueError(
+            f"tensor_parallel_size > 1 splits {', '.join(tensor_parallel_architectures())} "
+            f"for generation; {model.architecture} ({runner}) runs with tensor_parallel_size=1"
+        )
+    if model.quantization not in (None, "int8"):
+        raise ValueError(
+            f"tensor_parallel_size > 1 splits float or int8 weights, not {model.quantization!r}: "
+            "pass --quantization int8 or --dtype float32"
+        )
+    for name, used in unsupported.items():
+        if used:
+            raise ValueError(f"{name} does not work with tensor_parallel_size > 1 yet")
+    check_divisible(model.hf_config, size)
 
 
 def _draft_config(

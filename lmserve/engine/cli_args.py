@@ -166,7 +166,10 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "-tp",
         type=int,
         default=1,
-        help="devices one engine spans; only 1 for now",
+        help="ranks one engine's model is split across (vLLM's tensor parallelism): each "
+        "holds a share of every layer's heads and MLP width and of the vocabulary, in its own "
+        "process, with an equal share of the CPU's cores; CPU (gloo) and Llama-family models "
+        "for now, a size that divides the attention heads",
     )
     parser.add_argument(
         "--otlp-traces-endpoint",

@@ -16,6 +16,7 @@ from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.core.request import Request, RequestFailed
 from lmserve.core.scheduler import Scheduler
 from lmserve.engine.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from lmserve.executor.tensor_parallel import ExecutorDied, TensorParallelRunner
 from lmserve.kv_events.events import KVEventBatch
 from lmserve.kv_events.publisher import ZmqEventPublisher
 from lmserve.structured_output.manager import StructuredOutputManager
@@ -32,7 +33,7 @@ class EngineCore:
         self,
         config: EngineConfig,
         scheduler: Scheduler,
-        runner: ModelRunner,
+        runner: ModelRunner | TensorParallelRunner,
         structured_output: StructuredOutputManager,
     ) -> None:
         self.config = config
@@ -49,7 +50,11 @@ class EngineCore:
     @classmethod
     def from_config(cls, config: EngineConfig) -> EngineCore:
         """Load the model and allocate the KV cache, then wire the scheduler to its blocks."""
-        runner = ModelRunner.load(config)
+        runner = (
+            TensorParallelRunner(config)
+            if config.tensor_parallel_size > 1
+            else ModelRunner.load(config)
+        )
         capacity = (runner.num_blocks - 1) * config.cache.block_size
         max_len, encoder = config.scheduler.max_model_len, config.model.num_encoder_tokens
         if capacity < max_len + encoder:  # an encoder-decoder request holds its cross K/V too
@@ -138,6 +143,8 @@ class EngineCore:
             self.runner.execute(scheduler_output)
             bitmask = self.scheduler.grammar_bitmask(scheduler_output)
             sampled = self.runner.sample(bitmask)
+        except ExecutorDied:
+            raise
         except RequestFailed as exc:
             logger.exception("requests %s failed; the others go on", exc.req_ids)
             return self.scheduler.fail_step(scheduler_output, exc.req_ids)
@@ -149,7 +156,12 @@ class EngineCore:
             return self.scheduler.fail_step(scheduler_output, None)
         return self.scheduler.update_from_output(scheduler_output, sampled)
 
+    def check_health(self) -> None:
+        """Raise ExecutorDied when a tensor-parallel worker is gone (the engine cannot step)."""
+        self.runner.check_health()
+
     def shutdown(self) -> None:
+        self.runner.shutdown()
         self.structured_output.shutdown()
         if self.kv_events is not None:
             self.kv_events.shutdown()

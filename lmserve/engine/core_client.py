@@ -116,6 +116,7 @@ def _serve(
         if os.getppid() != parent:
             logger.warning("the server process is gone; the engine core exits")
             return
+        core.check_health()  # a tensor-parallel worker gone: raise, and the core exits failed
         outputs = core.step()
         if outputs:
             outbox.send(encoder.encode(Outputs(outputs, core.stats(), engine)))

@@ -61,6 +61,9 @@ class PoolingEngineCore:
             return self.scheduler.fail(batch)
         return self.scheduler.finish(batch, pooled)
 
+    def check_health(self) -> None:
+        """Nothing to check: the pooling runner runs in this process."""
+
     def shutdown(self) -> None:
         pass  # nothing runs beside the model
 

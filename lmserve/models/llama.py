@@ -25,6 +25,13 @@ from lmserve.layers.linear import Linear
 from lmserve.layers.norm import RMSNorm
 from lmserve.layers.packed_attention import PackedLayout
 from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
+from lmserve.layers.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+)
 from lmserve.pooling.score import num_labels
 
 # HF checkpoint name suffix -> (our fused parameter, shard index)
@@ -38,8 +45,12 @@ _FUSED = {
 
 
 class LlamaAttention(DirectCall, nn.Module):
-    def __init__(self, cfg: dict[str, Any], window: int | None = None) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], window: int | None = None, tp: TensorParallel | None = None
+    ) -> None:
+        """`tp`: this rank's share (`cfg` then holds its heads), O's partial sums all-reduced."""
         super().__init__()
+        self.tp = tp
         hidden = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
         self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
@@ -50,8 +61,13 @@ class LlamaAttention(DirectCall, nn.Module):
         if bias is None:  # Qwen2 and Qwen2-MoE: biased q/k/v, unbiased o
             bias = cfg.get("model_type") in ("qwen2", "qwen2_moe") and cfg.get("qkv_bias", True)
         bias = bool(bias)
-        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = Linear(self.q_size, hidden, bias=bool(cfg.get("attention_bias", False)))
+        o_bias = bool(cfg.get("attention_bias", False))
+        if tp is None:
+            self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
+            self.o_proj = Linear(self.q_size, hidden, bias=o_bias)
+        else:
+            self.qkv_proj = ColumnParallelLinear(hidden, self.q_size + 2 * self.kv_size, tp, bias)
+            self.o_proj = RowParallelLinear(self.q_size, hidden, tp, o_bias)
         self.qk_norm = cfg.get("model_type") in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
@@ -79,30 +95,47 @@ class LlamaAttention(DirectCall, nn.Module):
             qk = apply_rotary(qk, rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        out = self.o_proj(out.view(num_tokens, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaMLP(DirectCall, nn.Module):
-    def __init__(self, cfg: dict[str, Any], intermediate_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        intermediate_size: int | None = None,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         bias = bool(cfg.get("mlp_bias", False))
+        self.tp = tp
         self.intermediate_size = intermediate_size or cfg["intermediate_size"]
-        self.gate_up_proj = Linear(cfg["hidden_size"], 2 * self.intermediate_size, bias=bias)
-        self.down_proj = Linear(self.intermediate_size, cfg["hidden_size"], bias=bias)
+        hidden, width = cfg["hidden_size"], self.intermediate_size
+        if tp is None:
+            self.gate_up_proj = Linear(hidden, 2 * width, bias=bias)
+            self.down_proj = Linear(width, hidden, bias=bias)
+        else:
+            self.gate_up_proj = ColumnParallelLinear(hidden, 2 * width, tp, bias)
+            self.down_proj = RowParallelLinear(width, hidden, tp, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaDecoderLayer(DirectCall, nn.Module):
     def __init__(
-        self, cfg: dict[str, Any], window: int | None = None, mlp: nn.Module | None = None
+        self,
+        cfg: dict[str, Any],
+        window: int | None = None,
+        mlp: nn.Module | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.self_attn = LlamaAttention(cfg, window)
+        self.self_attn = LlamaAttention(cfg, window, tp)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.mlp = LlamaMLP(cfg) if mlp is None else mlp
+        self.mlp = LlamaMLP(cfg, tp=tp) if mlp is None else mlp
 
     def forward(
         self, rope: tuple[torch.Tensor, ...], x: torch.Tensor, residual: torch.Tensor | None
@@ -119,13 +152,21 @@ class LlamaDecoderLayer(DirectCall, nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, cfg: dict[str, Any], mlp: Callable[[int], nn.Module | None] | None = None
+        self,
+        cfg: dict[str, Any],
+        mlp: Callable[[int], nn.Module | None] | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
-        """`mlp(i)`: layer i's MLP where it is not LlamaMLP (a mixture of experts), else None."""
+        """`mlp(i)`: layer i's MLP where it is not LlamaMLP (a mixture of experts), else None.
+        `tp`: this rank's share of a tensor-parallel model (`cfg` is then the whole model's)."""
         super().__init__()
-        self.embed_tokens = uninitialized_embedding(cfg["vocab_size"], cfg["hidden_size"])
+        if tp is None:
+            self.embed_tokens = uninitialized_embedding(cfg["vocab_size"], cfg["hidden_size"])
+        else:
+            self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], tp)
+            cfg = tp.shard_config(cfg)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, window, mlp(i) if mlp else None)
+            LlamaDecoderLayer(cfg, window, mlp(i) if mlp else None, tp)
             for i, window in enumerate(sliding_windows(cfg))
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
@@ -166,15 +207,26 @@ class LlamaForCausalLM(nn.Module):
     """forward() returns final hidden states; compute_logits() runs the LM head on the rows that
     need logits only (the last token of each sampled request)."""
 
-    def __init__(self, cfg: dict[str, Any], model: nn.Module | None = None) -> None:
-        """`model`: another family's decoder with LlamaModel's interface (default: LlamaModel)."""
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        model: nn.Module | None = None,
+        tp: TensorParallel | None = None,
+    ) -> None:
+        """`model`: another family's decoder with LlamaModel's interface (default: LlamaModel).
+        `tp`: this rank's share of a tensor-parallel model; its logits are gathered on rank 0
+        (compute_logits gives None on the others)."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg) if model is None else model
+        self.tp = tp
+        self.model = LlamaModel(cfg, tp=tp) if model is None else model
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         # With tied embeddings this is a transposed copy of embed_tokens, filled at load time:
         # the embedding wants rows per token, the LM head wants [in, out] for fast decode.
-        self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        if tp is None:
+            self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        else:
+            self.lm_head = VocabParallelHead(cfg["hidden_size"], cfg["vocab_size"], tp)
 
     def forward(
         self,
@@ -189,8 +241,12 @@ class LlamaForCausalLM(nn.Module):
         # [out, in] embedding wins (measured, 49k x 576: 19.6 vs 28.9 ms at 16 rows).
         # (An int8 LM head, see layers/int8_linear.py, is faster than both.)
         if self.tie_word_embeddings and hidden.shape[0] > 1 and isinstance(self.lm_head, Linear):
-            return F.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        if self.tp is None:
+            return logits
+        return self.tp.gather_vocab(logits, self.config["vocab_size"])  # type: ignore[return-value]
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
@@ -273,7 +329,7 @@ def _load_fused(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -
         else:
             start, size = 0, tensor.shape[0]
         module = modules.get(module_name)
-        if isinstance(module, (Linear, GGUFLinear, GGUFEmbedding)):
+        if isinstance(module, (Linear, GGUFLinear, GGUFEmbedding, VocabParallelEmbedding)):
             module.load_rows(kind, tensor, start, size)
             loaded.add(f"{module_name}.{kind}")
         elif name in params:

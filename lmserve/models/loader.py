@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from lmserve.config import ModelConfig
 from lmserve.layers.rotary import RotaryEmbedding
+from lmserve.layers.tensor_parallel import TensorParallel
 from lmserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -24,16 +25,22 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(config: ModelConfig, device: torch.device, pooling: bool = False) -> nn.Module:
+def load_model(
+    config: ModelConfig,
+    device: torch.device,
+    pooling: bool = False,
+    tp: TensorParallel | None = None,
+) -> nn.Module:
     """Instantiate on `device` in the configured dtype and load weights; eval mode, no grads.
-    `pooling`: the pooling runner's class for the architecture."""
+    `pooling`: the pooling runner's class for the architecture; `tp`: this rank's share of a
+    tensor-parallel model (each rank loads its slices of the checkpoint)."""
     cls = resolve_model_class(config.architecture, pooling)
     start = time.perf_counter()
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(config.dtype))
     try:
         with torch.device(device):
-            model = cls(config.hf_config)
+            model = cls(config.hf_config) if tp is None else cls(config.hf_config, tp=tp)
     finally:
         torch.set_default_dtype(default_dtype)
     for module in model.modules():

@@ -37,6 +37,20 @@ _POOLING_MODELS = {
     },
 }
 
+# checkpoints whose q/k/v and gate/up come as separate tensors, which split across ranks as
+# they load (Phi-3's come fused)
+_TENSOR_PARALLEL = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+}
+
+
+def tensor_parallel_architectures() -> list[str]:
+    """The architectures the generate runner splits across tensor-parallel ranks."""
+    return sorted(_TENSOR_PARALLEL)
+
 
 def supported_architectures(pooling: bool = False) -> list[str]:
     return sorted(_POOLING_MODELS if pooling else _MODELS)

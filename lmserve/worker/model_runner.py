@@ -24,6 +24,7 @@ from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, Schedul
 from lmserve.engine.messages import PromptEmbeds, TokenLogprobs
 from lmserve.forward_context import set_forward_context
 from lmserve.layers.cross_attention import CrossBlocks, CrossLayout
+from lmserve.layers.tensor_parallel import TensorParallel
 from lmserve.lora.layers import LoRAMapping
 from lmserve.lora.manager import LoRAManager
 from lmserve.models.loader import load_model, torch_dtype
@@ -117,14 +118,20 @@ class ModelRunner:
             graphs.capture()
 
     @classmethod
-    def load(cls, config: EngineConfig) -> ModelRunner:
-        """Load the model, size the KV cache from the budget, allocate it."""
+    def load(cls, config: EngineConfig, tp: TensorParallel | None = None) -> ModelRunner:
+        """Load the model, size the KV cache from the budget, allocate it. `tp`: this rank's
+        share of a tensor-parallel model: its slices of the weights, its KV heads, its share
+        of a CPU budget, and the block count every rank agrees on (the fewest)."""
         device = torch.device(config.device)
         if device.type == "cpu":
-            check_fits(config)
+            if tp is None or tp.rank == 0:  # (the whole model's weights, once)
+                check_fits(config)
             keep_freed_memory_mapped()
         torch.manual_seed(config.model.seed)
-        model = load_model(config.model, device)
+        model = load_model(config.model, device, tp=tp)
+        kv_model = config.model
+        if tp is not None:
+            kv_model = dataclasses.replace(kv_model, hf_config=tp.shard_config(kv_model.hf_config))
         draft_model = DraftRunner.load_model(config, device) if config.draft else None
         lora = LoRAManager(model, config.model, config.lora) if config.lora else None
         dtype = torch_dtype(config.model.dtype)
@@ -142,13 +149,15 @@ class ModelRunner:
                 torch.cuda.synchronize(device)
                 budget = cuda_kv_budget_bytes(config.cache, device)
             else:
-                budget = config.cache.kv_cache_bytes
+                budget = config.cache.kv_cache_bytes // (1 if tp is None else tp.size)
             extra = DraftRunner.bytes_per_block(config) if config.draft else 0
-            num_blocks = num_blocks_from_budget(config.model, config.cache, dtype, budget, extra)
+            num_blocks = num_blocks_from_budget(kv_model, config.cache, dtype, budget, extra)
+        if tp is not None:
+            num_blocks = tp.min_over_ranks(num_blocks)
         shape = backend.kv_cache_shape(
-            num_blocks, config.cache.block_size, config.model.num_kv_heads, config.model.head_dim
+            num_blocks, config.cache.block_size, kv_model.num_kv_heads, kv_model.head_dim
         )
-        caches = allocate_kv_caches(config.model, shape, config.cache.block_size, dtype, device)
+        caches = allocate_kv_caches(kv_model, shape, config.cache.block_size, dtype, device)
         graphs = _decode_graphs(config, model, backend, device)
         draft = None
         if draft_model is not None:
@@ -204,6 +213,12 @@ class ModelRunner:
             rows = self.batch.rows_of(list(self.batch.row_of))
             assert (self.draft.num_valid[rows] <= self.batch.num_tokens[rows]).all()
 
+    def check_health(self) -> None:
+        """Nothing to check: the model runs in this process (TensorParallelRunner's has ranks)."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop: no process runs beside this one (TensorParallelRunner's has)."""
+
     def _bind_kv_caches(self) -> None:
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
             layer.kv_cache = cache
@@ -228,7 +243,7 @@ class ModelRunner:
             ends = inputs.common.query_start_loc[1:][sample_idx]
             token_idx = np.repeat(ends, num_rows) - ranks_from_end(num_rows) - 1
             logits = self.model.compute_logits(hidden[to_device(token_idx, self.device)])
-            if self._num_encoder_tokens:  # Whisper's suppress and timestamp rules
+            if self._num_encoder_tokens and logits is not None:  # Whisper's suppress/timestamps
                 rows = inputs.rows[sample_idx].tolist()
                 self.model.process_logits(
                     logits,
@@ -272,6 +287,14 @@ class ModelRunner:
         if self.draft is not None:
             self._guess(inputs, results)
         return results
+
+    def extend_tokens(self, tokens: dict[str, list[int]]) -> None:
+        """Append tokens another rank sampled (a tensor-parallel rank other than 0, whose
+        logits went to rank 0) to the requests' rows, as that rank's sample() did to its own."""
+        for req_id, token_ids in tokens.items():
+            row = self.batch.row_of.get(req_id)
+            if row is not None:
+                self.batch.extend_tokens(row, token_ids)
 
     def _guess(self, inputs: StepInputs, results: dict[str, SampledTokens]) -> None:
         """The draft model's guesses for each sampling request's next step, beside its sampled
@@ -567,7 +590,10 @@ class ModelRunner:
             if last_pos <= first_pos:
                 continue
             token_slice = slice(int(qsl[i]), int(qsl[i]) + last_pos - first_pos)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[token_slice]).float(), -1)
+            logits = self.model.compute_logits(hidden[token_slice])
+            if logits is None:  # a tensor-parallel rank other than 0: it helped gather them
+                continue
+            logprobs = torch.log_softmax(logits.float(), -1)
             targets = to_device(
                 self.batch.token_ids[row, first_pos + 1 : last_pos + 1], self.device
             )

@@ -1,0 +1,44 @@
+"""What every tensor-parallel rank does alike: join the ranks' process group, take its share of
+the CPU, and read the step messages rank 0 sends."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lmserve.core.scheduler_output import SchedulerOutput
+from lmserve.layers.tensor_parallel import TensorParallel
+
+# how long a rank waits for the others, to meet and then in any one collective (loading a large
+# checkpoint happens between meeting and the first collective)
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step for the other ranks: the scheduler's output, and the tokens rank 0 sampled in
+    the step before (their logits went to rank 0, so they learn the tokens from it)."""
+
+    scheduler_output: SchedulerOutput
+    sampled: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The engine is shutting down: leave the loop."""
+
+
+def join_group(rank: int, size: int, store_path: str, device: str) -> TensorParallel:
+    """Meet the other ranks through a file they all see (gloo on CPU) and, on a CPU, take an
+    equal share of its cores as torch threads."""
+    if device != "cpu":
+        raise ValueError("tensor parallelism runs on CPU (gloo) only for now")
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+    store = dist.FileStore(store_path, size)
+    group: Any = dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
+    return TensorParallel(rank, size, group)
