@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lmserve.core.scheduler_output import SchedulerOutput
+from lmserve.layers.shm_all_reduce import SharedMemoryAllReduce
 from lmserve.layers.tensor_parallel import TensorParallel
 
 # how long a rank waits for the others, to meet and then in any one collective (loading a large
@@ -33,12 +35,16 @@ class Stop:
     """The engine is shutting down: leave the loop."""
 
 
-def join_group(rank: int, size: int, store_path: str, device: str) -> TensorParallel:
-    """Meet the other ranks through a file they all see (gloo on CPU) and, on a CPU, take an
-    equal share of its cores as torch threads."""
+def join_group(
+    rank: int, size: int, store_path: str, shm_path: str, device: str, alive: Callable[[], bool]
+) -> TensorParallel:
+    """Meet the other ranks through a file they all see (gloo on CPU), map the shared memory
+    their all-reduces go through, and, on a CPU, take an equal share of its cores as torch
+    threads. `alive`: False once a rank is known gone (waits for it then fail)."""
     if device != "cpu":
         raise ValueError("tensor parallelism runs on CPU (gloo) only for now")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
     store = dist.FileStore(store_path, size)
     group: Any = dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
-    return TensorParallel(rank, size, group)
+    shm = SharedMemoryAllReduce(shm_path, rank, size, alive)
+    return TensorParallel(rank, size, group, shm)

@@ -26,6 +26,7 @@ from torch import nn
 from lmserve.config import EngineConfig
 from lmserve.core.scheduler_output import GrammarBitmask, SampledTokens, SchedulerOutput
 from lmserve.executor.group import GROUP_TIMEOUT, Step, Stop, join_group
+from lmserve.layers.shm_all_reduce import create_shm_file
 from lmserve.worker.image_rows import ImageRows
 from lmserve.worker.model_runner import ModelRunner
 
@@ -51,8 +52,13 @@ class TensorParallelRunner:
         self._steps: list[zmq.Socket] = []
         self._workers: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
+        self._failed = threading.Event()  # set with `failure`, for the all-reduce's waits
         self.failure: str | None = None
         store = os.path.join(self._dir.name, "store")
+        # in memory where the host has /dev/shm (a file on disk would be written back)
+        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else self._dir.name
+        shm = os.path.join(shm_dir, f"{os.path.basename(self._dir.name)}-all-reduce")
+        create_shm_file(shm, size)
         self._finalizer = weakref.finalize(
             self, _stop, self._workers, self._steps, self._ctx, self._dir, self._stopping
         )
@@ -62,16 +68,20 @@ class TensorParallelRunner:
                 addr = f"ipc://{self._dir.name}/steps-{rank}"
                 sock.bind(addr)
                 self._steps.append(sock)
-                self._workers.append(_start_worker(rank, size, store, addr, replies_addr))
+                self._workers.append(_start_worker(rank, size, store, shm, addr, replies_addr))
                 sock.send(pickle.dumps(config))
             threading.Thread(target=self._watch, name="lmserve-tp-watch", daemon=True).start()
-            tp = join_group(0, size, store, config.device)
+            tp = join_group(
+                0, size, store, shm, config.device, alive=lambda: not self._failed.is_set()
+            )
             self.runner = ModelRunner.load(config, tp)
             self._wait_ready(replies, size - 1)
         except BaseException:
             replies.close(linger=0)
             self.shutdown()
             raise
+        finally:
+            os.unlink(shm)  # every rank has it mapped, or failed: the name is not needed
         replies.close(linger=0)
         self._sampled: dict[str, list[int]] = {}
         logger.info("tensor parallel: %d ranks ready (worker pids %s)", size, self.worker_pids)
@@ -99,6 +109,7 @@ class TensorParallelRunner:
                 code = proc.poll()
                 if code is not None and not self._stopping.is_set():
                     self.failure = f"tensor-parallel worker rank {rank} exited (code {code})"
+                    self._failed.set()
                     logger.error("%s; the engine stops", self.failure)
                     return
             self._stopping.wait(0.2)
@@ -164,10 +175,11 @@ class TensorParallelRunner:
 
 
 def _start_worker(
-    rank: int, size: int, store: str, steps: str, replies: str
+    rank: int, size: int, store: str, shm: str, steps: str, replies: str
 ) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "lmserve.executor.worker", "--rank", str(rank)]
-    command += ["--size", str(size), "--store", store, "--steps", steps, "--replies", replies]
+    command += ["--size", str(size), "--store", store, "--shm", shm]
+    command += ["--steps", steps, "--replies", replies]
     return subprocess.Popen(command)
 
 

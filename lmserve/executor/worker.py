@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--store", required=True, help="the ranks' rendezvous file")
+    parser.add_argument("--shm", required=True, help="the ranks' shared-memory file")
     parser.add_argument("--steps", required=True, help="ZMQ address rank 0 sends steps on")
     parser.add_argument("--replies", required=True, help="ZMQ address to report ready on")
     args = parser.parse_args()
@@ -42,7 +43,15 @@ def main() -> None:
     replies.connect(args.replies)
     try:
         config: EngineConfig = pickle.loads(steps.recv())
-        tp = join_group(args.rank, args.size, args.store, config.device)
+        # rank 0 is the parent; when any other rank dies, rank 0 stops and so takes this one
+        tp = join_group(
+            args.rank,
+            args.size,
+            args.store,
+            args.shm,
+            config.device,
+            alive=lambda: os.getppid() == parent,
+        )
         from lmserve.worker.model_runner import ModelRunner
 
         runner = ModelRunner.load(config, tp)

@@ -166,7 +166,23 @@ def test_a_worker_that_dies_takes_the_server_down_cleanly(tiny_chat_dir: Path) -
         assert len(descendants) == 2
         workers = [p for p in descendants if "lmserve.executor.worker" in p.cmdline()]
         assert len(workers) == 1
-        workers[0].kill()
+        # killed in the middle of a stream: the stream ends (rank 0 stops waiting for it)
+        stream = client.completions.create(
+            model=model,
+            prompt="Hello",
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        received = 0
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                received += 1
+                if received == 5:
+                    workers[0].kill()
+                    killed = time.monotonic()
+        assert 5 <= received < 400
+        assert time.monotonic() - killed < 5
         deadline = time.monotonic() + 10
         while httpx.get(f"{server.url}/health").status_code != 503:
             assert time.monotonic() < deadline, "/health still answers 200"
