@@ -4,7 +4,6 @@ the CPU, and read the step messages rank 0 sends."""
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,9 @@ def join_group(
     threads. `alive`: False once a rank is known gone (waits for it then fail)."""
     if device != "cpu":
         raise ValueError("tensor parallelism runs on CPU (gloo) only for now")
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+    # torch's threads (OMP_NUM_THREADS where set, as Ray sets it from the CPUs a replica
+    # reserves; else the cores) shared between the ranks
+    torch.set_num_threads(max(1, torch.get_num_threads() // size))
     store = dist.FileStore(store_path, size)
     group: Any = dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
     shm = SharedMemoryAllReduce(shm_path, rank, size, alive)

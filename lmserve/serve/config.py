@@ -131,8 +131,28 @@ class LLMConfig(BaseModel):
         if self.placement_group_config is not None:
             options["placement_group_bundles"] = self.placement_group_config.bundles
             options["placement_group_strategy"] = self.placement_group_config.strategy
+        elif self.tensor_parallel_size > 1:
+            # one bundle per rank, the replica (rank 0) in the first: its other ranks are
+            # processes it starts on its own node, so the bundles pack onto one node
+            options["placement_group_bundles"] = [
+                self._rank_bundle(actor_options)
+            ] * self.tensor_parallel_size
+            options["placement_group_strategy"] = "STRICT_PACK"
         options["name"] = name_prefix + self.model_id.replace("/", "--")
         return options
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.engine_kwargs.get("tensor_parallel_size", 1))
+
+    def _rank_bundle(self, actor_options: dict[str, Any]) -> dict[str, float]:
+        """What one tensor-parallel rank reserves: the replica actor's CPUs (one by default),
+        its GPU and accelerator when it has them."""
+        bundle = {"CPU": float(actor_options.get("num_cpus", 1))}
+        if actor_options.get("num_gpus"):
+            bundle["GPU"] = float(actor_options["num_gpus"])
+        bundle.update(actor_options.get("resources") or {})
+        return bundle
 
     @property
     def engine_args(self) -> dict[str, Any]:

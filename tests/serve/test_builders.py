@@ -300,6 +300,38 @@ def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_di
         serve.delete("placed")
 
 
+def test_tensor_parallel_replica_reserves_one_bundle_per_rank(
+    app_url: str, tiny_model_dirs
+) -> None:
+    """engine_kwargs tensor_parallel_size=2: the replica's placement group holds one bundle per
+    rank, packed on one node (its other rank is a process it starts beside itself), and the
+    model answers through it."""
+    app = build_llm_deployment(
+        {
+            "model_loading_config": {"model_id": "tiny-tp", "model_source": str(tiny_model_dirs["llama"])},
+            "engine_kwargs": {**SMALL_ENGINE, "tensor_parallel_size": 2},
+            "deployment_config": HALF_CPU,
+        }
+    )  # fmt: skip
+    before = set(ray.util.placement_group_table())
+    serve.run(app, name="sharded", route_prefix="/sharded")
+    try:
+        created = [
+            group
+            for key, group in ray.util.placement_group_table().items()
+            if key not in before and group["state"] == "CREATED"
+        ]
+        assert [(g["bundles"], g["strategy"]) for g in created] == [
+            ({0: {"CPU": 0.5}, 1: {"CPU": 0.5}}, "STRICT_PACK")
+        ]
+        handle = serve.get_app_handle("sharded")
+        body = {"model": "tiny-tp", "prompt": [1, 2], "max_tokens": 3}
+        (answer,) = list(handle.options(stream=True).answer.remote("completions", body))
+        assert answer.status == 200 and answer.body.usage.completion_tokens == 3
+    finally:
+        serve.delete("sharded")
+
+
 def test_a_models_vllm_api_key_guards_the_ingress(app_url: str, tiny_model_dirs) -> None:
     """VLLM_API_KEY in a model's runtime_env, as vLLM users set it (Ray Serve LLM itself
     ignores it and serves open): every /v1 route of the router wants it; probes do not."""

@@ -63,6 +63,33 @@ def test_placement_group_and_start_timeout_are_checked() -> None:
         LLMConfig(model_loading_config={"model_id": "a"}, engine_start_timeout_s=0)
 
 
+def test_tensor_parallel_reserves_a_bundle_per_rank_on_one_node() -> None:
+    """As Ray Serve LLM: tensor_parallel_size ranks, one bundle each (CPU, or the GPU and the
+    accelerator type), packed on one node; an explicit placement_group_config wins."""
+    cpu = LLMConfig(
+        model_loading_config={"model_id": "a"}, engine_kwargs={"tensor_parallel_size": 2}
+    ).get_serve_options()
+    assert cpu["placement_group_bundles"] == [{"CPU": 1.0}] * 2
+    assert cpu["placement_group_strategy"] == "STRICT_PACK"
+    gpu = LLMConfig(
+        model_loading_config={"model_id": "a"},
+        engine_kwargs={"tensor_parallel_size": 4},
+        accelerator_type="H100",
+    ).get_serve_options()
+    assert (
+        gpu["placement_group_bundles"]
+        == [{"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}] * 4
+    )
+    explicit = LLMConfig(
+        model_loading_config={"model_id": "a"},
+        engine_kwargs={"tensor_parallel_size": 2},
+        placement_group_config={"bundles": [{"CPU": 2}]},
+    ).get_serve_options()
+    assert explicit["placement_group_bundles"] == [{"CPU": 2.0}]
+    one = LLMConfig(model_loading_config={"model_id": "a"}).get_serve_options()
+    assert "placement_group_bundles" not in one
+
+
 def test_missing_ray_is_a_readable_error() -> None:
     """Where Ray is not installed, importing lmserve.serve says which extra to install."""
     code = (
