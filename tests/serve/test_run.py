@@ -362,6 +362,60 @@ def test_seed_deployment_forms_run(tmp_path: Path, smollm2_dir: Path) -> None:
     assert engine["OMP_NUM_THREADS"] == "1"  # its engine's threads: the one CPU it reserves
 
 
+# Seed 001's first form as written, tensor_parallel_size=2 included, with lmserve.serve's import,
+# no accelerator_type (no A10G here) and a tiny random model behind SmolLM2's tokenizer for the
+# Qwen2.5 (SmolLM2's 9 heads do not split in two); then the harness's client query.
+SEED_TENSOR_PARALLEL = """
+from ray import serve
+from lmserve.serve import LLMConfig
+from lmserve.serve import VLLMService, LLMRouter
+
+llm_config = LLMConfig(
+    model_loading_config=dict(
+        model_id="qwen-0.5b",
+        model_source="{model_source}",
+    ),
+    deployment_config=dict(
+        autoscaling_config=dict(
+            min_replicas=1, max_replicas=2,
+        )
+    ),
+    # You can customize the engine arguments (e.g. vLLM engine kwargs)
+    engine_kwargs=dict(
+        tensor_parallel_size=2,
+    ),
+)
+
+# Deploy the application
+deployment = VLLMService.as_deployment().bind(llm_config)
+llm_app = LLMRouter.as_deployment().bind([deployment])
+serve.run(llm_app)
+ask("qwen-0.5b")
+serve.shutdown()
+"""
+
+
+def test_seed_tensor_parallel_form_runs(tmp_path: Path, tiny_chat_dir: Path) -> None:
+    """Seed 001's tensor_parallel_size=2 deployment answers on CPU, as one rank answers."""
+    from lmserve import LLM, SamplingParams
+
+    script = tmp_path / "tp.py"
+    script.write_text(SEED_HARNESS + SEED_TENSOR_PARALLEL.format(model_source=tiny_chat_dir))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    (answer,) = [
+        json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("ANSWER ")
+    ]
+    one_rank = LLM(str(tiny_chat_dir), max_model_len=512, kv_cache_memory_gb=0.05).chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=12),
+        use_tqdm=False,
+    )
+    assert answer == ["qwen-0.5b", one_rank[0].outputs[0].text]
+
+
 SEED_EMBED_SERVER = """
 from ray import serve
 from lmserve.serve import LLMConfig, build_openai_app
