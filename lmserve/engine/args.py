@@ -227,9 +227,8 @@ def create_engine_config(
             device,
             runner=runner,
             unsupported={
-                "enable_lora": enable_lora,
                 "enable_sleep_mode": enable_sleep_mode,
-                "a draft model (speculative_config's model)": bool(
+            : bool(
                     speculative is not None and speculative.uses_draft_model
                 ),
                 "data_parallel_size > 1": data_parallel_size > 1,

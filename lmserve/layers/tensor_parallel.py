@@ -105,6 +105,13 @@ def check_divisible(cfg: dict[str, Any], size: int) -> None:
         )
 
 
+def column_slice(tp: TensorParallel, rows: int, size: int) -> int:
+    """The first of `size` rows rank `tp.rank` takes of a part with `rows` rows: its own slice,
+    or, where the part has fewer slices than there are ranks (KV heads fewer than ranks), the
+    slice it shares (rank r takes slice r * slices // size)."""
+    return tp.rank * (rows // size) // tp.size * size
+
+
 class ColumnParallelLinear(Linear):
     """This rank's output rows of each fused part (q, k, v; gate, up). A part with fewer rows
     than the ranks need (KV heads fewer than ranks) is shared: rank r takes slice r * parts / size."""
@@ -114,8 +121,7 @@ class ColumnParallelLinear(Linear):
         self.tp = tp
 
     def load_rows(self, name: str, tensor: torch.Tensor, start: int, size: int) -> None:
-        slices = tensor.shape[0] // size
-        offset = self.tp.rank * slices // self.tp.size * size
+        offset = column_slice(self.tp, tensor.shape[0], size)
         super().load_rows(name, tensor.narrow(0, offset, size), start, size)
 
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from lmserve.config import LoRAConfig, ModelConfig
 from lmserve.layers.gguf_layers import GGUFLinear
 from lmserve.layers.int8_linear import Int8Linear
 from lmserve.layers.linear import Linear
+from lmserve.layers.tensor_parallel import TensorParallel, column_slice
 from lmserve.lora.adapter import Adapter, load_adapter, read_adapter_config
 from lmserve.lora.layers import LoRALinear
 from lmserve.lora.request import LoRARequest
+
+# the projections whose input a tensor-parallel rank holds a slice of (their partial sums are
+# all-reduced, the LoRA delta's with them); the others' output rows are split
+_ROW_PARALLEL = {"o_proj", "down_proj"}
 
 # our fused module -> the HF projections it holds, in output order
 _PARTS = {
@@ -68,6 +74,7 @@ class LoRAManager:
     def __init__(self, model: nn.Module, model_config: ModelConfig, lora: LoRAConfig) -> None:
         self.model_config = model_config
         self.config = lora
+        self.tp: TensorParallel | None = getattr(model, "tp", None)
         self.layers = wrap_lora_layers(model, lora)
         self.modules = {module for module, _ in self.layers.values()}
         self._slot_of: dict[int, int] = {}  # lora_int_id -> slot
@@ -92,9 +99,23 @@ class LoRAManager:
             module.clear(slot)
         for (layer, target), (a, b) in adapter.weights.items():
             module, part = self.layers[(layer, target)]
+            if self.tp is not None:
+                a, b = self._rank_slice(module, part, target, a, b)
             module.set_part(slot, part, a, b, adapter.config.scaling)
         self._slot_of[request.lora_int_id] = slot
         return slot
+
+    def _rank_slice(
+        self, module: LoRALinear, part: int, target: str, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of one projection's A [r, in] and B [out, r], split as the base
+        layer is: a row-parallel one's input columns of A, a column-parallel one's rows of B."""
+        assert self.tp is not None
+        if target in _ROW_PARALLEL:
+            width = module.lora_a.shape[1]
+            return a.narrow(1, self.tp.rank * width, width), b
+        size = module.part_sizes[part]
+        return a, b.narrow(0, column_slice(self.tp, b.shape[0], size), size)
 
     def _host_copy(self, request: LoRARequest) -> Adapter:
         adapter = self._loaded.pop(request.lora_int_id, None)
