@@ -228,10 +228,9 @@ def create_engine_config(
             runner=runner,
             unsupported={
                 "enable_sleep_mode": enable_sleep_mode,
-            : bool(
+                "a draft model (speculative_config's model)": bool(
                     speculative is not None and speculative.uses_draft_model
                 ),
-                "data_parallel_size > 1": data_parallel_size > 1,
             },
         )
     draft = None

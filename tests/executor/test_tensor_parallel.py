@@ -256,3 +256,41 @@ def _running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_data_parallel_cores_each_with_tensor_parallel_ranks(tiny_model_dirs) -> None:
+    """--data-parallel-size 2 --tensor-parallel-size 2: two cores, each rank 0 of its own two
+    ranks; concurrent requests give one rank's tokens, whichever core runs them."""
+    import asyncio
+
+    from lmserve.engine.async_engine import AsyncEngine
+
+    path = str(tiny_model_dirs["llama"])
+    prompts = random_prompts([5, 17, 33, 9, 12, 3, 21, 8], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+
+    async def run() -> tuple[list[list[int]], int]:
+        engine = await AsyncEngine.start(
+            path, data_parallel_size=2, tensor_parallel_size=2, kv_cache_memory_gb=0.02,
+            log_stats=False,
+        )  # fmt: skip
+        try:
+            workers = [
+                p
+                for p in psutil.Process().children(recursive=True)
+                if "lmserve.executor.worker" in p.cmdline()
+            ]
+
+            async def one(i: int) -> list[int]:
+                async for out in engine.generate({"prompt_token_ids": prompts[i]}, params, f"r{i}"):
+                    last = out
+                return last.outputs[0].token_ids
+
+            return await asyncio.gather(*(one(i) for i in range(len(prompts)))), len(workers)
+        finally:
+            await engine.shutdown()
+
+    tokens, num_workers = asyncio.run(run())
+    assert num_workers == 2  # one per core
+    llm = LLM(path, kv_cache_memory_gb=0.02)
+    assert tokens == run_greedy(llm, prompts)
