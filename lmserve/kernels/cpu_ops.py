@@ -59,8 +59,14 @@ def available() -> bool:
     flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DCPU_CAPABILITY={capability}"]
     if capability in _ISA_FLAGS:
         flags += [f"-DCPU_CAPABILITY_{capability}", *_ISA_FLAGS[capability]]
+    variant = capability
+    if capability == "AVX512" and "avx512_vnni" in cpu_flags():
+        # int8 dot products in one instruction (vpdpbusd), the same sums; its own build, as
+        # an AVX-512 CPU without VNNI (Skylake) must not load it
+        flags += ["-mavx512vnni"]
+        variant += "-VNNI"
     name = "lmserve_cpu_ops"
-    build_dir = default_cache_dir() / "cpu_kernels" / f"torch-{torch.__version__}-{capability}"
+    build_dir = default_cache_dir() / "cpu_kernels" / f"torch-{torch.__version__}-{variant}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         clear_stale_lock(build_dir)
@@ -84,6 +90,19 @@ def available() -> bool:
         )
         return False
     return True
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is not there)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 def clear_stale_lock(build_dir: Path, max_age_s: float = 300.0) -> bool:

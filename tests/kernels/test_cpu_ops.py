@@ -312,33 +312,46 @@ def test_gguf_matmul_rejects_what_it_cannot_read() -> None:
 _CAPABILITY_RUN = """
 import sys, torch
 from lmserve.kernels import cpu_ops
-assert torch.backends.cpu.get_cpu_capability() == sys.argv[1]
+capability, _, vnni = sys.argv[1].partition("-")
+assert torch.backends.cpu.get_cpu_capability() == capability
+if not vnni:  # the AVX-512 build of a CPU without VNNI
+    cpu_ops.cpu_flags = lambda: frozenset()
 assert cpu_ops.available()
 results = {}
-for qtype, (x, blocks) in torch.load(sys.argv[2]).items():
+inputs = torch.load(sys.argv[2])
+for qtype, (x, blocks) in inputs.pop("gguf").items():
     out, out_q8 = torch.empty(x.shape[0], blocks.shape[0]), torch.empty(x.shape[0], blocks.shape[0])
     cpu_ops.gguf_matmul(x, blocks, qtype, out, 0)
     cpu_ops.gguf_matmul_q8(x, blocks, qtype, out_q8, 0)
     results[qtype] = (cpu_ops.gguf_dequantize(blocks, qtype, x.shape[1]), out, out_q8)
+results["int8"] = cpu_ops.grouped_matmul_int8(*inputs["int8"], None)
 torch.save(results, sys.argv[3])
 """
 
 
 @needs_kernels
 @pytest.mark.slow
-@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
-def test_gguf_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
-    """The scalar, AVX2 and AVX-512 builds all, whichever this CPU would pick (torch's
-    ATEN_CPU_CAPABILITY forces a narrower one, built once into its own cache directory), each
-    against gguf-py and the q8 reference."""
-    if capability == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512", "AVX512-VNNI"])
+def test_gguf_and_int8_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
+    """The scalar, AVX2, AVX-512 and AVX-512 VNNI builds all, whichever this CPU would pick
+    (torch's ATEN_CPU_CAPABILITY forces a narrower one; VNNI is left out of a build by hiding
+    the CPU's flag; each built once into its own cache directory): GGUF kernels against gguf-py
+    and the q8 reference, the grouped int8 GEMM exactly against torch's int8 GEMM."""
+    if capability.startswith("AVX512") and torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("this CPU has no AVX-512")
+    if capability.endswith("VNNI") and "avx512_vnni" not in cpu_ops.cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VNNI")
     inputs = {}
     for qtype in GGUF_TYPES:
         blocks, _ = _gguf_weight(qtype, 37, _depth(qtype), seed=int(qtype))
         inputs[int(qtype)] = (torch.randn(15, _depth(qtype)), blocks)  # 8 + 4 + 2 + 1 rows
-    torch.save(inputs, tmp_path / "in.pt")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (3, 70, 200), dtype=torch.int8, generator=gen)
+    w_scale = torch.rand(3, 70, generator=gen)
+    x_q, x_scale = cpu_ops.quantize_rows(torch.randn(9, 200, generator=gen))
+    offsets = torch.tensor([0, 5, 5, 9])
+    torch.save({"gguf": inputs, "int8": (x_q, x_scale, w, w_scale, offsets)}, tmp_path / "in.pt")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.partition("-")[0].lower()}
     args = [capability, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
     done = subprocess.run(
         [sys.executable, "-c", _CAPABILITY_RUN, *args],
@@ -356,3 +369,9 @@ def test_gguf_kernels_in_each_simd_build(capability: str, tmp_path) -> None:
         assert torch.equal(weights, dense)
         _assert_sum_close(out, x, dense)
         _assert_q8_close(out_q8, x, dense)
+    for e in range(3):
+        rows = slice(int(offsets[e]), int(offsets[e + 1]))
+        acc = torch._int_mm(x_q[rows], w[e].t()) if rows.start < rows.stop else None
+        if acc is not None:
+            expected = cpu_ops.dequantize_(acc.contiguous(), x_scale[rows], w_scale[e], None)
+            assert torch.equal(results["int8"][rows], expected)

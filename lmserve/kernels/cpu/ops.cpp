@@ -545,7 +545,7 @@ void expert_int8_dots(const int8_t* x, int64_t k_size, const int8_t* w, int64_t 
   for (int64_t m = 0; m < R; ++m) {
     for (int64_t c = 0; c < C; ++c) wacc[m][c] = _mm512_setzero_si512();
   }
-  const __m512i wide_ones = _mm512_set1_epi16(1);
+  [[maybe_unused]] const __m512i wide_ones = _mm512_set1_epi16(1);
   for (; k + 64 <= k_size; k += 64) {
     __m512i ax[R];
     __mmask64 negative[R];
@@ -559,8 +559,12 @@ void expert_int8_dots(const int8_t* x, int64_t k_size, const int8_t* w, int64_t 
       for (int64_t m = 0; m < R; ++m) {
         const __m512i signed_w =
             _mm512_mask_sub_epi8(wv, negative[m], _mm512_setzero_si512(), wv);
+#if defined(__AVX512VNNI__)
+        wacc[m][c] = _mm512_dpbusd_epi32(wacc[m][c], ax[m], signed_w);  // the same 4-byte sums
+#else
         const __m512i pairs = _mm512_maddubs_epi16(ax[m], signed_w);
         wacc[m][c] = _mm512_add_epi32(wacc[m][c], _mm512_madd_epi16(pairs, wide_ones));
+#endif
       }
     }
   }
@@ -1079,7 +1083,11 @@ void quantize_q8_blocks(const float* x, int64_t k_size, int8_t* q, float* d, flo
 // Unsigned bytes times signed bytes, summed in fours: 8 int32 lanes, lanes 0-3 from bytes 0-15
 // (2 * 128 * 127 fits int16).
 inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);  // one instruction, the same sums
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 inline float hsum8(__m256 v) {
   const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
