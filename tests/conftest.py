@@ -6,6 +6,7 @@ Slow loads (GGUF conversion, HF's own GGUF loading) happen once per test run.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, from `make setup`
 TINY_VOCAB = 512
 _COMMON = dict(
     vocab_size=TINY_VOCAB,
@@ -428,3 +430,22 @@ def tiny_qwen2_5_vl_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFact
     tokenizer.chat_template = _QWEN_VL_TEMPLATE
     tokenizer.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Real Chromium through Playwright (a module's pages share it); skips where `make setup`
+    has not installed Chromium."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium: `make setup` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )  # fmt: skip
+        yield browser
+        browser.close()

@@ -27,6 +27,7 @@ from lmserve.api.json_response import json_response
 from lmserve.api.replies import Event, Reply, Stream, Whole
 from lmserve.api.schemas.models import ModelCard, ModelList
 from lmserve.api.serving.common import ServingConfig
+from lmserve.serve.cluster_metrics import DASHBOARD_WINDOW_S, cluster_metrics_text
 from lmserve.serve.config import LLMConfig
 from lmserve.serve.server import StreamStart
 from lmserve.tracing.context import current_trace_headers
@@ -81,8 +82,14 @@ class LLMRouter:
         edge.mount(app, ENDPOINTS, self._answer, self._edge)
         app.include_router(responses.routes())
         app.include_router(health.version_routes())
-        # the chat page over every model here (metrics go to Ray's Prometheus: no dashboard)
-        app.include_router(playground.routes(dashboard=False))
+        # the chat page over every model here; the dashboard over every replica's metrics, as
+        # Ray's Prometheus endpoints hold them (updated every 10 s: rates over a longer window)
+        app.include_router(playground.routes(window_s=DASHBOARD_WINDOW_S))
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            text = await cluster_metrics_text()
+            return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
         @app.get("/v1/models")
         async def list_models() -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +134,45 @@ def test_engine_metrics_on_rays_prometheus_port(client: openai.OpenAI) -> None:
                 seen[model] = float(line.rsplit(" ", 1)[1])
         time.sleep(1)
     assert seen.get("tiny", 0) >= 5 and seen.get(SMOLLM2, 0) >= 5, seen
+
+
+def test_router_metrics_and_dashboard_cover_every_replica(app_url: str, browser) -> None:
+    """The router's /metrics gives each replica's engine series (read back from Ray's
+    Prometheus endpoints) under their lmserve:* names, and its /dashboard draws them per model:
+    non-zero tokens/s for the model under load, then idle (rates over Ray's 10 s reports)."""
+    page = browser.new_page()
+    page.goto(app_url + "/dashboard")
+    card_value = (
+        "(metric) => { const m = [...document.querySelectorAll('.model')].find("
+        "(d) => d.querySelector('h2').textContent === 'tiny'); "
+        "return m ? Number(m.querySelector(`.card[data-metric=${metric}]`).dataset.value) : -1; }"
+    )
+    stop = threading.Event()
+
+    def load() -> None:
+        client = openai.OpenAI(base_url=f"{app_url}/v1", api_key="none", max_retries=0)
+        while not stop.is_set():
+            client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=64,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        page.wait_for_function(f"({card_value})('gen') > 0", timeout=90_000)
+        busy = page.evaluate(f"({card_value})('gen')")
+    finally:
+        stop.set()
+        worker.join()
+    text = httpx.get(f"{app_url}/metrics", timeout=30).text
+    tiny = [
+        line
+        for line in text.splitlines()
+        if line.startswith("lmserve:generation_tokens_total{") and 'model_name="tiny"' in line
+    ]
+    assert tiny and float(tiny[0].rsplit(" ", 1)[1]) > 0
+    page.wait_for_function(f"({card_value})('gen') === 0", timeout=90_000)
+    assert busy > 1
+    page.close()
 
 
 def test_health_ping_and_load(app_url: str) -> None:
@@ -695,7 +735,8 @@ def test_a_replicas_span_is_parented_on_the_clients_trace(client: openai.OpenAI,
 
 def test_the_router_serves_the_playground(app_url: str, client: openai.OpenAI) -> None:
     """The chat page at / over the router's models (its requests are the API's, as on
-    `lmserve serve`); no dashboard, as the router has no engine /metrics."""
+    `lmserve serve`); the dashboard beside it, its rates over Ray's 10 s metric reports."""
     page = httpx.get(f"{app_url}/")
     assert page.status_code == 200 and "<title>lmserve playground</title>" in page.text
-    assert httpx.get(f"{app_url}/dashboard").status_code == 404
+    dashboard = httpx.get(f"{app_url}/dashboard")
+    assert dashboard.status_code == 200 and '<body data-window="12">' in dashboard.text

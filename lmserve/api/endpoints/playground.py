@@ -10,21 +10,24 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 
-def routes(dashboard: bool = True) -> APIRouter:
-    """The playground, and the dashboard where this app serves the engine's /metrics."""
+def routes(window_s: float = 1.0) -> APIRouter:
+    """The playground, and the dashboard over this app's /metrics, its rates over the last
+    `window_s` seconds (the metrics' own update interval, if longer than the page's 1 s)."""
     pages = resources.files("lmserve.api") / "static"
     playground = (pages / "playground.html").read_text()
-    page = (pages / "dashboard.html").read_text()
+    page = (
+        (pages / "dashboard.html")
+        .read_text()
+        .replace('<body data-window="1">', f'<body data-window="{window_s:g}">')
+    )
     router = APIRouter()
 
     @router.get("/", include_in_schema=False)
     async def root() -> HTMLResponse:
         return HTMLResponse(playground)
 
-    if dashboard:
-
-        @router.get("/dashboard", include_in_schema=False)
-        async def metrics_dashboard() -> HTMLResponse:
-            return HTMLResponse(page)
+    @router.get("/dashboard", include_in_schema=False)
+    async def metrics_dashboard() -> HTMLResponse:
+        return HTMLResponse(page)
 
     return router
