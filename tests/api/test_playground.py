@@ -197,3 +197,25 @@ def test_an_attached_image_reaches_a_vision_model(browser, tiny_llava_dir, tmp_p
         page.close()
     finally:
         stop_server(server)
+
+
+def test_an_attached_audio_file_is_transcribed(browser, whisper_dir, speech_dir) -> None:
+    """With a speech-to-text model, the page sends a chosen audio file to
+    /v1/audio/transcriptions (streamed) and shows the transcript as it arrives."""
+    server = start_server(str(whisper_dir), "--served-model-name", "whisper")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        page.set_input_files("#file", str(speech_dir / "beckett.wav"))
+        page.click("#send-button")  # no text needed beside a file
+        answer = page.locator(".assistant").last
+        answer.locator(".stats").filter(has_text="transcribed in").wait_for(timeout=120_000)
+        assert not page.locator(".error").count()
+        text = answer.locator(".content").inner_text().lower()
+        assert "ever tried" in text and "fail better" in text
+        assert "first words after" in answer.locator(".stats").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "playground-transcription.png"), full_page=True)
+        page.close()
+    finally:
+        stop_server(server)
