@@ -219,3 +219,21 @@ def test_an_attached_audio_file_is_transcribed(browser, whisper_dir, speech_dir)
         page.close()
     finally:
         stop_server(server)
+
+
+def test_reasoning_is_shown_apart_from_the_answer(browser, tiny_chat_dir) -> None:
+    """With --reasoning-parser deepseek_r1, output before `</think>` (here all of a random
+    model's output: R1's template opens the thinking) streams into the reasoning box, not the
+    answer."""
+    server = start_server(str(tiny_chat_dir), "--reasoning-parser", "deepseek_r1")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        page.fill("#max-tokens", "12")
+        assert ask(page, "Think first.") == ""
+        reasoning = page.locator(".assistant .reasoning").last.inner_text()
+        assert len(reasoning) > 0
+        page.close()
+    finally:
+        stop_server(server)
