@@ -27,6 +27,9 @@ class Step:
 
     scheduler_output: SchedulerOutput
     sampled: dict[str, list[int]]
+    # rank 0's requests after the step before (tokens, computed tokens), when the engine
+    # checks its invariants: every rank's batch must hold the same
+    batch_state: dict[str, tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class TensorParallelRunner:
             os.unlink(shm)  # every rank has it mapped, or failed: the name is not needed
         replies.close(linger=0)
         self._sampled: dict[str, list[int]] = {}
+        self._batch_state: dict[str, tuple[int, int]] | None = None
         logger.info("tensor parallel: %d ranks ready (worker pids %s)", size, self.worker_pids)
 
     @property
@@ -134,8 +135,9 @@ class TensorParallelRunner:
 
     def execute(self, so: SchedulerOutput) -> None:
         self.check_health()
-        message = pickle.dumps(Step(so, self._sampled), protocol=pickle.HIGHEST_PROTOCOL)
-        self._sampled = {}
+        step = Step(so, self._sampled, self._batch_state)
+        message = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
+        self._sampled, self._batch_state = {}, None
         try:
             for sock in self._steps:
                 sock.send(message, copy=False)
@@ -160,7 +162,10 @@ class TensorParallelRunner:
             raise ExecutorDied(self.failure)
 
     def check_invariants(self) -> None:
+        """Rank 0's, here; the other ranks check with the next step that their batches hold
+        what rank 0's holds now (a rank out of step stops, and so the engine)."""
         self.runner.check_invariants()
+        self._batch_state = self.runner.batch_state()
 
     def sleep(self, level: int) -> None:
         raise ValueError("sleep mode is not available with tensor parallelism yet")

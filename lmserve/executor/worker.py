@@ -67,6 +67,8 @@ def main() -> None:
                 return
             assert isinstance(message, Step)
             runner.extend_tokens(message.sampled)
+            if message.batch_state is not None and runner.batch_state() != message.batch_state:
+                raise RuntimeError(f"rank {args.rank}'s batch is out of step with rank 0's")
             runner.execute(message.scheduler_output)
             runner.sample()
     finally:

@@ -213,6 +213,14 @@ class ModelRunner:
             rows = self.batch.rows_of(list(self.batch.row_of))
             assert (self.draft.num_valid[rows] <= self.batch.num_tokens[rows]).all()
 
+    def batch_state(self) -> dict[str, tuple[int, int]]:
+        """Each request's (tokens, computed tokens): what every tensor-parallel rank agrees on."""
+        batch = self.batch
+        return {
+            req_id: (int(batch.num_tokens[row]), int(batch.num_computed_tokens[row]))
+            for req_id, row in batch.row_of.items()
+        }
+
     def check_health(self) -> None:
         """Nothing to check: the model runs in this process (TensorParallelRunner's has ranks)."""
 
