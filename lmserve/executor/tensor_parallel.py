@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 
+import torch
 import zmq
 from torch import nn
 
@@ -54,13 +55,24 @@ class TensorParallelRunner:
         self._stopping = threading.Event()
         self._failed = threading.Event()  # set with `failure`, for the all-reduce's waits
         self.failure: str | None = None
+        self._sampled: dict[str, list[int]] = {}
+        self._batch_state: dict[str, tuple[int, int]] | None = None
         store = os.path.join(self._dir.name, "store")
         # in memory where the host has /dev/shm (a file on disk would be written back)
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else self._dir.name
         shm = os.path.join(shm_dir, f"{os.path.basename(self._dir.name)}-all-reduce")
         create_shm_file(shm, size)
+        # rank 0 takes its share of torch's threads in this process (an offline LLM's: the
+        # caller's), and gives them back when the ranks stop
         self._finalizer = weakref.finalize(
-            self, _stop, self._workers, self._steps, self._ctx, self._dir, self._stopping
+            self,
+            _stop,
+            self._workers,
+            self._steps,
+            self._ctx,
+            self._dir,
+            self._stopping,
+            torch.get_num_threads(),
         )
         try:
             for rank in range(1, size):
@@ -83,8 +95,6 @@ class TensorParallelRunner:
         finally:
             os.unlink(shm)  # every rank has it mapped, or failed: the name is not needed
         replies.close(linger=0)
-        self._sampled: dict[str, list[int]] = {}
-        self._batch_state: dict[str, tuple[int, int]] | None = None
         logger.info("tensor parallel: %d ranks ready (worker pids %s)", size, self.worker_pids)
 
     @property
@@ -185,7 +195,8 @@ def _start_worker(
     command = [sys.executable, "-m", "lmserve.executor.worker", "--rank", str(rank)]
     command += ["--size", str(size), "--store", store, "--shm", shm]
     command += ["--steps", steps, "--replies", replies]
-    return subprocess.Popen(command)
+    # one progress bar for the load: rank 0's (each rank reads the whole checkpoint)
+    return subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
 def _stop(
@@ -194,8 +205,10 @@ def _stop(
     ctx: zmq.Context,
     directory: tempfile.TemporaryDirectory[str],
     stopping: threading.Event,
+    threads: int,
 ) -> None:
     stopping.set()
+    torch.set_num_threads(threads)
     stop = pickle.dumps(Stop())
     for sock, proc in zip(steps, workers, strict=False):
         if proc.poll() is None:

@@ -58,6 +58,7 @@ def hf_models(tiny_model_dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
 def test_two_ranks_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str) -> None:
     prompts = random_prompts([5, 17, 33, 64, 3, 1])
     expected = [hf_greedy(hf_models[kind], p, NUM_NEW) for p in prompts]
+    threads = torch.get_num_threads()
     llm = LLM(str(tiny_model_dirs[kind]), tensor_parallel_size=2, **TIGHT)
     workers = _workers(llm)
     try:
@@ -78,6 +79,7 @@ def test_two_ranks_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str) -> N
     finally:
         llm.engine_core.shutdown()
     assert not any(w.is_running() for w in workers)
+    assert torch.get_num_threads() == threads  # rank 0's share given back to this process
 
 
 def test_int8_ngram_speculation_and_logprobs_match_one_rank(tiny_model_dirs) -> None:
