@@ -5,8 +5,10 @@ Slow loads (GGUF conversion, HF's own GGUF loading) happen once per test run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -432,10 +434,10 @@ def tiny_qwen2_5_vl_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFact
     return root
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Real Chromium through Playwright (a module's pages share it); skips where `make setup`
-    has not installed Chromium."""
+@contextlib.contextmanager
+def chromium() -> Iterator:
+    """Real Chromium through Playwright; skips where `make setup` has not installed it. (While
+    it is open, Playwright's sync API holds an event loop in this thread: asyncio.run() fails.)"""
     if not Path(CHROMIUM).exists():
         pytest.skip("no Chromium: `make setup` installs Debian's chromium")
     from playwright.sync_api import sync_playwright
@@ -449,3 +451,10 @@ def browser():
         )  # fmt: skip
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """One Chromium for a module's pages."""
+    with chromium() as browser:
+        yield browser

@@ -26,6 +26,7 @@ from ray import serve  # noqa: E402
 from lmserve.api.replies import Event  # noqa: E402
 from lmserve.serve import LLMConfig, build_llm_deployment, build_openai_app  # noqa: E402
 from tests.api.conftest import Server, free_port, start_server, stop_server  # noqa: E402
+from tests.conftest import chromium  # noqa: E402
 from tests.tracing.test_otel import PARENT_ID, TRACE_ID, Collector  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -136,10 +137,15 @@ def test_engine_metrics_on_rays_prometheus_port(client: openai.OpenAI) -> None:
     assert seen.get("tiny", 0) >= 5 and seen.get(SMOLLM2, 0) >= 5, seen
 
 
-def test_router_metrics_and_dashboard_cover_every_replica(app_url: str, browser) -> None:
+def test_router_metrics_and_dashboard_cover_every_replica(app_url: str) -> None:
     """The router's /metrics gives each replica's engine series (read back from Ray's
     Prometheus endpoints) under their lmserve:* names, and its /dashboard draws them per model:
     non-zero tokens/s for the model under load, then idle (rates over Ray's 10 s reports)."""
+    with chromium() as browser:  # closed after: this module's other tests run asyncio loops
+        _watch_the_dashboard(app_url, browser)
+
+
+def _watch_the_dashboard(app_url: str, browser) -> None:
     page = browser.new_page()
     page.goto(app_url + "/dashboard")
     card_value = (
