@@ -94,6 +94,17 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return dirs
 
 
+@pytest.fixture(scope="module")
+def hf_models(tiny_model_dirs: dict[str, Path]) -> dict:
+    """HF transformers' float32 model of each tiny kind: the reference tokens."""
+    from transformers import AutoModelForCausalLM
+
+    return {
+        kind: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for kind, path in tiny_model_dirs.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The bundled model converted to an HF directory with its float32 weights, which

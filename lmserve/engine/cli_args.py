@@ -8,7 +8,13 @@ import argparse
 from typing import Any
 
 from lmserve.config import REASONING_MARKERS, STRUCTURED_OUTPUT_BACKENDS
-from lmserve.engine.args import ATTENTION_BACKENDS, METRICS_PREFIXES, QUANTIZATIONS
+from lmserve.engine.args import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    LOAD_FORMATS,
+    METRICS_PREFIXES,
+    QUANTIZATIONS,
+)
 from lmserve.pooling.config import CONVERTS, RUNNERS, TASKS
 
 MODEL_HELP = (
@@ -22,7 +28,7 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
+        choices=list(DTYPES),
         help="weights and activations dtype; auto = float32 on CPU (a .gguf model's weights "
         "kept in their blocks: --quantization gguf), the config's dtype on CUDA; float32 on a "
         ".gguf model dequantizes its weights (the exact reference, 4-8x the memory)",
@@ -109,7 +115,7 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--load-format",
         default="auto",
-        choices=["auto", "safetensors", "dummy"],
+        choices=list(LOAD_FORMATS),
         help="dummy = random weights with the model's real shapes (benchmarks)",
     )
     parser.add_argument(

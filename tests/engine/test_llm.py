@@ -68,14 +68,6 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def hf_models(tiny_model_dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
-    return {
-        kind: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        for kind, path in tiny_model_dirs.items()
-    }
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str, scenario: str) -> None:

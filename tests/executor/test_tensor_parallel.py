@@ -44,16 +44,6 @@ def _workers(llm: LLM) -> list[psutil.Process]:
     return [psutil.Process(pid) for pid in llm.engine_core.runner.worker_pids]
 
 
-@pytest.fixture(scope="module")
-def hf_models(tiny_model_dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
-    from transformers import AutoModelForCausalLM
-
-    return {
-        kind: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        for kind, path in tiny_model_dirs.items()
-    }
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_two_ranks_greedy_matches_hf(tiny_model_dirs, hf_models, kind: str) -> None:
     prompts = random_prompts([5, 17, 33, 64, 3, 1])

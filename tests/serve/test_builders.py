@@ -318,32 +318,38 @@ def test_deleting_an_app_ends_its_streams_and_engines(app_url: str, smollm2_dir:
     assert "doomed" not in serve.status().applications
 
 
+def _placed_and_answering(config: dict[str, Any], name: str) -> list[tuple[dict, str]]:
+    """Deploy one tiny model's `config` as app `name`; the (bundles, strategy) of each placement
+    group the deployment created, once it has answered a completion through its handle."""
+    before = set(ray.util.placement_group_table())
+    serve.run(build_llm_deployment(config), name=name, route_prefix=f"/{name}")
+    try:
+        created = [
+            (group["bundles"], group["strategy"])
+            for key, group in ray.util.placement_group_table().items()
+            if key not in before and group["state"] == "CREATED"
+        ]
+        model = config["model_loading_config"]["model_id"]
+        body = {"model": model, "prompt": [1, 2], "max_tokens": 3}
+        handle = serve.get_app_handle(name)
+        (answer,) = list(handle.options(stream=True).answer.remote("completions", body))
+        assert answer.status == 200 and answer.body.usage.completion_tokens == 3
+        return created
+    finally:
+        serve.delete(name)
+
+
 def test_placement_group_config_reserves_the_bundles(app_url: str, tiny_model_dirs) -> None:
-    app = build_llm_deployment(
+    created = _placed_and_answering(
         {
             "model_loading_config": {"model_id": "tiny", "model_source": str(tiny_model_dirs["llama"])},
             "engine_kwargs": SMALL_ENGINE,
             "placement_group_config": {"bundles": [{"CPU": 0.5}, {"CPU": 0.25}], "strategy": "PACK"},
             "deployment_config": HALF_CPU,
-        }
+        },
+        "placed",
     )  # fmt: skip
-    before = set(ray.util.placement_group_table())
-    serve.run(app, name="placed", route_prefix="/placed")
-    try:
-        created = [
-            group
-            for key, group in ray.util.placement_group_table().items()
-            if key not in before and group["state"] == "CREATED"
-        ]
-        assert [(g["bundles"], g["strategy"]) for g in created] == [
-            ({0: {"CPU": 0.5}, 1: {"CPU": 0.25}}, "PACK")
-        ]
-        handle = serve.get_app_handle("placed")
-        body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 3}
-        (answer,) = list(handle.options(stream=True).answer.remote("completions", body))
-        assert answer.status == 200 and answer.body.usage.completion_tokens == 3
-    finally:
-        serve.delete("placed")
+    assert created == [({0: {"CPU": 0.5}, 1: {"CPU": 0.25}}, "PACK")]
 
 
 def test_tensor_parallel_replica_reserves_one_bundle_per_rank(
@@ -352,30 +358,15 @@ def test_tensor_parallel_replica_reserves_one_bundle_per_rank(
     """engine_kwargs tensor_parallel_size=2: the replica's placement group holds one bundle per
     rank, packed on one node (its other rank is a process it starts beside itself), and the
     model answers through it."""
-    app = build_llm_deployment(
+    created = _placed_and_answering(
         {
             "model_loading_config": {"model_id": "tiny-tp", "model_source": str(tiny_model_dirs["llama"])},
             "engine_kwargs": {**SMALL_ENGINE, "tensor_parallel_size": 2},
             "deployment_config": HALF_CPU,
-        }
+        },
+        "sharded",
     )  # fmt: skip
-    before = set(ray.util.placement_group_table())
-    serve.run(app, name="sharded", route_prefix="/sharded")
-    try:
-        created = [
-            group
-            for key, group in ray.util.placement_group_table().items()
-            if key not in before and group["state"] == "CREATED"
-        ]
-        assert [(g["bundles"], g["strategy"]) for g in created] == [
-            ({0: {"CPU": 0.5}, 1: {"CPU": 0.5}}, "STRICT_PACK")
-        ]
-        handle = serve.get_app_handle("sharded")
-        body = {"model": "tiny-tp", "prompt": [1, 2], "max_tokens": 3}
-        (answer,) = list(handle.options(stream=True).answer.remote("completions", body))
-        assert answer.status == 200 and answer.body.usage.completion_tokens == 3
-    finally:
-        serve.delete("sharded")
+    assert created == [({0: {"CPU": 0.5}, 1: {"CPU": 0.5}}, "STRICT_PACK")]
 
 
 def test_a_models_vllm_api_key_guards_the_ingress(app_url: str, tiny_model_dirs) -> None:
