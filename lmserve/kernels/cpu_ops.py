@@ -1,4 +1,4 @@
-"""C++ CPU kernels (`kernels/cpu/ops.cpp`), compiled with the machine's C++ compiler at first use.
+"""C++ CPU kernels (`kernels/cpu/ops.cpp`, and `decode_layers.cpp` over them), compiled with the machine's C++ compiler at first use.
 
 The build (~15 s) targets the SIMD capability torch reports for this CPU (AVX-512, AVX2, or
 plain C++) with ATen's Vectorized types, and is kept in the lmserve cache per torch version and
@@ -20,7 +20,7 @@ from lmserve.config import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu") / "ops.cpp"
+_SOURCES = [Path(__file__).with_name("cpu") / name for name in ("ops.cpp", "decode_layers.cpp")]
 # The kernel's register tiles (ops.cpp: kMaxGroup, kMaxVectors x the narrowest SIMD width).
 # what ATen's Vectorized needs for each capability (as torch's inductor compiles its C++)
 _ISA_FLAGS = {
@@ -74,7 +74,7 @@ def available() -> bool:
             logger.info("building lmserve's C++ CPU kernels into %s (once, ~15 s)", build_dir)
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -246,6 +246,29 @@ def gguf_matmul_q8(
     """`gguf_matmul` as llama.cpp computes it: x quantized per 32-value block to int8 (its
     Q8_0 / Q8_1), integer dot products with the weights' blocks, scaled in float32."""
     torch.ops.lmserve_cpu.gguf_matmul_q8(x, w, qtype, out, col)
+
+
+def decode_layers(
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    norms: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    plan: list[int],
+    kv_caches: list[torch.Tensor],
+    windows: list[int],
+    decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    shape: tuple[int, int, int],
+    scale: float,
+    eps: float,
+    q8: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's Llama-family layers in one call (`layers/decode_layers.py` says what the
+    lists hold): (last MLP output, residual stream). `decode`: (block_table, seq_lens,
+    token_index, slot_mapping); `shape`: (num_heads, num_kv_heads, head_dim). x becomes the
+    residual stream, in place."""
+    return torch.ops.lmserve_cpu.decode_layers(
+        x, *rope, norms, weights, plan, kv_caches, windows, *decode, *shape, scale, eps, q8
+    )
 
 
 def gguf_dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:

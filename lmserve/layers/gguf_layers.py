@@ -78,11 +78,12 @@ class GGUFLinear(DirectCall, nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.q8_activations = q8_activations
         self._matmul = cpu_ops.gguf_matmul_q8 if q8_activations else cpu_ops.gguf_matmul
         # q8 rows run through the kernel however many there are, so that a request's numbers
         # do not depend on what else is batched with it; float32 ones switch to a GEMM where
         # that is faster
-        self._kernel_rows = 1 << 62 if q8_activations else _GEMM_ROWS
+        self.kernel_rows = 1 << 62 if q8_activations else _GEMM_ROWS
         self._requantize = requantize
         # (part, its weights) in output order; the weights are also this module's buffers
         self._parts: list[tuple[_Part, torch.Tensor]] = []
@@ -141,6 +142,13 @@ class GGUFLinear(DirectCall, nn.Module):
             self.register_buffer(f"part{i}", joined)
             self._parts.append((part, joined))
 
+    def block_parts(self) -> list[tuple[int, int, torch.Tensor]] | None:
+        """(GGUF type, first output column, blocks) of each part, for callers of the kernels
+        (models/decode_layers.py); None where a part is kept in float32."""
+        if any(part.qtype is None for part, _ in self._parts):
+            return None
+        return [(part.qtype, part.start, blocks) for part, blocks in self._parts]  # type: ignore[misc]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # lean: ~120 of these run per decode step, where Python is a third of the step's time
         shape = x.shape
@@ -150,7 +158,7 @@ class GGUFLinear(DirectCall, nn.Module):
         rows = x.shape[0]
         out = torch.empty(rows, self.out_features)
         for part, weight in self._parts:
-            if part.qtype is not None and rows < self._kernel_rows:
+            if part.qtype is not None and rows < self.kernel_rows:
                 self._matmul(x, weight, part.qtype, out, part.start)
             elif part.qtype is not None:
                 dense = cpu_ops.gguf_dequantize(weight, part.qtype, self.in_features)

@@ -32,6 +32,7 @@ from lmserve.layers.tensor_parallel import (
     VocabParallelEmbedding,
     VocabParallelHead,
 )
+from lmserve.models.decode_layers import DecodeLayers, LayerParts
 from lmserve.pooling.score import num_labels
 
 # HF checkpoint name suffix -> (our fused parameter, shard index)
@@ -149,6 +150,19 @@ class LlamaDecoderLayer(DirectCall, nn.Module):
         x = self.post_attention_layernorm(self.self_attn(rope, x), residual)
         return self.mlp(x), residual
 
+    def decode_parts(self) -> LayerParts | None:
+        """This layer's pieces for the one-call decode loop (models/decode_layers.py), or None
+        where it is not the plain layer that loop runs."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.tp is not None or attn.qk_norm or type(mlp) is not LlamaMLP:
+            return None
+        return LayerParts(
+            self.input_layernorm,
+            self.post_attention_layernorm,
+            (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
+            attn.attn,
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(
@@ -186,6 +200,10 @@ class LlamaModel(nn.Module):
             scaling,
             _mrope_section(cfg),
         )
+        # the decode step's layers in one C++ call, where they are ones it runs (built at the
+        # first forward, once the weights are in)
+        self._decode_layers: DecodeLayers | None = None
+        self._decode_layers_built = False
 
     def forward(
         self,
@@ -197,6 +215,15 @@ class LlamaModel(nn.Module):
         if embeds is not None:  # prompt positions given as embeddings: (token indices, rows)
             x[embeds[0]] = embeds[1]
         rope = self.rotary_emb(positions, x.dtype)
+        if not self._decode_layers_built:  # at the first step: LoRA has wrapped its layers
+            self._decode_layers = DecodeLayers.build(
+                [layer.decode_parts() for layer in self.layers]
+            )
+            self._decode_layers_built = True
+        if self._decode_layers is not None and embeds is None:
+            out = self._decode_layers(x, rope)
+            if out is not None:
+                return self.norm(*out)
         residual = None
         for layer in self.layers:
             x, residual = layer(rope, x, residual)

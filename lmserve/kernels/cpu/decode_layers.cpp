@@ -1,0 +1,124 @@
+// A decode step's decoder layers in one call (layers/decode_layers.py builds its arguments).
+//
+// One token per row makes each layer's work small (SmolLM2: ~100 us), and the Python around its
+// ten kernel calls cost half as much again. This loop makes the same calls, in the same order
+// with the same operands, through the dispatcher: the numbers are the Python path's bit for bit.
+// Llama-family layers only (pre-norm, fused q/k/v and gate/up, SiLU, rotary on the full head),
+// with GGUF-block linears and paged decode attention (kernels in ops.cpp).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using Matmul = void(const at::Tensor&, const at::Tensor&, int64_t, at::Tensor&, int64_t);
+
+struct Ops {
+  c10::TypedOperatorHandle<Matmul> gguf_matmul = handle<Matmul>("lmserve_cpu::gguf_matmul");
+  c10::TypedOperatorHandle<Matmul> gguf_matmul_q8 = handle<Matmul>("lmserve_cpu::gguf_matmul_q8");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double)> rms_norm =
+      handle<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("lmserve_cpu::rms_norm");
+  c10::TypedOperatorHandle<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double)>
+      add_rms_norm = handle<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+          "lmserve_cpu::add_rms_norm_");
+  c10::TypedOperatorHandle<void(at::Tensor&, const at::Tensor&, const at::Tensor&)> rotary =
+      handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>("lmserve_cpu::rotary_");
+  c10::TypedOperatorHandle<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                const at::Tensor&)>
+      store_kv = handle<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                             const at::Tensor&)>("lmserve_cpu::store_kv");
+  c10::TypedOperatorHandle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                at::Tensor&, double, int64_t, double,
+                                const std::optional<at::Tensor>&)>
+      decode_attention =
+          handle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, at::Tensor&, double, int64_t, double,
+                      const std::optional<at::Tensor>&)>("lmserve_cpu::decode_attention");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)> silu_and_mul =
+      handle<at::Tensor(const at::Tensor&)>("lmserve_cpu::silu_and_mul");
+};
+
+const Ops& ops() {
+  static const Ops table;  // looked up once, after both files' registrations
+  return table;
+}
+
+// Reads the linears' plans in turn: per linear [out_features, parts, has_bias, then (type,
+// first output column) per part], its weights (each part's blocks, then the bias) in order.
+struct Linears {
+  c10::ArrayRef<int64_t> plan;
+  at::TensorList weights;
+  c10::TypedOperatorHandle<Matmul> matmul;
+  size_t p = 0, w = 0;
+
+  at::Tensor operator()(const at::Tensor& x) {
+    const int64_t out_features = plan[p], parts = plan[p + 1], has_bias = plan[p + 2];
+    p += 3;
+    at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+    for (int64_t i = 0; i < parts; ++i, p += 2) matmul.call(x, weights[w++], plan[p], out, plan[p + 1]);
+    if (has_bias) out.add_(weights[w++]);
+    return out;
+  }
+};
+
+// x [rows, hidden]: the embedded tokens, then the residual stream (added into in place, as the
+// Python path's first layer keeps it); returns (the last MLP's output, the residual stream),
+// as LlamaDecoderLayer.forward leaves them for the final norm. Per layer, `norms` holds the
+// input and post-attention norm weights, `kv_caches` the [2, blocks, kv_heads, block_size,
+// head_dim] cache and `windows` the sliding window (0: none); the decode rows' block table,
+// lengths and token indices are the attention backend's (attention/cpu.py).
+std::tuple<at::Tensor, at::Tensor> decode_layers(
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin,
+    at::TensorList norms, at::TensorList weights, c10::ArrayRef<int64_t> plan,
+    at::TensorList kv_caches, c10::ArrayRef<int64_t> windows, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const at::Tensor& token_index, const at::Tensor& slot_mapping,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, double eps,
+    bool q8) {
+  const Ops& o = ops();
+  const int64_t layers = static_cast<int64_t>(kv_caches.size()), rows = x.size(0);
+  TORCH_CHECK(norms.size() == 2 * kv_caches.size() && windows.size() == kv_caches.size(),
+              "decode_layers: two norms and a window per layer");
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  Linears linear{plan, weights, q8 ? o.gguf_matmul_q8 : o.gguf_matmul};
+  at::Tensor residual = x, hidden;
+  const std::optional<at::Tensor> no_sinks;
+  for (int64_t i = 0; i < layers; ++i) {
+    hidden = i == 0 ? o.rms_norm.call(residual, norms[0], eps)
+                    : o.add_rms_norm.call(residual, hidden, norms[2 * i], eps);
+    at::Tensor qkv = linear(hidden);
+    at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({rows, -1, head_dim});
+    o.rotary.call(qk, cos, signed_sin);
+    const at::Tensor q = qk.narrow(1, 0, num_heads), k = qk.narrow(1, num_heads, num_kv_heads);
+    const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
+    at::Tensor key_cache = kv_caches[i].select(0, 0), value_cache = kv_caches[i].select(0, 1);
+    o.store_kv.call(k, v, key_cache, value_cache, slot_mapping);
+    at::Tensor attn = at::empty(q.sizes(), q.options());
+    o.decode_attention.call(q, key_cache, value_cache, block_table, seq_lens, token_index, attn,
+                            scale, windows[i], 0.0, no_sinks);
+    hidden = o.add_rms_norm.call(residual, linear(attn.view({rows, q_size})), norms[2 * i + 1], eps);
+    hidden = linear(o.silu_and_mul.call(linear(hidden)));
+  }
+  TORCH_CHECK(linear.p == plan.size() && linear.w == weights.size(),
+              "decode_layers: the plan does not match the weights");
+  return {hidden, residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lmserve_cpu, m) {
+  m.def(
+      "decode_layers(Tensor(a!) x, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
+      "int[] plan, Tensor[] kv_caches, int[] windows, Tensor block_table, Tensor seq_lens, "
+      "Tensor token_index, Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim, "
+      "float scale, float eps, bool q8) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lmserve_cpu, CPU, m) { m.impl("decode_layers", decode_layers); }
