@@ -250,7 +250,8 @@ def gguf_matmul_q8(
 
 def decode_layers(
     x: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
+    ropes: list[torch.Tensor],
+    rope_of: list[int],
     norms: list[torch.Tensor],
     weights: list[torch.Tensor],
     plan: list[int],
@@ -258,16 +259,27 @@ def decode_layers(
     windows: list[int],
     decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     shape: tuple[int, int, int],
-    scale: float,
-    eps: float,
-    q8: bool,
+    scales: tuple[float, float, float],
+    flags: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step's Llama-family layers in one call (`layers/decode_layers.py` says what the
-    lists hold): (last MLP output, residual stream). `decode`: (block_table, seq_lens,
-    token_index, slot_mapping); `shape`: (num_heads, num_kv_heads, head_dim). x becomes the
+    """A decode step's layers in one call (`models/decode_layers.py` says what the lists hold):
+    (last MLP output, residual stream). `decode`: (block_table, seq_lens, token_index,
+    slot_mapping); `shape`: (num_heads, num_kv_heads, head_dim); `scales`: (attention scale,
+    soft cap or 0, norm eps); `flags`: (Gemma layers, q/k norms, q8 activations). x becomes the
     residual stream, in place."""
     return torch.ops.lmserve_cpu.decode_layers(
-        x, *rope, norms, weights, plan, kv_caches, windows, *decode, *shape, scale, eps, q8
+        x,
+        ropes,
+        rope_of,
+        norms,
+        weights,
+        plan,
+        kv_caches,
+        windows,
+        *decode,
+        *shape,
+        *scales,
+        *flags,
     )
 
 

@@ -1,12 +1,13 @@
-"""A decode step's Llama-family layers in one C++ call, on CPU with GGUF-block weights.
+"""A decode step's decoder layers in one C++ call, on CPU with GGUF-block weights.
 
 At one token per request a layer's kernels take ~100 us (SmolLM2-135M) and the Python that
-calls them ~50 us more: a third of a one-stream step. `kernels/cpu/decode_layers.cpp` makes the
-same kernel calls in the same order from C++, so tokens are the layer-by-layer path's bit for
-bit. It runs where every layer is a plain pre-norm SiLU layer (no tensor parallelism, LoRA,
-q/k norms, soft-capping or sinks) whose linears all hold GGUF blocks the kernels read
-(`--quantization gguf`, `gguf_q8`, `int4`), and only for steps whose rows are all decode rows
-of the C++ attention backend; anything else takes the layers one by one.
+calls them ~50 us more: a third of a one-stream step (Gemma's six norms a layer, more).
+`kernels/cpu/decode_layers.cpp` makes the same kernel calls in the same order from C++, so
+tokens are the layer-by-layer path's bit for bit. It runs where every layer is a plain Llama
+(pre-norm, SiLU) or Gemma 2/3 layer with no tensor parallelism, LoRA, or attention sinks, whose
+linears all hold GGUF blocks the kernels read (`--quantization gguf`, `gguf_q8`, `int4`), and
+only for steps whose rows are all decode rows of the C++ attention backend; anything else takes
+the layers one by one.
 """
 
 from __future__ import annotations
@@ -21,57 +22,56 @@ from lmserve.forward_context import get_attn_metadata
 from lmserve.kernels import cpu_ops
 from lmserve.layers.attention import Attention
 from lmserve.layers.gguf_layers import GGUFLinear
-from lmserve.layers.norm import RMSNorm
+from lmserve.layers.norm import GemmaRMSNorm, RMSNorm
 
 
 @dataclass(frozen=True)
 class LayerParts:
-    """What the C++ loop needs of one layer: its two norms, its q/k/v, o, gate/up and down
-    linears in that order, and its attention."""
+    """What the C++ loop needs of one layer: its norms (Llama: input, post-attention; Gemma:
+    input, post-attention, pre-MLP, post-MLP, then q's and k's where it has them), its q/k/v,
+    o, gate/up and down linears in that order, its attention, and which of the model's rotary
+    tables it uses."""
 
-    input_norm: nn.Module
-    post_attention_norm: nn.Module
+    norms: tuple[nn.Module, ...]
     linears: tuple[nn.Module, nn.Module, nn.Module, nn.Module]
     attention: Attention
+    rope: int = 0
 
 
 @dataclass(frozen=True)
 class DecodeLayers:
-    norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
+    norms: list[torch.Tensor]  # the norms' weights, per layer (Gemma's as 1 + w)
     weights: list[torch.Tensor]  # per linear: its parts' blocks, then its bias
     plan: list[int]  # per linear: out_features, parts, has bias, then (type, column) per part
     attentions: list[Attention]  # their kv_cache as bound now (sleep unbinds it)
     windows: list[int]
+    rope_of: list[int]
     shape: tuple[int, int, int]  # num_heads, num_kv_heads, head_dim
-    scale: float
-    eps: float
-    q8: bool
+    scales: tuple[float, float, float]  # attention scale, soft cap (0: none), norm eps
+    flags: tuple[bool, bool, bool]  # Gemma layers, q/k norms, q8 activations
     max_rows: int  # from this many rows on the linears take another path
 
     @classmethod
-    def build(cls, layers: list[LayerParts | None]) -> DecodeLayers | None:
+    def build(cls, layers: list[LayerParts | None], gemma: bool = False) -> DecodeLayers | None:
         """The loop's arguments, or None where a layer is not one it runs."""
         if not layers or not cpu_ops.available() or any(p is None for p in layers):
             return None
         parts: list[LayerParts] = layers  # type: ignore[assignment]
-        norms = [n for p in parts for n in (p.input_norm, p.post_attention_norm)]
+        norm_type = GemmaRMSNorm if gemma else RMSNorm
+        counts = (4, 6) if gemma else (2,)
+        norms = [n for p in parts for n in p.norms]
         linears = [linear for p in parts for linear in p.linears]
-        attention = parts[0].attention
+        first = parts[0].attention
+        geometry = (first.num_heads, first.num_kv_heads, first.head_dim, first.scale)
         if (
-            any(type(n) is not RMSNorm or n.eps != norms[0].eps for n in norms)
+            len({len(p.norms) for p in parts}) != 1
+            or len(parts[0].norms) not in counts
+            or any(type(n) is not norm_type or n.eps != norms[0].eps for n in norms)
+            or any(type(x) is not GGUFLinear or x.block_parts() is None for x in linears)
+            or len({x.q8_activations for x in linears}) != 1
             or any(
-                type(linear) is not GGUFLinear or linear.block_parts() is None for linear in linears
-            )
-            or len({linear.q8_activations for linear in linears}) != 1
-            or any(
-                (a.num_heads, a.num_kv_heads, a.head_dim, a.scale)
-                != (
-                    attention.num_heads,
-                    attention.num_kv_heads,
-                    attention.head_dim,
-                    attention.scale,
-                )
-                or a.soft_cap is not None
+                (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != geometry
+                or a.soft_cap != first.soft_cap
                 or a.sinks is not None
                 for a in (p.attention for p in parts)
             )
@@ -80,7 +80,7 @@ class DecodeLayers:
         weights: list[torch.Tensor] = []
         plan: list[int] = []
         for linear in linears:
-            blocks = linear.block_parts()
+            blocks = linear.block_parts() or []
             plan += [linear.out_features, len(blocks), int(linear.bias is not None)]
             for qtype, column, part in blocks:
                 plan += [qtype, column]
@@ -88,37 +88,40 @@ class DecodeLayers:
             if linear.bias is not None:
                 weights.append(linear.bias)
         return cls(
-            norms=[n.weight.detach() for n in norms],
+            # (Gemma's norms compute 1 + w at each call: the same float32 values)
+            norms=[(1.0 + n.weight.float()) if gemma else n.weight.detach() for n in norms],
             weights=weights,
             plan=plan,
             attentions=[p.attention for p in parts],
             windows=[p.attention.sliding_window or 0 for p in parts],
-            shape=(attention.num_heads, attention.num_kv_heads, attention.head_dim),
-            scale=attention.scale,
-            eps=norms[0].eps,
-            q8=linears[0].q8_activations,
+            rope_of=[p.rope for p in parts],
+            shape=(first.num_heads, first.num_kv_heads, first.head_dim),
+            scales=(first.scale, first.soft_cap or 0.0, norms[0].eps),
+            flags=(gemma, len(parts[0].norms) == 6, linears[0].q8_activations),
             max_rows=min(linear.kernel_rows for linear in linears),
         )
 
     def __call__(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]
+        self, x: torch.Tensor, ropes: list[tuple[torch.Tensor, ...]]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(last MLP output, residual stream) of every layer over the embedded tokens x, or
-        None (nothing run) where this step is not one the loop takes."""
+        None (nothing run) where this step is not one the loop takes. `ropes`: the model's
+        (cos, signed_sin) per rotary table, as `LayerParts.rope` numbers them."""
         metadata = get_attn_metadata()
         if (
             not isinstance(metadata, CpuMetadata)
             or metadata.prefill is not None
             or metadata.decode is None
             or x.shape[0] >= self.max_rows
-            or len(rope) != 2
+            or any(len(rope) != 2 for rope in ropes)
             or not cpu_ops.usable(x)
         ):
             return None
         decode = metadata.decode
         return cpu_ops.decode_layers(
             x,
-            rope,  # type: ignore[arg-type]
+            [t for rope in ropes for t in rope],
+            self.rope_of,
             self.norms,
             self.weights,
             self.plan,
@@ -126,7 +129,6 @@ class DecodeLayers:
             self.windows,
             (decode.block_table, decode.seq_lens, decode.token_index, metadata.slot_mapping),
             self.shape,
-            self.scale,
-            self.eps,
-            self.q8,
+            self.scales,
+            self.flags,
         )

@@ -22,6 +22,7 @@ from lmserve.layers.embedding import uninitialized_embedding
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import GemmaRMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
+from lmserve.models.decode_layers import DecodeLayers, LayerParts
 from lmserve.models.llama import LlamaForCausalLM
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -102,8 +103,10 @@ class GemmaMLP(DirectCall, nn.Module):
         self.intermediate_size = cfg["intermediate_size"]
         self.gate_up_proj = Linear(cfg["hidden_size"], 2 * self.intermediate_size)
         self.down_proj = Linear(self.intermediate_size, cfg["hidden_size"])
-        name = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-        self.act = activation(name)
+        self.activation_name = (
+            cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        )
+        self.act = activation(self.activation_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -134,6 +137,23 @@ class GemmaDecoderLayer(DirectCall, nn.Module):
         x = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
+    def decode_parts(self, rope: int) -> LayerParts | None:
+        """This layer's pieces for the one-call decode loop (models/decode_layers.py), `rope`
+        its rotary table's number, or None where its MLP's activation is not GELU-tanh."""
+        attn, mlp = self.self_attn, self.mlp
+        if mlp.activation_name != "gelu_pytorch_tanh":
+            return None
+        norms = (
+            self.input_layernorm,
+            self.post_attention_layernorm,
+            self.pre_feedforward_layernorm,
+            self.post_feedforward_layernorm,
+        )
+        if attn.qk_norm:
+            norms += (attn.q_norm, attn.k_norm)
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        return LayerParts(norms, linears, attn.attn, rope)
+
 
 class GemmaModel(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -157,6 +177,9 @@ class GemmaModel(nn.Module):
                 for kind in sorted(set(self.layer_types))
             }
         )
+        # the decode step's layers in one C++ call, where they are ones it runs
+        self._decode_layers: DecodeLayers | None = None
+        self._decode_layers_built = False
 
     def forward(
         self,
@@ -169,6 +192,20 @@ class GemmaModel(nn.Module):
         if embeds is not None:  # prompt positions given as embeddings: (token indices, rows)
             x[embeds[0]] = embeds[1]
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary_emb.items()}
+        if not self._decode_layers_built:  # at the first step, once the weights are in
+            kinds = list(self.rotary_emb)
+            self._decode_layers = DecodeLayers.build(
+                [
+                    layer.decode_parts(kinds.index(kind))
+                    for kind, layer in zip(self.layer_types, self.layers, strict=True)
+                ],
+                gemma=True,
+            )
+            self._decode_layers_built = True
+        if self._decode_layers is not None and embeds is None:
+            out = self._decode_layers(x, list(ropes.values()))
+            if out is not None:
+                return self.norm(*out)
         residual = None
         for kind, layer in zip(self.layer_types, self.layers, strict=True):
             x, residual = layer(ropes[kind], x, residual)

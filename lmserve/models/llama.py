@@ -157,8 +157,7 @@ class LlamaDecoderLayer(DirectCall, nn.Module):
         if attn.tp is not None or attn.qk_norm or type(mlp) is not LlamaMLP:
             return None
         return LayerParts(
-            self.input_layernorm,
-            self.post_attention_layernorm,
+            (self.input_layernorm, self.post_attention_layernorm),
             (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
             attn.attn,
         )
@@ -221,7 +220,7 @@ class LlamaModel(nn.Module):
             )
             self._decode_layers_built = True
         if self._decode_layers is not None and embeds is None:
-            out = self._decode_layers(x, rope)
+            out = self._decode_layers(x, [rope])
             if out is not None:
                 return self.norm(*out)
         residual = None

@@ -1,15 +1,19 @@
 """The one-call decode loop (models/decode_layers.py) against the layer-by-layer path: the same
-tokens and the same logprobs to the bit, in every engine scenario, where it runs; and the
-layers it does not run take the layer path."""
+tokens and the same logprobs to the bit, in every engine scenario, for the Llama family and
+Gemma 2/3, where it runs; and the layers it does not run take the layer path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from lmserve import LLM, SamplingParams
 from lmserve.kernels import cpu_ops
 from lmserve.models.decode_layers import DecodeLayers
 from lmserve.models.gguf import bundled_smollm2_gguf
+from tests.conftest import _randomize
 from tests.engine.test_llm import (
     NUM_NEW,
     SCENARIOS,
@@ -17,6 +21,7 @@ from tests.engine.test_llm import (
     assert_no_blocks_held,
     random_prompts,
 )
+from tests.models.test_gemma import _gemma2, _gemma3
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="needs the C++ CPU kernels")
 
@@ -32,7 +37,7 @@ def _generate(model: str, monkeypatch: pytest.MonkeyPatch, fused: bool, **kwargs
             run = cpu_ops.decode_layers
             patch.setattr(cpu_ops, "decode_layers", lambda *a: calls.append(1) or run(*a))
         else:
-            patch.setattr(DecodeLayers, "build", classmethod(lambda cls, layers: None))
+            patch.setattr(DecodeLayers, "build", classmethod(lambda cls, *args, **kwargs: None))
         llm = LLM(model, **kwargs)
         llm.step_hook = hook = PreemptionCounter(llm)
         outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS, use_tqdm=False)
@@ -59,6 +64,32 @@ def test_decode_steps_in_one_call_are_the_layer_paths(
     layered, never, _ = _generate(str(tiny_model_dirs[kind]), monkeypatch, False, **kwargs)
     assert steps > 0 and never == 0
     assert preempted == (scenario.startswith("preemption") and kind != "mistral")
+    assert fused == layered
+
+
+@pytest.fixture(scope="module")
+def gemma_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Gemma 2 (soft caps, no q/k norms) and Gemma 3 (q/k norms, a rotary table for the
+    windowed layers and one for the global) checkpoints."""
+    dirs = {}
+    for kind, build in (("gemma2", _gemma2), ("gemma3", _gemma3)):
+        torch.manual_seed(7)
+        model = build()
+        _randomize(model)
+        dirs[kind] = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(dirs[kind])
+    return dirs
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("scenario", ["batched", "preemption_chunked"])
+def test_gemma_decode_steps_in_one_call_are_the_layer_paths(
+    gemma_dirs, monkeypatch, kind: str, scenario: str
+) -> None:
+    kwargs = dict(quantization="int4", kv_cache_memory_gb=0.01, **SCENARIOS[scenario])
+    fused, steps, _ = _generate(str(gemma_dirs[kind]), monkeypatch, True, **kwargs)
+    layered, never, _ = _generate(str(gemma_dirs[kind]), monkeypatch, False, **kwargs)
+    assert steps > 0 and never == 0
     assert fused == layered
 
 

@@ -3,8 +3,8 @@
 // One token per row makes each layer's work small (SmolLM2: ~100 us), and the Python around its
 // ten kernel calls cost half as much again. This loop makes the same calls, in the same order
 // with the same operands, through the dispatcher: the numbers are the Python path's bit for bit.
-// Llama-family layers only (pre-norm, fused q/k/v and gate/up, SiLU, rotary on the full head),
-// with GGUF-block linears and paged decode attention (kernels in ops.cpp).
+// Llama-family layers (pre-norm, SiLU) and Gemma 2/3's (pre- and post-norms, GELU-tanh, q/k
+// norms), with GGUF-block linears and paged decode attention (kernels in ops.cpp).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -70,41 +70,72 @@ struct Linears {
 };
 
 // x [rows, hidden]: the embedded tokens, then the residual stream (added into in place, as the
-// Python path's first layer keeps it); returns (the last MLP's output, the residual stream),
-// as LlamaDecoderLayer.forward leaves them for the final norm. Per layer, `norms` holds the
-// input and post-attention norm weights, `kv_caches` the [2, blocks, kv_heads, block_size,
-// head_dim] cache and `windows` the sliding window (0: none); the decode rows' block table,
-// lengths and token indices are the attention backend's (attention/cpu.py).
+// Python path's first layer keeps it); returns (the last MLP's output, the residual stream), as
+// the Python layers leave them for the final norm. Per layer: `norms` holds the norm weights
+// (Llama: input, post-attention; Gemma: input, post-attention, pre-MLP, post-MLP and with
+// `qk_norm` q's and k's, its (1 + w) scales), `kv_caches` the [2, blocks, kv_heads,
+// block_size, head_dim] cache, `windows` the sliding window (0: none) and `rope_of` which
+// (cos, signed_sin) pair of `ropes` rotates it. The decode rows' block table, lengths and token
+// indices are the attention backend's (attention/cpu.py).
 std::tuple<at::Tensor, at::Tensor> decode_layers(
-    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin,
+    const at::Tensor& x, at::TensorList ropes, c10::ArrayRef<int64_t> rope_of,
     at::TensorList norms, at::TensorList weights, c10::ArrayRef<int64_t> plan,
     at::TensorList kv_caches, c10::ArrayRef<int64_t> windows, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& token_index, const at::Tensor& slot_mapping,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, double eps,
-    bool q8) {
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, double soft_cap,
+    double eps, bool gemma, bool qk_norm, bool q8) {
   const Ops& o = ops();
-  const int64_t layers = static_cast<int64_t>(kv_caches.size()), rows = x.size(0);
-  TORCH_CHECK(norms.size() == 2 * kv_caches.size() && windows.size() == kv_caches.size(),
-              "decode_layers: two norms and a window per layer");
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const size_t layers = kv_caches.size();
+  const size_t per_layer = gemma ? (qk_norm ? 6 : 4) : 2;
+  TORCH_CHECK(norms.size() == per_layer * layers && windows.size() == layers &&
+                  rope_of.size() == layers && (gemma || !qk_norm),
+              "decode_layers: the norms, windows and ropes of every layer");
+  const int64_t rows = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   Linears linear{plan, weights, q8 ? o.gguf_matmul_q8 : o.gguf_matmul};
   at::Tensor residual = x, hidden;
   const std::optional<at::Tensor> no_sinks;
-  for (int64_t i = 0; i < layers; ++i) {
-    hidden = i == 0 ? o.rms_norm.call(residual, norms[0], eps)
-                    : o.add_rms_norm.call(residual, hidden, norms[2 * i], eps);
-    at::Tensor qkv = linear(hidden);
-    at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({rows, -1, head_dim});
-    o.rotary.call(qk, cos, signed_sin);
-    const at::Tensor q = qk.narrow(1, 0, num_heads), k = qk.narrow(1, num_heads, num_kv_heads);
+  for (size_t i = 0; i < layers; ++i) {
+    const at::Tensor* norm = &norms[per_layer * i];
+    const at::Tensor &cos = ropes[2 * rope_of[i]], &signed_sin = ropes[2 * rope_of[i] + 1];
+    hidden = i == 0 ? o.rms_norm.call(residual, norm[0], eps)
+                    : o.add_rms_norm.call(residual, hidden, norm[0], eps);
+    at::Tensor qkv = linear(hidden), q, k;
     const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
+    if (!gemma) {  // q and k heads adjacent: rotated in one go, in place
+      at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({rows, -1, head_dim});
+      o.rotary.call(qk, cos, signed_sin);
+      q = qk.narrow(1, 0, num_heads);
+      k = qk.narrow(1, num_heads, num_kv_heads);
+    } else {
+      q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
+      k = qkv.narrow(1, q_size, kv_size).view({rows, num_kv_heads, head_dim});
+      if (qk_norm) {
+        q = o.rms_norm.call(q.reshape({-1, head_dim}), norm[4], eps).view(q.sizes());
+        k = o.rms_norm.call(k.reshape({-1, head_dim}), norm[5], eps).view(k.sizes());
+      } else {
+        q = q.contiguous();
+        k = k.contiguous();
+      }
+      o.rotary.call(q, cos, signed_sin);
+      o.rotary.call(k, cos, signed_sin);
+    }
     at::Tensor key_cache = kv_caches[i].select(0, 0), value_cache = kv_caches[i].select(0, 1);
     o.store_kv.call(k, v, key_cache, value_cache, slot_mapping);
     at::Tensor attn = at::empty(q.sizes(), q.options());
     o.decode_attention.call(q, key_cache, value_cache, block_table, seq_lens, token_index, attn,
-                            scale, windows[i], 0.0, no_sinks);
-    hidden = o.add_rms_norm.call(residual, linear(attn.view({rows, q_size})), norms[2 * i + 1], eps);
-    hidden = linear(o.silu_and_mul.call(linear(hidden)));
+                            scale, windows[i], soft_cap, no_sinks);
+    at::Tensor out = linear(attn.view({rows, q_size}));
+    if (!gemma) {
+      hidden = o.add_rms_norm.call(residual, out, norm[1], eps);
+      hidden = linear(o.silu_and_mul.call(linear(hidden)));
+    } else {
+      hidden = o.add_rms_norm.call(residual, o.rms_norm.call(out, norm[1], eps), norm[2], eps);
+      const at::Tensor gate_up = linear(hidden);
+      const int64_t width = gate_up.size(1) / 2;
+      const at::Tensor mixed =
+          at::gelu(gate_up.narrow(1, 0, width), "tanh") * gate_up.narrow(1, width, width);
+      hidden = o.rms_norm.call(linear(mixed), norm[3], eps);
+    }
   }
   TORCH_CHECK(linear.p == plan.size() && linear.w == weights.size(),
               "decode_layers: the plan does not match the weights");
@@ -115,10 +146,11 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
 
 TORCH_LIBRARY_FRAGMENT(lmserve_cpu, m) {
   m.def(
-      "decode_layers(Tensor(a!) x, Tensor cos, Tensor signed_sin, Tensor[] norms, Tensor[] weights, "
-      "int[] plan, Tensor[] kv_caches, int[] windows, Tensor block_table, Tensor seq_lens, "
-      "Tensor token_index, Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim, "
-      "float scale, float eps, bool q8) -> (Tensor, Tensor)");
+      "decode_layers(Tensor(a!) x, Tensor[] ropes, int[] rope_of, Tensor[] norms, "
+      "Tensor[] weights, int[] plan, Tensor[] kv_caches, int[] windows, Tensor block_table, "
+      "Tensor seq_lens, Tensor token_index, Tensor slot_mapping, int num_heads, "
+      "int num_kv_heads, int head_dim, float scale, float soft_cap, float eps, bool gemma, "
+      "bool qk_norm, bool q8) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lmserve_cpu, CPU, m) { m.impl("decode_layers", decode_layers); }
