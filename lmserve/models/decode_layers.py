@@ -1,13 +1,13 @@
-"""A decode step's decoder layers in one C++ call, on CPU with GGUF-block weights.
+"""A decode step's decoder layers in one C++ call, on CPU in float32.
 
 At one token per request a layer's kernels take ~100 us (SmolLM2-135M) and the Python that
 calls them ~50 us more: a third of a one-stream step (Gemma's six norms a layer, more).
 `kernels/cpu/decode_layers.cpp` makes the same kernel calls in the same order from C++, so
 tokens are the layer-by-layer path's bit for bit. It runs where every layer is a plain Llama
 (pre-norm, SiLU) or Gemma 2/3 layer with no tensor parallelism, LoRA, or attention sinks, whose
-linears all hold GGUF blocks the kernels read (`--quantization gguf`, `gguf_q8`, `int4`), and
-only for steps whose rows are all decode rows of the C++ attention backend; anything else takes
-the layers one by one.
+linears are float32 weights, int8 ones (`--quantization int8`) or GGUF blocks the kernels read
+(`gguf`, `gguf_q8`, `int4`), and only for steps whose rows are all decode rows of the C++
+attention backend; anything else takes the layers one by one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from lmserve.forward_context import get_attn_metadata
 from lmserve.kernels import cpu_ops
 from lmserve.layers.attention import Attention
 from lmserve.layers.gguf_layers import GGUFLinear
+from lmserve.layers.int8_linear import Int8Linear
+from lmserve.layers.linear import Linear
 from lmserve.layers.norm import GemmaRMSNorm, RMSNorm
 
 
@@ -49,7 +51,7 @@ class DecodeLayers:
     shape: tuple[int, int, int]  # num_heads, num_kv_heads, head_dim
     scales: tuple[float, float, float]  # attention scale, soft cap (0: none), norm eps
     flags: tuple[bool, bool, bool]  # Gemma layers, q/k norms, q8 activations
-    max_rows: int  # from this many rows on the linears take another path
+    max_rows: int  # from this many rows on the GGUF linears take another path
 
     @classmethod
     def build(cls, layers: list[LayerParts | None], gemma: bool = False) -> DecodeLayers | None:
@@ -67,8 +69,8 @@ class DecodeLayers:
             len({len(p.norms) for p in parts}) != 1
             or len(parts[0].norms) not in counts
             or any(type(n) is not norm_type or n.eps != norms[0].eps for n in norms)
-            or any(type(x) is not GGUFLinear or x.block_parts() is None for x in linears)
-            or len({x.q8_activations for x in linears}) != 1
+            or any(_plan(x) is None for x in linears)
+            or len({x.q8_activations for x in linears if type(x) is GGUFLinear}) > 1
             or any(
                 (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != geometry
                 or a.soft_cap != first.soft_cap
@@ -80,13 +82,9 @@ class DecodeLayers:
         weights: list[torch.Tensor] = []
         plan: list[int] = []
         for linear in linears:
-            blocks = linear.block_parts() or []
-            plan += [linear.out_features, len(blocks), int(linear.bias is not None)]
-            for qtype, column, part in blocks:
-                plan += [qtype, column]
-                weights.append(part)
-            if linear.bias is not None:
-                weights.append(linear.bias)
+            linear_plan, linear_weights = _plan(linear)  # type: ignore[misc]
+            plan += linear_plan
+            weights += linear_weights
         return cls(
             # (Gemma's norms compute 1 + w at each call: the same float32 values)
             norms=[(1.0 + n.weight.float()) if gemma else n.weight.detach() for n in norms],
@@ -97,8 +95,8 @@ class DecodeLayers:
             rope_of=[p.rope for p in parts],
             shape=(first.num_heads, first.num_kv_heads, first.head_dim),
             scales=(first.scale, first.soft_cap or 0.0, norms[0].eps),
-            flags=(gemma, len(parts[0].norms) == 6, linears[0].q8_activations),
-            max_rows=min(linear.kernel_rows for linear in linears),
+            flags=(gemma, len(parts[0].norms) == 6, any(_q8(x) for x in linears)),
+            max_rows=min(getattr(x, "kernel_rows", _ANY_ROWS) for x in linears),
         )
 
     def __call__(
@@ -132,3 +130,33 @@ class DecodeLayers:
             self.scales,
             self.flags,
         )
+
+
+_BLOCKS, _INT8, _FLOAT = 0, 1, 2  # the C++ loop's linear kinds
+_ANY_ROWS = 1 << 62
+
+
+def _q8(linear: nn.Module) -> bool:
+    return type(linear) is GGUFLinear and linear.q8_activations
+
+
+def _plan(linear: nn.Module) -> tuple[list[int], list[torch.Tensor]] | None:
+    """One linear's entry in the loop's plan and its tensors (kernels/cpu/decode_layers.cpp
+    says how they are read), or None where it is not a kind the loop computes."""
+    if type(linear) not in (GGUFLinear, Int8Linear, Linear):
+        return None
+    bias = [] if linear.bias is None else [linear.bias.detach()]
+    head = [linear.out_features, len(bias)]
+    if type(linear) is GGUFLinear:
+        blocks = linear.block_parts()
+        if blocks is None:
+            return None
+        plan = [_BLOCKS, *head, len(blocks)]
+        for qtype, column, _ in blocks:
+            plan += [qtype, column]
+        return plan, [part for _, _, part in blocks] + bias
+    if type(linear) is Int8Linear and linear.cpu_kernels:
+        return [_INT8, *head], [linear.weight, linear.weight_scale, *bias]
+    if type(linear) is Linear and linear.weight.dtype == torch.float32:
+        return [_FLOAT, *head], [linear.weight.detach(), *bias]
+    return None

@@ -50,16 +50,19 @@ def _generate(model: str, monkeypatch: pytest.MonkeyPatch, fused: bool, **kwargs
 
 
 @pytest.mark.parametrize(
-    ("kind", "scenario"),
-    [("llama", s) for s in SCENARIOS] + [("qwen2", "batched"), ("mistral", "preemption")],
+    ("kind", "scenario", "quantization"),
+    [("llama", s, "int4") for s in SCENARIOS]
+    + [("qwen2", "batched", "int4"), ("mistral", "preemption", "int4")]
+    + [("llama", "preemption_chunked", q) for q in (None, "int8")]
+    + [("qwen2", "batched", q) for q in (None, "int8")],
 )
 def test_decode_steps_in_one_call_are_the_layer_paths(
-    tiny_model_dirs, monkeypatch, kind: str, scenario: str
+    tiny_model_dirs, monkeypatch, kind: str, scenario: str, quantization: str | None
 ) -> None:
-    """int4 blocks (the tiny models' weights requantized): Llama, Qwen2's q/k/v bias and
-    windowed last layer, Mistral's window on every layer; batched, chunked, prefix-cached and
-    preempted requests."""
-    kwargs = dict(quantization="int4", kv_cache_memory_gb=0.01, **SCENARIOS[scenario])
+    """GGUF blocks (int4: the tiny models' weights requantized), int8 and float32 linears:
+    Llama, Qwen2's q/k/v bias and windowed last layer, Mistral's window on every layer;
+    batched, chunked, prefix-cached and preempted requests."""
+    kwargs = dict(quantization=quantization, kv_cache_memory_gb=0.01, **SCENARIOS[scenario])
     fused, steps, preempted = _generate(str(tiny_model_dirs[kind]), monkeypatch, True, **kwargs)
     layered, never, _ = _generate(str(tiny_model_dirs[kind]), monkeypatch, False, **kwargs)
     assert steps > 0 and never == 0
@@ -82,11 +85,14 @@ def gemma_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-@pytest.mark.parametrize("scenario", ["batched", "preemption_chunked"])
+@pytest.mark.parametrize(
+    ("scenario", "quantization"),
+    [("batched", "int4"), ("preemption_chunked", "int4"), ("batched", None), ("batched", "int8")],
+)
 def test_gemma_decode_steps_in_one_call_are_the_layer_paths(
-    gemma_dirs, monkeypatch, kind: str, scenario: str
+    gemma_dirs, monkeypatch, kind: str, scenario: str, quantization: str | None
 ) -> None:
-    kwargs = dict(quantization="int4", kv_cache_memory_gb=0.01, **SCENARIOS[scenario])
+    kwargs = dict(quantization=quantization, kv_cache_memory_gb=0.01, **SCENARIOS[scenario])
     fused, steps, _ = _generate(str(gemma_dirs[kind]), monkeypatch, True, **kwargs)
     layered, never, _ = _generate(str(gemma_dirs[kind]), monkeypatch, False, **kwargs)
     assert steps > 0 and never == 0
@@ -110,9 +116,9 @@ def test_smollm2_gguf_decodes_in_one_call(monkeypatch, quantization: str) -> Non
     [
         ("qwen3", dict(quantization="int4")),  # q/k norms
         ("llama", dict(quantization="int4", enable_lora=True, max_lora_rank=8)),
-        ("llama", dict()),  # float32 weights: no blocks
+        ("llama", dict(dtype="bfloat16")),  # the kernels compute in float32
     ],
-    ids=["qk-norm", "lora", "float32"],
+    ids=["qk-norm", "lora", "bfloat16"],
 )
 def test_layers_the_loop_does_not_run_take_the_layer_path(
     tiny_model_dirs, monkeypatch, kind: str, kwargs: dict

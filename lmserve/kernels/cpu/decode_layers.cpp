@@ -4,7 +4,7 @@
 // ten kernel calls cost half as much again. This loop makes the same calls, in the same order
 // with the same operands, through the dispatcher: the numbers are the Python path's bit for bit.
 // Llama-family layers (pre-norm, SiLU) and Gemma 2/3's (pre- and post-norms, GELU-tanh, q/k
-// norms), with GGUF-block linears and paged decode attention (kernels in ops.cpp).
+// norms), with GGUF-block, int8 or float32 linears and paged decode attention (ops.cpp).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -42,6 +42,12 @@ struct Ops {
           handle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&, at::Tensor&, double, int64_t, double,
                       const std::optional<at::Tensor>&)>("lmserve_cpu::decode_attention");
+  c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)> quantize_rows =
+      handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("lmserve_cpu::quantize_rows");
+  c10::TypedOperatorHandle<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&)>
+      dequantize = handle<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&)>("lmserve_cpu::dequantize_");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)> silu_and_mul =
       handle<at::Tensor(const at::Tensor&)>("lmserve_cpu::silu_and_mul");
 };
@@ -51,18 +57,41 @@ const Ops& ops() {
   return table;
 }
 
-// Reads the linears' plans in turn: per linear [out_features, parts, has_bias, then (type,
-// first output column) per part], its weights (each part's blocks, then the bias) in order.
+// Linear kinds, as the Python layers compute them: GGUF blocks (GGUFLinear), int8 weights per
+// output channel with activations quantized per row (Int8Linear), float32 [in, out] (Linear).
+constexpr int64_t kBlocks = 0, kInt8 = 1, kFloat = 2;
+
+// Reads the linears' plans in turn: per linear [kind, out_features, has_bias], then for GGUF
+// blocks the part count and (type, first output column) per part; its weights in order: each
+// part's blocks (GGUF), or the int8 weight [out, in] and its scales, or the weight [in, out];
+// then the bias.
 struct Linears {
+  const Ops& o;
   c10::ArrayRef<int64_t> plan;
   at::TensorList weights;
-  c10::TypedOperatorHandle<Matmul> matmul;
+  bool q8;
   size_t p = 0, w = 0;
 
   at::Tensor operator()(const at::Tensor& x) {
-    const int64_t out_features = plan[p], parts = plan[p + 1], has_bias = plan[p + 2];
+    const int64_t kind = plan[p], out_features = plan[p + 1], has_bias = plan[p + 2];
     p += 3;
+    if (kind == kInt8) {
+      const at::Tensor &weight = weights[w], &weight_scale = weights[w + 1];
+      w += 2;
+      const std::optional<at::Tensor> bias =
+          has_bias ? std::optional<at::Tensor>(weights[w++]) : std::nullopt;
+      auto [x_q, x_scale] = o.quantize_rows.call(x);
+      at::Tensor acc = at::_int_mm(x_q, weight.t());
+      return o.dequantize.call(acc, x_scale, weight_scale, bias);
+    }
+    if (kind == kFloat) {
+      const at::Tensor& weight = weights[w++];
+      return has_bias ? at::addmm(weights[w++], x, weight) : at::matmul(x, weight);
+    }
+    TORCH_CHECK(kind == kBlocks, "decode_layers: unknown linear kind ", kind);
+    const int64_t parts = plan[p++];
     at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+    const auto& matmul = q8 ? o.gguf_matmul_q8 : o.gguf_matmul;
     for (int64_t i = 0; i < parts; ++i, p += 2) matmul.call(x, weights[w++], plan[p], out, plan[p + 1]);
     if (has_bias) out.add_(weights[w++]);
     return out;
@@ -91,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
                   rope_of.size() == layers && (gemma || !qk_norm),
               "decode_layers: the norms, windows and ropes of every layer");
   const int64_t rows = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  Linears linear{plan, weights, q8 ? o.gguf_matmul_q8 : o.gguf_matmul};
+  Linears linear{o, plan, weights, q8};
   at::Tensor residual = x, hidden;
   const std::optional<at::Tensor> no_sinks;
   for (size_t i = 0; i < layers; ++i) {
