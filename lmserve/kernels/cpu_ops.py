@@ -1,4 +1,5 @@
-"""C++ CPU kernels (`kernels/cpu/ops.cpp`, and `decode_layers.cpp` over them), compiled with the machine's C++ compiler at first use.
+"""C++ CPU kernels (`kernels/cpu/ops.cpp`; `decode_layers.cpp` chains them for a decode step),
+compiled with the machine's C++ compiler at first use.
 
 The build (~15 s) targets the SIMD capability torch reports for this CPU (AVX-512, AVX2, or
 plain C++) with ATen's Vectorized types, and is kept in the lmserve cache per torch version and

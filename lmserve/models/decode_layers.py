@@ -43,8 +43,8 @@ class LayerParts:
 @dataclass(frozen=True)
 class DecodeLayers:
     norms: list[torch.Tensor]  # the norms' weights, per layer (Gemma's as 1 + w)
-    weights: list[torch.Tensor]  # per linear: its parts' blocks, then its bias
-    plan: list[int]  # per linear: out_features, parts, has bias, then (type, column) per part
+    weights: list[torch.Tensor]  # per linear: its weights (as _plan lists them), then its bias
+    plan: list[int]  # per linear: kind, out_features, has bias[, GGUF parts and their layout]
     attentions: list[Attention]  # their kv_cache as bound now (sleep unbinds it)
     windows: list[int]
     rope_of: list[int]

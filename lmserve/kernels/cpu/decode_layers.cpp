@@ -92,7 +92,9 @@ struct Linears {
     const int64_t parts = plan[p++];
     at::Tensor out = at::empty({x.size(0), out_features}, x.options());
     const auto& matmul = q8 ? o.gguf_matmul_q8 : o.gguf_matmul;
-    for (int64_t i = 0; i < parts; ++i, p += 2) matmul.call(x, weights[w++], plan[p], out, plan[p + 1]);
+    for (int64_t i = 0; i < parts; ++i, p += 2) {
+      matmul.call(x, weights[w++], plan[p], out, plan[p + 1]);
+    }
     if (has_bias) out.add_(weights[w++]);
     return out;
   }
@@ -129,7 +131,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     hidden = i == 0 ? o.rms_norm.call(residual, norm[0], eps)
                     : o.add_rms_norm.call(residual, hidden, norm[0], eps);
     at::Tensor qkv = linear(hidden), q, k;
-    const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
+    const at::Tensor v =
+        qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
     if (!gemma) {  // q and k heads adjacent: rotated in one go, in place
       at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({rows, -1, head_dim});
       o.rotary.call(qk, cos, signed_sin);
