@@ -56,9 +56,12 @@ class DecodeLayers:
     @classmethod
     def build(cls, layers: list[LayerParts | None], gemma: bool = False) -> DecodeLayers | None:
         """The loop's arguments, or None where a layer is not one it runs."""
-        if not layers or not cpu_ops.available() or any(p is None for p in layers):
+        if not layers or any(p is None for p in layers):
             return None
         parts: list[LayerParts] = layers  # type: ignore[assignment]
+        # (a CUDA model never builds the CPU kernels for it)
+        if parts[0].norms[0].weight.device.type != "cpu" or not cpu_ops.available():
+            return None
         norm_type = GemmaRMSNorm if gemma else RMSNorm
         counts = (4, 6) if gemma else (2,)
         norms = [n for p in parts for n in p.norms]
