@@ -240,3 +240,6 @@ class EngineConfig:
     # the core's, which is rank 0)
     tensor_parallel_size: int = 1
     kv_events: KVEventsConfig | None = None  # None: KV-cache events are not published
+    # tokens per streamed snapshot at least (the first and the last go out at once): fewer,
+    # larger chunks cost the server less per token
+    stream_interval: int = 1

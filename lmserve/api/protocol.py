@@ -84,6 +84,7 @@ class _SamplingRequest(BaseModel):
     priority: int = 0
     return_token_ids: bool = False
     cache_salt: str | None = None
+    stream_interval: int | None = Field(default=None, ge=1)  # at least the server's
     # keep the prompt's last N tokens (-1: as many as the context holds); "right" keeps the first
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     truncation_side: Literal["left", "right"] = "left"

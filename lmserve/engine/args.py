@@ -98,6 +98,7 @@ def create_engine_config(
     speculative_config: dict[str, Any] | str | None = None,
     kv_events_config: dict[str, Any] | str | None = None,
     otlp_traces_endpoint: str | None = None,
+    stream_interval: int = 1,
 ) -> EngineConfig:
     """Build from user-facing arguments (vLLM's names); resolves the model directory.
     (`show_hidden_metrics_for_version` is vLLM's; no lmserve metric is hidden.
@@ -105,6 +106,8 @@ def create_engine_config(
     checkpoint's, so it changes nothing.)"""
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be at least 1 (token), got {stream_interval}")
     if data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
     if metrics_prefix not in METRICS_PREFIXES:
@@ -276,6 +279,7 @@ def create_engine_config(
         data_parallel_size=data_parallel_size,
         tensor_parallel_size=tensor_parallel_size,
         kv_events=kv_events,
+        stream_interval=stream_interval,
     )
 
 

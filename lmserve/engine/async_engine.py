@@ -155,9 +155,12 @@ class AsyncEngine(EngineClient):
         request_id: str | None = None,
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
+        stream_interval: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative snapshots of the request, the last one finished. Bad input raises
-        ValueError here, before anything is queued or streamed, so a server can answer 400."""
+        """Cumulative snapshots of the request, the last one finished: the first, then one each
+        `stream_interval` new tokens (never fewer than the config's: a server's floor), then the
+        last. Bad input raises ValueError here, before anything is queued or streamed, so a
+        server can answer 400."""
         if not self.is_healthy:
             raise EngineDeadError(self._dead or "the engine core process exited")
         if self._sleep_level:
@@ -182,7 +185,10 @@ class AsyncEngine(EngineClient):
         # read now: the caller's context (an HTTP request's trace) is this call's, not the
         # stream's, which may be read after the handler returned
         trace_headers = current_trace_headers() if self._tracer is not None else None
-        stream = self._run(request_id, processed, sampling_params, children, trace_headers)
+        interval = max(stream_interval or 1, self.config.stream_interval)
+        stream = self._run(
+            request_id, processed, sampling_params, children, trace_headers, interval
+        )
         weakref.finalize(stream, self._prefilled, [c.req_id for c in children])
         return stream
 
@@ -247,6 +253,7 @@ class AsyncEngine(EngineClient):
         sampling_params: SamplingParams,
         children: list[EngineCoreRequest],
         trace_headers: dict[str, str] | None = None,
+        stream_interval: int = 1,
     ) -> AsyncIterator[RequestOutput]:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -261,6 +268,7 @@ class AsyncEngine(EngineClient):
             from_embeds=processed.prompt_embeds is not None,
         )
         finished = False
+        sent: int | None = None  # output tokens in the last snapshot given out
         try:
             if self._tracer is not None:  # its span is recorded when it finishes
                 child_ids = [c.req_id for c in children]
@@ -283,7 +291,11 @@ class AsyncEngine(EngineClient):
                         "without it; the server's log has the cause"
                     )
                 finished = item.finished
-                yield item
+                tokens = sum(len(o.token_ids) for o in item.outputs)
+                # (snapshots are cumulative: one skipped is in the next)
+                if finished or sent is None or tokens - sent >= stream_interval:
+                    sent = tokens
+                    yield item
         finally:
             self._queues.pop(request_id, None)
             self._traced.pop(request_id, None)

@@ -186,6 +186,15 @@ def add_engine_cli_args(parser: argparse.ArgumentParser) -> None:
         "it. gRPC unless OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf",
     )
     parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk: 1 sends each token as it is made; N sends the first at "
+        "once, then every N tokens, then the rest at the end: less server work per token on a "
+        "small machine, coarser streaming. A request's `stream_interval` may ask for more, "
+        "not fewer",
+    )
+    parser.add_argument(
         "--kv-events-config",
         default=None,
         help='publish KV-cache events, as JSON: \'{"enable_kv_cache_events": true, '
@@ -347,4 +356,5 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         speculative_config=args.speculative_config,
         kv_events_config=args.kv_events_config,
         otlp_traces_endpoint=args.otlp_traces_endpoint,
+        stream_interval=args.stream_interval,
     )

@@ -56,8 +56,10 @@ class EngineClient(abc.ABC):
         request_id: str | None = None,
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
+        stream_interval: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative snapshots of one request, the last one finished."""
+        """Cumulative snapshots of one request, the last one finished: the first, then one
+        each `stream_interval` tokens (at least the server's --stream-interval), then the last."""
 
     @abc.abstractmethod
     async def encode(

@@ -174,7 +174,9 @@ class ChatServing:
             stream = beam_search(self.engine, prompt, beams, request_id, salt, lora)
         else:
             stream = common.first_within(
-                self.engine.generate(prompt, params, request_id, salt, lora),
+                self.engine.generate(
+                    prompt, params, request_id, salt, lora, request.stream_interval
+                ),
                 self.config.max_waiting_time_s,
             )
         if request.stream:

@@ -108,7 +108,9 @@ class CompletionServing:
         salt = request.cache_salt
         streams = [  # a beam search answers once, at its end: no first-token deadline
             common.first_within(
-                self.engine.generate(p, params, f"{base_id}-{i}", salt, lora),
+                self.engine.generate(
+                    p, params, f"{base_id}-{i}", salt, lora, request.stream_interval
+                ),
                 self.config.max_waiting_time_s,
             )
             if beams is None
