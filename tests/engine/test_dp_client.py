@@ -85,7 +85,10 @@ def server(tiny_model_dirs) -> Iterator[Server]:
 
 def series(server: Server, name: str) -> dict[str, float]:
     """A series' value per engine label (summed over its other labels)."""
-    text = httpx.get(f"{server.url}/metrics").text
+    return parse_series(httpx.get(f"{server.url}/metrics").text, name)
+
+
+def parse_series(text: str, name: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for match in re.finditer(rf"^lmserve:{name}{{([^}}]*)}} (\S+)$", text, re.MULTILINE):
         engine = re.search(r'engine="(\d+)"', match.group(1)).group(1)
@@ -138,23 +141,34 @@ def test_requests_sharing_a_prompt_start_hit_one_cores_cache(server: Server) -> 
     assert sorted(rise.values()) == [0, 5 * 192], rise  # 12 full blocks hit, five times, on one
 
 
+LONG = 480  # tokens: prompt and output within the tiny model's 512 positions
+
+
 def test_a_killed_core_fails_its_own_requests_and_the_other_serves(server: Server) -> None:
     cores = core_processes(server)
     assert len(cores) == 2
 
     async def long_requests() -> list:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-        prompts = random_prompts([10] * 6, seed=8)
-        tasks = [asyncio.create_task(complete(client, p, 300)) for p in prompts]
-        while min(series(server, "num_requests_running").get(e, 0) for e in "01") < 1:
-            await asyncio.sleep(0.05)  # both cores are running some
+        prompts = random_prompts([10] * 16, seed=8)
+        tasks = [asyncio.create_task(complete(client, p, LONG)) for p in prompts]
+        # until both cores are running some (polled without blocking the requests' loop: the
+        # tiny model decodes them in well under a second)
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient() as http:
+            while True:
+                text = (await http.get(f"{server.url}/metrics")).text
+                if min(parse_series(text, "num_requests_running").get(e, 0) for e in "01") >= 1:
+                    break
+                assert time.monotonic() < deadline, "the two cores never ran requests at once"
+                await asyncio.sleep(0.005)
         os.kill(cores[1].pid, signal.SIGKILL)
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     results = asyncio.run(long_requests())
     failed = [r for r in results if isinstance(r, openai.APIStatusError)]
     assert 1 <= len(failed) < len(results)  # the killed core's, and only those
-    assert all(r.usage.completion_tokens == 300 for r in results if not isinstance(r, Exception))
+    assert all(r.usage.completion_tokens == LONG for r in results if not isinstance(r, Exception))
     assert httpx.get(f"{server.url}/health").status_code == 200
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     for prompt in random_prompts([12] * 8, seed=9):  # every new request goes to the live core
