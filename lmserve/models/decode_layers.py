@@ -66,13 +66,14 @@ class DecodeLayers:
         counts = (4, 6) if gemma else (2,)
         norms = [n for p in parts for n in p.norms]
         linears = [linear for p in parts for linear in p.linears]
+        plans = [_plan(x) for x in linears]
         first = parts[0].attention
         geometry = (first.num_heads, first.num_kv_heads, first.head_dim, first.scale)
         if (
             len({len(p.norms) for p in parts}) != 1
             or len(parts[0].norms) not in counts
             or any(type(n) is not norm_type or n.eps != norms[0].eps for n in norms)
-            or any(_plan(x) is None for x in linears)
+            or any(p is None for p in plans)
             or len({x.q8_activations for x in linears if type(x) is GGUFLinear}) > 1
             or any(
                 (a.num_heads, a.num_kv_heads, a.head_dim, a.scale) != geometry
@@ -84,8 +85,7 @@ class DecodeLayers:
             return None
         weights: list[torch.Tensor] = []
         plan: list[int] = []
-        for linear in linears:
-            linear_plan, linear_weights = _plan(linear)  # type: ignore[misc]
+        for linear_plan, linear_weights in plans:  # type: ignore[misc]
             plan += linear_plan
             weights += linear_weights
         return cls(
