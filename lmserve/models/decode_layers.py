@@ -12,6 +12,7 @@ attention backend; anything else takes the layers one by one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,29 @@ class DecodeLayers:
             self.scales,
             self.flags,
         )
+
+
+class DecodeLoop:
+    """A model's DecodeLayers, built at its first forward: the weights are in by then, and
+    LoRA has wrapped the layers it serves."""
+
+    def __init__(self, gemma: bool = False) -> None:
+        self.gemma = gemma
+        self.layers: DecodeLayers | None = None
+        self._built = False
+
+    def __call__(
+        self,
+        parts: Callable[[], list[LayerParts | None]],
+        x: torch.Tensor,
+        ropes: list[tuple[torch.Tensor, ...]],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """DecodeLayers' result for this step, or None where the layers take it one by one.
+        `parts`: each layer's LayerParts, asked for once."""
+        if not self._built:
+            self.layers = DecodeLayers.build(parts(), self.gemma)
+            self._built = True
+        return None if self.layers is None else self.layers(x, ropes)
 
 
 _BLOCKS, _INT8, _FLOAT = 0, 1, 2  # the C++ loop's linear kinds

@@ -22,7 +22,7 @@ from lmserve.layers.embedding import uninitialized_embedding
 from lmserve.layers.linear import Linear
 from lmserve.layers.norm import GemmaRMSNorm
 from lmserve.layers.rotary import RotaryEmbedding, apply_rotary
-from lmserve.models.decode_layers import DecodeLayers, LayerParts
+from lmserve.models.decode_layers import DecodeLoop, LayerParts
 from lmserve.models.llama import LlamaForCausalLM
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -178,8 +178,14 @@ class GemmaModel(nn.Module):
             }
         )
         # the decode step's layers in one C++ call, where they are ones it runs
-        self._decode_layers: DecodeLayers | None = None
-        self._decode_layers_built = False
+        self.decode_loop = DecodeLoop(gemma=True)
+
+    def _decode_parts(self) -> list[LayerParts | None]:
+        kinds = list(self.rotary_emb)  # ropes are passed in this order
+        return [
+            layer.decode_parts(kinds.index(kind))
+            for kind, layer in zip(self.layer_types, self.layers, strict=True)
+        ]
 
     def forward(
         self,
@@ -192,18 +198,8 @@ class GemmaModel(nn.Module):
         if embeds is not None:  # prompt positions given as embeddings: (token indices, rows)
             x[embeds[0]] = embeds[1]
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary_emb.items()}
-        if not self._decode_layers_built:  # at the first step, once the weights are in
-            kinds = list(self.rotary_emb)
-            self._decode_layers = DecodeLayers.build(
-                [
-                    layer.decode_parts(kinds.index(kind))
-                    for kind, layer in zip(self.layer_types, self.layers, strict=True)
-                ],
-                gemma=True,
-            )
-            self._decode_layers_built = True
-        if self._decode_layers is not None and embeds is None:
-            out = self._decode_layers(x, list(ropes.values()))
+        if embeds is None:
+            out = self.decode_loop(self._decode_parts, x, list(ropes.values()))
             if out is not None:
                 return self.norm(*out)
         residual = None

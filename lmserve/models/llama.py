@@ -32,7 +32,7 @@ from lmserve.layers.tensor_parallel import (
     VocabParallelEmbedding,
     VocabParallelHead,
 )
-from lmserve.models.decode_layers import DecodeLayers, LayerParts
+from lmserve.models.decode_layers import DecodeLoop, LayerParts
 from lmserve.pooling.score import num_labels
 
 # HF checkpoint name suffix -> (our fused parameter, shard index)
@@ -199,10 +199,8 @@ class LlamaModel(nn.Module):
             scaling,
             _mrope_section(cfg),
         )
-        # the decode step's layers in one C++ call, where they are ones it runs (built at the
-        # first forward, once the weights are in)
-        self._decode_layers: DecodeLayers | None = None
-        self._decode_layers_built = False
+        # the decode step's layers in one C++ call, where they are ones it runs
+        self.decode_loop = DecodeLoop()
 
     def forward(
         self,
@@ -214,13 +212,10 @@ class LlamaModel(nn.Module):
         if embeds is not None:  # prompt positions given as embeddings: (token indices, rows)
             x[embeds[0]] = embeds[1]
         rope = self.rotary_emb(positions, x.dtype)
-        if not self._decode_layers_built:  # at the first step: LoRA has wrapped its layers
-            self._decode_layers = DecodeLayers.build(
-                [layer.decode_parts() for layer in self.layers]
+        if embeds is None:
+            out = self.decode_loop(
+                lambda: [layer.decode_parts() for layer in self.layers], x, [rope]
             )
-            self._decode_layers_built = True
-        if self._decode_layers is not None and embeds is None:
-            out = self._decode_layers(x, [rope])
             if out is not None:
                 return self.norm(*out)
         residual = None
